@@ -1,0 +1,19 @@
+"""melt_jax: Ouro (looped language models) and MELT, the Memory-Efficient Looped Transformer, in JAX."""
+
+from melt_jax.cache import KVCache, init_ouro_cache, ouro_cache_bytes_per_token
+from melt_jax.config import ConfigError, OuroConfig
+from melt_jax.exit import ExitPolicy, exit_distribution, threshold_exit_steps
+from melt_jax.ouro import OuroModel, OuroOutput
+
+__all__ = [
+    "ConfigError",
+    "ExitPolicy",
+    "KVCache",
+    "OuroConfig",
+    "OuroModel",
+    "OuroOutput",
+    "exit_distribution",
+    "init_ouro_cache",
+    "ouro_cache_bytes_per_token",
+    "threshold_exit_steps",
+]

@@ -1,0 +1,77 @@
+"""Fixed-size key/value caches as immutable pytrees.
+
+A cache slot holds one key row and one value row per token position: slot index == token position,
+so a query at position p attends to the slots 0..p. `end_index[b]` is the number of positions of row
+b written so far; the next token of row b goes to slot `end_index[b]`.
+
+Ouro keeps one slot array per (loop, layer): k and v are [T, L, B, S_max, K, D].
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from melt_jax.config import OuroConfig
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class KVCache:
+    """k, v: [..., B, S_max, K, D] with leading slot axes ([T, L] for Ouro); end_index: int32 [B]."""
+
+    k: Array
+    v: Array
+    end_index: Array
+
+    @property
+    def max_length(self) -> int:
+        return self.k.shape[-3]
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[-4]
+
+    @property
+    def num_bytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes + self.end_index.nbytes
+
+    def advance(self, num_tokens: int | Array) -> "KVCache":
+        """The same cache with `num_tokens` more positions marked as written in every row."""
+        return self.replace(end_index=self.end_index + num_tokens)
+
+
+def init_ouro_cache(config: OuroConfig, batch_size: int, max_length: int, dtype=None) -> KVCache:
+    """An empty Ouro cache: k, v zeros of [T, L, B, S_max, K, D] in `dtype` (default config.dtype)."""
+    if max_length < 1:
+        raise ValueError(f"cache max_length must be >= 1, got {max_length}")
+    dtype = dtype or config.jnp_dtype
+    shape = (
+        config.num_loops,
+        config.num_layers,
+        batch_size,
+        max_length,
+        config.num_kv_heads,
+        config.head_dim,
+    )
+    return KVCache(
+        k=jnp.zeros(shape, dtype),
+        v=jnp.zeros(shape, dtype),
+        end_index=jnp.zeros((batch_size,), jnp.int32),
+    )
+
+
+def ouro_cache_bytes_per_token(config: OuroConfig, dtype=None) -> int:
+    """Bytes of K and V one token occupies in an Ouro cache: T * L * 2 * K * D * itemsize."""
+    itemsize = jnp.dtype(dtype or config.jnp_dtype).itemsize
+    return config.num_loops * config.num_layers * 2 * config.num_kv_heads * config.head_dim * itemsize
+
+
+def write_rows(slots: Array, slot_index: tuple, rows: Array, positions: Array) -> Array:
+    """`slots` [*P, B, S_max, K, D] with rows [B, S, K, D] written into slot array `slot_index` (a
+    tuple of len(P) indices) at token positions [B, S]; positions outside the cache are dropped."""
+    batch_index = jnp.arange(rows.shape[0])[:, None]  # [B, 1]
+    index = (*slot_index, batch_index, positions)
+    return slots.at[index].set(rows.astype(slots.dtype), mode="drop")

@@ -1,0 +1,285 @@
+"""Model configuration: the Ouro (LoopLM) config, read from and written to Hugging Face `config.json`.
+
+`OuroConfig` holds every field of the upstream `config.json` (model_type "ouro") plus the runtime dtype
+policy of this library (`dtype` for activations, `param_dtype` for parameters), which is not part of
+the Hugging Face file. Unknown extra fields of a `config.json` are kept in `extra` and written back by
+`to_hf_config`, so that import followed by export reproduces the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax.numpy as jnp
+
+
+class ConfigError(ValueError):
+    """A config field is missing, has the wrong type, or has a value this library cannot run."""
+
+
+# float64 needs jax_enable_x64; it serves as a high-precision reference in tests.
+DTYPES = {
+    "float32": jnp.float32,
+    "bfloat16": jnp.bfloat16,
+    "float16": jnp.float16,
+    "float64": jnp.float64,
+}
+
+OURO_MODEL_TYPE = "ouro"
+
+# Fields of the HF config that must be present (the rest have upstream defaults).
+_REQUIRED_HF_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class OuroConfig:
+    """Shapes and hyper-parameters of an Ouro looped language model.
+
+    L = num_hidden_layers layers are applied `total_ut_steps` (T) times with the same weights.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int | None = None  # None -> num_attention_heads (MHA)
+    head_dim: int | None = None  # None -> hidden_size // num_attention_heads
+    max_position_embeddings: int = 65536
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    total_ut_steps: int = 4
+    early_exit_threshold: float | None = 1.0
+    early_exit_step: int | None = None
+    hidden_act: str = "silu"
+    attention_dropout: float = 0.0
+    use_sliding_window: bool = False
+    sliding_window: int | None = None
+    max_window_layers: int | None = None
+    layer_types: tuple[str, ...] | None = None
+    rope_scaling: dict | None = None
+    initializer_range: float = 0.02
+    pad_token_id: int | None = 0
+    bos_token_id: int | None = 0
+    eos_token_id: int | None = 0
+    use_cache: bool = True
+    torch_dtype: str = "bfloat16"  # dtype of the stored weights, as written in config.json
+    # Runtime dtype policy of melt_jax (not in config.json).
+    dtype: str = "float32"  # activations
+    param_dtype: str = "float32"  # parameters
+    # Fields of a config.json that this library does not use, kept for export.
+    extra: dict = dataclasses.field(default_factory=dict, compare=False)
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
+        if self.head_dim is None:
+            if self.num_attention_heads > 0 and self.hidden_size % self.num_attention_heads:
+                raise ConfigError(
+                    f"hidden_size ({self.hidden_size}) is not divisible by num_attention_heads "
+                    f"({self.num_attention_heads}) and no head_dim is given"
+                )
+            object.__setattr__(
+                self, "head_dim", self.hidden_size // max(self.num_attention_heads, 1)
+            )
+        if self.layer_types is not None:
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        self.validate()
+
+    # ----------------------------------------------------------------------------------------------
+    # Derived sizes
+
+    @property
+    def num_layers(self) -> int:
+        return self.num_hidden_layers
+
+    @property
+    def num_loops(self) -> int:
+        return self.total_ut_steps
+
+    @property
+    def num_heads(self) -> int:
+        return self.num_attention_heads
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.num_key_value_heads
+
+    @property
+    def jnp_dtype(self):
+        return DTYPES[self.dtype]
+
+    @property
+    def jnp_param_dtype(self):
+        return DTYPES[self.param_dtype]
+
+    def replace(self, **changes) -> "OuroConfig":
+        return dataclasses.replace(self, **changes)
+
+    # ----------------------------------------------------------------------------------------------
+    # Validation
+
+    def validate(self) -> None:
+        """Raises ConfigError naming the first field whose value cannot describe a runnable model."""
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "max_position_embeddings",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"config field {name} must be a positive integer, got {value!r}")
+        if not isinstance(self.total_ut_steps, int) or self.total_ut_steps < 1:
+            raise ConfigError(
+                f"config field total_ut_steps (loops T) must be an integer >= 1, got {self.total_ut_steps!r}"
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"num_key_value_heads ({self.num_key_value_heads}) must divide num_attention_heads "
+                f"({self.num_attention_heads})"
+            )
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if self.hidden_act != "silu":
+            raise ConfigError(f"config field hidden_act: only 'silu' is supported, got {self.hidden_act!r}")
+        if self.rope_scaling is not None:
+            raise ConfigError(f"config field rope_scaling: only null is supported, got {self.rope_scaling!r}")
+        if self.use_sliding_window:
+            raise ConfigError("config field use_sliding_window: sliding-window attention is not supported")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.num_hidden_layers:
+                raise ConfigError(
+                    f"config field layer_types has {len(self.layer_types)} entries for "
+                    f"{self.num_hidden_layers} layers"
+                )
+            bad = sorted({t for t in self.layer_types if t != "full_attention"})
+            if bad:
+                raise ConfigError(f"config field layer_types: only 'full_attention' is supported, got {bad}")
+        if self.early_exit_step is not None and not 0 <= self.early_exit_step < self.total_ut_steps:
+            raise ConfigError(
+                f"config field early_exit_step ({self.early_exit_step}) must be in [0, {self.total_ut_steps})"
+            )
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ConfigError(f"{name} must be one of {sorted(DTYPES)}, got {getattr(self, name)!r}")
+        if self.rope_theta <= 0:
+            raise ConfigError(f"config field rope_theta must be positive, got {self.rope_theta}")
+
+    # ----------------------------------------------------------------------------------------------
+    # Hugging Face config.json
+
+    @classmethod
+    def from_hf_config(cls, hf: dict[str, Any], **overrides) -> "OuroConfig":
+        """Builds a config from the dict of an Ouro `config.json`; `overrides` set runtime fields."""
+        if not isinstance(hf, dict):
+            raise ConfigError(f"config.json must hold a JSON object, got {type(hf).__name__}")
+        model_type = hf.get("model_type")
+        if model_type != OURO_MODEL_TYPE:
+            raise ConfigError(f"config field model_type must be {OURO_MODEL_TYPE!r}, got {model_type!r}")
+        missing = [f for f in _REQUIRED_HF_FIELDS if f not in hf]
+        if missing:
+            raise ConfigError(f"config.json is missing required field(s): {', '.join(missing)}")
+        own = {f.name for f in dataclasses.fields(cls)} - {"dtype", "param_dtype", "extra"}
+        kwargs = {k: v for k, v in hf.items() if k in own}
+        for key in ("eos_token_id", "bos_token_id", "pad_token_id"):
+            if isinstance(kwargs.get(key), list):  # some exports store several stop ids
+                kwargs[key] = tuple(kwargs[key])
+        kwargs["extra"] = {k: v for k, v in hf.items() if k not in own and k != "model_type"}
+        kwargs.update(overrides)
+        try:
+            return cls(**kwargs)
+        except TypeError as e:  # a field of the wrong JSON type
+            raise ConfigError(f"config.json: {e}") from None
+
+    def to_hf_config(self) -> dict[str, Any]:
+        """The `config.json` dict of this config (runtime dtype policy left out)."""
+        out = dict(self.extra)
+        out["model_type"] = OURO_MODEL_TYPE
+        for f in dataclasses.fields(self):
+            if f.name in ("dtype", "param_dtype", "extra"):
+                continue
+            value = getattr(self, f.name)
+            if isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        out.setdefault("architectures", ["OuroForCausalLM"])
+        return dict(sorted(out.items()))
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike, **overrides) -> "OuroConfig":
+        try:
+            with open(path) as f:
+                hf = json.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        try:
+            return cls.from_hf_config(hf, **overrides)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_hf_config(), indent=2) + "\n"
+
+    # ----------------------------------------------------------------------------------------------
+    # Presets
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "OuroConfig":
+        """Named configurations: 'tiny', 'ouro-1.4b', 'ouro-2.6b'."""
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+_OURO_COMMON = dict(
+    vocab_size=49152,
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_attention_heads=16,
+    num_key_value_heads=16,
+    head_dim=128,
+    max_position_embeddings=65536,
+    rope_theta=1_000_000.0,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+    total_ut_steps=4,
+    early_exit_threshold=1.0,
+    torch_dtype="bfloat16",
+    dtype="bfloat16",
+    param_dtype="bfloat16",
+)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=1024,
+        rope_theta=10_000.0,
+        total_ut_steps=4,
+        torch_dtype="float32",
+    ),
+    "ouro-1.4b": dict(_OURO_COMMON, num_hidden_layers=24),
+    "ouro-2.6b": dict(_OURO_COMMON, num_hidden_layers=48),
+}

@@ -1,0 +1,47 @@
+"""jit-compiled prefill and one-token decode steps over a fixed-size KV cache.
+
+`model` is a static argument (a linen module with a hashable config); `cache` is donated, so each
+step updates its buffers in place and the caller must use the returned cache.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+
+from melt_jax.cache import KVCache
+from melt_jax.exit import ExitPolicy
+
+Array = jax.Array
+
+
+@functools.partial(jax.jit, static_argnames=("model", "exit_policy"), donate_argnames=("cache",))
+def prefill(model: nn.Module, params, tokens: Array, cache: KVCache, exit_policy: ExitPolicy = ExitPolicy()):
+    """Runs the prompt tokens [B, S] through the model, writing them into the cache after its current
+    end. Returns (logits [B, S, V] chosen by `exit_policy`, updated cache)."""
+    out = model.apply({"params": params}, tokens, cache=cache, exit_policy=exit_policy)
+    return out.logits, out.cache
+
+
+@functools.partial(jax.jit, static_argnames=("model", "exit_policy"), donate_argnames=("cache",))
+def decode_step(model: nn.Module, params, token: Array, cache: KVCache, exit_policy: ExitPolicy = ExitPolicy()):
+    """Feeds one token per row, token [B], at position cache.end_index. Returns (logits [B, V],
+    updated cache)."""
+    out = model.apply({"params": params}, token[:, None], cache=cache, exit_policy=exit_policy)
+    return out.logits[:, 0], out.cache
+
+
+@functools.partial(jax.jit, static_argnames=("model", "exit_policy", "return_step_logits"))
+def forward(
+    model: nn.Module,
+    params,
+    tokens: Array,
+    exit_policy: ExitPolicy | None = ExitPolicy(),
+    return_step_logits: bool = False,
+):
+    """Full forward without a cache on tokens [B, S]; returns the model's output struct."""
+    return model.apply(
+        {"params": params}, tokens, exit_policy=exit_policy, return_step_logits=return_step_logits
+    )

@@ -1,0 +1,179 @@
+"""Ouro's exit distribution over loops and the choice of which loop's output a token returns.
+
+All T loops are always computed; an exit policy only selects among their outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+from melt_jax.config import OuroConfig
+
+Array = jax.Array
+
+
+def round_to(x: Array, dtype) -> Array:
+    """x (float32 or wider) rounded to the precision of `dtype`, kept in x's dtype.
+
+    XLA may keep reduced-precision intermediates in float32 ("excess precision"); reduce_precision
+    forces the rounding that eager PyTorch does after every op in bf16/fp16.
+    """
+    info = jnp.finfo(dtype)
+    if info.bits >= jnp.finfo(x.dtype).bits:
+        return x
+    return jax.lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
+
+
+def exit_distribution(gate_logits: Array) -> Array:
+    """Exit probabilities p_t from per-loop gate logits [T, B, S]; returns [B, S, T].
+
+    lambda_t = sigmoid(gate_logit_t); p_t = lambda_t * prod_{j<t}(1 - lambda_j) for t < T-1 and the
+    last loop takes the remaining mass. Computed as upstream does: loop by loop in the dtype of
+    `gate_logits`, every op rounded to that dtype (so bf16 results match eager PyTorch).
+    """
+    dtype = gate_logits.dtype
+    num_loops = gate_logits.shape[0]
+    compute = jnp.promote_types(dtype, jnp.float32)
+    rounded = lambda x: round_to(x, dtype)  # noqa: E731
+    lambdas = rounded(jax.nn.sigmoid(gate_logits.astype(compute)))  # [T, B, S]
+    remaining = jnp.ones_like(lambdas[0])
+    probs = []
+    for t in range(num_loops):  # T is small and static
+        if t < num_loops - 1:
+            probs.append(rounded(lambdas[t] * remaining))
+            remaining = rounded(remaining * rounded(1 - lambdas[t]))
+        else:
+            probs.append(remaining)
+    return jnp.stack(probs, axis=-1).astype(dtype)
+
+
+def _two_sum(a: Array, b: Array) -> tuple[Array, Array]:
+    """s = fl(a + b) and the exact rounding error e, so that a + b == s + e exactly."""
+    s = a + b
+    b_part = s - a
+    return s, (a - (s - b_part)) + (b - b_part)
+
+
+def cumulative_exit_probs(exit_pdf: Array) -> Array:
+    """cumsum(p) over loops, [B, S, T], rounded the way PyTorch's CPU cumsum rounds it upstream.
+
+    torch.cumsum accumulates in a wider type (float32 for bf16/fp16 inputs, float64 for float32) and
+    rounds each partial sum to the input dtype. Reduced-precision inputs are therefore summed in
+    float32; float32 inputs in float64 when x64 is enabled, else in double-float32 (an exact running
+    sum hi + lo, good to ~2^-48), rounded once per output.
+    """
+    dtype = exit_pdf.dtype
+    num_loops = exit_pdf.shape[-1]
+    outputs = []
+    if jnp.dtype(dtype).itemsize < 4 or jax.config.jax_enable_x64:
+        wide = jnp.float32 if jnp.dtype(dtype).itemsize < 4 else jnp.float64
+        total = jnp.zeros(exit_pdf.shape[:-1], wide)
+        for t in range(num_loops):  # T is small and static
+            total = total + exit_pdf[..., t].astype(wide)
+            outputs.append(round_to(total, dtype).astype(dtype))
+    else:
+        hi = jnp.zeros(exit_pdf.shape[:-1], dtype)
+        lo = jnp.zeros_like(hi)
+        for t in range(num_loops):
+            s, e = _two_sum(hi, exit_pdf[..., t])
+            lo = lo + e
+            hi = s + lo  # the running sum rounded to the model dtype
+            lo = lo - (hi - s)
+            outputs.append(hi)
+    return jnp.stack(outputs, axis=-1)
+
+
+def threshold_exit_steps(exit_pdf: Array, threshold: float) -> Array:
+    """Per token, the first loop t with cumsum(p)_t >= `threshold`, else the last loop.
+    exit_pdf [B, S, T] -> int32 [B, S].
+
+    The comparison is made in the model dtype on upstream's rounding of the cumulative sum (see
+    `cumulative_exit_probs`), so threshold 1.0 stops a token before the last loop exactly when
+    upstream does.
+    """
+    num_loops = exit_pdf.shape[-1]
+    cumulative = cumulative_exit_probs(exit_pdf).astype(jnp.float32)  # exact: already rounded
+    threshold = jnp.asarray(threshold, exit_pdf.dtype).astype(jnp.float32)
+    reached = cumulative >= threshold  # [B, S, T]
+    first = jnp.argmax(reached, axis=-1).astype(jnp.int32)
+    return jnp.where(reached.any(axis=-1), first, num_loops - 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExitPolicy:
+    """Which loop's output each token returns.
+
+    kind:
+      'last'      the last loop (T-1);
+      'step'      loop `step` for every token (0-based);
+      'threshold' per token, the first loop whose cumulative exit probability >= `threshold`;
+      'weighted'  sum_t p_t * output_t (the mixture used by Ouro's training loss).
+    """
+
+    kind: Literal["last", "step", "threshold", "weighted"] = "last"
+    step: int | None = None
+    threshold: float | None = None
+
+    def __post_init__(self):
+        if self.kind not in ("last", "step", "threshold", "weighted"):
+            raise ValueError(f"unknown exit policy kind {self.kind!r}")
+        if self.kind == "step" and (self.step is None or self.step < 0):
+            raise ValueError(f"exit policy 'step' needs a loop index >= 0, got {self.step!r}")
+        if self.kind == "threshold" and self.threshold is None:
+            raise ValueError("exit policy 'threshold' needs a threshold")
+
+    @classmethod
+    def last(cls) -> "ExitPolicy":
+        return cls("last")
+
+    @classmethod
+    def at_step(cls, step: int) -> "ExitPolicy":
+        return cls("step", step=step)
+
+    @classmethod
+    def at_threshold(cls, threshold: float) -> "ExitPolicy":
+        return cls("threshold", threshold=threshold)
+
+    @classmethod
+    def weighted(cls) -> "ExitPolicy":
+        return cls("weighted")
+
+    @classmethod
+    def upstream_default(cls, config: OuroConfig) -> "ExitPolicy":
+        """What upstream `OuroForCausalLM.forward` returns at inference without arguments:
+        config.early_exit_step if set, else the threshold config.early_exit_threshold (1.0 in the
+        released configs), else the last loop."""
+        if config.early_exit_step is not None:
+            return cls.at_step(config.early_exit_step)
+        if config.early_exit_threshold is not None:
+            return cls.at_threshold(config.early_exit_threshold)
+        return cls.last()
+
+    def validate(self, num_loops: int) -> None:
+        if self.kind == "step" and self.step >= num_loops:
+            raise ValueError(f"exit step {self.step} is out of range for {num_loops} loops")
+
+
+def select_hidden(hidden_steps: Array, exit_pdf: Array, policy: ExitPolicy) -> tuple[Array, Array | None]:
+    """The per-token hidden state chosen by `policy`, from every loop's normed hidden state.
+
+    hidden_steps [T, B, S, H], exit_pdf [B, S, T] -> ([B, S, H], exit steps int32 [B, S] or None).
+    The LM head is linear, so selecting (or mixing) hidden states and projecting once gives the same
+    logits as projecting every loop and selecting (or mixing) logits, without a [T, B, S, V] tensor.
+    """
+    num_loops = hidden_steps.shape[0]
+    policy.validate(num_loops)
+    if policy.kind == "last":
+        return hidden_steps[-1], None
+    if policy.kind == "step":
+        return hidden_steps[policy.step], None
+    if policy.kind == "weighted":
+        weights = exit_pdf.astype(hidden_steps.dtype)
+        return jnp.einsum("BST,TBSH->BSH", weights, hidden_steps), None
+    steps = threshold_exit_steps(exit_pdf, policy.threshold)  # [B, S]
+    chosen = jnp.take_along_axis(hidden_steps, steps[None, :, :, None], axis=0)[0]
+    return chosen, steps

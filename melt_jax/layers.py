@@ -1,0 +1,166 @@
+"""Building blocks shared by Ouro and MELT: RMSNorm, rotary embeddings, attention and the SwiGLU MLP.
+
+Letters in shape comments: B batch, S query tokens, T key/value tokens, H hidden, N query heads,
+K key/value heads, G query heads per kv head (N = K * G), D head dim, I MLP width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+# A large negative logit for masked keys; finite so that a fully masked row gives a uniform softmax
+# instead of NaN (such rows only occur for padding and are never read).
+_MASKED_LOGIT = -1e30
+
+
+def _at_least_float32(dtype) -> jnp.dtype:
+    """float32 for reduced-precision dtypes, the dtype itself for float32 and float64."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _normal_init(stddev: float):
+    return nn.initializers.normal(stddev=stddev)
+
+
+class RMSNorm(nn.Module):
+    """y = scale * cast(x / sqrt(mean(x^2) + eps)): the normalisation is computed in float32 and cast
+    back to the input dtype before the multiply by `scale`, as in the Hugging Face Ouro code."""
+
+    eps: float = 1e-6
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)  # [H]
+        x32 = x.astype(_at_least_float32(x.dtype))
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        normed = normed.astype(x.dtype)
+        return scale.astype(x.dtype) * normed
+
+
+# --------------------------------------------------------------------------------------------------
+# Rotary position embeddings (Hugging Face "rotate half" form)
+
+
+def rope_tables(
+    positions: Array, head_dim: int, theta: float, dtype=jnp.float32
+) -> tuple[Array, Array]:
+    """cos and sin of the rotary angles, [B, S, D] for integer positions [B, S], computed in `dtype`
+    (float32, or float64 for a float64 model).
+
+    inv_freq = 1 / theta^(arange(0, D, 2) / D); angles = position * inv_freq, duplicated to width D.
+    """
+    exponents = jnp.arange(0, head_dim, 2, dtype=dtype) / head_dim  # [D/2]
+    inv_freq = 1.0 / (theta**exponents)  # [D/2]
+    angles = positions.astype(dtype)[..., None] * inv_freq  # [B, S, D/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)  # [B, S, D]
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+    """x * cos + rotate_half(x) * sin, with rotate_half([x1, x2]) = [-x2, x1]; x [B, S, heads, D]."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos = cos[:, :, None, :].astype(x.dtype)  # [B, S, 1, D]
+    sin = sin[:, :, None, :].astype(x.dtype)
+    return x * cos + rotated * sin
+
+
+# --------------------------------------------------------------------------------------------------
+# Attention
+
+
+def causal_mask(q_positions: Array, kv_positions: Array) -> Array:
+    """True where a query may see a key: key position <= query position. [B, S, T]."""
+    return kv_positions[:, None, :] <= q_positions[:, :, None]
+
+
+def dot_product_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
+    """softmax(q k^T / sqrt(D)) v with grouped kv heads; logits and softmax in float32.
+
+    q [B, S, N, D], k and v [B, T, K, D], mask [B, S, T] (True = attend). Query head n reads kv head
+    n // (N / K). Returns [B, S, N, D] in q's dtype.
+    """
+    batch, seq, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[2]
+    group = num_heads // num_kv_heads
+    q = q.reshape(batch, seq, num_kv_heads, group, head_dim)  # [B, S, K, G, D]
+    logits = jnp.einsum("BSKGD,BTKD->BKGST", q, k, preferred_element_type=_at_least_float32(q.dtype))
+    logits = logits * (head_dim**-0.5)
+    logits = jnp.where(mask[:, None, None, :, :], logits, _MASKED_LOGIT)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)  # [B, K, G, S, T]
+    out = jnp.einsum("BKGST,BTKD->BSKGD", probs, v)
+    return out.reshape(batch, seq, num_heads, head_dim)
+
+
+class Einsum(nn.Module):
+    """A bias-free linear map given by an einsum equation; its weight is the parameter `kernel`."""
+
+    shape: tuple[int, ...]
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    init_stddev: float = 0.02
+
+    @nn.compact
+    def __call__(self, equation: str, x: Array) -> Array:
+        kernel = self.param("kernel", _normal_init(self.init_stddev), self.shape, self.param_dtype)
+        return jnp.einsum(equation, x, kernel.astype(self.dtype))
+
+
+class AttentionProjections(nn.Module):
+    """The four projections of an attention sublayer, without biases.
+
+    q_proj [H, N, D], k_proj and v_proj [H, K, D], o_proj [N, D, H]. Queries, keys/values and the
+    output projection are separate methods so that MELT can compute keys and values from its gated
+    latent instead of the layer input.
+    """
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    init_stddev: float = 0.02
+
+    def setup(self):
+        H, N, K, D = self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, init_stddev=self.init_stddev)
+        self.q_proj = Einsum((H, N, D), **kw)
+        self.k_proj = Einsum((H, K, D), **kw)
+        self.v_proj = Einsum((H, K, D), **kw)
+        self.o_proj = Einsum((N, D, H), **kw)
+
+    def queries(self, x: Array) -> Array:
+        """[B, S, H] -> [B, S, N, D] (before RoPE)."""
+        return self.q_proj("BSH,HND->BSND", x)
+
+    def keys_values(self, x: Array) -> tuple[Array, Array]:
+        """[B, S, H] -> keys (before RoPE) and values, each [B, S, K, D]."""
+        return self.k_proj("BSH,HKD->BSKD", x), self.v_proj("BSH,HKD->BSKD", x)
+
+    def output(self, attended: Array) -> Array:
+        """[B, S, N, D] -> [B, S, H]."""
+        return self.o_proj("BSND,NDH->BSH", attended)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)); gate_proj and up_proj [H, I], down_proj [I, H]."""
+
+    hidden_size: int
+    intermediate_size: int
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    init_stddev: float = 0.02
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        H, I = self.hidden_size, self.intermediate_size
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, init_stddev=self.init_stddev)
+        gate = Einsum((H, I), name="gate_proj", **kw)("BSH,HI->BSI", x)
+        up = Einsum((H, I), name="up_proj", **kw)("BSH,HI->BSI", x)
+        return Einsum((I, H), name="down_proj", **kw)("BSI,IH->BSH", jax.nn.silu(gate) * up)

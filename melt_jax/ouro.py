@@ -1,0 +1,247 @@
+"""Ouro, the looped language model: L decoder layers applied T times with shared weights.
+
+    h = embed(tokens)
+    for t in 0..T-1:
+        for each layer i: h = layer_i(h)        # KV cache slot (t, i)
+        h = final_norm(h)                       # after every loop; feeds the next loop
+        hidden[t] = h; gate_logit[t] = exit_gate(h)
+    logits[t] = lm_head(hidden[t])
+
+Layers are one `nn.scan` over stacked parameters ([L, ...]) and loops one `nn.scan` over the layer
+scan with the parameters broadcast, so the compiled program does not grow with L or T.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from melt_jax.cache import KVCache, write_rows
+from melt_jax.config import OuroConfig
+from melt_jax.exit import ExitPolicy, exit_distribution, select_hidden
+from melt_jax.layers import (
+    MLP,
+    AttentionProjections,
+    Einsum,
+    RMSNorm,
+    apply_rope,
+    causal_mask,
+    dot_product_attention,
+    rope_tables,
+)
+
+Array = jax.Array
+
+# Per-layer intermediates a caller may ask for, each stacked to [T, L, B, S, H].
+INTERMEDIATES = ("layer_output", "attention_output")
+
+
+@flax.struct.dataclass
+class TokenContext:
+    """What every layer of every loop needs about the tokens in flight."""
+
+    positions: Array  # [B, S] int32
+    cos: Array  # [B, S, D] float32
+    sin: Array  # [B, S, D] float32
+
+
+@flax.struct.dataclass
+class OuroOutput:
+    """Outputs of one forward call.
+
+    logits: [B, S, V] chosen by the exit policy (None when no policy was given).
+    exit_steps: [B, S] int32 loop chosen per token under a threshold policy, else None.
+    step_logits: [T, B, S, V] every loop's logits, only when asked for.
+    hidden_steps: [T, B, S, H] every loop's hidden state after the final norm.
+    gate_logits: [T, B, S] exit gate logits; exit_pdf: [B, S, T] exit probabilities.
+    intermediates: name -> [T, L, B, S, H], only the names asked for (see INTERMEDIATES).
+    cache: the updated cache, or None when called without one.
+    """
+
+    logits: Array | None
+    exit_steps: Array | None
+    step_logits: Array | None
+    hidden_steps: Array
+    gate_logits: Array
+    exit_pdf: Array
+    intermediates: dict[str, Array]
+    cache: KVCache | None
+
+
+def layer_kwargs(config: OuroConfig) -> dict[str, Any]:
+    return dict(
+        dtype=config.jnp_dtype,
+        param_dtype=config.jnp_param_dtype,
+        init_stddev=config.initializer_range,
+    )
+
+
+class OuroDecoderLayer(nn.Module):
+    """One Ouro layer with four norms (N1..N4):
+
+        a = Attention(N1(h));  h = h + N2(a)
+        m = MLP(N3(h));        h = h + N4(m)
+
+    Called inside the layer scan as (carry=(h, cache), layer_index, ctx, loop_index) -> (carry, ys).
+    """
+
+    config: OuroConfig
+    collect: tuple[str, ...] = ()
+
+    def setup(self):
+        c = self.config
+        kw = layer_kwargs(c)
+        norm_kw = dict(eps=c.rms_norm_eps, param_dtype=c.jnp_param_dtype)
+        self.attn = AttentionProjections(c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size, **kw)
+        self.mlp = MLP(c.hidden_size, c.intermediate_size, **kw)
+        self.attn_in_norm = RMSNorm(**norm_kw)
+        self.attn_out_norm = RMSNorm(**norm_kw)
+        self.mlp_in_norm = RMSNorm(**norm_kw)
+        self.mlp_out_norm = RMSNorm(**norm_kw)
+
+    def attention(self, x: Array, ctx: TokenContext, cache: KVCache | None, slot: tuple):
+        """Causal self-attention of x [B, S, H]; with a cache, this layer-loop's slot is updated with
+        the new keys/values at ctx.positions and the queries attend to the whole slot."""
+        q = apply_rope(self.attn.queries(x), ctx.cos, ctx.sin)  # [B, S, N, D]
+        k, v = self.attn.keys_values(x)  # [B, S, K, D]
+        k = apply_rope(k, ctx.cos, ctx.sin)
+        if cache is None:
+            attended = dot_product_attention(q, k, v, causal_mask(ctx.positions, ctx.positions))
+        else:
+            k_all = write_rows(cache.k, slot, k, ctx.positions)
+            v_all = write_rows(cache.v, slot, v, ctx.positions)
+            cache = cache.replace(k=k_all, v=v_all)
+            kv_positions = jnp.broadcast_to(jnp.arange(cache.max_length), (x.shape[0], cache.max_length))
+            mask = causal_mask(ctx.positions, kv_positions)  # [B, S, S_max]
+            attended = dot_product_attention(q, k_all[slot], v_all[slot], mask)
+        return self.attn.output(attended), cache
+
+    def __call__(self, carry, layer_index, ctx: TokenContext, loop_index):
+        h, cache = carry
+        a, cache = self.attention(self.attn_in_norm(h), ctx, cache, (loop_index, layer_index))
+        h = h + self.attn_out_norm(a)
+        h = h + self.mlp_out_norm(self.mlp(self.mlp_in_norm(h)))
+        found = {"layer_output": h, "attention_output": a}
+        return (h, cache), {name: found[name] for name in self.collect}
+
+
+def scan_layers(layer_cls, config: OuroConfig, **layer_attrs):
+    """`layer_cls` repeated over config.num_layers with parameters stacked on a leading axis."""
+    return nn.scan(
+        layer_cls,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=(0, nn.broadcast, nn.broadcast),
+        length=config.num_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )(config, **layer_attrs, name="layers")
+
+
+class OuroModel(nn.Module):
+    """Ouro causal LM. Parameters: embedder, layers (stacked), final_norm, exit_gate, lm_head."""
+
+    config: OuroConfig
+    collect: tuple[str, ...] = ()  # per-layer intermediates to return, from INTERMEDIATES
+
+    def setup(self):
+        c = self.config
+        self.embedder = nn.Embed(
+            c.vocab_size,
+            c.hidden_size,
+            dtype=c.jnp_dtype,
+            param_dtype=c.jnp_param_dtype,
+            embedding_init=nn.initializers.normal(c.initializer_range),
+        )
+        self.layers = scan_layers(OuroDecoderLayer, c, collect=self.collect)
+        self.final_norm = RMSNorm(eps=c.rms_norm_eps, param_dtype=c.jnp_param_dtype)
+        self.exit_gate = nn.Dense(
+            1,
+            dtype=c.jnp_dtype,
+            param_dtype=c.jnp_param_dtype,
+            kernel_init=nn.initializers.normal(c.initializer_range),
+        )
+        if not c.tie_word_embeddings:
+            self.lm_head = Einsum((c.hidden_size, c.vocab_size), **layer_kwargs(c))
+
+    def logits(self, hidden: Array) -> Array:
+        """LM head: [..., H] -> [..., V] in the activation dtype."""
+        if self.config.tie_word_embeddings:
+            return self.embedder.attend(hidden)
+        return self.lm_head("...H,HV->...V", hidden)
+
+    def token_context(self, tokens: Array, positions: Array | None, cache: KVCache | None) -> TokenContext:
+        batch, seq = tokens.shape
+        if positions is None:
+            start = cache.end_index[:, None] if cache is not None else jnp.zeros((batch, 1), jnp.int32)
+            positions = start + jnp.arange(seq, dtype=jnp.int32)[None, :]
+        positions = positions.astype(jnp.int32)
+        table_dtype = jnp.promote_types(self.config.jnp_dtype, jnp.float32)
+        cos, sin = rope_tables(positions, self.config.head_dim, self.config.rope_theta, table_dtype)
+        return TokenContext(positions=positions, cos=cos, sin=sin)
+
+    def run_loops(self, h: Array, ctx: TokenContext, cache: KVCache | None):
+        """All T loops over the layer stack. Returns (hidden_steps [T, B, S, H], gate_logits
+        [T, B, S], intermediates {name: [T, L, B, S, H]}, cache)."""
+        c = self.config
+
+        def one_loop(model, carry, loop_index, ctx):
+            h, cache = carry
+            layer_indices = jnp.arange(c.num_layers)
+            (h, cache), intermediates = model.layers((h, cache), layer_indices, ctx, loop_index)
+            h = model.final_norm(h)
+            gate_logit = model.exit_gate(h)[..., 0]  # [B, S]
+            return (h, cache), (h, gate_logit, intermediates)
+
+        loops = nn.scan(
+            one_loop,
+            variable_broadcast="params",
+            split_rngs={"params": False},
+            in_axes=(0, nn.broadcast),
+            length=c.num_loops,
+        )
+        (_, cache), (hidden_steps, gate_logits, intermediates) = loops(
+            self, (h, cache), jnp.arange(c.num_loops), ctx
+        )
+        return hidden_steps, gate_logits, intermediates, cache
+
+    def __call__(
+        self,
+        tokens: Array,
+        positions: Array | None = None,
+        cache: KVCache | None = None,
+        *,
+        exit_policy: ExitPolicy | None = ExitPolicy(),
+        return_step_logits: bool = False,
+    ) -> OuroOutput:
+        """Runs all loops on tokens [B, S].
+
+        positions [B, S] default to end_index + arange(S) with a cache, arange(S) without. With a
+        cache, the tokens' keys/values are written at their positions in every (loop, layer) slot and
+        the returned cache has end_index advanced by S.
+        """
+        h = self.embedder(tokens)  # [B, S, H]
+        ctx = self.token_context(tokens, positions, cache)
+        hidden_steps, gate_logits, intermediates, cache = self.run_loops(h, ctx, cache)
+        if cache is not None:
+            cache = cache.advance(tokens.shape[1])
+        exit_pdf = exit_distribution(gate_logits)  # [B, S, T]
+        logits = exit_steps = step_logits = None
+        if exit_policy is not None:
+            chosen, exit_steps = select_hidden(hidden_steps, exit_pdf, exit_policy)
+            logits = self.logits(chosen)
+        if return_step_logits:
+            step_logits = self.logits(hidden_steps)
+        return OuroOutput(
+            logits=logits,
+            exit_steps=exit_steps,
+            step_logits=step_logits,
+            hidden_steps=hidden_steps,
+            gate_logits=gate_logits,
+            exit_pdf=exit_pdf,
+            intermediates=intermediates,
+            cache=cache,
+        )
