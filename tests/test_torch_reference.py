@@ -245,7 +245,9 @@ def test_tied_embeddings_and_bf16_runs():
     rbf = OuroReference(cfg, sd, dtype=torch.bfloat16)
     o64, obf = r64.forward(ids), rbf.forward(ids)
     assert obf["step_logits"].dtype == np.float32
-    np.testing.assert_allclose(obf["step_logits"], o64["step_logits"], atol=0.5)
+    # bf16 keeps ~3 significant digits; through 2 layers x 4 loops that is a few % of the logit scale.
+    scale = np.abs(o64["step_logits"]).max()
+    np.testing.assert_allclose(obf["step_logits"], o64["step_logits"], atol=0.1 * scale)
     lg, steps = rbf.select_logits(obf, "default")
     assert lg.shape == (1, 8, 32) and steps.shape == (1, 8)
     assert np.isfinite(rbf.loss(ids))

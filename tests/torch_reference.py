@@ -481,68 +481,13 @@ class OuroReference:
 # --------------------------------------------------------------------------------------------------
 
 
-def random_ouro(
-    seed: int = 0,
-    hidden_size: int = 64,
-    num_hidden_layers: int = 2,
-    num_attention_heads: int = 4,
-    num_key_value_heads: int | None = None,
-    head_dim: int | None = None,
-    intermediate_size: int = 128,
-    vocab_size: int = 256,
-    total_ut_steps: int = 4,
-    rope_theta: float = 10000.0,
-    rms_norm_eps: float = 1e-6,
-    tie_word_embeddings: bool = False,
-    **extra,
-) -> tuple[dict, dict[str, torch.Tensor]]:
-    """A small random Ouro checkpoint: (hf_config dict, float32 state_dict with HF names).
-    Every tensor has distinct values (norm weights around 1, a non-zero gate bias)."""
-    kvh = num_key_value_heads or num_attention_heads
-    hd = head_dim or hidden_size // num_attention_heads
-    cfg = {
-        "model_type": "ouro",
-        "hidden_size": hidden_size,
-        "num_hidden_layers": num_hidden_layers,
-        "num_attention_heads": num_attention_heads,
-        "num_key_value_heads": kvh,
-        "head_dim": hd,
-        "intermediate_size": intermediate_size,
-        "vocab_size": vocab_size,
-        "total_ut_steps": total_ut_steps,
-        "rope_theta": rope_theta,
-        "rms_norm_eps": rms_norm_eps,
-        "tie_word_embeddings": tie_word_embeddings,
-        "early_exit_threshold": 1.0,
-        "hidden_act": "silu",
-        "max_position_embeddings": 4096,
-        **extra,
-    }
-    g = torch.Generator().manual_seed(seed)
+def random_ouro(seed: int = 0, **config_fields) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A small random Ouro checkpoint: (hf_config dict, float32 state_dict with HF names), built by
+    tests/hf_fixtures.py; `config_fields` override its tiny defaults (MHA unless num_key_value_heads
+    is given). Every tensor has distinct values (norm weights around 1, a non-zero gate bias)."""
+    from hf_fixtures import random_ouro_state_dict, tiny_hf_config
 
-    def w(*shape, scale=None):
-        scale = scale if scale is not None else 1.0 / math.sqrt(shape[-1])
-        return torch.randn(*shape, generator=g) * scale
-
-    def norm(n):
-        return 1.0 + 0.1 * torch.randn(n, generator=g)
-
-    H, I, V = hidden_size, intermediate_size, vocab_size
-    sd = {"model.embed_tokens.weight": w(V, H, scale=1.0)}
-    for i in range(num_hidden_layers):
-        p = f"model.layers.{i}."
-        sd[p + "self_attn.q_proj.weight"] = w(num_attention_heads * hd, H)
-        sd[p + "self_attn.k_proj.weight"] = w(kvh * hd, H)
-        sd[p + "self_attn.v_proj.weight"] = w(kvh * hd, H)
-        sd[p + "self_attn.o_proj.weight"] = w(H, num_attention_heads * hd)
-        sd[p + "mlp.gate_proj.weight"] = w(I, H)
-        sd[p + "mlp.up_proj.weight"] = w(I, H)
-        sd[p + "mlp.down_proj.weight"] = w(H, I)
-        for n in ("input_layernorm", "input_layernorm_2", "post_attention_layernorm", "post_attention_layernorm_2"):
-            sd[p + n + ".weight"] = norm(H)
-    sd["model.norm.weight"] = norm(H)
-    sd["model.early_exit_gate.weight"] = w(1, H)
-    sd["model.early_exit_gate.bias"] = torch.tensor([-0.5])
-    if not tie_word_embeddings:
-        sd["lm_head.weight"] = w(V, H)
+    config_fields.setdefault("num_key_value_heads", config_fields.get("num_attention_heads", 4))
+    cfg = tiny_hf_config(**config_fields)
+    sd = {k: torch.from_numpy(v) for k, v in random_ouro_state_dict(cfg, seed=seed).items()}
     return cfg, sd

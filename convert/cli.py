@@ -1,0 +1,112 @@
+"""Command line of the converter: `melt-convert` / `python -m melt_jax.convert`.
+
+    melt-convert import HF_DIR OUT_DIR [--dtype float32|bfloat16|float16] [--overwrite]
+        Hugging Face Ouro folder -> melt_jax checkpoint directory (orbax, see melt_jax/checkpoint.py).
+    melt-convert export CKPT_DIR HF_DIR [--dtype ...] [--max-shard-size 5GB] [--overwrite]
+        melt_jax checkpoint directory -> Hugging Face folder (config.json + safetensors).
+
+Progress goes to stderr, a one-line summary to stdout. Bad input prints `error: ...` to stderr and
+exits with status 1, leaving no output behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import sys
+import time
+
+from melt_jax.checkpoint import CheckpointError, NUMPY_DTYPES, check_destination, load_params, save_params
+from melt_jax.config import ConfigError
+
+from .errors import ConversionError
+from .hf_export import DEFAULT_MAX_SHARD_BYTES, save_hf_checkpoint
+from .hf_import import load_hf_checkpoint
+from .mapping import flatten_params, hf_tensor_plan
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5_000_000_000, '500MiB' -> 524_288_000, '1024' -> 1024 (bytes)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).upper() not in _SIZE_UNITS:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}; use e.g. 5GB, 500MB, 2GiB or a number of bytes")
+    size = int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
+    return size
+
+
+def _format_bytes(n: int) -> str:
+    for unit, scale in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
+def _summary(action: str, config, params, dtype: str, seconds: float, dest: str) -> str:
+    """One line: tensors, parameters, bytes (in `dtype`), seconds."""
+    leaves = flatten_params(params).values()
+    num_params = sum(math.prod(leaf.shape) for leaf in leaves)
+    num_bytes = num_params * NUMPY_DTYPES[dtype].itemsize
+    return (
+        f"{action}: {len(hf_tensor_plan(config))} tensors, {num_params:,} parameters, "
+        f"{_format_bytes(num_bytes)} ({dtype}), {seconds:.1f} s -> {dest}"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="melt-convert",
+        description="Convert Ouro checkpoints between Hugging Face format and melt_jax (orbax) checkpoints.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    dtypes = sorted(NUMPY_DTYPES)
+
+    p = sub.add_parser("import", help="Hugging Face folder -> melt_jax checkpoint directory")
+    p.add_argument("hf_dir", metavar="HF_DIR", help="folder with config.json and model.safetensors / shards / pytorch_model.bin")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="melt_jax checkpoint directory to create")
+    p.add_argument("--dtype", choices=dtypes, default="float32", help="dtype of the params (default: float32)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+
+    p = sub.add_parser("export", help="melt_jax checkpoint directory -> Hugging Face folder")
+    p.add_argument("ckpt_dir", metavar="CKPT_DIR", help="melt_jax checkpoint directory")
+    p.add_argument("hf_dir", metavar="HF_DIR", help="Hugging Face folder to create")
+    p.add_argument("--dtype", choices=dtypes, default=None, help="dtype of the stored tensors (default: torch_dtype of the config)")
+    p.add_argument(
+        "--max-shard-size", type=parse_size, default=DEFAULT_MAX_SHARD_BYTES, metavar="SIZE",
+        help="largest safetensors file before sharding, e.g. 5GB (default), 500MB, 2GiB",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace HF_DIR if it exists")
+    return parser
+
+
+def run_import(args: argparse.Namespace) -> str:
+    start = time.perf_counter()
+    check_destination(args.out_dir, args.overwrite)  # fail before reading gigabytes
+    config, params = load_hf_checkpoint(args.hf_dir, args.dtype, progress=True)
+    save_params(args.out_dir, config, params, overwrite=args.overwrite)
+    return _summary("import", config, params, args.dtype, time.perf_counter() - start, args.out_dir)
+
+
+def run_export(args: argparse.Namespace) -> str:
+    start = time.perf_counter()
+    check_destination(args.hf_dir, args.overwrite)
+    config, params = load_params(args.ckpt_dir)
+    dtype = args.dtype or config.torch_dtype
+    save_hf_checkpoint(config, params, args.hf_dir, dtype, args.max_shard_size, overwrite=args.overwrite, progress=True)
+    return _summary("export", config, params, dtype, time.perf_counter() - start, args.hf_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the command line `argv` (default: sys.argv[1:]); returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        summary = run_import(args) if args.command == "import" else run_export(args)
+    except (ConversionError, CheckpointError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(summary)
+    return 0

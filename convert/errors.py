@@ -1,0 +1,7 @@
+"""The error type of the converter."""
+
+from melt_jax.checkpoint import CheckpointError
+
+
+class ConversionError(CheckpointError):
+    """A checkpoint cannot be converted: a missing, unexpected or misshapen tensor, a bad weights file."""

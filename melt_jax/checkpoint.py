@@ -1,0 +1,254 @@
+"""Checkpoint I/O of melt_jax: a model config plus its params, saved with orbax in one directory.
+
+Layout of a checkpoint directory:
+
+    config.json     the Hugging Face config of the model (`config.to_json_string()`)
+    melt_jax.json   the runtime dtype policy (`dtype`, `param_dtype`), which config.json does not hold
+    params/         the params pytree (the content of flax's 'params' collection), an orbax checkpoint
+
+Directories are written atomically: everything goes into a temporary sibling directory that is renamed
+to the destination only when complete (`atomic_directory`), so a failed or interrupted save leaves
+nothing behind, and an existing destination is only replaced when asked to (`overwrite=True`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import secrets
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+import jax
+import ml_dtypes
+import numpy as np
+import orbax.checkpoint as ocp
+
+from melt_jax.config import ConfigError, OuroConfig
+
+CONFIG_FILE = "config.json"
+RUNTIME_FILE = "melt_jax.json"
+PARAMS_DIR = "params"
+_FORMAT = "melt_jax.params"
+_FORMAT_VERSION = 1
+
+NUMPY_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read or written: missing or corrupt files, an existing destination."""
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    """The numpy dtype of a dtype name of this library ('float32', 'bfloat16', 'float16')."""
+    if name not in NUMPY_DTYPES:
+        raise CheckpointError(f"unknown dtype {name!r}; expected one of {', '.join(NUMPY_DTYPES)}")
+    return NUMPY_DTYPES[name]
+
+
+# --------------------------------------------------------------------------------------------------
+# Atomic directories
+
+
+def check_destination(path: str | os.PathLike, overwrite: bool = False) -> None:
+    """Raises CheckpointError if `path` exists and `overwrite` is false."""
+    if os.path.lexists(path) and not overwrite:
+        raise CheckpointError(f"destination already exists: {path} (pass overwrite=True / --overwrite to replace it)")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yields a new empty temporary directory beside `path`; renames it to `path` when the block ends.
+
+    If the block raises (or is interrupted), the temporary directory is removed and `path` is left as
+    it was. An existing `path` raises CheckpointError unless `overwrite` is true, in which case it is
+    replaced only after the new directory is complete.
+    """
+    path = Path(path)
+    check_destination(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    tmp.mkdir()
+    try:
+        yield tmp
+        check_destination(path, overwrite)  # it may have appeared while we were writing
+        if os.path.lexists(path):
+            old = path.with_name(f".{path.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
+            os.rename(path, old)
+            try:
+                os.rename(tmp, path)
+            except BaseException:
+                os.rename(old, path)
+                raise
+            _remove(old)
+        else:
+            os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# --------------------------------------------------------------------------------------------------
+# Orbax
+
+
+def _pytree_handler() -> ocp.PyTreeCheckpointHandler:
+    """An orbax PyTree handler that saves host (numpy) params without extra copies.
+
+    Two orbax defaults each cost up to a full extra copy of the params in host memory while saving:
+    the numpy handler deep-copies every array (a guard against concurrent modification, which a
+    synchronous save does not need), and compression (zstd) holds the compressed arrays in memory.
+    With both off, peak memory while saving numpy params is about the params themselves (see
+    benchmarks/convert_memory.py); the price is disk: compression saves ~10-25% on bf16 weights.
+    jax.Array leaves use orbax's standard handler.
+    """
+    try:
+        numpy_handler = ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)
+    except TypeError:  # an orbax without the option
+        numpy_handler = ocp.type_handlers.get_type_handler(np.ndarray)
+    registry = ocp.type_handlers.create_type_handler_registry(
+        (np.ndarray, numpy_handler),
+        *[(t, ocp.type_handlers.get_type_handler(t)) for t in (jax.Array, int, float, np.number)],
+    )
+    return ocp.PyTreeCheckpointHandler(use_compression=False, type_handler_registry=registry)
+
+
+def save_tree(path: str | os.PathLike, tree: Any) -> None:
+    """Saves a pytree of arrays (numpy or jax) as an orbax checkpoint in the new directory `path`."""
+    checkpointer = ocp.Checkpointer(_pytree_handler())
+    try:
+        checkpointer.save(Path(path).absolute(), args=ocp.args.PyTreeSave(tree))
+    finally:
+        checkpointer.close()
+
+
+def _leaves(tree: dict, prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
+    """(key path, leaf) of every leaf of a nested dict."""
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, prefix + (key,))
+        else:
+            yield prefix + (key,), value
+
+
+def _nest(keys: tuple[str, ...], leaf: Any) -> dict:
+    """("a", "b"), x -> {"a": {"b": x}}."""
+    for key in reversed(keys):
+        leaf = {key: leaf}
+    return leaf
+
+
+def load_tree(path: str | os.PathLike, dtype: str | None = None) -> dict:
+    """Restores the orbax checkpoint of a nested dict of arrays in `path` as numpy arrays, cast to
+    `dtype` if given.
+
+    Leaves are restored one at a time (orbax partial restore), largest first: reading a leaf takes
+    transient buffers of about its size, so restoring all leaves at once, or a large leaf last, would
+    peak well above one copy of the tree.
+    """
+    path = Path(path).absolute()
+    if not path.is_dir():
+        raise CheckpointError(f"orbax checkpoint directory not found: {path}")
+    np_dtype = numpy_dtype(dtype) if dtype is not None else None
+    checkpointer = ocp.PyTreeCheckpointer()
+    try:
+        try:
+            metadata = checkpointer.metadata(path)
+        except Exception as e:  # orbax raises many kinds of errors on a damaged directory
+            raise CheckpointError(f"cannot read the orbax checkpoint in {path}: {e}") from e
+        # orbax >= 0.11 wraps the tree in a StepMetadata; older versions return the tree itself.
+        tree = getattr(getattr(metadata, "item_metadata", metadata), "tree", metadata)
+        if not isinstance(tree, dict):
+            raise CheckpointError(f"the orbax checkpoint in {path} does not hold a nested dict of arrays")
+        leaves = list(_leaves(tree))
+        restored_leaves = {}
+        for keys, leaf_metadata in sorted(leaves, key=lambda kv: -math.prod(getattr(kv[1], "shape", ()) or ())):
+            args = ocp.args.PyTreeRestore(
+                item=_nest(keys, leaf_metadata),
+                restore_args=_nest(keys, ocp.RestoreArgs(restore_type=np.ndarray, dtype=np_dtype)),
+                partial_restore=True,
+            )
+            try:
+                restored = checkpointer.restore(path, args=args)
+            except Exception as e:
+                raise CheckpointError(f"cannot restore {'/'.join(keys)} from the orbax checkpoint in {path}: {e}") from e
+            for key in keys:
+                restored = restored[key]
+            restored_leaves[keys] = restored
+        out: dict = {}
+        for keys, _ in leaves:  # in the saved order
+            node = out
+            for key in keys[:-1]:
+                node = node.setdefault(key, {})
+            node[keys[-1]] = restored_leaves[keys]
+        return out
+    finally:
+        checkpointer.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# Model checkpoints (config + params)
+
+
+def save_params(path: str | os.PathLike, config: OuroConfig, params: Any, *, overwrite: bool = False) -> None:
+    """Writes `config` and `params` (nested dict of numpy or jax arrays) as a checkpoint directory.
+
+    The arrays are saved with their own dtypes, bit for bit. The directory appears only when complete;
+    an existing `path` raises CheckpointError unless `overwrite` is true.
+    """
+    with atomic_directory(path, overwrite=overwrite) as tmp:
+        (tmp / CONFIG_FILE).write_text(config.to_json_string())
+        runtime = {"format": _FORMAT, "version": _FORMAT_VERSION, "dtype": config.dtype, "param_dtype": config.param_dtype}
+        (tmp / RUNTIME_FILE).write_text(json.dumps(runtime, indent=2) + "\n")
+        save_tree(tmp / PARAMS_DIR, params)
+
+
+def load_params(path: str | os.PathLike, dtype: str | None = None) -> tuple[OuroConfig, dict]:
+    """Reads a checkpoint directory written by `save_params`: (config, params as numpy arrays).
+
+    With `dtype=None` the params keep their saved dtypes and the config its saved dtype policy. With a
+    dtype name, the params are cast to it while reading and the config gets `dtype=param_dtype=dtype`.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory not found: {path}")
+    for name in (CONFIG_FILE, PARAMS_DIR):
+        if not (path / name).exists():
+            raise CheckpointError(f"not a melt_jax checkpoint: {path / name} is missing")
+    runtime = {}
+    if (path / RUNTIME_FILE).is_file():
+        try:
+            runtime = json.loads((path / RUNTIME_FILE).read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path / RUNTIME_FILE} is not valid JSON: {e}") from None
+    if dtype is not None:
+        numpy_dtype(dtype)  # validates the name
+        policy = {"dtype": dtype, "param_dtype": dtype}
+    else:
+        policy = {k: runtime.get(k, "float32") for k in ("dtype", "param_dtype")}
+    config = OuroConfig.from_json_file(path / CONFIG_FILE, **policy)
+    params = load_tree(path / PARAMS_DIR, dtype)
+    return config, params
+
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "atomic_directory",
+    "check_destination",
+    "load_params",
+    "load_tree",
+    "numpy_dtype",
+    "save_params",
+    "save_tree",
+]
