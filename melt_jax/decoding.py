@@ -17,10 +17,26 @@ from melt_jax.exit import ExitPolicy
 Array = jax.Array
 
 
-@functools.partial(jax.jit, static_argnames=("model", "exit_policy"), donate_argnames=("cache",))
+def check_tokens_fit(tokens: Array, cache: KVCache) -> None:
+    """Raises ValueError unless tokens [B, S] match the cache's batch and S fits in it (static
+    shapes only; the running end_index is the caller's to keep below max_length)."""
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be [batch, length], got shape {tokens.shape}")
+    if tokens.shape[0] != cache.batch_size:
+        raise ValueError(f"tokens have batch {tokens.shape[0]} but the cache was made for {cache.batch_size}")
+    if tokens.shape[1] > cache.max_length:
+        raise ValueError(f"prompt of {tokens.shape[1]} tokens is longer than the cache ({cache.max_length} positions)")
+
+
 def prefill(model: nn.Module, params, tokens: Array, cache: KVCache, exit_policy: ExitPolicy = ExitPolicy()):
     """Runs the prompt tokens [B, S] through the model, writing them into the cache after its current
     end. Returns (logits [B, S, V] chosen by `exit_policy`, updated cache)."""
+    check_tokens_fit(tokens, cache)
+    return _prefill(model, params, tokens, cache, exit_policy)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "exit_policy"), donate_argnames=("cache",))
+def _prefill(model: nn.Module, params, tokens: Array, cache: KVCache, exit_policy: ExitPolicy):
     out = model.apply({"params": params}, tokens, cache=cache, exit_policy=exit_policy)
     return out.logits, out.cache
 

@@ -121,3 +121,13 @@ def test_bfloat16_policy_tracks_float32():
     assert out.logits.dtype == jnp.bfloat16 and out.hidden_steps.dtype == jnp.bfloat16
     err = float(jnp.abs(out.logits.astype(jnp.float32) - ref).max())
     assert err < 0.05 * float(jnp.abs(ref).max())
+
+
+def test_prefill_rejects_a_prompt_longer_than_the_cache():
+    config = OuroConfig.preset("tiny")
+    model = OuroModel(config)
+    params = abstract_params(model)
+    with pytest.raises(ValueError, match="longer than the cache"):
+        prefill(model, params, jnp.ones((1, 9), jnp.int32), init_ouro_cache(config, 1, 8))
+    with pytest.raises(ValueError, match="batch 2"):
+        prefill(model, params, jnp.ones((2, 4), jnp.int32), init_ouro_cache(config, 1, 8))
