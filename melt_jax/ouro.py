@@ -103,30 +103,37 @@ class OuroDecoderLayer(nn.Module):
         self.mlp_in_norm = RMSNorm(**norm_kw)
         self.mlp_out_norm = RMSNorm(**norm_kw)
 
-    def attention(self, x: Array, ctx: TokenContext, cache: KVCache | None, slot: tuple):
-        """Causal self-attention of x [B, S, H]; with a cache, this layer-loop's slot is updated with
-        the new keys/values at ctx.positions and the queries attend to the whole slot."""
-        q = apply_rope(self.attn.queries(x), ctx.cos, ctx.sin)  # [B, S, N, D]
-        k, v = self.attn.keys_values(x)  # [B, S, K, D]
-        k = apply_rope(k, ctx.cos, ctx.sin)
+    def attend(self, q: Array, k: Array, v: Array, ctx: TokenContext, cache: KVCache | None, slot: tuple):
+        """Causal attention of queries q [B, S, N, D] (after RoPE) over keys k (after RoPE) and values
+        v [B, S, K, D]. Without a cache the tokens attend to each other; with one, k and v are written
+        into cache slot array `slot` at ctx.positions and the queries attend to that whole slot array.
+        Returns (output [B, S, H] after o_proj, cache)."""
         if cache is None:
             attended = dot_product_attention(q, k, v, causal_mask(ctx.positions, ctx.positions))
         else:
             k_all = write_rows(cache.k, slot, k, ctx.positions)
             v_all = write_rows(cache.v, slot, v, ctx.positions)
             cache = cache.replace(k=k_all, v=v_all)
-            kv_positions = jnp.broadcast_to(jnp.arange(cache.max_length), (x.shape[0], cache.max_length))
+            kv_positions = jnp.broadcast_to(jnp.arange(cache.max_length), (q.shape[0], cache.max_length))
             mask = causal_mask(ctx.positions, kv_positions)  # [B, S, S_max]
             attended = dot_product_attention(q, k_all[slot], v_all[slot], mask)
         return self.attn.output(attended), cache
 
+    def attention(self, u: Array, ctx: TokenContext, state, layer_index, loop_index):
+        """Ouro's attention sublayer on u = N1(h) [B, S, H]; `state` is the KV cache (or None), whose
+        slot array (loop, layer) holds this layer's keys/values at this loop."""
+        q = apply_rope(self.attn.queries(u), ctx.cos, ctx.sin)  # [B, S, N, D]
+        k, v = self.attn.keys_values(u)  # [B, S, K, D]
+        k = apply_rope(k, ctx.cos, ctx.sin)
+        return self.attend(q, k, v, ctx, state, (loop_index, layer_index))
+
     def __call__(self, carry, layer_index, ctx: TokenContext, loop_index):
-        h, cache = carry
-        a, cache = self.attention(self.attn_in_norm(h), ctx, cache, (loop_index, layer_index))
+        h, state = carry
+        a, state = self.attention(self.attn_in_norm(h), ctx, state, layer_index, loop_index)
         h = h + self.attn_out_norm(a)
         h = h + self.mlp_out_norm(self.mlp(self.mlp_in_norm(h)))
         found = {"layer_output": h, "attention_output": a}
-        return (h, cache), {name: found[name] for name in self.collect}
+        return (h, state), {name: found[name] for name in self.collect}
 
 
 def scan_layers(layer_cls, config: OuroConfig, **layer_attrs):
@@ -146,6 +153,7 @@ class OuroModel(nn.Module):
 
     config: OuroConfig
     collect: tuple[str, ...] = ()  # per-layer intermediates to return, from INTERMEDIATES
+    layer_class = OuroDecoderLayer
 
     def setup(self):
         c = self.config
@@ -156,7 +164,7 @@ class OuroModel(nn.Module):
             param_dtype=c.jnp_param_dtype,
             embedding_init=nn.initializers.normal(c.initializer_range),
         )
-        self.layers = scan_layers(OuroDecoderLayer, c, collect=self.collect)
+        self.layers = scan_layers(self.layer_class, c, collect=self.collect)
         self.final_norm = RMSNorm(eps=c.rms_norm_eps, param_dtype=c.jnp_param_dtype)
         self.exit_gate = nn.Dense(
             1,
@@ -183,18 +191,25 @@ class OuroModel(nn.Module):
         cos, sin = rope_tables(positions, self.config.head_dim, self.config.rope_theta, table_dtype)
         return TokenContext(positions=positions, cos=cos, sin=sin)
 
+    def initial_state(self, h: Array, cache: KVCache | None):
+        """What the layers carry through the loops besides h: for Ouro, the cache."""
+        return cache
+
+    def final_cache(self, state) -> KVCache | None:
+        return state
+
     def run_loops(self, h: Array, ctx: TokenContext, cache: KVCache | None):
         """All T loops over the layer stack. Returns (hidden_steps [T, B, S, H], gate_logits
         [T, B, S], intermediates {name: [T, L, B, S, H]}, cache)."""
         c = self.config
 
         def one_loop(model, carry, loop_index, ctx):
-            h, cache = carry
+            h, state = carry
             layer_indices = jnp.arange(c.num_layers)
-            (h, cache), intermediates = model.layers((h, cache), layer_indices, ctx, loop_index)
+            (h, state), intermediates = model.layers((h, state), layer_indices, ctx, loop_index)
             h = model.final_norm(h)
             gate_logit = model.exit_gate(h)[..., 0]  # [B, S]
-            return (h, cache), (h, gate_logit, intermediates)
+            return (h, state), (h, gate_logit, intermediates)
 
         loops = nn.scan(
             one_loop,
@@ -203,10 +218,10 @@ class OuroModel(nn.Module):
             in_axes=(0, nn.broadcast),
             length=c.num_loops,
         )
-        (_, cache), (hidden_steps, gate_logits, intermediates) = loops(
-            self, (h, cache), jnp.arange(c.num_loops), ctx
+        (_, state), (hidden_steps, gate_logits, intermediates) = loops(
+            self, (h, self.initial_state(h, cache)), jnp.arange(c.num_loops), ctx
         )
-        return hidden_steps, gate_logits, intermediates, cache
+        return hidden_steps, gate_logits, intermediates, self.final_cache(state)
 
     def __call__(
         self,
