@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any
+from typing import Any, ClassVar
 
 import jax.numpy as jnp
 
@@ -46,6 +46,9 @@ class OuroConfig:
 
     L = num_hidden_layers layers are applied `total_ut_steps` (T) times with the same weights.
     """
+
+    model_type: ClassVar[str] = OURO_MODEL_TYPE
+    architecture: ClassVar[str] = "OuroForCausalLM"
 
     vocab_size: int
     hidden_size: int
@@ -189,8 +192,8 @@ class OuroConfig:
         if not isinstance(hf, dict):
             raise ConfigError(f"config.json must hold a JSON object, got {type(hf).__name__}")
         model_type = hf.get("model_type")
-        if model_type != OURO_MODEL_TYPE:
-            raise ConfigError(f"config field model_type must be {OURO_MODEL_TYPE!r}, got {model_type!r}")
+        if model_type != cls.model_type:
+            raise ConfigError(f"config field model_type must be {cls.model_type!r}, got {model_type!r}")
         missing = [f for f in _REQUIRED_HF_FIELDS if f not in hf]
         if missing:
             raise ConfigError(f"config.json is missing required field(s): {', '.join(missing)}")
@@ -209,7 +212,7 @@ class OuroConfig:
     def to_hf_config(self) -> dict[str, Any]:
         """The `config.json` dict of this config (runtime dtype policy left out)."""
         out = dict(self.extra)
-        out["model_type"] = OURO_MODEL_TYPE
+        out["model_type"] = self.model_type
         for f in dataclasses.fields(self):
             if f.name in ("dtype", "param_dtype", "extra"):
                 continue
@@ -217,7 +220,7 @@ class OuroConfig:
             if isinstance(value, tuple):
                 value = list(value)
             out[f.name] = value
-        out.setdefault("architectures", ["OuroForCausalLM"])
+        out.setdefault("architectures", [self.architecture])
         return dict(sorted(out.items()))
 
     @classmethod
@@ -246,6 +249,32 @@ class OuroConfig:
         if name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
         return cls(**{**PRESETS[name], **overrides})
+
+
+@dataclasses.dataclass(frozen=True)
+class MeltConfig(OuroConfig):
+    """An Ouro config plus MELT's fields: the gate bias initialisation and the default chunk size.
+
+    MELT keeps one KV cache per layer shared by all loops, updated by a learned element-wise gate
+    (melt_jax/melt.py). Written to config.json with model_type "melt".
+    """
+
+    model_type: ClassVar[str] = "melt"
+    architecture: ClassVar[str] = "MeltForCausalLM"
+
+    gate_bias_init: float = -4.0  # b_z at initialisation (W_z = U_z = 0): z ~ 0.018, "overwrite"
+    chunk_size: int = 128  # default chunk for prefill and training
+
+    def validate(self) -> None:
+        super().validate()
+        if not isinstance(self.chunk_size, int) or isinstance(self.chunk_size, bool) or self.chunk_size < 1:
+            raise ConfigError(f"config field chunk_size must be a positive integer, got {self.chunk_size!r}")
+
+    @classmethod
+    def from_ouro(cls, ouro: OuroConfig, **melt_fields) -> "MeltConfig":
+        """The MELT config of an Ouro model: the same shapes plus MELT's fields."""
+        fields = {f.name: getattr(ouro, f.name) for f in dataclasses.fields(OuroConfig)}
+        return cls(**{**fields, **melt_fields})
 
 
 _OURO_COMMON = dict(

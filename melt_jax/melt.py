@@ -1,0 +1,157 @@
+"""MELT: Ouro with one KV cache per layer shared by all loops, updated by an element-wise gate.
+
+For layer l and a token in flight at loop t, with u_t = N1(h) the attention input:
+
+    s_1 = u_1                                              (choice: the first loop writes the row as is)
+    z_t = sigmoid(u_t W_z + s_{t-1} U_z + b_z),  s_t = z_t * s_{t-1} + (1 - z_t) * u_t    (t >= 2)
+    k_t = RoPE(s_t W_K),  v_t = s_t W_V,  q_t = RoPE(u_t W_Q)
+
+The recurrence runs over the loops of one token (choice, spec melt.md section 1). The token's cache row
+is rewritten at every loop, so after the last loop it holds the final row; tokens of the same chunk
+see each other's loop-t rows, earlier chunks' final rows. Decoding is chunk size 1.
+The latent s is carried through the loop scan for the tokens in flight only: [L, B, S, H].
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from melt_jax.cache import KVCache
+from melt_jax.config import MeltConfig
+from melt_jax.exit import ExitPolicy
+from melt_jax.layers import apply_rope
+from melt_jax.ouro import OuroDecoderLayer, OuroModel, TokenContext
+
+Array = jax.Array
+
+
+class KVGate(nn.Module):
+    """s = z * s_prev + (1 - z) * u with z = sigmoid(u W_z + s_prev U_z + b_z), element-wise.
+
+    w_z, u_z [H, H] act on row vectors ([in, out]); b_z [H]. Initialised to W_z = U_z = 0 and
+    b_z = bias_init (choice: an untrained gate is close to "each loop overwrites the row").
+    """
+
+    hidden_size: int
+    bias_init: float
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, u: Array, s_prev: Array) -> Array:
+        H = self.hidden_size
+        w_z = self.param("w_z", nn.initializers.zeros, (H, H), self.param_dtype).astype(self.dtype)
+        u_z = self.param("u_z", nn.initializers.zeros, (H, H), self.param_dtype).astype(self.dtype)
+        b_z = self.param("b_z", nn.initializers.constant(self.bias_init), (H,), self.param_dtype)
+        gate_logits = jnp.einsum("BSH,HG->BSG", u, w_z) + jnp.einsum("BSH,HG->BSG", s_prev, u_z)
+        z = jax.nn.sigmoid(gate_logits + b_z.astype(self.dtype))
+        return z * s_prev + (1 - z) * u
+
+
+@flax.struct.dataclass
+class MeltState:
+    """What MELT's layers carry through the loops: the cache (or None) and the gate latent s of the
+    tokens in flight, [L, B, S, H]."""
+
+    cache: KVCache | None
+    latent: Array
+
+
+class MeltDecoderLayer(OuroDecoderLayer):
+    """Ouro's layer with keys and values computed from the gated latent s instead of u = N1(h)."""
+
+    def setup(self):
+        super().setup()
+        c = self.config
+        self.kv_gate = KVGate(c.hidden_size, c.gate_bias_init, dtype=c.jnp_dtype, param_dtype=c.jnp_param_dtype)
+
+    def attention(self, u: Array, ctx: TokenContext, state: MeltState, layer_index, loop_index):
+        s_prev = state.latent[layer_index]  # [B, S, H]
+        s = jnp.where(loop_index == 0, u, self.kv_gate(u, s_prev))
+        latent = state.latent.at[layer_index].set(s)
+        q = apply_rope(self.attn.queries(u), ctx.cos, ctx.sin)  # [B, S, N, D]
+        k, v = self.attn.keys_values(s)  # [B, S, K, D]
+        k = apply_rope(k, ctx.cos, ctx.sin)
+        out, cache = self.attend(q, k, v, ctx, state.cache, (layer_index,))
+        return out, MeltState(cache=cache, latent=latent)
+
+
+class MeltModel(OuroModel):
+    """MELT causal LM: Ouro's parameters plus layers/kv_gate/{w_z, u_z, b_z} ([L, ...]).
+
+    Called on one chunk of tokens. With a cache (k, v [L, B, S_max, K, D], see `init_melt_cache`), the
+    chunk attends to the final rows of the earlier tokens in the cache and to its own loop-t rows, and
+    leaves its final rows in the cache. Without a cache, the tokens form one chunk.
+    """
+
+    config: MeltConfig
+    layer_class = MeltDecoderLayer
+
+    def initial_state(self, h: Array, cache: KVCache | None) -> MeltState:
+        latent = jnp.zeros((self.config.num_layers, *h.shape), h.dtype)  # [L, B, S, H]
+        return MeltState(cache=cache, latent=latent)
+
+    def final_cache(self, state: MeltState) -> KVCache | None:
+        return state.cache
+
+
+def init_melt_cache(config: MeltConfig, batch_size: int, max_length: int, dtype=None) -> KVCache:
+    """An empty MELT cache: k, v zeros of [L, B, S_max, K, D] in `dtype` (default config.dtype)."""
+    if max_length < 1:
+        raise ValueError(f"cache max_length must be >= 1, got {max_length}")
+    dtype = dtype or config.jnp_dtype
+    shape = (config.num_layers, batch_size, max_length, config.num_kv_heads, config.head_dim)
+    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), end_index=jnp.zeros((batch_size,), jnp.int32))
+
+
+def melt_cache_bytes_per_token(config: MeltConfig, dtype=None) -> int:
+    """Bytes of K and V one token occupies in a MELT cache: L * 2 * K * D * itemsize (no T)."""
+    itemsize = jnp.dtype(dtype or config.jnp_dtype).itemsize
+    return config.num_layers * 2 * config.num_kv_heads * config.head_dim * itemsize
+
+
+def chunked_prefill(
+    model: MeltModel,
+    params,
+    tokens: Array,
+    cache: KVCache,
+    chunk_size: int | None = None,
+    exit_policy: ExitPolicy = ExitPolicy(),
+):
+    """Runs tokens [B, S] through MELT chunk after chunk (`chunk_size`, default config.chunk_size; the
+    last chunk may be shorter), each chunk reading the final rows the earlier ones stored. Returns
+    (logits [B, S, V] chosen by `exit_policy`, updated cache)."""
+    from melt_jax.decoding import check_tokens_fit
+
+    chunk_size = model.config.chunk_size if chunk_size is None else chunk_size
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    check_tokens_fit(tokens, cache)
+    return _chunked_prefill(model, params, tokens, cache, chunk_size, exit_policy)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("model", "chunk_size", "exit_policy"), donate_argnames=("cache",)
+)
+def _chunked_prefill(model, params, tokens, cache, chunk_size, exit_policy):
+    batch, seq = tokens.shape
+    num_full = seq // chunk_size
+
+    def run_chunk(cache, chunk):  # chunk [B, C]
+        out = model.apply({"params": params}, chunk, cache=cache, exit_policy=exit_policy)
+        return out.cache, out.logits
+
+    logits = []
+    if num_full:
+        chunks = tokens[:, : num_full * chunk_size].reshape(batch, num_full, chunk_size).swapaxes(0, 1)
+        cache, full_logits = jax.lax.scan(run_chunk, cache, chunks)  # [n, B, C, V]
+        logits.append(full_logits.swapaxes(0, 1).reshape(batch, num_full * chunk_size, -1))
+    if seq % chunk_size:
+        cache, tail_logits = run_chunk(cache, tokens[:, num_full * chunk_size :])
+        logits.append(tail_logits)
+    return jnp.concatenate(logits, axis=1), cache
