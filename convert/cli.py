@@ -60,7 +60,7 @@ def _summary(action: str, config, params, dtype: str, seconds: float, dest: str)
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="melt-convert",
-        description="Convert Ouro checkpoints between Hugging Face format and melt_jax (orbax) checkpoints.",
+        description="Convert Ouro and MELT checkpoints between Hugging Face format and melt_jax (orbax) checkpoints, and initialise MELT from Ouro.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     dtypes = sorted(NUMPY_DTYPES)
@@ -80,6 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest safetensors file before sharding, e.g. 5GB (default), 500MB, 2GiB",
     )
     p.add_argument("--overwrite", action="store_true", help="replace HF_DIR if it exists")
+
+    p = sub.add_parser("to-melt", help="melt_jax Ouro checkpoint -> MELT checkpoint with initialised gates")
+    p.add_argument("ckpt_dir", metavar="CKPT_DIR", help="melt_jax checkpoint directory of an Ouro model")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="MELT checkpoint directory to create")
+    p.add_argument("--gate-bias", type=float, default=-4.0, help="initial b_z of every gate (default: -4)")
+    p.add_argument("--chunk-size", type=int, default=128, help="default prefill/training chunk (default: 128)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     return parser
 
 
@@ -100,11 +107,27 @@ def run_export(args: argparse.Namespace) -> str:
     return _summary("export", config, params, dtype, time.perf_counter() - start, args.hf_dir)
 
 
+def run_to_melt(args: argparse.Namespace) -> str:
+    from melt_jax.melt import melt_from_ouro
+
+    start = time.perf_counter()
+    check_destination(args.out_dir, args.overwrite)
+    ouro_config, ouro_params = load_params(args.ckpt_dir)
+    config, params = melt_from_ouro(
+        ouro_config, ouro_params, gate_bias_init=args.gate_bias, chunk_size=args.chunk_size
+    )
+    save_params(args.out_dir, config, params, overwrite=args.overwrite)
+    return _summary("to-melt", config, params, config.param_dtype, time.perf_counter() - start, args.out_dir)
+
+
+COMMANDS = {"import": run_import, "export": run_export, "to-melt": run_to_melt}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs the command line `argv` (default: sys.argv[1:]); returns the exit status."""
     args = build_parser().parse_args(argv)
     try:
-        summary = run_import(args) if args.command == "import" else run_export(args)
+        summary = COMMANDS[args.command](args)
     except (ConversionError, CheckpointError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

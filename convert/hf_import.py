@@ -27,7 +27,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from melt_jax.checkpoint import numpy_dtype
-from melt_jax.config import OuroConfig
+from melt_jax.config import OuroConfig, config_from_json_file
 
 from .errors import ConversionError
 from .mapping import hf_tensor_plan, is_ignored_hf_tensor, rules_for, unflatten_params
@@ -206,7 +206,7 @@ def load_hf_checkpoint(
     if not path.is_dir():
         raise ConversionError(f"Hugging Face checkpoint folder not found: {path}")
     np_dtype = numpy_dtype(dtype)
-    config = OuroConfig.from_json_file(path / CONFIG_FILE, dtype=dtype, param_dtype=dtype)
+    config = config_from_json_file(path / CONFIG_FILE, dtype=dtype, param_dtype=dtype)
 
     fmt, files, weight_map, index_file = find_weight_files(path)
     reader = SafetensorsReader(files) if fmt == "safetensors" else TorchBinReader(files)

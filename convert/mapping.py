@@ -58,6 +58,10 @@ def _untied(config: Any) -> bool:
     return not config.tie_word_embeddings
 
 
+def _melt(config: Any) -> bool:
+    return getattr(config, "model_type", None) == "melt"
+
+
 @dataclasses.dataclass(frozen=True)
 class TensorRule:
     """How one melt_jax param is built from Hugging Face tensors (one, or one per layer)."""
@@ -127,6 +131,11 @@ OURO_RULES: tuple[TensorRule, ...] = (
     TensorRule("exit_gate/kernel", "model.early_exit_gate.weight", ("1", "H"), ("H", "1"), transpose=True),
     TensorRule("exit_gate/bias", "model.early_exit_gate.bias", ("1",), ("1",)),
     TensorRule("lm_head/kernel", "lm_head.weight", ("V", "H"), ("H", "V"), transpose=True, when=_untied),
+    # MELT's per-layer KV gate z = sigmoid(u W_z + s U_z + b_z): W_z and U_z are stored as they are
+    # used, [H_in, H_out] (row vectors times the matrix), not in nn.Linear's [out, in] layout.
+    TensorRule("layers/kv_gate/w_z", "model.layers.{i}.kv_gate.w_z.weight", ("H", "H"), ("H", "H"), when=_melt),
+    TensorRule("layers/kv_gate/u_z", "model.layers.{i}.kv_gate.u_z.weight", ("H", "H"), ("H", "H"), when=_melt),
+    TensorRule("layers/kv_gate/b_z", "model.layers.{i}.kv_gate.b_z", ("H",), ("H",), when=_melt),
 )
 
 # HF tensors that may be present in a checkpoint but carry nothing melt_jax needs (checked by name).

@@ -27,7 +27,7 @@ import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
 
-from melt_jax.config import ConfigError, OuroConfig
+from melt_jax.config import ConfigError, OuroConfig, config_from_json_file
 
 CONFIG_FILE = "config.json"
 RUNTIME_FILE = "melt_jax.json"
@@ -236,7 +236,7 @@ def load_params(path: str | os.PathLike, dtype: str | None = None) -> tuple[Ouro
         policy = {"dtype": dtype, "param_dtype": dtype}
     else:
         policy = {k: runtime.get(k, "float32") for k in ("dtype", "param_dtype")}
-    config = OuroConfig.from_json_file(path / CONFIG_FILE, **policy)
+    config = config_from_json_file(path / CONFIG_FILE, **policy)
     params = load_tree(path / PARAMS_DIR, dtype)
     return config, params
 

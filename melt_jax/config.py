@@ -193,7 +193,8 @@ class OuroConfig:
             raise ConfigError(f"config.json must hold a JSON object, got {type(hf).__name__}")
         model_type = hf.get("model_type")
         if model_type != cls.model_type:
-            raise ConfigError(f"config field model_type must be {cls.model_type!r}, got {model_type!r}")
+            known = ", ".join(repr(c.model_type) for c in (OuroConfig, MeltConfig) if issubclass(c, cls))
+            raise ConfigError(f"config field model_type must be {known}, got {model_type!r}")
         missing = [f for f in _REQUIRED_HF_FIELDS if f not in hf]
         if missing:
             raise ConfigError(f"config.json is missing required field(s): {', '.join(missing)}")
@@ -274,6 +275,8 @@ class MeltConfig(OuroConfig):
     def from_ouro(cls, ouro: OuroConfig, **melt_fields) -> "MeltConfig":
         """The MELT config of an Ouro model: the same shapes plus MELT's fields."""
         fields = {f.name: getattr(ouro, f.name) for f in dataclasses.fields(OuroConfig)}
+        # Ouro's class names and remote-code map do not describe a MELT checkpoint.
+        fields["extra"] = {k: v for k, v in ouro.extra.items() if k not in ("architectures", "auto_map")}
         return cls(**{**fields, **melt_fields})
 
 
@@ -312,3 +315,17 @@ PRESETS: dict[str, dict[str, Any]] = {
     "ouro-1.4b": dict(_OURO_COMMON, num_hidden_layers=24),
     "ouro-2.6b": dict(_OURO_COMMON, num_hidden_layers=48),
 }
+
+
+CONFIG_CLASSES: dict[str, type[OuroConfig]] = {OuroConfig.model_type: OuroConfig, MeltConfig.model_type: MeltConfig}
+
+
+def config_from_json_file(path: str | os.PathLike, **overrides) -> OuroConfig:
+    """The config of a `config.json`, as the class its model_type names ('ouro' or 'melt')."""
+    try:
+        with open(path) as f:
+            model_type = json.load(f).get("model_type")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        model_type = None  # from_json_file reports the problem with the file
+    config_class = CONFIG_CLASSES.get(model_type, OuroConfig)
+    return config_class.from_json_file(path, **overrides)

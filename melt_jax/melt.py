@@ -18,11 +18,12 @@ import functools
 
 import flax.linen as nn
 import flax.struct
+import numpy as np
 import jax
 import jax.numpy as jnp
 
 from melt_jax.cache import KVCache
-from melt_jax.config import MeltConfig
+from melt_jax.config import ConfigError, MeltConfig, OuroConfig
 from melt_jax.exit import ExitPolicy
 from melt_jax.layers import apply_rope
 from melt_jax.ouro import OuroDecoderLayer, OuroModel, TokenContext
@@ -155,3 +156,22 @@ def _chunked_prefill(model, params, tokens, cache, chunk_size, exit_policy):
         cache, tail_logits = run_chunk(cache, tokens[:, num_full * chunk_size :])
         logits.append(tail_logits)
     return jnp.concatenate(logits, axis=1), cache
+
+
+def melt_from_ouro(ouro_config: OuroConfig, ouro_params: dict, **melt_fields) -> tuple[MeltConfig, dict]:
+    """A MELT model initialised from an Ouro model: the same weights (not copied) plus per-layer gates
+    W_z = U_z = 0, b_z = gate_bias_init, in the params' dtype. `melt_fields` set MeltConfig fields
+    (gate_bias_init, chunk_size)."""
+    if ouro_config.model_type != "ouro":
+        raise ConfigError(f"expected an Ouro checkpoint (model_type 'ouro'), got model_type {ouro_config.model_type!r}")
+    config = MeltConfig.from_ouro(ouro_config, **melt_fields)
+    L, H = config.num_layers, config.hidden_size
+    dtype = ouro_params["layers"]["attn_in_norm"]["scale"].dtype
+    kv_gate = {
+        "w_z": np.zeros((L, H, H), dtype),
+        "u_z": np.zeros((L, H, H), dtype),
+        "b_z": np.full((L, H), config.gate_bias_init, dtype),
+    }
+    params = dict(ouro_params)
+    params["layers"] = dict(ouro_params["layers"], kv_gate=kv_gate)
+    return config, params
