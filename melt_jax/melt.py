@@ -22,10 +22,10 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
-from melt_jax.cache import KVCache
+from melt_jax.cache import KVCache, init_ouro_cache, write_rows
 from melt_jax.config import ConfigError, MeltConfig, OuroConfig
 from melt_jax.exit import ExitPolicy
-from melt_jax.layers import apply_rope
+from melt_jax.layers import apply_rope, causal_mask, dot_product_attention
 from melt_jax.ouro import OuroDecoderLayer, OuroModel, TokenContext
 
 Array = jax.Array
@@ -55,16 +55,58 @@ class KVGate(nn.Module):
 
 
 @flax.struct.dataclass
-class MeltState:
-    """What MELT's layers carry through the loops: the cache (or None) and the gate latent s of the
-    tokens in flight, [L, B, S, H]."""
+class InterpolatedCache:
+    """The caches of the phase-1 interpolated student (spec melt.md section 3): MELT's rows
+    (k, v [L, B, S_max, K, D]: final rows of earlier tokens) and Ouro's per-loop rows of the same
+    tokens (k, v [T, L, B, S_max, K, D]), computed from the student's own hidden states."""
 
-    cache: KVCache | None
+    melt: KVCache
+    ouro: KVCache
+
+    @property
+    def end_index(self) -> Array:
+        return self.melt.end_index
+
+    @property
+    def max_length(self) -> int:
+        return self.melt.max_length
+
+    @property
+    def batch_size(self) -> int:
+        return self.melt.batch_size
+
+    def advance(self, num_tokens) -> "InterpolatedCache":
+        return InterpolatedCache(melt=self.melt.advance(num_tokens), ouro=self.ouro.advance(num_tokens))
+
+
+@flax.struct.dataclass
+class EarlierRows:
+    """Pass-1 rows for the two-pass training forward: every token's stored rows (a KVCache, or an
+    InterpolatedCache when interpolating) and each token's chunk index, chunk_ids [B, S]. A token sees
+    these rows of the tokens of earlier chunks, and the current-loop rows of its own chunk."""
+
+    cache: KVCache | InterpolatedCache
+    chunk_ids: Array
+
+
+@flax.struct.dataclass
+class MeltState:
+    """What MELT's layers carry through the loops: the cache (or None), the gate latent s of the
+    tokens in flight [L, B, S, H], the interpolation weight alpha (None: pure MELT) and, in the
+    two-pass training forward, the pass-1 rows."""
+
+    cache: KVCache | InterpolatedCache | None
     latent: Array
+    alpha: Array | None = None
+    earlier: EarlierRows | None = None
 
 
 class MeltDecoderLayer(OuroDecoderLayer):
-    """Ouro's layer with keys and values computed from the gated latent s instead of u = N1(h)."""
+    """Ouro's layer with keys and values computed from the gated latent s instead of u = N1(h).
+
+    With an interpolation weight alpha, every key/value attended to is alpha * (MELT row) +
+    (1 - alpha) * (Ouro row of that token at this loop): alpha = 0 is Ouro, alpha = 1 is MELT.
+    """
 
     def setup(self):
         super().setup()
@@ -74,12 +116,57 @@ class MeltDecoderLayer(OuroDecoderLayer):
     def attention(self, u: Array, ctx: TokenContext, state: MeltState, layer_index, loop_index):
         s_prev = state.latent[layer_index]  # [B, S, H]
         s = jnp.where(loop_index == 0, u, self.kv_gate(u, s_prev))
-        latent = state.latent.at[layer_index].set(s)
+        state = state.replace(latent=state.latent.at[layer_index].set(s))
         q = apply_rope(self.attn.queries(u), ctx.cos, ctx.sin)  # [B, S, N, D]
-        k, v = self.attn.keys_values(s)  # [B, S, K, D]
+        k, v = self.attn.keys_values(s)  # [B, S, K, D], MELT rows at this loop
         k = apply_rope(k, ctx.cos, ctx.sin)
-        out, cache = self.attend(q, k, v, ctx, state.cache, (layer_index,))
-        return out, MeltState(cache=cache, latent=latent)
+        alpha = state.alpha
+        if alpha is None:
+            mix = lambda melt, ouro: melt  # noqa: E731
+            k_ouro = v_ouro = None
+        else:
+            mix = lambda melt, ouro: alpha * melt + (1 - alpha) * ouro  # noqa: E731
+            k_ouro, v_ouro = self.attn.keys_values(u)  # Ouro's rows of these tokens at this loop
+            k_ouro = apply_rope(k_ouro, ctx.cos, ctx.sin)
+        melt_slot, ouro_slot = (layer_index,), (loop_index, layer_index)
+
+        if state.earlier is not None:  # two-pass, pass 2: all chunks at once
+            earlier = state.earlier
+            rows = earlier.cache
+            if alpha is None:
+                prev_k, prev_v = rows.k[melt_slot], rows.v[melt_slot]
+            else:
+                prev_k = mix(rows.melt.k[melt_slot], rows.ouro.k[ouro_slot])
+                prev_v = mix(rows.melt.v[melt_slot], rows.ouro.v[ouro_slot])
+            chunk = earlier.chunk_ids
+            earlier_mask = chunk[:, None, :] < chunk[:, :, None]  # [B, S, S] key in an earlier chunk
+            same_chunk = (chunk[:, None, :] == chunk[:, :, None]) & causal_mask(ctx.positions, ctx.positions)
+            keys = jnp.concatenate([prev_k.astype(k.dtype), mix(k, k_ouro)], axis=1)  # [B, 2S, K, D]
+            values = jnp.concatenate([prev_v.astype(v.dtype), mix(v, v_ouro)], axis=1)
+            mask = jnp.concatenate([earlier_mask, same_chunk], axis=-1)  # [B, S, 2S]
+            return self.attn.output(dot_product_attention(q, keys, values, mask)), state
+
+        if isinstance(state.cache, InterpolatedCache):
+            melt_cache, ouro_cache = state.cache.melt, state.cache.ouro
+            melt_k = write_rows(melt_cache.k, melt_slot, k, ctx.positions)
+            melt_v = write_rows(melt_cache.v, melt_slot, v, ctx.positions)
+            ouro_k = write_rows(ouro_cache.k, ouro_slot, k_ouro, ctx.positions)
+            ouro_v = write_rows(ouro_cache.v, ouro_slot, v_ouro, ctx.positions)
+            cache = InterpolatedCache(
+                melt=melt_cache.replace(k=melt_k, v=melt_v), ouro=ouro_cache.replace(k=ouro_k, v=ouro_v)
+            )
+            kv_positions = jnp.broadcast_to(jnp.arange(cache.max_length), (q.shape[0], cache.max_length))
+            mask = causal_mask(ctx.positions, kv_positions)  # [B, S, S_max]
+            keys = mix(melt_k[melt_slot], ouro_k[ouro_slot])
+            values = mix(melt_v[melt_slot], ouro_v[ouro_slot])
+            out = self.attn.output(dot_product_attention(q, keys, values, mask))
+            return out, state.replace(cache=cache)
+
+        if state.cache is None and alpha is not None:  # one chunk, interpolated
+            out, _ = self.attend(q, mix(k, k_ouro), mix(v, v_ouro), ctx, None, melt_slot)
+            return out, state
+        out, cache = self.attend(q, k, v, ctx, state.cache, melt_slot)
+        return out, state.replace(cache=cache)
 
 
 class MeltModel(OuroModel):
@@ -87,17 +174,22 @@ class MeltModel(OuroModel):
 
     Called on one chunk of tokens. With a cache (k, v [L, B, S_max, K, D], see `init_melt_cache`), the
     chunk attends to the final rows of the earlier tokens in the cache and to its own loop-t rows, and
-    leaves its final rows in the cache. Without a cache, the tokens form one chunk.
+    leaves its final rows in the cache. Without a cache, the tokens form one chunk. Keyword arguments
+    `alpha` (phase-1 interpolation weight; pass an InterpolatedCache as the cache, if any) and
+    `earlier` (EarlierRows, the two-pass training forward) select the training variants.
     """
 
     config: MeltConfig
     layer_class = MeltDecoderLayer
 
-    def initial_state(self, h: Array, cache: KVCache | None) -> MeltState:
+    def initial_state(self, h: Array, cache, alpha=None, earlier: EarlierRows | None = None) -> MeltState:
+        if alpha is not None and cache is not None and not isinstance(cache, InterpolatedCache):
+            raise ValueError("interpolation (alpha) with a cache needs an InterpolatedCache")
         latent = jnp.zeros((self.config.num_layers, *h.shape), h.dtype)  # [L, B, S, H]
-        return MeltState(cache=cache, latent=latent)
+        alpha = None if alpha is None else jnp.asarray(alpha, h.dtype)
+        return MeltState(cache=cache, latent=latent, alpha=alpha, earlier=earlier)
 
-    def final_cache(self, state: MeltState) -> KVCache | None:
+    def final_cache(self, state: MeltState):
         return state.cache
 
 

@@ -58,7 +58,7 @@ def _to_tensor(x, dtype=None) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         t = x.detach().cpu()
     else:
-        t = torch.from_numpy(np.ascontiguousarray(np.asarray(x)))
+        t = torch.from_numpy(np.array(x, copy=True))
     return t.to(dtype) if dtype is not None else t
 
 
