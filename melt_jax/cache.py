@@ -75,3 +75,11 @@ def write_rows(slots: Array, slot_index: tuple, rows: Array, positions: Array) -
     batch_index = jnp.arange(rows.shape[0])[:, None]  # [B, 1]
     index = (*slot_index, batch_index, positions)
     return slots.at[index].set(rows.astype(slots.dtype), mode="drop")
+
+
+def kv_cache_bytes(config: OuroConfig, batch_size: int, length: int, dtype=None) -> int:
+    """Bytes of the K and V caches of `batch_size` sequences of `length` tokens: T * L slot arrays
+    for Ouro, L for MELT (model_type 'melt'), each 2 * K * D values per token."""
+    itemsize = jnp.dtype(dtype or config.jnp_dtype).itemsize
+    slots = config.num_layers * (1 if config.model_type == "melt" else config.num_loops)
+    return slots * 2 * config.num_kv_heads * config.head_dim * itemsize * batch_size * length

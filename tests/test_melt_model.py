@@ -26,8 +26,17 @@ def test_melt_parameter_count_of_the_real_config():
 
 
 def test_melt_cache_bytes_per_token():
-    config = MeltConfig.from_ouro(OuroConfig.preset("ouro-1.4b"))
+    from melt_jax.cache import kv_cache_bytes
+
+    ouro = OuroConfig.preset("ouro-1.4b")
+    config = MeltConfig.from_ouro(ouro)
     assert melt_cache_bytes_per_token(config) == 196_608
+    # The paper's table (32K = 32,000 tokens): 6.29 GB for MELT-1.6B, 25.17 GB for Ouro-1.4B, in bf16.
+    assert kv_cache_bytes(config, 1, 32_000) == 6_291_456_000
+    assert kv_cache_bytes(ouro, 1, 32_000) == 25_165_824_000
+    for loops in (1, 2, 8):  # MELT's cache does not grow with the loops; Ouro's does
+        assert kv_cache_bytes(config.replace(total_ut_steps=loops), 2, 100) == 2 * 100 * 196_608
+        assert kv_cache_bytes(ouro.replace(total_ut_steps=loops), 2, 100) == 2 * 100 * loops * 196_608
     cache = jax.eval_shape(lambda: init_melt_cache(config, 1, 32))
     assert cache.k.shape == (24, 1, 32, 16, 128)
 
