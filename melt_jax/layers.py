@@ -164,3 +164,37 @@ class MLP(nn.Module):
         gate = Einsum((H, I), name="gate_proj", **kw)("BSH,HI->BSI", x)
         up = Einsum((H, I), name="up_proj", **kw)("BSH,HI->BSI", x)
         return Einsum((I, H), name="down_proj", **kw)("BSI,IH->BSH", jax.nn.silu(gate) * up)
+
+
+def chunked_attention_over_earlier_rows(
+    q: Array, earlier_k: Array, earlier_v: Array, k: Array, v: Array, chunk_size: int
+) -> Array:
+    """Attention of every token of a sequence cut into chunks of `chunk_size`: token i sees the
+    `earlier_*` rows of all tokens of earlier chunks and the current rows (k, v) of the tokens of its
+    own chunk at positions <= i, in one softmax over both key sets.
+
+    q [B, S, N, D]; earlier_k, earlier_v, k, v [B, S, K, D]; S a multiple of chunk_size. The
+    own-chunk part is computed block by block (S * C logits instead of S * S).
+    """
+    batch, seq, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[2]
+    group = num_heads // num_kv_heads
+    num_chunks = seq // chunk_size
+    compute = _at_least_float32(q.dtype)
+    q = q.reshape(batch, num_chunks, chunk_size, num_kv_heads, group, head_dim)  # [B, n, C, K, G, D]
+    k_blocks = k.reshape(batch, num_chunks, chunk_size, num_kv_heads, head_dim)  # [B, n, E, K, D]
+    v_blocks = v.reshape(batch, num_chunks, chunk_size, num_kv_heads, head_dim)
+    scale = head_dim**-0.5
+    earlier_logits = jnp.einsum("BnCKGD,BTKD->BKGnCT", q, earlier_k, preferred_element_type=compute) * scale
+    own_logits = jnp.einsum("BnCKGD,BnEKD->BKGnCE", q, k_blocks, preferred_element_type=compute) * scale
+    key_chunk = jnp.arange(seq) // chunk_size  # [T]
+    earlier_mask = key_chunk[None, :] < jnp.arange(num_chunks)[:, None]  # [n, T]
+    own_mask = jnp.arange(chunk_size)[None, :] <= jnp.arange(chunk_size)[:, None]  # [C, E]
+    earlier_logits = jnp.where(earlier_mask[:, None, :], earlier_logits, _MASKED_LOGIT)
+    own_logits = jnp.where(own_mask, own_logits, _MASKED_LOGIT)
+    probs = jax.nn.softmax(jnp.concatenate([earlier_logits, own_logits], axis=-1), axis=-1).astype(v.dtype)
+    earlier_probs, own_probs = probs[..., :seq], probs[..., seq:]
+    out = jnp.einsum("BKGnCT,BTKD->BnCKGD", earlier_probs, earlier_v) + jnp.einsum(
+        "BKGnCE,BnEKD->BnCKGD", own_probs, v_blocks
+    )
+    return out.reshape(batch, seq, num_heads, head_dim)

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from melt_jax.cache import KVCache, init_ouro_cache, write_rows
 from melt_jax.config import ConfigError, MeltConfig, OuroConfig
 from melt_jax.exit import ExitPolicy
-from melt_jax.layers import apply_rope, causal_mask, dot_product_attention
+from melt_jax.layers import apply_rope, causal_mask, chunked_attention_over_earlier_rows, dot_product_attention
 from melt_jax.ouro import OuroDecoderLayer, OuroModel, TokenContext
 
 Array = jax.Array
@@ -82,11 +82,11 @@ class InterpolatedCache:
 @flax.struct.dataclass
 class EarlierRows:
     """Pass-1 rows for the two-pass training forward: every token's stored rows (a KVCache, or an
-    InterpolatedCache when interpolating) and each token's chunk index, chunk_ids [B, S]. A token sees
-    these rows of the tokens of earlier chunks, and the current-loop rows of its own chunk."""
+    InterpolatedCache when interpolating, with positions 0..S-1) and the chunk size. A token sees these
+    rows of the tokens of earlier chunks, and the current-loop rows of its own chunk."""
 
     cache: KVCache | InterpolatedCache
-    chunk_ids: Array
+    chunk_size: int = flax.struct.field(pytree_node=False)
 
 
 @flax.struct.dataclass
@@ -138,13 +138,10 @@ class MeltDecoderLayer(OuroDecoderLayer):
             else:
                 prev_k = mix(rows.melt.k[melt_slot], rows.ouro.k[ouro_slot])
                 prev_v = mix(rows.melt.v[melt_slot], rows.ouro.v[ouro_slot])
-            chunk = earlier.chunk_ids
-            earlier_mask = chunk[:, None, :] < chunk[:, :, None]  # [B, S, S] key in an earlier chunk
-            same_chunk = (chunk[:, None, :] == chunk[:, :, None]) & causal_mask(ctx.positions, ctx.positions)
-            keys = jnp.concatenate([prev_k.astype(k.dtype), mix(k, k_ouro)], axis=1)  # [B, 2S, K, D]
-            values = jnp.concatenate([prev_v.astype(v.dtype), mix(v, v_ouro)], axis=1)
-            mask = jnp.concatenate([earlier_mask, same_chunk], axis=-1)  # [B, S, 2S]
-            return self.attn.output(dot_product_attention(q, keys, values, mask)), state
+            attended = chunked_attention_over_earlier_rows(
+                q, prev_k.astype(k.dtype), prev_v.astype(v.dtype), mix(k, k_ouro), mix(v, v_ouro), earlier.chunk_size
+            )
+            return self.attn.output(attended), state
 
         if isinstance(state.cache, InterpolatedCache):
             melt_cache, ouro_cache = state.cache.melt, state.cache.ouro

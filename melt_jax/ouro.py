@@ -192,13 +192,14 @@ class OuroModel(nn.Module):
         return TokenContext(positions=positions, cos=cos, sin=sin)
 
     def initial_state(self, h: Array, cache: KVCache | None):
-        """What the layers carry through the loops besides h: for Ouro, the cache."""
+        """What the layers carry through the loops besides h: for Ouro, the cache. Subclasses take
+        further keyword arguments of __call__ here."""
         return cache
 
     def final_cache(self, state) -> KVCache | None:
         return state
 
-    def run_loops(self, h: Array, ctx: TokenContext, cache: KVCache | None):
+    def run_loops(self, h: Array, ctx: TokenContext, cache: KVCache | None, **state_args):
         """All T loops over the layer stack. Returns (hidden_steps [T, B, S, H], gate_logits
         [T, B, S], intermediates {name: [T, L, B, S, H]}, cache)."""
         c = self.config
@@ -219,7 +220,7 @@ class OuroModel(nn.Module):
             length=c.num_loops,
         )
         (_, state), (hidden_steps, gate_logits, intermediates) = loops(
-            self, (h, self.initial_state(h, cache)), jnp.arange(c.num_loops), ctx
+            self, (h, self.initial_state(h, cache, **state_args)), jnp.arange(c.num_loops), ctx
         )
         return hidden_steps, gate_logits, intermediates, self.final_cache(state)
 
@@ -231,16 +232,17 @@ class OuroModel(nn.Module):
         *,
         exit_policy: ExitPolicy | None = ExitPolicy(),
         return_step_logits: bool = False,
+        **state_args,
     ) -> OuroOutput:
         """Runs all loops on tokens [B, S].
 
         positions [B, S] default to end_index + arange(S) with a cache, arange(S) without. With a
         cache, the tokens' keys/values are written at their positions in every (loop, layer) slot and
-        the returned cache has end_index advanced by S.
+        the returned cache has end_index advanced by S. `state_args` are model-specific (MELT's).
         """
         h = self.embedder(tokens)  # [B, S, H]
         ctx = self.token_context(tokens, positions, cache)
-        hidden_steps, gate_logits, intermediates, cache = self.run_loops(h, ctx, cache)
+        hidden_steps, gate_logits, intermediates, cache = self.run_loops(h, ctx, cache, **state_args)
         if cache is not None:
             cache = cache.advance(tokens.shape[1])
         exit_pdf = exit_distribution(gate_logits)  # [B, S, T]
