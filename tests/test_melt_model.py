@@ -164,3 +164,26 @@ def test_untrained_melt_runs_and_gates_get_gradients(melt):
     grads = jax.grad(loss)(jax.tree.map(jnp.asarray, params))
     for name in ("w_z", "u_z", "b_z"):
         assert float(jnp.abs(grads["layers"]["kv_gate"][name]).max()) > 0, name
+
+
+def test_gate_step_changes_the_output_and_prefill_equals_sequential_forward(melt):
+    from melt_jax.melt_training import sequential_forward
+
+    config, params, _, tokens, _ = melt
+    model = MeltModel(config)
+    params = jax.tree.map(jnp.asarray, params)
+    tokens = jnp.asarray(tokens[:, :16])
+
+    def loss(p):
+        return mean_loss(model.apply({"params": p}, tokens).logits, tokens)
+
+    from melt_jax.losses import mean_next_token_loss as mean_loss
+
+    grads = jax.grad(loss)(params)["layers"]["kv_gate"]
+    stepped = dict(params, layers=dict(params["layers"], kv_gate=jax.tree.map(lambda p, g: p - 0.5 * g, params["layers"]["kv_gate"], grads)))
+    assert float(loss(stepped)) < float(loss(params))  # training only the gate moves the loss
+
+    prefilled, _ = _prefill(config, params, np.asarray(tokens), chunk_size=4, max_length=16)
+    out = sequential_forward(model, params, tokens, 4)
+    logits = model.apply({"params": params}, out.hidden_steps[-1], method=MeltModel.logits)
+    np.testing.assert_allclose(prefilled, logits, atol=1e-5, rtol=0)
