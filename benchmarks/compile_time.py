@@ -32,6 +32,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from machine_load import busy_report, cpu_times  # noqa: E402
 from melt_jax.cache import init_ouro_cache
 from melt_jax.config import OuroConfig
 from melt_jax.decoding import decode_step, forward
@@ -59,28 +60,6 @@ POLICY = ExitPolicy.last()
 TARGET = 1.3
 LOOPS = (1, 2, 4, 8)  # at L = 4
 LAYERS = (1, 4, 16)  # at T = 4
-
-
-def cpu_times() -> list[int] | None:
-    """The aggregate 'cpu' line of /proc/stat (jiffies: user nice system idle iowait irq softirq steal
-    ...), or None where there is none."""
-    try:
-        with open("/proc/stat") as f:
-            return [int(x) for x in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-
-
-def busy_report(start: list[int] | None) -> str:
-    """How busy the machine was since `start`: this run shares it with other work."""
-    end = cpu_times()
-    if start is None or end is None:
-        return "machine load during the run: unknown"
-    delta = [b - a for a, b in zip(start, end)]
-    total = sum(delta[:8]) or 1
-    busy = total - delta[3] - delta[4]
-    return (f"machine during the run: {100 * busy / total:.0f}% of CPU time busy (all processes), "
-            f"{100 * delta[7] / total:.1f}% stolen by the hypervisor; load average now {os.getloadavg()[0]:.2f}")
 
 
 def compile_seconds(kind: str, config: OuroConfig) -> tuple[float, float, float, int]:

@@ -51,6 +51,7 @@ import torch  # noqa: E402
 from hf_fixtures import random_ouro_state_dict, tiny_hf_config, write_hf_checkpoint  # noqa: E402
 from torch_reference import OuroReference  # noqa: E402
 
+from machine_load import busy_report, cpu_times  # noqa: E402
 from melt_jax.cache import init_ouro_cache  # noqa: E402
 from melt_jax.convert import load_hf_checkpoint  # noqa: E402
 from melt_jax.decoding import decode_step, forward, prefill  # noqa: E402
@@ -81,28 +82,6 @@ POLICY = ExitPolicy.last()
 
 def num_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-
-
-def cpu_times() -> list[int] | None:
-    """The aggregate 'cpu' line of /proc/stat (jiffies: user nice system idle iowait irq softirq steal
-    ...), or None where there is none."""
-    try:
-        with open("/proc/stat") as f:
-            return [int(x) for x in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-
-
-def busy_report(start: list[int] | None) -> str:
-    """How busy the machine was since `start`: this run shares it with other work."""
-    end = cpu_times()
-    if start is None or end is None:
-        return "machine load during the run: unknown"
-    delta = [b - a for a, b in zip(start, end)]
-    total = sum(delta[:8]) or 1
-    busy = total - delta[3] - delta[4]
-    return (f"machine during the run: {100 * busy / total:.0f}% of CPU time busy (all processes), "
-            f"{100 * delta[7] / total:.1f}% stolen by the hypervisor; load average now {os.getloadavg()[0]:.2f}")
 
 
 def median_ms(seconds: list[float]) -> float:
