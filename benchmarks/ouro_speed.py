@@ -21,10 +21,9 @@ outputs of the two are compared (max abs diff), so the timings are of the same c
 
 Unless decode at batch 1 reaches the target (3x the reference) or --no-profile is given, a profile
 of the melt_jax decode step follows: its time against the cache length S_max (the attention reads all
-S_max positions of all T*L slot arrays, whatever the current length), next to a prototype defined in
-this script only (HeadsFirstLayer: the cache laid out [T, L, B, K, S_max, D] instead of the library's
-[T, L, B, S_max, K, D], same maths, checked against the library); and the parts of one step at batch 1
-(jit dispatch, the same token through the model without a cache, its weight matmuls alone).
+S_max positions of all T*L slot arrays [B, K, S_max, D], whatever the current length), and the parts
+of one step at batch 1 (jit dispatch, the same token through the model without a cache, its weight
+matmuls alone).
 
     python benchmarks/ouro_speed.py [--repeats 5] [--profile | --no-profile]
 """
@@ -56,8 +55,7 @@ from melt_jax.cache import init_ouro_cache  # noqa: E402
 from melt_jax.convert import load_hf_checkpoint  # noqa: E402
 from melt_jax.decoding import decode_step, forward, prefill  # noqa: E402
 from melt_jax.exit import ExitPolicy  # noqa: E402
-from melt_jax.layers import causal_mask  # noqa: E402
-from melt_jax.ouro import OuroDecoderLayer, OuroModel  # noqa: E402
+from melt_jax.ouro import OuroModel  # noqa: E402
 
 HF_CONFIG = tiny_hf_config(
     vocab_size=1024,
@@ -254,40 +252,6 @@ def time_round_robin(fns: dict, calls: int, repeats: int) -> dict[str, float]:
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
-class HeadsFirstLayer(OuroDecoderLayer):
-    """Prototype, for this profile only: a decoder layer whose cache slot arrays are [B, K, S_max, D]
-    (the cache [T, L, B, K, S_max, D]) instead of the library's [B, S_max, K, D]. Same maths."""
-
-    def attend(self, q, k, v, ctx, cache, slot):
-        if cache is None:
-            return super().attend(q, k, v, ctx, cache, slot)
-        batch, seq, num_heads, head_dim = q.shape
-        num_kv_heads = k.shape[2]
-        rows = jnp.arange(batch)[:, None]  # [B, 1]
-        index = (*slot, rows, slice(None), ctx.positions)  # advanced dims first: [B, S, K, D]
-        cache_k = cache.k.at[index].set(k.astype(cache.k.dtype), mode="drop")
-        cache_v = cache.v.at[index].set(v.astype(cache.v.dtype), mode="drop")
-        cache = cache.replace(k=cache_k, v=cache_v)
-        s_max = cache_k.shape[-2]
-        mask = causal_mask(ctx.positions, jnp.broadcast_to(jnp.arange(s_max), (batch, s_max)))
-        q = q.reshape(batch, seq, num_kv_heads, num_heads // num_kv_heads, head_dim)
-        logits = jnp.einsum("BSKGD,BKTD->BKGST", q, cache_k[slot], preferred_element_type=jnp.float32)
-        logits = jnp.where(mask[:, None, None], logits * head_dim**-0.5, -1e30)
-        probs = jax.nn.softmax(logits, axis=-1).astype(cache_v.dtype)
-        attended = jnp.einsum("BKGST,BKTD->BSKGD", probs, cache_v[slot]).reshape(batch, seq, num_heads, head_dim)
-        return self.attn.output(attended), cache
-
-
-class HeadsFirstOuro(OuroModel):
-    layer_class = HeadsFirstLayer
-
-
-def heads_first_cache(config, batch: int, s_max: int):
-    cache = init_ouro_cache(config, batch, s_max)
-    T, L, B, S, K, D = cache.k.shape
-    return cache.replace(k=jnp.zeros((T, L, B, K, S, D), cache.k.dtype), v=jnp.zeros((T, L, B, K, S, D), cache.v.dtype))
-
-
 def step_at(model, params, cache, position: int):
     """A closure running one decode_step on `cache` at positions `position` .. `position` + 15 (the
     end index is reset every 16 calls; the work of a step does not depend on the position)."""
@@ -331,39 +295,22 @@ def weight_matmuls_fn(config):
 
 def profile_decode(jx: Jax, repeats: int) -> None:
     config, model, params = jx.config, jx.model, jx.params
-    heads_first = HeadsFirstOuro(config)
     print("\n## Profile of the melt_jax decode step\n")
-
-    # 0. The prototype computes the same as the library: 6 steps from an empty cache.
-    tokens = tokens_for(2, 6, seed=3)
-    caches = [init_ouro_cache(config, 2, 16), heads_first_cache(config, 2, 16)]
-    diff = 0.0
-    for i in range(tokens.shape[1]):
-        token = jnp.asarray(tokens[:, i], jnp.int32)
-        a, caches[0] = decode_step(model, params, token, caches[0], POLICY)
-        b, caches[1] = decode_step(heads_first, params, token, caches[1], POLICY)
-        diff = max(diff, float(jnp.max(jnp.abs(a - b))))
-    print(f"Prototype 'heads first' cache layout [T, L, B, K, S_max, D] (this script's HeadsFirstLayer), "
-          f"max abs diff of its decode logits to the library's over 6 steps: {diff:.1e}\n")
 
     # 1. Step time against the cache length: attention reads the whole S_max of all T*L slot arrays.
     print("Decode step time (median ms per step, at positions 64..79) against the cache length S_max:\n")
-    print("| batch | S_max | library cache [B, S_max, K, D] | prototype [B, K, S_max, D] | speed-up |")
-    print("|---:|---:|---:|---:|---:|")
+    print("| batch | S_max | ms per step |")
+    print("|---:|---:|---:|")
     library_ms = {}
     for batch in DECODE_BATCHES:
         for s_max in (160, 640, 2560):
             times = time_round_robin(
-                {
-                    "library": step_at(model, params, init_ouro_cache(config, batch, s_max), 64),
-                    "heads_first": step_at(heads_first, params, heads_first_cache(config, batch, s_max), 64),
-                },
+                {"library": step_at(model, params, init_ouro_cache(config, batch, s_max), 64)},
                 calls=5 if batch * s_max > 5000 else 20,
                 repeats=3,
             )
             library_ms[batch, s_max] = 1e3 * times["library"]
-            print(f"| {batch} | {s_max} | {1e3 * times['library']:.2f} | {1e3 * times['heads_first']:.2f} | "
-                  f"{times['library'] / times['heads_first']:.2f}x |")
+            print(f"| {batch} | {s_max} | {1e3 * times['library']:.2f} |")
     for batch in DECODE_BATCHES:
         slope = 1e3 * (library_ms[batch, 2560] - library_ms[batch, 160]) / (2560 - 160)
         print(f"\nbatch {batch}: library step time grows by {slope:.2f} us per cache position "
@@ -389,9 +336,7 @@ def profile_decode(jx: Jax, repeats: int) -> None:
     x = jnp.ones((batch, config.hidden_size))
     times = time_round_robin(
         {
-            "decode_step, library cache layout": step_at(model, params, init_ouro_cache(config, batch, s_max), 64),
-            "decode_step, prototype heads-first cache layout": step_at(
-                heads_first, params, heads_first_cache(config, batch, s_max), 64),
+            "decode_step": step_at(model, params, init_ouro_cache(config, batch, s_max), 64),
             "forward of the same token without a cache (same layers; no cache write, attends to itself only)":
                 lambda: forward(model, params, one_token, exit_policy=POLICY).logits,
             "its weight matmuls alone (q, k, v, o, gate, up, down x T*L, LM head; same scans)":

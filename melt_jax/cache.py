@@ -4,7 +4,9 @@ A cache slot holds one key row and one value row per token position: slot index 
 so a query at position p attends to the slots 0..p. `end_index[b]` is the number of positions of row
 b written so far; the next token of row b goes to slot `end_index[b]`.
 
-Ouro keeps one slot array per (loop, layer): k and v are [T, L, B, S_max, K, D].
+Ouro keeps one slot array per (loop, layer): k and v are [T, L, B, K, S_max, D]. Slot arrays are
+laid out heads first ([B, K, S_max, D]) so that attention reads each head's keys as one contiguous
+[S_max, D] matrix, with no transpose before the attention dots.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ Array = jax.Array
 
 @flax.struct.dataclass
 class KVCache:
-    """k, v: [..., B, S_max, K, D] with leading slot axes ([T, L] for Ouro); end_index: int32 [B]."""
+    """k, v: [..., B, K, S_max, D] with leading slot axes ([T, L] for Ouro); end_index: int32 [B]."""
 
     k: Array
     v: Array
@@ -28,7 +30,7 @@ class KVCache:
 
     @property
     def max_length(self) -> int:
-        return self.k.shape[-3]
+        return self.k.shape[-2]
 
     @property
     def batch_size(self) -> int:
@@ -44,7 +46,7 @@ class KVCache:
 
 
 def init_ouro_cache(config: OuroConfig, batch_size: int, max_length: int, dtype=None) -> KVCache:
-    """An empty Ouro cache: k, v zeros of [T, L, B, S_max, K, D] in `dtype` (default config.dtype)."""
+    """An empty Ouro cache: k, v zeros of [T, L, B, K, S_max, D] in `dtype` (default config.dtype)."""
     if max_length < 1:
         raise ValueError(f"cache max_length must be >= 1, got {max_length}")
     dtype = dtype or config.jnp_dtype
@@ -52,8 +54,8 @@ def init_ouro_cache(config: OuroConfig, batch_size: int, max_length: int, dtype=
         config.num_loops,
         config.num_layers,
         batch_size,
-        max_length,
         config.num_kv_heads,
+        max_length,
         config.head_dim,
     )
     return KVCache(
@@ -70,10 +72,11 @@ def ouro_cache_bytes_per_token(config: OuroConfig, dtype=None) -> int:
 
 
 def write_rows(slots: Array, slot_index: tuple, rows: Array, positions: Array) -> Array:
-    """`slots` [*P, B, S_max, K, D] with rows [B, S, K, D] written into slot array `slot_index` (a
+    """`slots` [*P, B, K, S_max, D] with rows [B, S, K, D] written into slot array `slot_index` (a
     tuple of len(P) indices) at token positions [B, S]; positions outside the cache are dropped."""
     batch_index = jnp.arange(rows.shape[0])[:, None]  # [B, 1]
-    index = (*slot_index, batch_index, positions)
+    # Advanced indices split by the head slice: the indexed view is [B, S, K, D], the rows' shape.
+    index = (*slot_index, batch_index, slice(None), positions)
     return slots.at[index].set(rows.astype(slots.dtype), mode="drop")
 
 

@@ -79,22 +79,33 @@ def causal_mask(q_positions: Array, kv_positions: Array) -> Array:
     return kv_positions[:, None, :] <= q_positions[:, :, None]
 
 
-def dot_product_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
+def dot_product_attention(q: Array, k: Array, v: Array, mask: Array, *, kv_heads_first: bool = False) -> Array:
     """softmax(q k^T / sqrt(D)) v with grouped kv heads; logits and softmax in float32.
 
-    q [B, S, N, D], k and v [B, T, K, D], mask [B, S, T] (True = attend). Query head n reads kv head
-    n // (N / K). Returns [B, S, N, D] in q's dtype.
+    q [B, S, N, D], k and v [B, T, K, D] (or [B, K, T, D] with kv_heads_first, the cache layout),
+    mask [B, S, T] (True = attend). Query head n reads kv head n // (N / K). Returns [B, S, N, D] in
+    q's dtype.
     """
     batch, seq, num_heads, head_dim = q.shape
-    num_kv_heads = k.shape[2]
+    kv_spec = "BKTD" if kv_heads_first else "BTKD"
+    num_kv_heads = k.shape[1] if kv_heads_first else k.shape[2]
     group = num_heads // num_kv_heads
     q = q.reshape(batch, seq, num_kv_heads, group, head_dim)  # [B, S, K, G, D]
-    logits = jnp.einsum("BSKGD,BTKD->BKGST", q, k, preferred_element_type=_at_least_float32(q.dtype))
+    logits = jnp.einsum(f"BSKGD,{kv_spec}->BKGST", q, k, preferred_element_type=_at_least_float32(q.dtype))
     logits = logits * (head_dim**-0.5)
     logits = jnp.where(mask[:, None, None, :, :], logits, _MASKED_LOGIT)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)  # [B, K, G, S, T]
-    out = jnp.einsum("BKGST,BTKD->BSKGD", probs, v)
+    out = jnp.einsum(f"BKGST,{kv_spec}->BSKGD", probs, v)
     return out.reshape(batch, seq, num_heads, head_dim)
+
+
+def attention_over_cache_slots(q: Array, k_slots: Array, v_slots: Array, q_positions: Array) -> Array:
+    """Causal attention of queries q [B, S, N, D] at positions [B, S] over one cache slot array
+    k_slots, v_slots [B, K, S_max, D] (slot index = key position). Returns [B, S, N, D]."""
+    batch, max_length = q.shape[0], k_slots.shape[2]
+    kv_positions = jnp.broadcast_to(jnp.arange(max_length), (batch, max_length))  # [B, S_max]
+    mask = causal_mask(q_positions, kv_positions)  # [B, S, S_max]
+    return dot_product_attention(q, k_slots, v_slots, mask, kv_heads_first=True)
 
 
 class Einsum(nn.Module):
@@ -173,8 +184,8 @@ def chunked_attention_over_earlier_rows(
     `earlier_*` rows of all tokens of earlier chunks and the current rows (k, v) of the tokens of its
     own chunk at positions <= i, in one softmax over both key sets.
 
-    q [B, S, N, D]; earlier_k, earlier_v, k, v [B, S, K, D]; S a multiple of chunk_size. The
-    own-chunk part is computed block by block (S * C logits instead of S * S).
+    q [B, S, N, D]; earlier_k, earlier_v [B, K, S, D] (cache layout); k, v [B, S, K, D]; S a multiple of
+    chunk_size. The own-chunk part is computed block by block (S * C logits instead of S * S).
     """
     batch, seq, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[2]
@@ -185,7 +196,7 @@ def chunked_attention_over_earlier_rows(
     k_blocks = k.reshape(batch, num_chunks, chunk_size, num_kv_heads, head_dim)  # [B, n, E, K, D]
     v_blocks = v.reshape(batch, num_chunks, chunk_size, num_kv_heads, head_dim)
     scale = head_dim**-0.5
-    earlier_logits = jnp.einsum("BnCKGD,BTKD->BKGnCT", q, earlier_k, preferred_element_type=compute) * scale
+    earlier_logits = jnp.einsum("BnCKGD,BKTD->BKGnCT", q, earlier_k, preferred_element_type=compute) * scale
     own_logits = jnp.einsum("BnCKGD,BnEKD->BKGnCE", q, k_blocks, preferred_element_type=compute) * scale
     key_chunk = jnp.arange(seq) // chunk_size  # [T]
     earlier_mask = key_chunk[None, :] < jnp.arange(num_chunks)[:, None]  # [n, T]
@@ -194,7 +205,7 @@ def chunked_attention_over_earlier_rows(
     own_logits = jnp.where(own_mask, own_logits, _MASKED_LOGIT)
     probs = jax.nn.softmax(jnp.concatenate([earlier_logits, own_logits], axis=-1), axis=-1).astype(v.dtype)
     earlier_probs, own_probs = probs[..., :seq], probs[..., seq:]
-    out = jnp.einsum("BKGnCT,BTKD->BnCKGD", earlier_probs, earlier_v) + jnp.einsum(
+    out = jnp.einsum("BKGnCT,BKTD->BnCKGD", earlier_probs, earlier_v) + jnp.einsum(
         "BKGnCE,BnEKD->BnCKGD", own_probs, v_blocks
     )
     return out.reshape(batch, seq, num_heads, head_dim)

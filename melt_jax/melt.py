@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from melt_jax.cache import KVCache, init_ouro_cache, write_rows
 from melt_jax.config import ConfigError, MeltConfig, OuroConfig
 from melt_jax.exit import ExitPolicy
-from melt_jax.layers import apply_rope, causal_mask, chunked_attention_over_earlier_rows, dot_product_attention
+from melt_jax.layers import apply_rope, attention_over_cache_slots, chunked_attention_over_earlier_rows
 from melt_jax.ouro import OuroDecoderLayer, OuroModel, TokenContext
 
 Array = jax.Array
@@ -57,8 +57,8 @@ class KVGate(nn.Module):
 @flax.struct.dataclass
 class InterpolatedCache:
     """The caches of the phase-1 interpolated student (spec melt.md section 3): MELT's rows
-    (k, v [L, B, S_max, K, D]: final rows of earlier tokens) and Ouro's per-loop rows of the same
-    tokens (k, v [T, L, B, S_max, K, D]), computed from the student's own hidden states."""
+    (k, v [L, B, K, S_max, D]: final rows of earlier tokens) and Ouro's per-loop rows of the same
+    tokens (k, v [T, L, B, K, S_max, D]), computed from the student's own hidden states."""
 
     melt: KVCache
     ouro: KVCache
@@ -152,11 +152,9 @@ class MeltDecoderLayer(OuroDecoderLayer):
             cache = InterpolatedCache(
                 melt=melt_cache.replace(k=melt_k, v=melt_v), ouro=ouro_cache.replace(k=ouro_k, v=ouro_v)
             )
-            kv_positions = jnp.broadcast_to(jnp.arange(cache.max_length), (q.shape[0], cache.max_length))
-            mask = causal_mask(ctx.positions, kv_positions)  # [B, S, S_max]
-            keys = mix(melt_k[melt_slot], ouro_k[ouro_slot])
+            keys = mix(melt_k[melt_slot], ouro_k[ouro_slot])  # [B, K, S_max, D]
             values = mix(melt_v[melt_slot], ouro_v[ouro_slot])
-            out = self.attn.output(dot_product_attention(q, keys, values, mask))
+            out = self.attn.output(attention_over_cache_slots(q, keys, values, ctx.positions))
             return out, state.replace(cache=cache)
 
         if state.cache is None and alpha is not None:  # one chunk, interpolated
@@ -169,7 +167,7 @@ class MeltDecoderLayer(OuroDecoderLayer):
 class MeltModel(OuroModel):
     """MELT causal LM: Ouro's parameters plus layers/kv_gate/{w_z, u_z, b_z} ([L, ...]).
 
-    Called on one chunk of tokens. With a cache (k, v [L, B, S_max, K, D], see `init_melt_cache`), the
+    Called on one chunk of tokens. With a cache (k, v [L, B, K, S_max, D], see `init_melt_cache`), the
     chunk attends to the final rows of the earlier tokens in the cache and to its own loop-t rows, and
     leaves its final rows in the cache. Without a cache, the tokens form one chunk. Keyword arguments
     `alpha` (phase-1 interpolation weight; pass an InterpolatedCache as the cache, if any) and
@@ -191,11 +189,11 @@ class MeltModel(OuroModel):
 
 
 def init_melt_cache(config: MeltConfig, batch_size: int, max_length: int, dtype=None) -> KVCache:
-    """An empty MELT cache: k, v zeros of [L, B, S_max, K, D] in `dtype` (default config.dtype)."""
+    """An empty MELT cache: k, v zeros of [L, B, K, S_max, D] in `dtype` (default config.dtype)."""
     if max_length < 1:
         raise ValueError(f"cache max_length must be >= 1, got {max_length}")
     dtype = dtype or config.jnp_dtype
-    shape = (config.num_layers, batch_size, max_length, config.num_kv_heads, config.head_dim)
+    shape = (config.num_layers, batch_size, config.num_kv_heads, max_length, config.head_dim)
     return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), end_index=jnp.zeros((batch_size,), jnp.int32))
 
 

@@ -29,6 +29,7 @@ from melt_jax.layers import (
     Einsum,
     RMSNorm,
     apply_rope,
+    attention_over_cache_slots,
     causal_mask,
     dot_product_attention,
     rope_tables,
@@ -114,9 +115,7 @@ class OuroDecoderLayer(nn.Module):
             k_all = write_rows(cache.k, slot, k, ctx.positions)
             v_all = write_rows(cache.v, slot, v, ctx.positions)
             cache = cache.replace(k=k_all, v=v_all)
-            kv_positions = jnp.broadcast_to(jnp.arange(cache.max_length), (q.shape[0], cache.max_length))
-            mask = causal_mask(ctx.positions, kv_positions)  # [B, S, S_max]
-            attended = dot_product_attention(q, k_all[slot], v_all[slot], mask)
+            attended = attention_over_cache_slots(q, k_all[slot], v_all[slot], ctx.positions)
         return self.attn.output(attended), cache
 
     def attention(self, u: Array, ctx: TokenContext, state, layer_index, loop_index):

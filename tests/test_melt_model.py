@@ -38,7 +38,7 @@ def test_melt_cache_bytes_per_token():
         assert kv_cache_bytes(config.replace(total_ut_steps=loops), 2, 100) == 2 * 100 * 196_608
         assert kv_cache_bytes(ouro.replace(total_ut_steps=loops), 2, 100) == 2 * 100 * loops * 196_608
     cache = jax.eval_shape(lambda: init_melt_cache(config, 1, 32))
-    assert cache.k.shape == (24, 1, 32, 16, 128)
+    assert cache.k.shape == (24, 1, 16, 32, 128)  # [L, B, K, S_max, D]
 
 
 def _with_gates(params, hf_config, gates):
@@ -76,8 +76,9 @@ def test_chunked_prefill_matches_reference(melt, chunk_size):
     expected = reference.forward_chunked(tokens, chunk_size)
     np.testing.assert_allclose(logits, expected["step_logits"][-1], atol=TOL, rtol=0)
     seq = tokens.shape[1]
-    np.testing.assert_allclose(cache.k[:, :, :seq], expected["final_k"], atol=TOL, rtol=0)
-    np.testing.assert_allclose(cache.v[:, :, :seq], expected["final_v"], atol=TOL, rtol=0)
+    rows = lambda slots: np.swapaxes(slots[:, :, :, :seq], 2, 3)  # noqa: E731  [L, B, S, K, D]
+    np.testing.assert_allclose(rows(cache.k), expected["final_k"], atol=TOL, rtol=0)
+    np.testing.assert_allclose(rows(cache.v), expected["final_v"], atol=TOL, rtol=0)
     np.testing.assert_array_equal(cache.end_index, [seq, seq])
 
 
