@@ -1,0 +1,234 @@
+"""Evaluation of Ouro and MELT: every loop's next-token loss and teacher-forced answer accuracy.
+
+The functions taking `(model, params, tokens, ...)` are pure and jit-able with `model` (and any policy
+or chunk size) static; the trainer calls them inside its own jitted evaluation step. `evaluate_dataset`
+is the host-level loop over batches.
+
+Which computation a model's teacher-forced forward is:
+- Ouro: one forward over the whole sequence without a cache (equal to cached decoding).
+- MELT: the chunked semantics of inference, chunks of `chunk_size` tokens (default
+  `config.chunk_size`) starting at position 0, each attending to the final rows of earlier chunks
+  (`melt_training.sequential_forward`; no gradient is needed here, so the one-pass scan is used rather
+  than the two-pass form, which computes the same values twice). A sequence whose length is not a
+  multiple of the chunk size is right-padded to one with token 0: attention is causal, so padding
+  changes nothing at the real positions. chunk_size=1 is exactly what token-by-token decoding computes.
+
+Masks: `loss_mask[b, s]` (and `answer_mask`) weigh the *prediction of* tokens[b, s], which is made from
+the logits at position s - 1; position 0 has no prediction and its mask entry is ignored.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Iterable, Mapping
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from melt_jax.exit import ExitPolicy, select_hidden
+from melt_jax.melt import MeltModel
+from melt_jax.melt_training import sequential_forward
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class LossSums:
+    """Weighted sums of next-token cross-entropy over a batch, to be added over batches.
+
+    per_loop: [T] sum of w * CE of each loop's logits; policy: [] the same for the exit policy's
+    logits; weight: [] sum of the weights w (the number of scored tokens for a 0/1 mask).
+    """
+
+    per_loop: Array
+    policy: Array
+    weight: Array
+
+    def __add__(self, other: "LossSums") -> "LossSums":
+        return jax.tree.map(jnp.add, self, other)
+
+
+def _melt_chunking(seq_len: int, chunk_size: int) -> tuple[int, int]:
+    """(chunk size, padded length) for a MELT forward over `seq_len` tokens: one chunk of the whole
+    sequence when it fits in one, else `chunk_size` and the next multiple of it."""
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    if seq_len <= chunk_size:
+        return seq_len, seq_len
+    return chunk_size, -(-seq_len // chunk_size) * chunk_size
+
+
+def hidden_states(model: nn.Module, params, tokens: Array, chunk_size: int | None = None) -> tuple[Array, Array]:
+    """Every loop's normed hidden state [T, B, S, H] and the exit distribution [B, S, T] of a
+    teacher-forced forward on tokens [B, S] (MELT: chunked with `chunk_size`, default
+    config.chunk_size; ignored for Ouro)."""
+    if not isinstance(model, MeltModel):
+        out = model.apply({"params": params}, tokens, exit_policy=None)
+        return out.hidden_steps, out.exit_pdf
+    seq = tokens.shape[1]
+    chunk, padded = _melt_chunking(seq, model.config.chunk_size if chunk_size is None else chunk_size)
+    tokens = jnp.pad(tokens, ((0, 0), (0, padded - seq)))  # [B, S'] right-padded with id 0
+    out = sequential_forward(model.clone(collect=()), params, tokens, chunk)
+    return out.hidden_steps[:, :, :seq], out.exit_pdf[:, :seq]
+
+
+def project(model: nn.Module, params, hidden: Array) -> Array:
+    """The LM head on hidden states [..., H] -> logits [..., V]."""
+    return model.apply({"params": params}, hidden, method="logits")
+
+
+def step_logits(model: nn.Module, params, tokens: Array, chunk_size: int | None = None) -> Array:
+    """Every loop's logits [T, B, S, V] of a teacher-forced forward on tokens [B, S] (see the module
+    docstring for MELT's chunking). Memory grows with T * V; `loss_sums` avoids it."""
+    hidden, _ = hidden_states(model, params, tokens, chunk_size)
+    return project(model, params, hidden)
+
+
+def _weighted_ce_sum(logits: Array, tokens: Array, weights: Array) -> Array:
+    """sum_{b, s>=1} weights[b, s] * CE(logits[b, s-1], tokens[b, s]) in float32; logits [B, S, V]."""
+    log_probs = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)  # [B, S-1, V]
+    picked = jnp.take_along_axis(log_probs, tokens[:, 1:, None], axis=-1)[..., 0]  # [B, S-1]
+    return -jnp.sum(picked * weights[:, 1:])
+
+
+def loss_sums(
+    model: nn.Module,
+    params,
+    tokens: Array,
+    loss_mask: Array,
+    exit_policy: ExitPolicy = ExitPolicy(),
+    chunk_size: int | None = None,
+) -> LossSums:
+    """Weighted next-token CE sums of every loop and of `exit_policy`'s logits, on tokens [B, S]
+    with loss_mask [B, S] (weight of the prediction of each token). Loops are projected one at a time
+    (a scan over T), so no [T, B, S, V] tensor is built."""
+    weights = loss_mask.astype(jnp.float32)  # [B, S]
+    hidden, exit_pdf = hidden_states(model, params, tokens, chunk_size)  # [T, B, S, H], [B, S, T]
+
+    def loop_loss(_, h):  # h [B, S, H]
+        return None, _weighted_ce_sum(project(model, params, h), tokens, weights)
+
+    _, per_loop = jax.lax.scan(loop_loss, None, hidden)  # [T]
+    chosen, _ = select_hidden(hidden, exit_pdf, exit_policy)  # [B, S, H]
+    policy = _weighted_ce_sum(project(model, params, chosen), tokens, weights)
+    return LossSums(per_loop=per_loop, policy=policy, weight=jnp.sum(weights[:, 1:]))
+
+
+def per_loop_losses(model: nn.Module, params, tokens: Array, loss_mask: Array, chunk_size: int | None = None) -> Array:
+    """Mean next-token cross-entropy of each loop's logits [T] over the tokens weighted by
+    loss_mask [B, S] (the weighted mean; 0 when the mask is empty)."""
+    sums = loss_sums(model, params, tokens, loss_mask, ExitPolicy.last(), chunk_size)
+    return sums.per_loop / jnp.maximum(sums.weight, 1e-9)
+
+
+def answer_accuracy(
+    model: nn.Module,
+    params,
+    tokens: Array,
+    answer_mask: Array,
+    exit_policy: ExitPolicy = ExitPolicy(),
+    chunk_size: int | None = None,
+) -> Array:
+    """Teacher-forced exact match per row, bool [B]: every token of tokens [B, S] where answer_mask > 0
+    is the argmax of the logits (chosen by `exit_policy`, default the last loop) at the position
+    before it. This is exactly whether greedy decoding after the prompt reproduces the answer. Rows
+    with an empty mask count as correct."""
+    hidden, exit_pdf = hidden_states(model, params, tokens, chunk_size)
+    chosen, _ = select_hidden(hidden, exit_pdf, exit_policy)  # [B, S, H]
+    predicted = jnp.argmax(project(model, params, chosen[:, :-1]), axis=-1)  # [B, S-1]
+    correct = (predicted == tokens[:, 1:]) | (answer_mask[:, 1:] <= 0)  # [B, S-1]
+    return jnp.all(correct, axis=1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Host-level loop over a dataset
+
+
+@functools.partial(jax.jit, static_argnames=("model", "exit_policy", "chunk_size"))
+def _batch_loss_sums(model, params, tokens, loss_mask, exit_policy, chunk_size):
+    return loss_sums(model, params, tokens, loss_mask, exit_policy, chunk_size)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "exit_policy", "chunk_size"))
+def _batch_answer_accuracy(model, params, tokens, answer_mask, row_mask, exit_policy, chunk_size):
+    correct = answer_accuracy(model, params, tokens, answer_mask, exit_policy, chunk_size)  # [B]
+    return jnp.sum(correct & row_mask), jnp.sum(row_mask)
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), inf where that overflows a float."""
+    return math.exp(loss) if loss < 700 else math.inf
+
+
+def _check_batch(batch: Mapping[str, np.ndarray], vocab_size: int) -> None:
+    tokens = np.asarray(batch["tokens"])
+    if tokens.ndim != 2 or tokens.shape[1] < 2:
+        raise ValueError(f"evaluation batch 'tokens' must be [batch, length >= 2], got shape {tokens.shape}")
+    for name in ("loss_mask", "answer_mask"):
+        if name in batch and np.shape(batch[name]) != tokens.shape:
+            raise ValueError(f"evaluation batch {name!r} has shape {np.shape(batch[name])}, tokens {tokens.shape}")
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
+        bad = tokens[(tokens < 0) | (tokens >= vocab_size)]
+        raise ValueError(f"evaluation batch has token ids {bad[:5].tolist()} outside the vocabulary [0, {vocab_size})")
+
+
+def evaluate_dataset(
+    model: nn.Module,
+    params,
+    batches: Iterable[Mapping[str, np.ndarray]],
+    exit_policy: ExitPolicy = ExitPolicy(),
+    chunk_size: int | None = None,
+) -> dict:
+    """Per-loop loss, perplexity and (where batches carry an answer mask) teacher-forced accuracy
+    over `batches`, each a mapping with
+
+        tokens       int [B, S]
+        loss_mask    [B, S] weight of each token's prediction (default: every token after the first)
+        answer_mask  [B, S] optional, 1 at answer tokens (see `answer_accuracy`)
+        row_mask     [B] optional, 0 for padding rows that must not count as examples
+
+    Returns {"loss_per_loop": [T floats], "perplexity_per_loop": [...], "loss": the exit policy's
+    loss, "perplexity", "num_tokens" (total weight), "num_batches", and, with answer masks,
+    "accuracy", "num_examples"}. Losses are weighted means over all tokens of all batches.
+    """
+    total: LossSums | None = None
+    correct = examples = 0
+    num_batches = 0
+    for batch in batches:
+        _check_batch(batch, model.config.vocab_size)
+        tokens = jnp.asarray(batch["tokens"], jnp.int32)
+        loss_mask = batch.get("loss_mask")
+        if loss_mask is None:
+            loss_mask = np.ones(tokens.shape, np.float32)
+        sums = _batch_loss_sums(model, params, tokens, jnp.asarray(loss_mask, jnp.float32), exit_policy, chunk_size)
+        total = sums if total is None else total + sums
+        if "answer_mask" in batch:
+            row_mask = batch.get("row_mask", np.ones(tokens.shape[0], bool))
+            hits, rows = _batch_answer_accuracy(
+                model, params, tokens, jnp.asarray(batch["answer_mask"]), jnp.asarray(row_mask, bool), exit_policy, chunk_size
+            )
+            correct, examples = correct + int(hits), examples + int(rows)
+        num_batches += 1
+    if total is None:
+        raise ValueError("evaluate_dataset got no batches")
+    weight = float(total.weight)
+    if weight <= 0:
+        raise ValueError("evaluate_dataset: the loss masks of all batches are empty; nothing to score")
+    per_loop = [float(x) / weight for x in np.asarray(total.per_loop)]
+    loss = float(total.policy) / weight
+    result = {
+        "loss_per_loop": per_loop,
+        "perplexity_per_loop": [perplexity(x) for x in per_loop],
+        "loss": loss,
+        "perplexity": perplexity(loss),
+        "num_tokens": weight,
+        "num_batches": num_batches,
+    }
+    if examples:
+        result["accuracy"] = correct / examples
+        result["num_examples"] = examples
+    return result
