@@ -1,0 +1,186 @@
+"""Run configs of the training program: frozen dataclasses read from JSON or YAML files, with
+command-line overrides `section.field=value`.
+
+A stage is one of:
+  looplm       LoopLM Stage I from scratch (or from `init_from`): sum_t p_t CE_t - beta H(p)
+  exit_gate    LoopLM Stage II: only the exit gate trains (needs `init_from`, an Ouro checkpoint)
+  melt_phase1  MELT phase 1 from the frozen `teacher`: alpha rises 0 -> 1, all-loop KD
+  melt_phase2  MELT phase 2: KD + align_beta * attention alignment (needs `init_from`, the phase-1 MELT)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from pathlib import Path
+from typing import Any
+
+from melt_jax.sharding import MeshConfig
+from melt_jax.train.optimizer import OptimizerConfig
+
+STAGES = ("looplm", "exit_gate", "melt_phase1", "melt_phase2")
+
+
+class RunConfigError(ValueError):
+    """A bad run config: names the field and what is wrong with it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Training data: `source` is "synthetic", a local file or folder (.txt/.json/.jsonl/.parquet)
+    or a hub dataset name; `tokenizer` is "byte" or a tokenizer.json path. Sequences of seq_len
+    tokens are packed from the documents."""
+
+    source: str = "synthetic"
+    tokenizer: str = "byte"
+    text_field: str = "text"
+    seq_len: int = 64
+    num_examples: int = 20_000  # synthetic corpus size
+    eval_examples: int = 256  # held-out synthetic examples for the accuracy metric
+    hops: int = 2  # synthetic task: assignments in each chain
+    shuffle: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    stage: str = "looplm"
+    output_dir: str = "runs/default"
+    model: str = "tiny"  # looplm from scratch: a preset name or a config.json path
+    vocab_size: int = 0  # looplm from scratch: > 0 replaces the model's vocab_size (e.g. 258 for bytes)
+    init_from: str | None = None  # a melt_jax checkpoint directory to start from
+    teacher: str | None = None  # MELT phases: the frozen LoopLM teacher's checkpoint directory
+    steps: int = 100
+    batch_size: int = 16  # global batch, in sequences
+    seed: int = 0
+    dtype: str = "float32"  # params and activations of the trained model
+    beta: float = 0.1  # looplm: weight of the exit entropy
+    align_beta: float = 0.1  # melt_phase2: weight of the attention alignment
+    chunk_size: int = 16  # MELT: training chunk size (divides data.seq_len)
+    forward: str = "two_pass"  # MELT: "two_pass" or "sequential"
+    gate_bias_init: float = -4.0  # MELT gates created from an Ouro teacher
+    log_every: int = 10
+    eval_every: int = 0  # 0: evaluate at the end only
+    eval_batches: int = 4
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    async_checkpoints: bool = True
+    progress: bool = True
+    optimizer: OptimizerConfig = OptimizerConfig()
+    mesh: MeshConfig = MeshConfig()
+    data: DataConfig = DataConfig()
+
+    def validate(self) -> "TrainConfig":
+        if self.stage not in STAGES:
+            raise RunConfigError(f"stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
+        for name in ("steps", "batch_size", "chunk_size", "log_every", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise RunConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.data.seq_len < 2:
+            raise RunConfigError(f"data.seq_len must be >= 2, got {self.data.seq_len}")
+        if self.forward not in ("two_pass", "sequential"):
+            raise RunConfigError(f"forward must be 'two_pass' or 'sequential', got {self.forward!r}")
+        if self.stage.startswith("melt") and self.data.seq_len % self.chunk_size:
+            raise RunConfigError(
+                f"chunk_size {self.chunk_size} does not divide the sequence length data.seq_len={self.data.seq_len}"
+            )
+        if self.stage.startswith("melt") and not self.teacher:
+            raise RunConfigError(f"stage {self.stage} needs teacher= (the LoopLM checkpoint to distill)")
+        if self.stage in ("exit_gate", "melt_phase2") and not self.init_from:
+            raise RunConfigError(f"stage {self.stage} needs init_from= (the checkpoint to continue from)")
+        return self
+
+
+def _field_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _convert(value: Any, annotation: Any, name: str) -> Any:
+    """`value` (from a file or the command line) as the field's type."""
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise RunConfigError(f"{name} must be a mapping, got {value!r}")
+        return from_dict(annotation, value, prefix=f"{name}.")
+    args = typing.get_args(annotation)
+    if value is None and type(None) in args:
+        return None
+    target = next((a for a in args if a is not type(None)), annotation)
+    try:
+        if target is bool:
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(value)
+                return value.lower() in ("true", "1", "yes")
+            return bool(value)
+        if target is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        return target(value)
+    except (TypeError, ValueError):
+        raise RunConfigError(f"{name} must be {getattr(target, '__name__', target)}, got {value!r}") from None
+
+
+def from_dict(cls, values: dict[str, Any], prefix: str = ""):
+    """An instance of the dataclass `cls` from a (nested) dict; unknown keys are errors."""
+    types = _field_types(cls)
+    unknown = sorted(set(values) - set(types))
+    if unknown:
+        raise RunConfigError(f"unknown config field(s) {', '.join(prefix + k for k in unknown)}")
+    return cls(**{k: _convert(v, types[k], prefix + k) for k, v in values.items()})
+
+
+def to_dict(config) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """"a.b=value" -> (["a", "b"], value), the value read as JSON when it parses, else as a string."""
+    if "=" not in text:
+        raise RunConfigError(f"override {text!r} is not of the form field=value (e.g. steps=200, optimizer.learning_rate=3e-4)")
+    key, raw = text.split("=", 1)
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    values = json.loads(json.dumps(values))  # a deep copy
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = values
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise RunConfigError(f"override {text!r}: {key} is not a section")
+        node[keys[-1]] = value
+    return values
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A JSON or YAML (.yaml/.yml) file as a dict; RunConfigError naming the file when unreadable."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise RunConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            values = yaml.safe_load(text) or {}
+        else:
+            values = json.loads(text)
+    except Exception as e:  # noqa: BLE001 - any parse error is reported with the file name
+        raise RunConfigError(f"config file {path} does not parse: {e}") from None
+    if not isinstance(values, dict):
+        raise RunConfigError(f"config file {path} must hold a mapping of fields")
+    return values
+
+
+def load_train_config(path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None) -> TrainConfig:
+    """A validated TrainConfig from defaults, then `base`, then a file, then overrides."""
+    values = dict(base or {})
+    if path is not None:
+        values.update(read_config_file(path))
+    return from_dict(TrainConfig, apply_overrides(values, list(overrides))).validate()

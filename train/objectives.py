@@ -1,0 +1,207 @@
+"""Training objectives: LoopLM Stage I and II (spec ouro.md), MELT phase 1 and 2 (spec melt.md 3).
+
+Every objective is a pure function `(params, batch, ...) -> (loss, metrics)` of float32 scalars,
+where batch = {"tokens": int32 [B, S], "loss_mask": float32 [B, S]}; loss_mask[b, s] weighs the
+prediction of tokens[b, s] from tokens[b, :s] (column 0 is never predicted). The prediction made at
+position s is weighted by loss_mask[:, s + 1], so per-position terms below are [.., B, S-1].
+
+Per-loop logits [B, S, V] are computed one loop at a time under `jax.checkpoint` (`map_loops`): the
+backward pass keeps only the loop's hidden state [B, S, H], never [T, B, S, V].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from melt_jax.melt import MeltModel
+from melt_jax.melt_training import sequential_forward, two_pass_forward
+from melt_jax.ouro import OuroModel
+
+Array = jax.Array
+Batch = dict[str, Array]
+
+
+def map_loops(fn: Callable[..., Array], *per_loop: Array) -> Array:
+    """[fn(x_0[t], x_1[t], ...) for t] stacked on a leading axis, recomputed in the backward pass."""
+    return jax.lax.map(jax.checkpoint(lambda xs: fn(*xs)), per_loop)
+
+
+def token_weights(batch: Batch) -> Array:
+    """Weights of the predictions made at positions 0..S-2: loss_mask[:, 1:], float32 [B, S-1]."""
+    return batch["loss_mask"][:, 1:].astype(jnp.float32)
+
+
+def weighted_mean(values: Array, weights: Array) -> Array:
+    """sum(values * weights) / sum(weights) over the trailing [B, S-1] axes (leading axes kept)."""
+    axes = (-2, -1)
+    return jnp.sum(values * weights, axis=axes) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def cross_entropy(logits: Array, targets: Array) -> Array:
+    """-log softmax(logits)[target]: logits [B, S, V], targets [B, S] -> float32 [B, S]."""
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+
+
+def kl_divergence(teacher_logits: Array, student_logits: Array) -> Array:
+    """KL(teacher || student) of the softmax distributions at temperature 1: [B, S, V] -> [B, S]."""
+    teacher_log_probs = jax.nn.log_softmax(teacher_logits.astype(jnp.float32), axis=-1)
+    student_log_probs = jax.nn.log_softmax(student_logits.astype(jnp.float32), axis=-1)
+    return jnp.sum(jnp.exp(teacher_log_probs) * (teacher_log_probs - student_log_probs), axis=-1)
+
+
+def loop_cross_entropies(model: OuroModel, params, hidden_steps: Array, tokens: Array) -> Array:
+    """Next-token loss of every loop: hidden_steps [T, B, S, H] -> float32 [T, B, S-1]."""
+
+    def one_loop(hidden):  # [B, S, H]
+        logits = model.apply({"params": params}, hidden[:, :-1], method=OuroModel.logits)
+        return cross_entropy(logits, tokens[:, 1:])
+
+    return map_loops(one_loop, hidden_steps)
+
+
+def exit_entropy(exit_pdf: Array) -> Array:
+    """Entropy of the exit distribution over loops: [..., T] -> [...] (0 log 0 = 0)."""
+    p = exit_pdf.astype(jnp.float32)
+    return -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0), axis=-1)
+
+
+# --------------------------------------------------------------------------------------------------
+# LoopLM
+
+
+def looplm_loss(model: OuroModel, params, batch: Batch, beta: float) -> tuple[Array, dict]:
+    """Stage I: per token sum_t p_t * CE_t - beta * H(p), averaged over the weighted predictions."""
+    tokens = batch["tokens"]
+    out = model.apply({"params": params}, tokens, exit_policy=None)
+    ce = loop_cross_entropies(model, params, out.hidden_steps, tokens)  # [T, B, S-1]
+    exit_pdf = out.exit_pdf[:, :-1].astype(jnp.float32)  # [B, S-1, T]
+    expected_ce = jnp.einsum("BST,TBS->BS", exit_pdf, ce)
+    entropy = exit_entropy(exit_pdf)  # [B, S-1]
+    weights = token_weights(batch)
+    loss = weighted_mean(expected_ce - beta * entropy, weights)
+    metrics = {
+        "loss": loss,
+        "expected_ce": weighted_mean(expected_ce, weights),
+        "exit_entropy": weighted_mean(entropy, weights),
+        "loop_ce": weighted_mean(ce, weights),  # [T]
+    }
+    return loss, metrics
+
+
+def exit_gate_loss(model: OuroModel, params, batch: Batch) -> tuple[Array, dict]:
+    """Stage II: trains only params['exit_gate'] (all other params are held constant here).
+
+    With CE_t the detached per-loop losses, I_t = max(0, CE_{t-1} - CE_t) and w_t =
+    sigmoid(50 (I_t - 0.005)); the loss is the mean over loops t >= 2 of BCE(1 - lambda_t, w_t),
+    lambda_t = sigmoid(gate logit t): the gate learns to continue while a loop still helps.
+    """
+    frozen = jax.tree.map(jax.lax.stop_gradient, params)
+    params = {**frozen, "exit_gate": params["exit_gate"]}
+    tokens = batch["tokens"]
+    out = model.apply({"params": params}, tokens, exit_policy=None)
+    ce = jax.lax.stop_gradient(loop_cross_entropies(model, frozen, out.hidden_steps, tokens))  # [T, B, S-1]
+    improvement = jnp.maximum(0.0, ce[:-1] - ce[1:])  # [T-1, B, S-1]: loops 2..T
+    target = jax.nn.sigmoid(50.0 * (improvement - 0.005))  # w_t: probability of continuing
+    gate_logits = out.gate_logits[1:, :, :-1].astype(jnp.float32)  # [T-1, B, S-1]
+    # BCE(1 - lambda, w) = -(w log(1 - lambda) + (1 - w) log lambda), lambda = sigmoid(gate logit).
+    bce = -(target * jax.nn.log_sigmoid(-gate_logits) + (1 - target) * jax.nn.log_sigmoid(gate_logits))
+    weights = token_weights(batch)
+    loss = jnp.mean(weighted_mean(bce, weights))
+    metrics = {
+        "loss": loss,
+        "loop_ce": weighted_mean(ce, weights),
+        "continue_target": weighted_mean(target, weights),  # [T-1]
+    }
+    return loss, metrics
+
+
+# --------------------------------------------------------------------------------------------------
+# MELT distillation
+
+
+@dataclasses.dataclass(frozen=True)
+class Distillation:
+    """A MELT student, its frozen LoopLM teacher, and how the student's training forward runs.
+
+    forward: "two_pass" (default) or "sequential" (melt_training); chunk_size divides the sequence.
+    """
+
+    student: MeltModel
+    teacher: OuroModel
+    chunk_size: int
+    forward: str = "two_pass"
+
+    def __post_init__(self):
+        if self.forward not in ("two_pass", "sequential"):
+            raise ValueError(f"forward must be 'two_pass' or 'sequential', got {self.forward!r}")
+
+    def student_forward(self, params, tokens: Array, alpha, collect: tuple[str, ...] = ()):
+        model = self.student.clone(collect=collect)
+        run = two_pass_forward if self.forward == "two_pass" else sequential_forward
+        return run(model, params, tokens, self.chunk_size, alpha)
+
+    def teacher_forward(self, teacher_params, tokens: Array, collect: tuple[str, ...] = ()):
+        teacher_params = jax.lax.stop_gradient(teacher_params)
+        return self.teacher.clone(collect=collect).apply({"params": teacher_params}, tokens, exit_policy=None)
+
+    def loop_kl(self, params, teacher_params, student_hidden: Array, teacher_hidden: Array) -> Array:
+        """KL(teacher_t || student_t) of every loop's next-token distributions: [T, B, S-1]."""
+        teacher_params = jax.lax.stop_gradient(teacher_params)
+
+        def one_loop(student_h, teacher_h):  # [B, S, H]
+            student_logits = self.student.apply({"params": params}, student_h[:, :-1], method=MeltModel.logits)
+            teacher_logits = self.teacher.apply({"params": teacher_params}, teacher_h[:, :-1], method=OuroModel.logits)
+            return kl_divergence(teacher_logits, student_logits)
+
+        return map_loops(one_loop, student_hidden, jax.lax.stop_gradient(teacher_hidden))
+
+
+def phase1_loss(setup: Distillation, params, teacher_params, batch: Batch, alpha: Array) -> tuple[Array, dict]:
+    """Phase 1: all-loop KD (mean over loops of KL(teacher_t || student_t)) of the student whose keys
+    and values are alpha * MELT + (1 - alpha) * Ouro."""
+    tokens = batch["tokens"]
+    student = setup.student_forward(params, tokens, alpha)
+    teacher = setup.teacher_forward(teacher_params, tokens)
+    kl = setup.loop_kl(params, teacher_params, student.hidden_steps, teacher.hidden_steps)
+    loop_kd = weighted_mean(kl, token_weights(batch))  # [T]
+    loss = jnp.mean(loop_kd)
+    return loss, {"loss": loss, "kd": loss, "loop_kd": loop_kd, "alpha": jnp.asarray(alpha, jnp.float32)}
+
+
+def phase2_loss(setup: Distillation, params, teacher_params, batch: Batch, beta: float) -> tuple[Array, dict]:
+    """Phase 2: KD + beta * attention alignment, the mean over loops, layers and token positions of
+    ||o_melt(l, t) - stopgrad(o_ouro(l, t))||^2 (o: attention sublayer output after o_proj, squared
+    L2 norm over the hidden axis)."""
+    tokens = batch["tokens"]
+    collect = ("attention_output",)
+    student = setup.student_forward(params, tokens, None, collect)
+    teacher = setup.teacher_forward(teacher_params, tokens, collect)
+    kl = setup.loop_kl(params, teacher_params, student.hidden_steps, teacher.hidden_steps)
+    loop_kd = weighted_mean(kl, token_weights(batch))  # [T]
+    kd = jnp.mean(loop_kd)
+    difference = student.intermediates["attention_output"].astype(jnp.float32) - jax.lax.stop_gradient(
+        teacher.intermediates["attention_output"].astype(jnp.float32)
+    )  # [T, L, B, S, H]
+    alignment = jnp.mean(jnp.sum(jnp.square(difference), axis=-1))
+    loss = kd + beta * alignment
+    return loss, {"loss": loss, "kd": kd, "loop_kd": loop_kd, "alignment": alignment}
+
+
+def linear_alpha(step: Array, phase1_steps: int) -> Array:
+    """Phase-1 interpolation weight at a step: 0 at the first step, rising linearly to 1 at the last."""
+    return jnp.clip(jnp.asarray(step, jnp.float32) / max(phase1_steps - 1, 1), 0.0, 1.0)
+
+
+def is_gate_param(path: tuple[str, ...]) -> bool:
+    """Whether a param (by its key path) is one of MELT's new gate parameters (layers/kv_gate/...)."""
+    return "kv_gate" in path
+
+
+def is_exit_gate_param(path: tuple[str, ...]) -> bool:
+    return len(path) > 0 and path[0] == "exit_gate"
+

@@ -1,0 +1,481 @@
+"""The training loop of one stage: sharded state, jitted step, evaluation, logging, checkpoints.
+
+`run_stage(config)` trains one stage (see train/config.py) and leaves in config.output_dir:
+  checkpoints/<step>/   orbax CheckpointManager checkpoints (resumed from automatically)
+  metrics.jsonl         one JSON record per logged step and per evaluation
+  model/                the final model (config.json + params, melt_jax.checkpoint layout)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.experimental import multihost_utils
+
+from melt_jax.checkpoint import load_params, save_params
+from melt_jax.config import MeltConfig, OuroConfig, config_from_json_file
+from melt_jax.data import BatchIterator, PackedData, build_train_data, pack_documents, tokenize_dataset
+from melt_jax.melt import MeltModel, melt_from_ouro
+from melt_jax.ouro import OuroModel
+from melt_jax.params import abstract_params
+from melt_jax.sharding import (
+    batch_sharding,
+    check_batch_divisible,
+    global_batch_array,
+    make_mesh,
+    param_shardings,
+    replicated,
+    shardings_following_params,
+)
+from melt_jax.synthetic import SyntheticTaskConfig, answer_batch, synthetic_reasoning_dataset, teacher_forced_exact_match
+from melt_jax.tokenizer import Tokenizer, load_tokenizer
+from melt_jax.train.checkpointing import RunCheckpoints
+from melt_jax.train.config import TrainConfig, to_dict
+from melt_jax.train.objectives import (
+    Distillation,
+    exit_gate_loss,
+    linear_alpha,
+    loop_cross_entropies,
+    looplm_loss,
+    phase1_loss,
+    phase2_loss,
+    token_weights,
+    weighted_mean,
+)
+from melt_jax.train.optimizer import build_optimizer
+
+Array = jax.Array
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on: a non-finite loss, a teacher that does not fit the student."""
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: Array  # int32 scalar: optimizer steps taken
+    params: Any
+    opt_state: Any
+    rng: Array  # uint32 [2]
+
+
+# --------------------------------------------------------------------------------------------------
+# What a stage trains
+
+
+@dataclasses.dataclass
+class Task:
+    """The trained model, its starting params (host arrays, or None for a fresh init), its loss
+    `loss(params, teacher_params, batch, step) -> (loss, metrics)`, the frozen teacher if any, and the
+    forward used for evaluation `hidden_steps(params, tokens) -> [T, B, S, H]`."""
+
+    config: OuroConfig
+    model: OuroModel
+    init_params: dict | None
+    loss: Callable
+    hidden_steps: Callable
+    trainable: str = "all"
+    teacher_params: dict | None = None
+
+
+def _model_config(cfg: TrainConfig) -> OuroConfig:
+    """The config of a LoopLM trained from scratch: a preset or config.json, with cfg's overrides."""
+    if Path(cfg.model).is_file() or cfg.model.endswith(".json"):
+        config = config_from_json_file(cfg.model)
+    else:
+        config = OuroConfig.preset(cfg.model)
+    config = config.replace(dtype=cfg.dtype, param_dtype=cfg.dtype)
+    if cfg.vocab_size > 0:
+        config = config.replace(vocab_size=cfg.vocab_size)
+    config.validate()
+    return config
+
+
+def _check_same_shapes(student: dict, teacher: dict, what: str) -> None:
+    """TrainingError naming the first teacher param whose shape differs from the student's."""
+    flat_teacher = {tuple(str(k.key) for k in path): x for path, x in jax.tree_util.tree_leaves_with_path(teacher)}
+    flat_student = {tuple(str(k.key) for k in path): x for path, x in jax.tree_util.tree_leaves_with_path(student)}
+    for path, x in flat_teacher.items():
+        name = "/".join(path)
+        if path not in flat_student:
+            raise TrainingError(f"{what}: the student has no param {name}")
+        if tuple(flat_student[path].shape) != tuple(x.shape):
+            raise TrainingError(
+                f"{what}: param {name} has shape {tuple(x.shape)} in the teacher but {tuple(flat_student[path].shape)} in the student"
+            )
+
+
+def build_task(cfg: TrainConfig) -> Task:
+    """The model, starting params and loss of the stage `cfg.stage`."""
+    dtype = cfg.dtype
+    if cfg.stage in ("looplm", "exit_gate"):
+        if cfg.init_from:
+            config, params = load_params(cfg.init_from, dtype=dtype)
+            if config.model_type != "ouro":
+                raise TrainingError(f"stage {cfg.stage} trains a LoopLM, but init_from={cfg.init_from} is a {config.model_type} checkpoint")
+            config = config.replace(dtype=dtype, param_dtype=dtype)
+        else:
+            config, params = _model_config(cfg), None
+        model = OuroModel(config)
+
+        def hidden_steps(p, tokens):
+            return model.apply({"params": p}, tokens, exit_policy=None).hidden_steps
+
+        if cfg.stage == "looplm":
+            loss = lambda p, t, batch, step: looplm_loss(model, p, batch, cfg.beta)  # noqa: E731
+            return Task(config, model, params, loss, hidden_steps)
+        loss = lambda p, t, batch, step: exit_gate_loss(model, p, batch)  # noqa: E731
+        return Task(config, model, params, loss, hidden_steps, trainable="exit_gate")
+
+    teacher_config, teacher_params = load_params(cfg.teacher, dtype=dtype)
+    if teacher_config.model_type != "ouro":
+        raise TrainingError(f"teacher={cfg.teacher} must be a LoopLM (ouro) checkpoint, got model_type {teacher_config.model_type!r}")
+    teacher_config = teacher_config.replace(dtype=dtype, param_dtype=dtype)
+    if cfg.init_from:
+        config, params = load_params(cfg.init_from, dtype=dtype)
+        if config.model_type != "melt":
+            raise TrainingError(f"stage {cfg.stage} continues a MELT model, but init_from={cfg.init_from} is a {config.model_type} checkpoint")
+        config = config.replace(dtype=dtype, param_dtype=dtype)
+    else:
+        config, params = melt_from_ouro(teacher_config, teacher_params, gate_bias_init=cfg.gate_bias_init)
+    config = config.replace(chunk_size=cfg.chunk_size)
+    _check_same_shapes(params, teacher_params, f"teacher {cfg.teacher}")
+    setup = Distillation(MeltModel(config), OuroModel(teacher_config), cfg.chunk_size, cfg.forward)
+
+    def hidden_steps(p, tokens):
+        return setup.student_forward(p, tokens, None).hidden_steps
+
+    if cfg.stage == "melt_phase1":
+
+        def loss(p, t, batch, step):
+            return phase1_loss(setup, p, t, batch, linear_alpha(step, cfg.steps))
+
+    else:
+
+        def loss(p, t, batch, step):
+            return phase2_loss(setup, p, t, batch, cfg.align_beta)
+
+    return Task(config, setup.student, params, loss, hidden_steps, teacher_params=teacher_params)
+
+
+# --------------------------------------------------------------------------------------------------
+# Data
+
+
+@dataclasses.dataclass
+class StageData:
+    tokenizer: Tokenizer
+    train: PackedData
+    held_out: PackedData
+    answers: dict[str, np.ndarray] | None  # synthetic task: tokens / answer_mask of eval examples
+
+
+def build_data(cfg: TrainConfig) -> StageData:
+    """Packed training rows, held-out rows for the per-loop loss and, for the synthetic task, the
+    held-out examples for exact-match accuracy."""
+    d = cfg.data
+    tokenizer = load_tokenizer(d.tokenizer)
+    if d.source == "synthetic":
+        task = dict(min_hops=d.hops, max_hops=d.hops)
+        train = synthetic_reasoning_dataset(SyntheticTaskConfig(num_examples=d.num_examples, seed=cfg.seed, **task))
+        held = synthetic_reasoning_dataset(SyntheticTaskConfig(num_examples=d.eval_examples, seed=cfg.seed + 10_000, **task))
+        packed = pack_documents(tokenize_dataset(train, tokenizer, "text"), d.seq_len, tokenizer.pad_id)
+        held_out = pack_documents(tokenize_dataset(held, tokenizer, "text"), d.seq_len, tokenizer.pad_id)
+        answers = answer_batch(tokenizer, held["prompt"], held["answer"], d.seq_len)
+        return StageData(tokenizer, packed, held_out, answers)
+    packed = build_train_data(d.source, tokenizer, d.seq_len, text_field=d.text_field)
+    n_held = min(cfg.eval_batches * cfg.batch_size, packed.num_rows // 10)
+    if n_held == 0:  # too little data to hold some out: evaluate on training rows
+        return StageData(tokenizer, packed, packed, None)
+    rows = packed.as_dict()
+    train = {k: v[:-n_held] for k, v in rows.items()}
+    held = {k: v[-n_held:] for k, v in rows.items()}
+    return StageData(tokenizer, PackedData(**train), PackedData(**held), None)
+
+
+def batch_digest(batch: dict[str, np.ndarray], previous: str) -> str:
+    """A running hash of the token batches a run has trained on (to check resumption)."""
+    return hashlib.sha256(previous.encode() + np.ascontiguousarray(batch["tokens"]).tobytes()).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# State and steps
+
+
+def _to_global(host_tree: dict, shardings: Any) -> Any:
+    """Host arrays (the full value on every process) as global arrays with `shardings`."""
+    return jax.tree.map(
+        lambda x, s: jax.make_array_from_callback(x.shape, s, lambda index: np.asarray(x[index])), host_tree, shardings
+    )
+
+
+def init_state(task: Task, cfg: TrainConfig, mesh, optimizer) -> TrainState:
+    """The initial TrainState, sharded on `mesh`: params initialised in place from their shapes (each
+    device computes only its shards) or placed from the starting checkpoint."""
+    shapes = abstract_params(task.model)
+    shardings = param_shardings(shapes, mesh)
+    if task.init_params is None:
+        init = jax.jit(lambda rng: task.model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"], out_shardings=shardings)
+        params = init(jax.random.PRNGKey(cfg.seed))
+    else:
+        params = _to_global(task.init_params, shardings)
+    opt_shardings = shardings_following_params(jax.eval_shape(optimizer.init, shapes), shapes, shardings, mesh)
+    opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
+    rng = jax.device_put(jax.random.PRNGKey(cfg.seed + 1), replicated(mesh))
+    step = jax.device_put(jnp.zeros((), jnp.int32), replicated(mesh))
+    return TrainState(step=step, params=params, opt_state=opt_state, rng=rng)
+
+
+def shardings_of(tree: Any) -> Any:
+    return jax.tree.map(lambda x: x.sharding, tree)
+
+
+def make_train_step(task: Task, optimizer, state_shardings, teacher_shardings, mesh):
+    """The jitted step (state, teacher_params, batch) -> (state, metrics); the state is donated."""
+
+    def step(state: TrainState, teacher_params, batch):
+        def loss_fn(params):
+            return task.loss(params, teacher_params, batch, state.step)
+
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+        rng = jax.random.split(state.rng)[0]
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), metrics
+
+    batch_shardings = {"tokens": batch_sharding(mesh), "loss_mask": batch_sharding(mesh)}
+    return jax.jit(
+        step,
+        in_shardings=(state_shardings, teacher_shardings, batch_shardings),
+        out_shardings=(state_shardings, replicated(mesh)),
+        donate_argnums=0,
+    )
+
+
+def make_eval_step(task: Task):
+    """Jitted (params, tokens, loss_mask, answer_mask) -> per-loop loss sums, weight sum, and per-loop
+    exact-match counts over the rows with an answer."""
+
+    def evaluate(params, tokens, loss_mask, answer_mask):
+        hidden = task.hidden_steps(params, tokens)  # [T, B, S, H]
+        ce = loop_cross_entropies(task.model, params, hidden, tokens)  # [T, B, S-1]
+        weights = loss_mask[:, 1:]
+        correct = jax.vmap(
+            lambda h: teacher_forced_exact_match(
+                task.model.apply({"params": params}, h, method=OuroModel.logits), {"tokens": tokens, "answer_mask": answer_mask}
+            )
+        )(hidden)  # [T, B]
+        return jnp.sum(ce * weights, axis=(1, 2)), jnp.sum(weights), jnp.sum(correct, axis=1)
+
+    return jax.jit(evaluate)
+
+
+def _global_rows(rows: np.ndarray, mesh) -> Array:
+    """A global batch from the same host rows on every process (each contributes its slice)."""
+    per_process = rows.shape[0] // jax.process_count()
+    start = jax.process_index() * per_process
+    return global_batch_array(rows[start : start + per_process], mesh)
+
+
+def evaluate(task: Task, eval_step, params, data: StageData, cfg: TrainConfig, mesh) -> dict:
+    """Per-loop loss and perplexity on held-out rows; per-loop exact-match accuracy on the synthetic
+    task's held-out examples (teacher-forced answer tokens all argmax = greedy exact match)."""
+    batch = cfg.batch_size
+    loss_sum, weight_sum = 0.0, 0.0
+    held = data.held_out.as_dict()
+    n = held["tokens"].shape[0]
+    for i in range(min(cfg.eval_batches, max(1, n // batch))):
+        rows = np.arange(i * batch, (i + 1) * batch) % n
+        tokens = _global_rows(held["tokens"][rows], mesh)
+        mask = _global_rows(held["loss_mask"][rows], mesh)
+        sums, weights, _ = eval_step(params, tokens, mask, jnp.zeros_like(mask))
+        loss_sum, weight_sum = loss_sum + np.asarray(sums), weight_sum + float(weights)
+    loop_loss = loss_sum / max(weight_sum, 1.0)
+    result = {"loop_loss": [float(x) for x in loop_loss], "loop_ppl": [float(math.exp(min(x, 50))) for x in loop_loss]}
+    if data.answers is not None:
+        tokens, answer_mask = data.answers["tokens"], data.answers["answer_mask"]
+        correct, total = 0, 0
+        for start in range(0, tokens.shape[0] - batch + 1, batch):
+            t = _global_rows(tokens[start : start + batch], mesh)
+            a = _global_rows(answer_mask[start : start + batch], mesh)
+            correct = correct + np.asarray(eval_step(params, t, jnp.zeros_like(a), a)[2])
+            total += batch
+        result["loop_accuracy"] = [float(c) / max(total, 1) for c in np.atleast_1d(correct)]
+        result["accuracy"] = result["loop_accuracy"][-1]
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclasses.dataclass
+class StageResult:
+    output_dir: Path
+    model_dir: Path
+    steps: int
+    final_metrics: dict
+    evaluation: dict
+    tokens_seen: int
+    batch_digest: str
+    seconds: float
+
+
+def _host_params(params) -> dict:
+    """Params as host numpy arrays (gathered from all processes)."""
+    if jax.process_count() > 1:
+        return jax.tree.map(np.asarray, multihost_utils.process_allgather(params, tiled=True))
+    return jax.tree.map(np.asarray, params)
+
+
+def _format(metrics: dict) -> dict:
+    out = {}
+    for k, v in metrics.items():
+        v = np.asarray(v)
+        out[k] = float(v) if v.ndim == 0 else [float(x) for x in v.reshape(-1)]
+    return out
+
+
+def run_stage(cfg: TrainConfig, *, stop_after: int | None = None, log: Callable[[str], None] = print) -> StageResult:
+    """Trains one stage to cfg.steps, resuming from the run's latest checkpoint if there is one.
+    `stop_after` ends this call after that many steps of this call (an interruption, for tests)."""
+    cfg.validate()
+    started = time.perf_counter()
+    is_main = jax.process_index() == 0
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    mesh = make_mesh(cfg.mesh)
+    check_batch_divisible(cfg.batch_size, mesh)
+    task = build_task(cfg)
+    data = build_data(cfg)
+    if data.tokenizer.vocab_size > task.config.vocab_size:
+        raise TrainingError(
+            f"tokenizer {cfg.data.tokenizer} has {data.tokenizer.vocab_size} tokens but the model's vocab_size is {task.config.vocab_size}"
+        )
+    iterator = BatchIterator(
+        data.train,
+        cfg.batch_size,
+        seed=cfg.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        shuffle=cfg.data.shuffle,
+    )
+    optimizer = build_optimizer(cfg.optimizer, abstract_params(task.model), cfg.steps, task.trainable)
+    state = init_state(task, cfg, mesh, optimizer)
+    state_shardings = shardings_of(state)
+    teacher_params = None
+    if task.teacher_params is not None:
+        teacher_params = _to_global(task.teacher_params, param_shardings(task.teacher_params, mesh))
+    teacher_shardings = None if teacher_params is None else shardings_of(teacher_params)
+    train_step = make_train_step(task, optimizer, state_shardings, teacher_shardings, mesh)
+    eval_step = make_eval_step(task)
+
+    checkpoints = RunCheckpoints(out / "checkpoints", cfg.keep_checkpoints, cfg.async_checkpoints)
+    meta = {"stage": cfg.stage, "tokens_seen": 0, "batch_digest": "", "data": iterator.state()}
+    latest = checkpoints.latest_step()
+    if latest is not None:
+        state, meta = checkpoints.restore(latest, state)
+        if meta.get("stage") != cfg.stage:
+            raise TrainingError(f"{out} holds checkpoints of stage {meta.get('stage')!r}, not {cfg.stage!r}")
+        iterator.restore(meta["data"])
+        log(f"[{cfg.stage}] resumed from step {latest} in {checkpoints.directory}")
+    if is_main:
+        (out / "run_config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+
+    step = int(state.step)
+    last_saved = latest
+    tokens_per_step = cfg.batch_size * cfg.data.seq_len
+    metrics_file = open(out / "metrics.jsonl", "a") if is_main else None
+    progress = None
+    if is_main and cfg.progress:
+        from tqdm import tqdm
+
+        progress = tqdm(total=cfg.steps, initial=step, desc=cfg.stage, unit="step", dynamic_ncols=True)
+
+    def write_record(record: dict) -> None:
+        if metrics_file is not None:
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+
+    def check_finite(metrics, at_step):
+        loss = float(metrics["loss"])
+        if not math.isfinite(loss):
+            where = f"step {last_saved}" if last_saved is not None else "none yet"
+            raise TrainingError(
+                f"[{cfg.stage}] loss is {loss} at step {at_step}: stopping. Last good checkpoint: {where} in {checkpoints.directory}"
+            )
+        return loss
+
+    metrics: dict = {}
+    window_start, window_steps = time.perf_counter(), 0
+    steps_this_call = 0
+    try:
+        while step < cfg.steps:
+            local = next(iterator)
+            meta["batch_digest"] = batch_digest(local, meta["batch_digest"])
+            batch = {name: global_batch_array(local[name], mesh) for name in ("tokens", "loss_mask")}
+            state, metrics = train_step(state, teacher_params, batch)
+            step += 1
+            steps_this_call += 1
+            window_steps += 1
+            meta["tokens_seen"] += tokens_per_step
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                loss = check_finite(metrics, step)
+                elapsed = time.perf_counter() - window_start
+                tokens_per_s = window_steps * tokens_per_step / max(elapsed, 1e-9)
+                write_record({"step": step, "tokens_per_s": tokens_per_s, **_format(metrics)})
+                if progress is not None:
+                    progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+                window_start, window_steps = time.perf_counter(), 0
+            if progress is not None:
+                progress.update(1)
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+                write_record({"step": step, "eval": evaluate(task, eval_step, state.params, data, cfg, mesh)})
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                check_finite(metrics, step)
+                meta["data"] = iterator.state()
+                checkpoints.save(step, state, dict(meta))
+                last_saved = step
+            if stop_after is not None and steps_this_call >= stop_after and step < cfg.steps:
+                break
+        checkpoints.wait()
+    finally:
+        if progress is not None:
+            progress.close()
+        checkpoints.close()
+        if metrics_file is not None:
+            metrics_file.close()
+
+    model_dir = out / "model"
+    evaluation: dict = {}
+    if step >= cfg.steps:
+        evaluation = evaluate(task, eval_step, state.params, data, cfg, mesh)
+        host = _host_params(state.params)
+        if is_main:
+            save_params(model_dir, task.config, host, overwrite=True)
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": step, "eval": evaluation}) + "\n")
+        multihost_utils.sync_global_devices("model saved")
+    return StageResult(
+        output_dir=out,
+        model_dir=model_dir,
+        steps=step,
+        final_metrics=_format(metrics) if metrics else {},
+        evaluation=evaluation,
+        tokens_seen=meta["tokens_seen"],
+        batch_digest=meta["batch_digest"],
+        seconds=time.perf_counter() - started,
+    )
