@@ -144,6 +144,24 @@ def answer_accuracy(
     return jnp.all(correct, axis=1)
 
 
+def token_log_probs(
+    model: nn.Module,
+    params,
+    tokens: Array,
+    exit_policy: ExitPolicy = ExitPolicy(),
+    chunk_size: int | None = None,
+) -> tuple[Array, Array]:
+    """For each next token of tokens [B, S]: its log-probability under the logits chosen by
+    `exit_policy` at the position before it, float32 [B, S-1], and whether it is their argmax,
+    bool [B, S-1] (what lm-evaluation-harness's loglikelihood needs)."""
+    hidden, exit_pdf = hidden_states(model, params, tokens, chunk_size)
+    chosen, _ = select_hidden(hidden, exit_pdf, exit_policy)  # [B, S, H]
+    logits = project(model, params, chosen[:, :-1]).astype(jnp.float32)  # [B, S-1, V]
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    picked = jnp.take_along_axis(log_probs, tokens[:, 1:, None], axis=-1)[..., 0]  # [B, S-1]
+    return picked, jnp.argmax(logits, axis=-1) == tokens[:, 1:]
+
+
 # --------------------------------------------------------------------------------------------------
 # Host-level loop over a dataset
 

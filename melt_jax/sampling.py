@@ -39,6 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from melt_jax.cache import KVCache, init_ouro_cache
+from melt_jax.checkpoint import load_params
+from melt_jax.config import OuroConfig
 from melt_jax.exit import ExitPolicy, select_hidden
 from melt_jax.melt import MeltModel, init_melt_cache
 from melt_jax.ouro import OuroModel
@@ -68,6 +70,8 @@ class SamplingConfig:
     max_new_tokens  most new tokens per prompt, the stop token included
     stop_token_ids  a row ends when it produces one of these (the stop token is not returned)
     seed            seed of the random draws
+    vocab_limit     only ids below this are produced (None: all), e.g. the tokenizer's size when the
+                    model's vocabulary is padded beyond it
     """
 
     temperature: float = 0.0
@@ -76,6 +80,7 @@ class SamplingConfig:
     max_new_tokens: int = 64
     stop_token_ids: tuple[int, ...] = ()
     seed: int = 0
+    vocab_limit: int | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "stop_token_ids", tuple(int(i) for i in self.stop_token_ids))
@@ -89,10 +94,13 @@ class SamplingConfig:
             raise GenerationError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
         if not isinstance(self.seed, int):
             raise GenerationError(f"seed must be an integer, got {self.seed!r}")
+        if self.vocab_limit is not None and (not isinstance(self.vocab_limit, int) or self.vocab_limit < 1):
+            raise GenerationError(f"vocab_limit must be a positive integer, got {self.vocab_limit!r}")
 
     @property
     def token_rule(self) -> "TokenRule":
-        return TokenRule(self.temperature, self.top_k or None, None if self.top_p in (None, 1.0) else self.top_p)
+        top_p = None if self.top_p in (None, 1.0) else self.top_p
+        return TokenRule(self.temperature, self.top_k or None, top_p, self.vocab_limit)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +110,7 @@ class TokenRule:
     temperature: float = 0.0
     top_k: int | None = None
     top_p: float | None = None
+    vocab_limit: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,6 +162,8 @@ def top_p_filter(logits: Array, p: float) -> Array:
 def next_tokens(logits: Array, keys: Array, rule: TokenRule) -> Array:
     """One token per row, int32 [B], from logits [B, V] with per-row keys [B]."""
     logits = logits.astype(jnp.float32)
+    if rule.vocab_limit is not None and rule.vocab_limit < logits.shape[-1]:
+        logits = logits.at[:, rule.vocab_limit :].set(-jnp.inf)
     if rule.temperature == 0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits / rule.temperature
@@ -296,6 +307,42 @@ def model_kind(model: nn.Module) -> str:
     raise GenerationError(f"expected an OuroModel or a MeltModel, got {type(model).__name__}")
 
 
+def model_for_config(config: OuroConfig) -> OuroModel:
+    """The model class a config's model_type names: MeltModel for 'melt', OuroModel for 'ouro'."""
+    return MeltModel(config) if config.model_type == "melt" else OuroModel(config)
+
+
+def load_model(path, dtype: str | None = None) -> tuple[OuroModel, dict]:
+    """(model, params on the default device) of a melt_jax checkpoint directory, Ouro or MELT.
+    CheckpointError / ConfigError name what is wrong with the directory."""
+    config, params = load_params(path, dtype)
+    return model_for_config(config), jax.device_put(params)
+
+
+def parse_exit_policy(text: str, config: OuroConfig) -> ExitPolicy:
+    """An exit policy from its command-line form: 'last', 'step:N' (0-based loop), 'threshold:X',
+    'weighted', or 'default' (what upstream Ouro returns: config.early_exit_step / _threshold)."""
+    name, _, value = text.partition(":")
+    try:
+        if name in ("last", "weighted") and not value:
+            policy = ExitPolicy(name)
+        elif name == "default" and not value:
+            policy = ExitPolicy.upstream_default(config)
+        elif name == "step" and value:
+            policy = ExitPolicy.at_step(int(value))
+        elif name == "threshold" and value:
+            policy = ExitPolicy.at_threshold(float(value))
+        else:
+            raise ValueError("unknown form")
+        policy.validate(config.num_loops)
+    except ValueError as e:
+        raise GenerationError(
+            f"bad exit policy {text!r} ({e}); expected last, step:N (0 <= N < {config.num_loops}), "
+            "threshold:X, weighted or default"
+        ) from None
+    return policy
+
+
 @functools.lru_cache(maxsize=8)
 def _expected_leaves(model: nn.Module) -> dict[str, tuple[int, ...]]:
     tree = jax.tree_util.tree_flatten_with_path(abstract_params(model))[0]
@@ -367,6 +414,8 @@ def _check_setup(model, sampling: SamplingConfig, exit_policy: ExitPolicy, chunk
         exit_policy.validate(c.num_loops)
     except ValueError as e:
         raise GenerationError(str(e)) from None
+    if sampling.vocab_limit is not None and sampling.vocab_limit > c.vocab_size:
+        raise GenerationError(f"vocab_limit {sampling.vocab_limit} is above the model's vocabulary size {c.vocab_size}")
     bad_stops = [i for i in sampling.stop_token_ids if not 0 <= i < c.vocab_size]
     if bad_stops:
         raise GenerationError(f"stop token ids {bad_stops} are outside the vocabulary [0, {c.vocab_size})")

@@ -1,7 +1,7 @@
 """Tiny Ouro and MELT models with random weights, shared by the sampling, evaluation, lm-eval and CLI
 tests so that they compile the same shapes once per test session.
 
-Both models have vocabulary 260 (the byte tokenizer's 258 ids fit), H=32, L=2, T=3 loops, GQA (4 query
+Both models have the byte tokenizer's vocabulary (258), H=32, L=2, T=3 loops, GQA (4 query
 heads, 2 kv heads of 8); MELT has random gates and chunk size 4.
 """
 
@@ -18,7 +18,7 @@ from melt_jax.ouro import OuroModel
 from melt_jax.params import init_params
 
 OURO_CONFIG = OuroConfig(
-    vocab_size=260,
+    vocab_size=258,
     hidden_size=32,
     intermediate_size=64,
     num_hidden_layers=2,

@@ -171,6 +171,7 @@ def test_token_filters():
         jax.random.split(jax.random.key(1), 200)
     )
     assert set(np.unique(draws[:, 0]).tolist()) == {1, 2}  # only the two largest are ever drawn
+    assert next_tokens(logits, keys, TokenRule(vocab_limit=2)).tolist() == [1, 0]
 
 
 def test_bad_input_is_refused_before_compiling():
