@@ -1,0 +1,98 @@
+"""Evaluation (melt_jax/evaluation.py): per-loop losses and step logits against the models' own
+forwards, MELT's chunked semantics with padding, and teacher-forced accuracy against greedy decoding."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from generation_fixtures import tiny_model
+from melt_jax.decoding import forward
+from melt_jax.evaluation import answer_accuracy, evaluate_dataset, loss_sums, per_loop_losses, step_logits
+from melt_jax.exit import ExitPolicy
+from melt_jax.losses import next_token_cross_entropy
+from melt_jax.melt import chunked_prefill, init_melt_cache
+from melt_jax.sampling import SamplingConfig, generate
+
+TOKENS = np.random.default_rng(0).integers(0, 258, size=(4, 14)).astype(np.int32)  # 14: not a multiple of 4
+MASK = (np.random.default_rng(1).random((4, 14)) < 0.7).astype(np.float32)
+
+_step_logits = jax.jit(step_logits, static_argnames=("model", "chunk_size"))
+_loss_sums = jax.jit(loss_sums, static_argnames=("model", "exit_policy", "chunk_size"))
+_per_loop = jax.jit(per_loop_losses, static_argnames=("model", "chunk_size"))
+
+
+def _masked_mean_ce(logits, tokens, mask):
+    """Mean CE of each token's prediction weighted by mask (column 0 has no prediction)."""
+    per_token = np.asarray(next_token_cross_entropy(logits, jnp.asarray(tokens)))  # [B, S-1]
+    return (per_token * mask[:, 1:]).sum() / mask[:, 1:].sum()
+
+
+def test_ouro_step_logits_and_per_loop_losses_match_the_forward():
+    model, params = tiny_model("ouro")
+    expected = forward(model, params, jnp.asarray(TOKENS), exit_policy=None, return_step_logits=True).step_logits
+    np.testing.assert_allclose(_step_logits(model, params, TOKENS), expected, atol=1e-5, rtol=0)
+    losses = _per_loop(model, params, TOKENS, MASK)
+    assert losses.shape == (model.config.num_loops,)
+    np.testing.assert_allclose(losses, [_masked_mean_ce(x, TOKENS, MASK) for x in expected], rtol=1e-5)
+
+    policy = ExitPolicy.at_threshold(0.5)
+    sums = _loss_sums(model, params, TOKENS, MASK, policy)
+    chosen = forward(model, params, jnp.asarray(TOKENS), exit_policy=policy).logits
+    np.testing.assert_allclose(sums.policy / sums.weight, _masked_mean_ce(chosen, TOKENS, MASK), rtol=1e-5)
+    assert float(sums.weight) == MASK[:, 1:].sum()
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1])
+def test_melt_step_logits_are_the_chunked_inference_values(chunk_size):
+    model, params = tiny_model("melt")
+    chunk = chunk_size or model.config.chunk_size  # 4: the 14 tokens are padded to 16 inside
+    cache = init_melt_cache(model.config, TOKENS.shape[0], TOKENS.shape[1])
+    expected, _ = chunked_prefill(model, params, jnp.asarray(TOKENS), cache, chunk)  # last chunk shorter
+    logits = _step_logits(model, params, TOKENS, chunk_size=chunk_size)
+    assert logits.shape == (model.config.num_loops, *TOKENS.shape, model.config.vocab_size)
+    np.testing.assert_allclose(logits[-1], expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["ouro", "melt"])
+def test_answer_accuracy_is_greedy_exact_match(kind):
+    model, params = tiny_model(kind)
+    prompts = [list(p) for p in TOKENS[:, :9]]
+    greedy = generate(model, params, prompts, SamplingConfig(max_new_tokens=12)).tokens
+    # MELT decodes answer tokens one at a time but scores them in chunks: its answers are one token
+    # long (as on the synthetic task), predicted from the prompt alone under both.
+    length = 4 if kind == "ouro" else 1
+    answers = [g[:length] for g in greedy]
+    answers[1] = [(answers[1][0] + 1) % 258] + answers[1][1:]  # wrong first token
+    answers[3] = answers[3][:-1] + [(answers[3][-1] + 1) % 258]  # wrong last token
+    tokens = np.array([p + a for p, a in zip(prompts, answers)], np.int32)
+    answer_mask = np.zeros_like(tokens, np.float32)
+    answer_mask[:, 9:] = 1
+    correct = jax.jit(answer_accuracy, static_argnames=("model",))(model, params, tokens, answer_mask)
+    assert correct.tolist() == [True, False, True, False]
+
+
+def test_evaluate_dataset_combines_batches():
+    model, params = tiny_model("ouro")
+    answer_mask = np.zeros_like(MASK)
+    answer_mask[:, -1] = 1
+    first = {"tokens": TOKENS, "loss_mask": MASK, "answer_mask": answer_mask}
+    second = {"tokens": TOKENS[::-1], "answer_mask": answer_mask, "row_mask": np.array([1, 1, 0, 0], bool)}
+    result = evaluate_dataset(model, params, [first, second])
+    full_mask = np.ones_like(MASK)
+    losses = [
+        (_per_loop(model, params, TOKENS, MASK) * MASK[:, 1:].sum() + _per_loop(model, params, TOKENS[::-1], full_mask) * 4 * 13)
+        / (MASK[:, 1:].sum() + 4 * 13)
+    ]
+    np.testing.assert_allclose(result["loss_per_loop"], losses[0], rtol=1e-5)
+    assert result["loss"] == pytest.approx(result["loss_per_loop"][-1])  # the default policy: last loop
+    assert result["perplexity_per_loop"] == pytest.approx(np.exp(result["loss_per_loop"]))
+    assert result["num_tokens"] == MASK[:, 1:].sum() + 4 * 13 and result["num_examples"] == 6
+    correct = jax.jit(answer_accuracy, static_argnames=("model",))
+    hits = correct(model, params, TOKENS, answer_mask).sum() + correct(model, params, TOKENS[::-1], answer_mask)[:2].sum()
+    assert result["accuracy"] == pytest.approx(float(hits) / 6)
+
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        evaluate_dataset(model, params, [{"tokens": TOKENS + 300}])
+    with pytest.raises(ValueError, match="no batches"):
+        evaluate_dataset(model, params, [])
