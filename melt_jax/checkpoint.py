@@ -120,12 +120,23 @@ def _pytree_handler() -> ocp.PyTreeCheckpointHandler:
         (np.ndarray, numpy_handler),
         *[(t, ocp.type_handlers.get_type_handler(t)) for t in (jax.Array, int, float, np.number)],
     )
-    return ocp.PyTreeCheckpointHandler(use_compression=False, type_handler_registry=registry)
+    return ocp.PyTreeCheckpointHandler(
+        use_compression=False, type_handler_registry=registry, multiprocessing_options=_this_process_only()
+    )
+
+
+def _this_process_only() -> ocp.options.MultiprocessingOptions:
+    """Orbax options for I/O done by this process alone: a model checkpoint is written by one process
+    of a multi-process run (and read by each on its own), so orbax must not wait for the others."""
+    me = jax.process_index()
+    return ocp.options.MultiprocessingOptions(
+        primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"melt_jax_process_{me}"
+    )
 
 
 def save_tree(path: str | os.PathLike, tree: Any) -> None:
     """Saves a pytree of arrays (numpy or jax) as an orbax checkpoint in the new directory `path`."""
-    checkpointer = ocp.Checkpointer(_pytree_handler())
+    checkpointer = ocp.Checkpointer(_pytree_handler(), multiprocessing_options=_this_process_only())
     try:
         checkpointer.save(Path(path).absolute(), args=ocp.args.PyTreeSave(tree))
     finally:
@@ -160,7 +171,10 @@ def load_tree(path: str | os.PathLike, dtype: str | None = None) -> dict:
     if not path.is_dir():
         raise CheckpointError(f"orbax checkpoint directory not found: {path}")
     np_dtype = numpy_dtype(dtype) if dtype is not None else None
-    checkpointer = ocp.PyTreeCheckpointer()
+    checkpointer = ocp.Checkpointer(
+        ocp.PyTreeCheckpointHandler(multiprocessing_options=_this_process_only()),
+        multiprocessing_options=_this_process_only(),
+    )
     try:
         try:
             metadata = checkpointer.metadata(path)

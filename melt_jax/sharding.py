@@ -62,11 +62,13 @@ class ShardingError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Sizes of the mesh axes; one of them may be -1: it takes the devices the others leave."""
+    """Sizes of the mesh axes; one of them may be -1: it takes the devices the others leave.
+    num_devices > 0 builds the mesh over the first num_devices devices only (0: all of them)."""
 
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+    num_devices: int = 0
 
     def shape(self, num_devices: int) -> tuple[int, int, int]:
         sizes = [self.data, self.fsdp, self.tensor]
@@ -95,6 +97,10 @@ def make_mesh(config: MeshConfig = MeshConfig(), devices: Sequence[jax.Device] |
     """A ("data", "fsdp", "tensor") mesh over `devices` (default: all devices of all processes), with
     automatic (GSPMD) axes. On a multi-device CPU this also turns off asynchronous CPU dispatch."""
     devices = list(jax.devices() if devices is None else devices)
+    if config.num_devices > len(devices) or config.num_devices < 0:
+        raise ShardingError(f"mesh num_devices={config.num_devices} but there are {len(devices)} devices")
+    if config.num_devices:
+        devices = devices[: config.num_devices]
     shape = config.shape(len(devices))
     if len(devices) > 1 and devices[0].platform == "cpu":
         # Several sharded programs in flight at once can starve XLA's CPU collectives of threads

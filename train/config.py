@@ -38,7 +38,9 @@ class DataConfig:
     seq_len: int = 64
     num_examples: int = 20_000  # synthetic corpus size
     eval_examples: int = 256  # held-out synthetic examples for the accuracy metric
-    hops: int = 2  # synthetic task: assignments in each chain
+    hops: int = 2  # synthetic task: operations in the queried chain
+    distractors: int = 0  # synthetic task: assignments the answer does not depend on
+    loss: str = "answer"  # synthetic task: "answer" (loss on the answers only) or "all" (every token)
     shuffle: bool = True
 
 
@@ -61,7 +63,7 @@ class TrainConfig:
     gate_bias_init: float = -4.0  # MELT gates created from an Ouro teacher
     log_every: int = 10
     eval_every: int = 0  # 0: evaluate at the end only
-    eval_batches: int = 4
+    eval_batches: int = 4  # 0: no evaluation
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
     async_checkpoints: bool = True
@@ -76,6 +78,8 @@ class TrainConfig:
         for name in ("steps", "batch_size", "chunk_size", "log_every", "checkpoint_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise RunConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.data.loss not in ("answer", "all"):
+            raise RunConfigError(f"data.loss must be 'answer' or 'all', got {self.data.loss!r}")
         if self.data.seq_len < 2:
             raise RunConfigError(f"data.seq_len must be >= 2, got {self.data.seq_len}")
         if self.forward not in ("two_pass", "sequential"):

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -24,9 +23,10 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
+from melt_jax import evaluation
 from melt_jax.checkpoint import load_params, save_params
-from melt_jax.config import MeltConfig, OuroConfig, config_from_json_file
-from melt_jax.data import BatchIterator, PackedData, build_train_data, pack_documents, tokenize_dataset
+from melt_jax.config import OuroConfig, config_from_json_file
+from melt_jax.data import BatchIterator, DataError, PackedData, build_train_data, pack_documents, tokenize_dataset
 from melt_jax.melt import MeltModel, melt_from_ouro
 from melt_jax.ouro import OuroModel
 from melt_jax.params import abstract_params
@@ -51,8 +51,6 @@ from melt_jax.train.objectives import (
     looplm_loss,
     phase1_loss,
     phase2_loss,
-    token_weights,
-    weighted_mean,
 )
 from melt_jax.train.optimizer import build_optimizer
 
@@ -78,14 +76,12 @@ class TrainState:
 @dataclasses.dataclass
 class Task:
     """The trained model, its starting params (host arrays, or None for a fresh init), its loss
-    `loss(params, teacher_params, batch, step) -> (loss, metrics)`, the frozen teacher if any, and the
-    forward used for evaluation `hidden_steps(params, tokens) -> [T, B, S, H]`."""
+    `loss(params, teacher_params, batch, step) -> (loss, metrics)` and the frozen teacher if any."""
 
     config: OuroConfig
     model: OuroModel
     init_params: dict | None
     loss: Callable
-    hidden_steps: Callable
     trainable: str = "all"
     teacher_params: dict | None = None
 
@@ -129,15 +125,11 @@ def build_task(cfg: TrainConfig) -> Task:
         else:
             config, params = _model_config(cfg), None
         model = OuroModel(config)
-
-        def hidden_steps(p, tokens):
-            return model.apply({"params": p}, tokens, exit_policy=None).hidden_steps
-
         if cfg.stage == "looplm":
             loss = lambda p, t, batch, step: looplm_loss(model, p, batch, cfg.beta)  # noqa: E731
-            return Task(config, model, params, loss, hidden_steps)
+            return Task(config, model, params, loss)
         loss = lambda p, t, batch, step: exit_gate_loss(model, p, batch)  # noqa: E731
-        return Task(config, model, params, loss, hidden_steps, trainable="exit_gate")
+        return Task(config, model, params, loss, trainable="exit_gate")
 
     teacher_config, teacher_params = load_params(cfg.teacher, dtype=dtype)
     if teacher_config.model_type != "ouro":
@@ -153,10 +145,6 @@ def build_task(cfg: TrainConfig) -> Task:
     config = config.replace(chunk_size=cfg.chunk_size)
     _check_same_shapes(params, teacher_params, f"teacher {cfg.teacher}")
     setup = Distillation(MeltModel(config), OuroModel(teacher_config), cfg.chunk_size, cfg.forward)
-
-    def hidden_steps(p, tokens):
-        return setup.student_forward(p, tokens, None).hidden_steps
-
     if cfg.stage == "melt_phase1":
 
         def loss(p, t, batch, step):
@@ -167,7 +155,7 @@ def build_task(cfg: TrainConfig) -> Task:
         def loss(p, t, batch, step):
             return phase2_loss(setup, p, t, batch, cfg.align_beta)
 
-    return Task(config, setup.student, params, loss, hidden_steps, teacher_params=teacher_params)
+    return Task(config, setup.student, params, loss, teacher_params=teacher_params)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -182,17 +170,51 @@ class StageData:
     answers: dict[str, np.ndarray] | None  # synthetic task: tokens / answer_mask of eval examples
 
 
+def pack_answer_examples(tokenizer: Tokenizer, prompts, answers, seq_len: int) -> PackedData:
+    """Whole examples (prompt, answer, newline, eos) packed back to back into rows of seq_len tokens,
+    none split across rows; loss_mask is 1 at the answer tokens and the newline after them only."""
+    rows: list[tuple[list[int], list[float], list[int]]] = []
+    tokens, mask, segments = [], [], []
+    for prompt, answer in zip(prompts, answers):
+        prompt_ids, answer_ids = tokenizer.encode(prompt), tokenizer.encode(answer + "\n")
+        example = prompt_ids + answer_ids + [tokenizer.eos_id]
+        if len(example) > seq_len:
+            raise DataError(f"synthetic example of {len(example)} tokens does not fit data.seq_len={seq_len}: {prompt!r}")
+        if len(tokens) + len(example) > seq_len:
+            rows.append((tokens, mask, segments))
+            tokens, mask, segments = [], [], []
+        segment = (segments[-1] if segments else 0) + 1
+        tokens += example
+        mask += [0.0] * len(prompt_ids) + [1.0] * len(answer_ids) + [0.0]
+        segments += [segment] * len(example)
+    if tokens:
+        rows.append((tokens, mask, segments))
+
+    def padded(values, fill, dtype):
+        return np.array([row + [fill] * (seq_len - len(row)) for row in values], dtype)
+
+    return PackedData(
+        tokens=padded([r[0] for r in rows], tokenizer.pad_id, np.int32),
+        loss_mask=padded([r[1] for r in rows], 0.0, np.float32),
+        segment_ids=padded([r[2] for r in rows], 0, np.int32),
+    )
+
+
 def build_data(cfg: TrainConfig) -> StageData:
     """Packed training rows, held-out rows for the per-loop loss and, for the synthetic task, the
     held-out examples for exact-match accuracy."""
     d = cfg.data
     tokenizer = load_tokenizer(d.tokenizer)
     if d.source == "synthetic":
-        task = dict(min_hops=d.hops, max_hops=d.hops)
+        task = dict(min_hops=d.hops, max_hops=d.hops, num_distractors=d.distractors)
         train = synthetic_reasoning_dataset(SyntheticTaskConfig(num_examples=d.num_examples, seed=cfg.seed, **task))
         held = synthetic_reasoning_dataset(SyntheticTaskConfig(num_examples=d.eval_examples, seed=cfg.seed + 10_000, **task))
-        packed = pack_documents(tokenize_dataset(train, tokenizer, "text"), d.seq_len, tokenizer.pad_id)
-        held_out = pack_documents(tokenize_dataset(held, tokenizer, "text"), d.seq_len, tokenizer.pad_id)
+        if d.loss == "answer":
+            packed = pack_answer_examples(tokenizer, train["prompt"], train["answer"], d.seq_len)
+            held_out = pack_answer_examples(tokenizer, held["prompt"], held["answer"], d.seq_len)
+        else:
+            packed = pack_documents(tokenize_dataset(train, tokenizer, "text"), d.seq_len, tokenizer.pad_id)
+            held_out = pack_documents(tokenize_dataset(held, tokenizer, "text"), d.seq_len, tokenizer.pad_id)
         answers = answer_batch(tokenizer, held["prompt"], held["answer"], d.seq_len)
         return StageData(tokenizer, packed, held_out, answers)
     packed = build_train_data(d.source, tokenizer, d.seq_len, text_field=d.text_field)
@@ -266,21 +288,21 @@ def make_train_step(task: Task, optimizer, state_shardings, teacher_shardings, m
 
 
 def make_eval_step(task: Task):
-    """Jitted (params, tokens, loss_mask, answer_mask) -> per-loop loss sums, weight sum, and per-loop
-    exact-match counts over the rows with an answer."""
+    """Jitted (params, tokens, loss_mask, answer_mask) -> per-loop weighted loss sums [T], the weight
+    sum, and per-loop exact-match counts [T] over the rows (an all-zero answer mask counts as a hit).
+    The forward is the model's inference computation (`evaluation.hidden_states`: MELT chunked)."""
 
-    def evaluate(params, tokens, loss_mask, answer_mask):
-        hidden = task.hidden_steps(params, tokens)  # [T, B, S, H]
+    def evaluate_batch(params, tokens, loss_mask, answer_mask):
+        hidden, _ = evaluation.hidden_states(task.model, params, tokens)  # [T, B, S, H]
         ce = loop_cross_entropies(task.model, params, hidden, tokens)  # [T, B, S-1]
         weights = loss_mask[:, 1:]
-        correct = jax.vmap(
-            lambda h: teacher_forced_exact_match(
-                task.model.apply({"params": params}, h, method=OuroModel.logits), {"tokens": tokens, "answer_mask": answer_mask}
-            )
-        )(hidden)  # [T, B]
+        answers = {"tokens": tokens, "answer_mask": answer_mask}
+        correct = jax.lax.map(
+            lambda h: teacher_forced_exact_match(evaluation.project(task.model, params, h), answers), hidden
+        )  # [T, B]
         return jnp.sum(ce * weights, axis=(1, 2)), jnp.sum(weights), jnp.sum(correct, axis=1)
 
-    return jax.jit(evaluate)
+    return jax.jit(evaluate_batch)
 
 
 def _global_rows(rows: np.ndarray, mesh) -> Array:
@@ -442,7 +464,7 @@ def run_stage(cfg: TrainConfig, *, stop_after: int | None = None, log: Callable[
                 window_start, window_steps = time.perf_counter(), 0
             if progress is not None:
                 progress.update(1)
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+            if cfg.eval_every and cfg.eval_batches and step % cfg.eval_every == 0 and step < cfg.steps:
                 write_record({"step": step, "eval": evaluate(task, eval_step, state.params, data, cfg, mesh)})
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 check_finite(metrics, step)
@@ -462,12 +484,14 @@ def run_stage(cfg: TrainConfig, *, stop_after: int | None = None, log: Callable[
     model_dir = out / "model"
     evaluation: dict = {}
     if step >= cfg.steps:
-        evaluation = evaluate(task, eval_step, state.params, data, cfg, mesh)
+        if cfg.eval_batches:
+            evaluation = evaluate(task, eval_step, state.params, data, cfg, mesh)
         host = _host_params(state.params)
         if is_main:
             save_params(model_dir, task.config, host, overwrite=True)
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({"step": step, "eval": evaluation}) + "\n")
+            if evaluation:
+                with open(out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps({"step": step, "eval": evaluation}) + "\n")
         multihost_utils.sync_global_devices("model saved")
     return StageResult(
         output_dir=out,

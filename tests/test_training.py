@@ -1,0 +1,290 @@
+"""The training program: objectives, sharded steps against one device, two processes against one,
+kill and resume, NaN stop, bad configurations, and the pipeline end to end (tiny sizes throughout)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from melt_jax.checkpoint import load_params, save_params
+from melt_jax.config import OuroConfig
+from melt_jax.melt import MeltModel, melt_from_ouro
+from melt_jax.ouro import OuroModel
+from melt_jax.params import init_params
+from melt_jax.sharding import MeshConfig, ShardingError, make_mesh, param_shardings
+from melt_jax.train.checkpointing import RunCheckpoints
+from melt_jax.train.cli import main as train_main
+from melt_jax.train.config import RunConfigError, load_train_config
+from melt_jax.train.objectives import Distillation, looplm_loss, phase1_loss
+from melt_jax.train.pipeline import load_pipeline_config, run_pipeline
+from melt_jax.train.trainer import TrainingError, run_stage
+
+SEQ, CHUNK, BATCH = 32, 8, 8
+MODEL = OuroConfig.preset("tiny", vocab_size=258, hidden_size=32, intermediate_size=64, total_ut_steps=3)
+
+# Settings shared by the runs below: tiny data, no evaluation, synchronous checkpoints.
+COMMON = [
+    f"data.seq_len={SEQ}",
+    "data.num_examples=400",
+    f"batch_size={BATCH}",
+    f"chunk_size={CHUNK}",
+    "eval_batches=0",
+    "progress=false",
+    "async_checkpoints=false",
+    "log_every=1",
+    "optimizer.learning_rate=3e-3",
+    "optimizer.gate_learning_rate=1e-2",
+    # Phase 1 starts at alpha = 0, where the student is the teacher: its KD gradient is rounding noise,
+    # which Adam (eps 1e-8) would turn into lr-sized steps of arbitrary sign. A first step at learning
+    # rate 0 (warmup) keeps runs comparable across meshes.
+    "optimizer.warmup_steps=1",
+]
+MESH_8 = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
+MESH_1 = ["mesh.data=1", "mesh.num_devices=1"]
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    """A randomly initialised LoopLM teacher saved as a melt_jax checkpoint."""
+    path = tmp_path_factory.mktemp("teacher") / "model"
+    params = jax.tree.map(np.asarray, init_params(OuroModel(MODEL), jax.random.key(3)))
+    save_params(path, MODEL, params)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_json(tmp_path_factory):
+    path = tmp_path_factory.mktemp("config") / "config.json"
+    path.write_text(MODEL.to_json_string())
+    return str(path)
+
+
+def stage_overrides(stage, out, teacher_dir, model_json, phase1_dir=None):
+    fields = [f"stage={stage}", f"output_dir={out}", f"model={model_json}", *COMMON]
+    if stage.startswith("melt"):
+        fields.append(f"teacher={teacher_dir}")
+    if stage == "melt_phase2":
+        fields.append(f"init_from={phase1_dir}")
+    return fields
+
+
+def final_params(result_or_dir):
+    path = getattr(result_or_dir, "model_dir", result_or_dir)
+    return load_params(path)[1]
+
+
+def assert_params_close(a, b, atol=TOL):
+    flat_a = jax.tree_util.tree_leaves_with_path(a)
+    flat_b = jax.tree.leaves(b)
+    assert len(flat_a) == len(flat_b)
+    for (path, x), y in zip(flat_a, flat_b):
+        np.testing.assert_allclose(np.asarray(x, np.float32), np.asarray(y, np.float32), atol=atol, rtol=0, err_msg=str(path))
+
+
+# --------------------------------------------------------------------------------------------------
+# Objectives
+
+
+def test_phase1_at_alpha_zero_is_the_teacher(teacher_dir):
+    config, teacher = load_params(teacher_dir)
+    melt_config, student = melt_from_ouro(config, teacher)
+    setup = Distillation(MeltModel(melt_config), OuroModel(config), CHUNK)
+    tokens = jax.random.randint(jax.random.key(0), (2, SEQ), 0, config.vocab_size)
+    batch = {"tokens": tokens, "loss_mask": jnp.ones((2, SEQ), jnp.float32)}
+    at_zero, _ = phase1_loss(setup, student, teacher, batch, 0.0)
+    at_one, _ = phase1_loss(setup, student, teacher, batch, 1.0)
+    assert abs(float(at_zero)) < 1e-7  # the student is exactly Ouro
+    assert float(at_one) > 1e-4  # MELT's shared cache differs from Ouro's per-loop caches
+
+
+def test_looplm_loss_is_expected_ce_minus_entropy(teacher_dir):
+    """Stage I against a direct computation from every loop's logits."""
+    config, params = load_params(teacher_dir)
+    model = OuroModel(config)
+    tokens = jax.random.randint(jax.random.key(1), (2, SEQ), 0, config.vocab_size)
+    mask = jnp.ones((2, SEQ), jnp.float32).at[:, :5].set(0.0)
+    loss, metrics = looplm_loss(model, params, {"tokens": tokens, "loss_mask": mask}, beta=0.1)
+    out = model.apply({"params": params}, tokens, exit_policy=None, return_step_logits=True)
+    log_probs = jax.nn.log_softmax(out.step_logits[:, :, :-1], axis=-1)  # [T, B, S-1, V]
+    ce = -np.take_along_axis(np.asarray(log_probs), np.asarray(tokens)[None, :, 1:, None], axis=-1)[..., 0]
+    p = np.moveaxis(np.asarray(out.exit_pdf[:, :-1]), -1, 0)  # [T, B, S-1]
+    per_token = (p * ce).sum(0) + 0.1 * (p * np.log(p)).sum(0)
+    w = np.asarray(mask[:, 1:])
+    np.testing.assert_allclose(float(loss), (per_token * w).sum() / w.sum(), rtol=1e-5)
+    np.testing.assert_allclose(metrics["loop_ce"], (ce * w).sum((1, 2)) / w.sum(), rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sharded steps equal single-device steps
+
+
+@pytest.fixture(scope="module")
+def phase_runs(tmp_path_factory, teacher_dir, model_json):
+    """3 steps of each stage on the 2x2x2 mesh and on one device."""
+    root = tmp_path_factory.mktemp("runs")
+    results = {}
+    phase1 = str(root / "melt_phase1-1" / "model")  # phase 2 on both meshes starts from the same params
+    for mesh_name, mesh in (("1", MESH_1), ("8", MESH_8)):
+        for stage in ("looplm", "melt_phase1", "melt_phase2"):
+            out = root / f"{stage}-{mesh_name}"
+            cfg = load_train_config(None, stage_overrides(stage, out, teacher_dir, model_json, phase1) + ["steps=3", *mesh])
+            results[stage, mesh_name] = run_stage(cfg, log=lambda _: None)
+    return results
+
+
+@pytest.mark.parametrize("stage", ["looplm", "melt_phase1", "melt_phase2"])
+def test_sharded_step_equals_single_device_step(phase_runs, stage):
+    sharded, single = phase_runs[stage, "8"], phase_runs[stage, "1"]
+    assert sharded.batch_digest == single.batch_digest
+    assert_params_close(final_params(sharded), final_params(single))
+    assert sharded.steps == 3 and np.isfinite(sharded.final_metrics["loss"])
+
+
+def test_param_shardings_use_every_mesh_axis():
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    config = MODEL.replace(vocab_size=256)
+    shardings = param_shardings(jax.eval_shape(lambda: init_params(OuroModel(config), jax.random.key(0))), mesh)
+    assert shardings["layers"]["attn"]["q_proj"]["kernel"].spec == P(None, "fsdp", "tensor", None)
+    assert shardings["lm_head"]["kernel"].spec == P("fsdp", "tensor")
+    assert shardings["layers"]["mlp"]["down_proj"]["kernel"].spec == P(None, "tensor", "fsdp")
+
+
+# --------------------------------------------------------------------------------------------------
+# Two processes against one
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_equal_one(tmp_path, phase_runs, teacher_dir, model_json):
+    out = tmp_path / "two-proc"
+    port = _free_port()
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0")
+    overrides = stage_overrides("looplm", out, teacher_dir, model_json) + ["steps=3", *MESH_8]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "melt_jax.train", "stage", *overrides, "--coordinator", f"localhost:{port}",
+             "--num-processes", "2", "--process-id", str(i)],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    assert_params_close(final_params(out / "model"), final_params(phase_runs["looplm", "8"]))
+
+
+# --------------------------------------------------------------------------------------------------
+# Kill and resume, NaN
+
+
+def test_interrupted_run_resumes_to_the_same_params_and_tokens(tmp_path, teacher_dir, model_json):
+    base = ["steps=6", "checkpoint_every=2"]
+    whole = run_stage(load_train_config(None, stage_overrides("looplm", tmp_path / "whole", teacher_dir, model_json) + base + MESH_1), log=lambda _: None)
+    out = tmp_path / "interrupted"
+    first = load_train_config(None, stage_overrides("looplm", out, teacher_dir, model_json) + base + MESH_8)
+    cut = run_stage(first, stop_after=3, log=lambda _: None)  # steps 1-3 run, checkpoint at 2
+    assert cut.steps == 3 and not (out / "model").exists()
+    assert RunCheckpoints(out / "checkpoints").latest_step() == 2
+    # Resume on a mesh of another shape: the checkpoint is resharded onto it.
+    messages = []
+    second = load_train_config(None, stage_overrides("looplm", out, teacher_dir, model_json) + base + ["mesh.data=4", "mesh.tensor=2"])
+    resumed = run_stage(second, log=messages.append)
+    assert any("resumed from step 2" in m for m in messages)
+    assert resumed.steps == 6
+    assert resumed.tokens_seen == whole.tokens_seen == 6 * BATCH * SEQ
+    assert resumed.batch_digest == whole.batch_digest  # the same batches, in the same order, once each
+    assert_params_close(final_params(resumed), final_params(whole))
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, teacher_dir, model_json):
+    out = tmp_path / "nan"
+    cfg = load_train_config(
+        None,
+        stage_overrides("looplm", out, teacher_dir, model_json)
+        + ["steps=4", "checkpoint_every=1", "optimizer.learning_rate=1e30", "optimizer.schedule=constant", *MESH_1],
+    )
+    with pytest.raises(TrainingError, match=r"loss is (nan|inf) at step \d.*Last good checkpoint: step \d"):
+        run_stage(cfg, log=lambda _: None)
+    checkpoints = RunCheckpoints(out / "checkpoints")
+    step = checkpoints.latest_step()
+    assert step is not None and not (out / "model").exists()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["loss"]) for r in records if r["step"] <= step)
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad configurations
+
+
+def test_bad_configurations_give_clear_errors(tmp_path, teacher_dir, model_json):
+    def overrides(*extra):
+        return stage_overrides("melt_phase1", tmp_path / "bad", teacher_dir, model_json) + list(extra)
+
+    with pytest.raises(RunConfigError, match="chunk_size 12 does not divide the sequence length data.seq_len=32"):
+        load_train_config(None, overrides("chunk_size=12"))
+    with pytest.raises(RunConfigError, match="unknown config field.*optimizer.lr"):
+        load_train_config(None, overrides("optimizer.lr=1"))
+    with pytest.raises(RunConfigError, match="steps must be int"):
+        load_train_config(None, overrides("steps=many"))
+    with pytest.raises(ShardingError, match="mesh data=3 x fsdp=1 x tensor=1 = 3 devices, but there are 8"):
+        run_stage(load_train_config(None, overrides("mesh.data=3")))
+    # A teacher whose shapes differ from the student's.
+    other = tmp_path / "other-teacher"
+    wide = MODEL.replace(intermediate_size=96)
+    save_params(other, wide, jax.tree.map(np.asarray, init_params(OuroModel(wide), jax.random.key(0))))
+    phase1_student = tmp_path / "student"
+    config, params = melt_from_ouro(*load_params(teacher_dir))
+    save_params(phase1_student, config, params)
+    bad = stage_overrides("melt_phase2", tmp_path / "bad2", other, model_json, phase1_student) + MESH_1
+    with pytest.raises(TrainingError, match=r"layers/mlp/\w+_proj/kernel has shape .* in the teacher but .* in the student"):
+        run_stage(load_train_config(None, bad))
+    # The command line: exit status 2 and the message on stderr.
+    assert train_main(["stage", *overrides("chunk_size=12")]) == 2
+
+
+# --------------------------------------------------------------------------------------------------
+# The pipeline
+
+
+def test_pipeline_runs_end_to_end(tmp_path, capsys):
+    config = load_pipeline_config(
+        None,
+        [
+            f"output_dir={tmp_path / 'pipeline'}",
+            "teacher_steps=40",
+            "phase1_steps=6",
+            "phase2_steps=6",
+            "accuracy_margin=0.2",
+            "train.progress=false",
+            "train.log_every=5",
+            f"train.data.seq_len={SEQ}",
+            f"train.chunk_size={CHUNK}",
+            "train.data.num_examples=800",
+            "train.data.eval_examples=64",
+            "train.eval_batches=1",
+            f"train.batch_size={BATCH}",
+            "train.mesh.num_devices=1",
+        ],
+    )
+    summary = run_pipeline(config, log=print)
+    printed = capsys.readouterr().out
+    assert "teacher (Ouro)" in printed and "student (MELT)" in printed
+    teacher, student = summary["models"]["teacher (Ouro)"], summary["models"]["student (MELT)"]
+    assert student["kv_bytes_per_token"] * 4 == teacher["kv_bytes_per_token"]  # T = 4 loops, one shared cache
+    assert summary["within_margin"], summary
+    losses = [json.loads(l)["loss"] for l in (tmp_path / "pipeline" / "looplm" / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+    assert losses[-1] < losses[0] - 1.0  # the teacher learns the synthetic corpus
+    assert json.loads((tmp_path / "pipeline" / "summary.json").read_text())["kv_ratio"] == 0.25

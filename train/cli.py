@@ -1,0 +1,67 @@
+"""Command line of the training program.
+
+    melt-train stage    [--config FILE] [field=value ...]   one stage (see melt_jax.train.config)
+    melt-train pipeline [--config FILE] [field=value ...]   teacher -> MELT phase 1 -> phase 2 -> report
+
+Several processes (one per host) join with --coordinator HOST:PORT --num-processes N --process-id I
+(jax.distributed; on CPU with gloo collectives). Bad input exits with status 2 and a message naming it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import jax
+
+from melt_jax.checkpoint import CheckpointError
+from melt_jax.config import ConfigError
+from melt_jax.data import DataError
+from melt_jax.sharding import ShardingError
+
+from .config import RunConfigError, load_train_config
+from .pipeline import load_pipeline_config, run_pipeline
+from .trainer import TrainingError, run_stage
+
+USER_ERRORS = (RunConfigError, ConfigError, DataError, ShardingError, CheckpointError, TrainingError, FileNotFoundError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="melt-train", description="Train LoopLM teachers and distill them into MELT.")
+    parser.add_argument("command", choices=("stage", "pipeline"), help="one stage, or the whole pipeline")
+    parser.add_argument("overrides", nargs="*", help="config overrides field=value (e.g. steps=200 optimizer.learning_rate=3e-4)")
+    parser.add_argument("--config", help="a JSON or YAML config file")
+    parser.add_argument("--coordinator", help="HOST:PORT of process 0, for a run over several processes")
+    parser.add_argument("--num-processes", type=int, default=1)
+    parser.add_argument("--process-id", type=int, default=0)
+    return parser
+
+
+def initialize_distributed(args: argparse.Namespace) -> None:
+    """Joins the processes of a multi-process run (nothing to do for one process)."""
+    if args.num_processes <= 1:
+        return
+    if not args.coordinator:
+        raise RunConfigError("--num-processes > 1 needs --coordinator HOST:PORT")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU devices across processes
+    jax.distributed.initialize(args.coordinator, num_processes=args.num_processes, process_id=args.process_id)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        initialize_distributed(args)
+        if args.command == "pipeline":
+            summary = run_pipeline(load_pipeline_config(args.config, args.overrides))
+            return 0 if summary["within_margin"] else 1
+        result = run_stage(load_train_config(args.config, args.overrides))
+        print(f"[{args.command}] {result.steps} steps in {result.seconds:.0f} s; model saved to {result.model_dir}")
+        print(f"evaluation: {result.evaluation}")
+        return 0
+    except USER_ERRORS as e:
+        print(f"melt-train: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""The whole pipeline on one config: train a LoopLM teacher from scratch, (optionally) train its exit
+gate, distill it into MELT (phase 1, then phase 2), and compare teacher and student.
+
+Stages run in `output_dir`/{teacher, exit_gate, melt_phase1, melt_phase2}; each resumes from its own
+checkpoints, so an interrupted pipeline picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Callable
+
+from melt_jax.cache import kv_cache_bytes
+from melt_jax.checkpoint import load_params
+from melt_jax.train.config import DataConfig, RunConfigError, TrainConfig, apply_overrides, from_dict, read_config_file, to_dict
+from melt_jax.train.trainer import StageResult, run_stage
+
+# The embedded default: the tiny preset (H=64, 2 layers, 4 loops) on byte-level text of the synthetic
+# chained-assignment task, sized to finish in a few minutes on a 2-core CPU.
+DEFAULT_TRAIN = TrainConfig(
+    vocab_size=258,
+    batch_size=16,
+    chunk_size=16,
+    log_every=25,
+    checkpoint_every=100,
+    data=DataConfig(seq_len=64, num_examples=20_000, eval_examples=512, hops=1),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """Steps and learning rates of each stage; `train` holds the settings all stages share (its
+    stage, output_dir, steps, init_from and teacher are set per stage). accuracy_margin: the largest
+    drop from teacher to student accuracy that the pipeline reports as within margin."""
+
+    output_dir: str = "runs/pipeline"
+    teacher_steps: int = 600
+    exit_gate_steps: int = 0
+    phase1_steps: int = 100
+    phase2_steps: int = 100
+    teacher_learning_rate: float = 3e-3
+    student_learning_rate: float = 5e-4
+    gate_learning_rate: float = 3e-3
+    accuracy_margin: float = 0.1
+    train: TrainConfig = DEFAULT_TRAIN
+
+    def validate(self) -> "PipelineConfig":
+        for name in ("teacher_steps", "phase1_steps", "phase2_steps"):
+            if getattr(self, name) < 1:
+                raise RunConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.exit_gate_steps < 0:
+            raise RunConfigError(f"exit_gate_steps must be >= 0, got {self.exit_gate_steps}")
+        return self
+
+    def stage_configs(self) -> list[TrainConfig]:
+        """The TrainConfigs of the stages, in order."""
+        root = Path(self.output_dir)
+        opt = self.train.optimizer
+
+        def stage(name, steps, lr, **fields):
+            optimizer = dataclasses.replace(opt, learning_rate=lr, gate_learning_rate=self.gate_learning_rate)
+            return dataclasses.replace(
+                self.train, stage=name, output_dir=str(root / name), steps=steps, optimizer=optimizer, **fields
+            ).validate()
+
+        teacher_dir = str(root / "looplm" / "model")
+        configs = [stage("looplm", self.teacher_steps, self.teacher_learning_rate, init_from=None, teacher=None)]
+        if self.exit_gate_steps:
+            configs.append(stage("exit_gate", self.exit_gate_steps, self.teacher_learning_rate, init_from=teacher_dir, teacher=None))
+            teacher_dir = str(root / "exit_gate" / "model")
+        configs.append(stage("melt_phase1", self.phase1_steps, self.student_learning_rate, init_from=None, teacher=teacher_dir))
+        configs.append(
+            stage("melt_phase2", self.phase2_steps, self.student_learning_rate,
+                  init_from=str(root / "melt_phase1" / "model"), teacher=teacher_dir)
+        )
+        return configs
+
+
+def load_pipeline_config(path: str | None = None, overrides: list[str] = ()) -> PipelineConfig:
+    """A validated PipelineConfig: defaults, then a JSON/YAML file (its `train` section merged into
+    the default one), then `field=value` overrides (e.g. teacher_steps=300, train.batch_size=32)."""
+    values = to_dict(PipelineConfig())
+    if path is not None:
+        file_values = read_config_file(path)
+        train = dict(values["train"], **file_values.pop("train", {}))
+        values.update(file_values, train=train)
+    return from_dict(PipelineConfig, apply_overrides(values, list(overrides))).validate()
+
+
+def summarize(config: PipelineConfig, teacher: StageResult, student: StageResult) -> dict:
+    """Teacher against student: accuracy, per-loop loss, KV cache bytes per token and per sequence."""
+    seq_len = config.train.data.seq_len
+    rows = {}
+    for name, result in (("teacher (Ouro)", teacher), ("student (MELT)", student)):
+        model_config, _ = load_params(result.model_dir)
+        rows[name] = {
+            "accuracy": result.evaluation.get("accuracy"),
+            "loop_accuracy": result.evaluation.get("loop_accuracy"),
+            "loop_loss": result.evaluation["loop_loss"],
+            "kv_bytes_per_token": kv_cache_bytes(model_config, 1, 1),
+            "kv_bytes_per_sequence": kv_cache_bytes(model_config, 1, seq_len),
+            "model_dir": str(result.model_dir),
+        }
+    t, s = rows["teacher (Ouro)"], rows["student (MELT)"]
+    drop = (t["accuracy"] or 0.0) - (s["accuracy"] or 0.0)
+    return {
+        "models": rows,
+        "accuracy_drop": drop,
+        "accuracy_margin": config.accuracy_margin,
+        "within_margin": drop <= config.accuracy_margin,
+        "kv_ratio": s["kv_bytes_per_token"] / t["kv_bytes_per_token"],
+    }
+
+
+def format_summary(summary: dict, seconds: float) -> str:
+    lines = ["", "| model | accuracy | per-loop accuracy | per-loop loss | KV cache bytes / token |", "|---|---:|---|---|---:|"]
+    for name, row in summary["models"].items():
+        acc = "-" if row["accuracy"] is None else f"{row['accuracy']:.3f}"
+        loop_acc = "-" if row["loop_accuracy"] is None else " ".join(f"{x:.2f}" for x in row["loop_accuracy"])
+        loss = " ".join(f"{x:.3f}" for x in row["loop_loss"])
+        lines.append(f"| {name} | {acc} | {loop_acc} | {loss} | {row['kv_bytes_per_token']:,} |")
+    verdict = "within" if summary["within_margin"] else "NOT within"
+    lines.append(
+        f"\nstudent accuracy is {summary['accuracy_drop']:+.3f} below the teacher's ({verdict} the margin "
+        f"{summary['accuracy_margin']}); MELT's KV cache is {summary['kv_ratio']:.2f}x the teacher's; "
+        f"pipeline time {seconds:.0f} s"
+    )
+    return "\n".join(lines)
+
+
+def run_pipeline(config: PipelineConfig, log: Callable[[str], None] = print) -> dict:
+    """Runs every stage and returns (and writes to output_dir/summary.json) the comparison."""
+    config.validate()
+    results = []
+    for stage_config in config.stage_configs():
+        log(f"== stage {stage_config.stage}: {stage_config.steps} steps -> {stage_config.output_dir}")
+        result = run_stage(stage_config, log=log)
+        ev = result.evaluation
+        acc = f", accuracy {ev['accuracy']:.3f}" if "accuracy" in ev else ""
+        log(f"   done in {result.seconds:.0f} s: per-loop loss {[round(x, 3) for x in ev['loop_loss']]}{acc}")
+        results.append(result)
+    teacher = results[-3]  # the LoopLM the student was distilled from
+    summary = summarize(config, teacher, results[-1])
+    summary["seconds"] = sum(r.seconds for r in results)
+    Path(config.output_dir, "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    log(format_summary(summary, summary["seconds"]))
+    return summary
+
