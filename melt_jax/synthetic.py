@@ -187,15 +187,39 @@ def answer_batch(
     return {"tokens": tokens, "answer_mask": answer_mask, "prompt_lengths": prompt_lengths}
 
 
-def answer_training_data(
-    tokenizer: Tokenizer, prompts: Sequence[str], answers: Sequence[str], seq_len: int
-) -> PackedData:
-    """One example per row with the loss on the answer tokens only (prompt tokens are context):
-    `answer_batch`'s tokens, its answer_mask as loss_mask, and segment 1 on the example's tokens."""
-    batch = answer_batch(tokenizer, prompts, answers, seq_len)
-    lengths = batch["prompt_lengths"] + batch["answer_mask"].sum(axis=1).astype(np.int32)  # [B]
-    segment_ids = (np.arange(seq_len)[None, :] < lengths[:, None]).astype(np.int32)  # [B, S]
-    return PackedData(batch["tokens"], batch["answer_mask"], segment_ids)
+def pack_answer_examples(tokenizer: Tokenizer, prompts: Sequence[str], answers: Sequence[str], seq_len: int) -> PackedData:
+    """Training rows with the loss on the answers only: whole examples (prompt, answer, newline, eos)
+    packed back to back into rows of `seq_len` tokens, none split across rows; loss_mask is 1 at the
+    answer tokens and the newline after them, segment_ids number the examples of a row from 1."""
+    rows: list[tuple[list[int], list[float], list[int]]] = []
+    tokens: list[int] = []
+    mask: list[float] = []
+    segments: list[int] = []
+    for b, (prompt, answer) in enumerate(zip(prompts, answers)):
+        prompt_ids, answer_ids = tokenizer.encode(prompt), tokenizer.encode(answer + "\n")
+        example = prompt_ids + answer_ids + [tokenizer.eos_id]
+        if not prompt_ids:
+            raise DataError(f"example {b} has an empty prompt; the first answer token needs a token before it")
+        if len(example) > seq_len:
+            raise DataError(f"example {b} has {len(example)} tokens, more than seq_len {seq_len}: {prompt!r}")
+        if len(tokens) + len(example) > seq_len:
+            rows.append((tokens, mask, segments))
+            tokens, mask, segments = [], [], []
+        segment = (segments[-1] if segments else 0) + 1
+        tokens += example
+        mask += [0.0] * len(prompt_ids) + [1.0] * len(answer_ids) + [0.0]
+        segments += [segment] * len(example)
+    if tokens:
+        rows.append((tokens, mask, segments))
+
+    def padded(values: list[list], fill, dtype) -> np.ndarray:
+        return np.array([row + [fill] * (seq_len - len(row)) for row in values], dtype)  # [N, S]
+
+    return PackedData(
+        tokens=padded([r[0] for r in rows], tokenizer.pad_id, np.int32),
+        loss_mask=padded([r[1] for r in rows], 0.0, np.float32),
+        segment_ids=padded([r[2] for r in rows], 0, np.int32),
+    )
 
 
 def teacher_forced_exact_match(logits: jax.Array, batch: Mapping[str, jax.Array | np.ndarray]) -> jax.Array:

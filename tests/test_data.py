@@ -462,17 +462,25 @@ def test_answer_batch_and_teacher_forced_exact_match():
     np.testing.assert_array_equal(synthetic.teacher_forced_exact_match(wrong_first, batch), [0.0, 1.0])
 
 
-def test_answer_training_data_and_zero_hops():
+def test_pack_answer_examples_and_zero_hops():
     config = synthetic.SyntheticTaskConfig(num_examples=20, min_hops=0, max_hops=0, num_distractors=2)
     ds = synthetic.synthetic_reasoning_dataset(config)
     for prompt, answer in zip(ds["prompt"], ds["answer"]):
         value, depth, names = _solve(prompt)
         assert (str(value), depth, len(names)) == (answer, 0, 3)
-    packed = synthetic.answer_training_data(ByteTokenizer(), ["a=1;a?", "b=2,c=b+1;c?"], ["1", "37"], seq_len=16)
-    np.testing.assert_array_equal(packed.loss_mask[1], [0] * 12 + [1, 1] + [0] * 2)
-    np.testing.assert_array_equal(packed.segment_ids[0], [1] * 7 + [0] * 9)
-    np.testing.assert_array_equal(packed.segment_ids[1], [1] * 14 + [0] * 2)
-    assert BatchIterator(packed, global_batch_size=2).batch(0)["loss_mask"].sum() == 3
+    tok = ByteTokenizer()
+    prompts, answers = ["a=1;a?", "b=2;b?", "b=2,c=b+1;c?"], ["1", "2", "37"]
+    packed = synthetic.pack_answer_examples(tok, prompts, answers, seq_len=18)
+    # Row 0: two whole examples of 9 tokens (prompt, answer, newline, eos); row 1: the third (16 tokens).
+    np.testing.assert_array_equal(packed.tokens[0], tok.encode("a=1;a?1\n") + [tok.eos_id] + tok.encode("b=2;b?2\n") + [tok.eos_id])
+    np.testing.assert_array_equal(packed.loss_mask[0], ([0] * 6 + [1, 1, 0]) * 2)
+    np.testing.assert_array_equal(packed.segment_ids[0], [1] * 9 + [2] * 9)
+    np.testing.assert_array_equal(packed.loss_mask[1], [0] * 12 + [1, 1, 1, 0] + [0] * 2)
+    np.testing.assert_array_equal(packed.segment_ids[1], [1] * 16 + [0] * 2)
+    np.testing.assert_array_equal(packed.tokens[1, 16:], [tok.pad_id] * 2)
+    assert BatchIterator(packed, global_batch_size=2).batch(0)["loss_mask"].sum() == 7
+    with pytest.raises(DataError, match="example 2 has 16 tokens, more than seq_len 12"):
+        synthetic.pack_answer_examples(tok, prompts, answers, seq_len=12)
 
 
 def test_answer_batch_errors():

@@ -26,7 +26,7 @@ from jax.experimental import multihost_utils
 from melt_jax import evaluation
 from melt_jax.checkpoint import load_params, save_params
 from melt_jax.config import OuroConfig, config_from_json_file
-from melt_jax.data import BatchIterator, DataError, PackedData, build_train_data, pack_documents, tokenize_dataset
+from melt_jax.data import BatchIterator, PackedData, build_train_data, pack_documents, tokenize_dataset
 from melt_jax.melt import MeltModel, melt_from_ouro
 from melt_jax.ouro import OuroModel
 from melt_jax.params import abstract_params
@@ -39,7 +39,7 @@ from melt_jax.sharding import (
     replicated,
     shardings_following_params,
 )
-from melt_jax.synthetic import SyntheticTaskConfig, answer_batch, synthetic_reasoning_dataset, teacher_forced_exact_match
+from melt_jax.synthetic import SyntheticTaskConfig, answer_batch, pack_answer_examples, synthetic_reasoning_dataset, teacher_forced_exact_match
 from melt_jax.tokenizer import Tokenizer, load_tokenizer
 from melt_jax.train.checkpointing import RunCheckpoints
 from melt_jax.train.config import TrainConfig, to_dict
@@ -168,36 +168,6 @@ class StageData:
     train: PackedData
     held_out: PackedData
     answers: dict[str, np.ndarray] | None  # synthetic task: tokens / answer_mask of eval examples
-
-
-def pack_answer_examples(tokenizer: Tokenizer, prompts, answers, seq_len: int) -> PackedData:
-    """Whole examples (prompt, answer, newline, eos) packed back to back into rows of seq_len tokens,
-    none split across rows; loss_mask is 1 at the answer tokens and the newline after them only."""
-    rows: list[tuple[list[int], list[float], list[int]]] = []
-    tokens, mask, segments = [], [], []
-    for prompt, answer in zip(prompts, answers):
-        prompt_ids, answer_ids = tokenizer.encode(prompt), tokenizer.encode(answer + "\n")
-        example = prompt_ids + answer_ids + [tokenizer.eos_id]
-        if len(example) > seq_len:
-            raise DataError(f"synthetic example of {len(example)} tokens does not fit data.seq_len={seq_len}: {prompt!r}")
-        if len(tokens) + len(example) > seq_len:
-            rows.append((tokens, mask, segments))
-            tokens, mask, segments = [], [], []
-        segment = (segments[-1] if segments else 0) + 1
-        tokens += example
-        mask += [0.0] * len(prompt_ids) + [1.0] * len(answer_ids) + [0.0]
-        segments += [segment] * len(example)
-    if tokens:
-        rows.append((tokens, mask, segments))
-
-    def padded(values, fill, dtype):
-        return np.array([row + [fill] * (seq_len - len(row)) for row in values], dtype)
-
-    return PackedData(
-        tokens=padded([r[0] for r in rows], tokenizer.pad_id, np.int32),
-        loss_mask=padded([r[1] for r in rows], 0.0, np.float32),
-        segment_ids=padded([r[2] for r in rows], 0, np.int32),
-    )
 
 
 def build_data(cfg: TrainConfig) -> StageData:
