@@ -1,0 +1,124 @@
+"""melt-eval: per-loop loss and perplexity of a melt_jax checkpoint on a dataset, and teacher-forced
+answer accuracy where the dataset has prompt/answer columns (the synthetic task does).
+
+    melt-eval --checkpoint CKPT --tokenizer byte --data synthetic:512 --split validation
+    melt-eval --checkpoint CKPT --tokenizer tokenizer.json --data notes.txt --seq-len 512 --json
+
+--data takes what the training program reads (melt_jax.data.load_text_dataset): "synthetic[:N]" or a
+local .txt / .json / .jsonl / .parquet file or folder. Loss: documents are tokenized with eos and
+packed into rows of --seq-len tokens as in training (melt_jax.data), every token's prediction scored
+except the first of each document. Accuracy: each prompt + answer is one row, and an example counts as
+correct when every answer token is the argmax at the position before it, i.e. when greedy decoding
+after the prompt reproduces the answer (melt_jax.evaluation.answer_accuracy). MELT is evaluated in
+chunks of --chunk-size (default its config's chunk size). Bad input: a message on stderr, exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Iterator, Mapping, Sequence
+
+import numpy as np
+
+from melt_jax.cli_generate import USER_ERRORS
+from melt_jax.data import DataError, load_text_dataset, pack_documents, tokenize_dataset
+from melt_jax.evaluation import evaluate_dataset
+from melt_jax.sampling import load_model, parse_exit_policy
+from melt_jax.synthetic import answer_batch
+from melt_jax.tokenizer import load_tokenizer
+
+PROG = "melt-eval"
+
+
+def fixed_size_batches(arrays: Mapping[str, np.ndarray], batch_size: int, max_batches: int | None) -> Iterator[dict]:
+    """Batches of `batch_size` rows of `arrays` (each [N, ...]); the last one is filled up with copies
+    of row 0 that `row_mask` and a zero loss mask leave out, so that every batch has one shape."""
+    num_rows = len(next(iter(arrays.values())))
+    for count, start in enumerate(range(0, num_rows, batch_size)):
+        if max_batches is not None and count >= max_batches:
+            return
+        rows = np.arange(start, start + batch_size)
+        real = rows < num_rows
+        batch = {name: array[np.where(real, rows, 0)] for name, array in arrays.items()}
+        for name in ("loss_mask", "answer_mask"):
+            if name in batch:
+                batch[name] = batch[name] * real[:, None]
+        yield dict(batch, row_mask=real)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="melt_jax checkpoint directory (Ouro or MELT)")
+    p.add_argument("--tokenizer", required=True, help="'byte', or a tokenizer.json file or its folder")
+    p.add_argument("--data", required=True, help="'synthetic[:N]' or a local .txt/.json/.jsonl/.parquet file or folder")
+    p.add_argument("--split", default="validation", help="split name (selects the synthetic task's seed)")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per row")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-batches", type=int, default=None, help="evaluate at most this many batches of each kind")
+    p.add_argument("--exit", default="last", help="last | step:N (0-based loop) | threshold:X | weighted | default")
+    p.add_argument("--chunk-size", type=int, default=None, help="MELT's evaluation chunk (default: config.chunk_size)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
+    p.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    return p
+
+
+def _check_sizes(args: argparse.Namespace) -> None:
+    for name in ("seq_len", "batch_size", "max_batches", "chunk_size"):
+        value = getattr(args, name)
+        if value is not None and value < (2 if name == "seq_len" else 1):
+            raise DataError(f"--{name.replace('_', '-')} must be >= {2 if name == 'seq_len' else 1}, got {value}")
+
+
+def evaluate(args: argparse.Namespace) -> dict:
+    """The results dict: 'loss' (evaluation.evaluate_dataset on packed text) and, for datasets with
+    prompt/answer columns, 'answers' (the same on answer rows, loss over the answer tokens)."""
+    _check_sizes(args)
+    tokenizer = load_tokenizer(args.tokenizer)
+    model, params = load_model(args.checkpoint, args.dtype)
+    policy = parse_exit_policy(args.exit, model.config)
+    dataset = load_text_dataset(args.data, split=args.split, text_field=args.text_field)
+    packed = pack_documents(tokenize_dataset(dataset, tokenizer, args.text_field), args.seq_len, tokenizer.pad_id)
+    if packed.num_rows == 0:
+        raise DataError(f"data source {args.data!r} has no text to evaluate")
+    arrays = {"tokens": packed.tokens, "loss_mask": packed.loss_mask}
+    batches = fixed_size_batches(arrays, args.batch_size, args.max_batches)
+    results = {"loss": evaluate_dataset(model, params, batches, policy, args.chunk_size)}
+    if {"prompt", "answer"} <= set(dataset.column_names):
+        rows = answer_batch(tokenizer, dataset["prompt"], dataset["answer"], args.seq_len)
+        arrays = {"tokens": rows["tokens"], "loss_mask": rows["answer_mask"], "answer_mask": rows["answer_mask"]}
+        batches = fixed_size_batches(arrays, args.batch_size, args.max_batches)
+        results["answers"] = evaluate_dataset(model, params, batches, policy, args.chunk_size)
+    return results
+
+
+def report(results: dict) -> str:
+    """A plain-text table of the results."""
+    lines = ["loop  loss     perplexity"]
+    loss = results["loss"]
+    for t, (value, ppl) in enumerate(zip(loss["loss_per_loop"], loss["perplexity_per_loop"])):
+        lines.append(f"{t:<5} {value:<8.4f} {ppl:.3f}")
+    lines.append(f"exit  {loss['loss']:<8.4f} {loss['perplexity']:.3f}   ({loss['num_tokens']:.0f} tokens)")
+    if "answers" in results:
+        answers = results["answers"]
+        per_loop = ", ".join(f"{x:.4f}" for x in answers["loss_per_loop"])
+        lines.append(f"answer loss per loop: {per_loop}")
+        lines.append(f"answer accuracy: {answers['accuracy']:.4f} ({answers['num_examples']} examples)")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        results = evaluate(args)
+    except USER_ERRORS as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(results, indent=2) if args.json else report(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""melt-generate: text generation from a melt_jax checkpoint (Ouro or MELT).
+
+    melt-generate --checkpoint CKPT --tokenizer byte --prompt "k=3,q=k+4;q?" --max-new-tokens 32
+    melt-generate --checkpoint CKPT --tokenizer path/to/tokenizer.json --chat --prompt "Hi" \
+        --temperature 0.7 --top-p 0.9 --seed 1 --exit threshold:0.9
+
+One prompt is streamed to stdout as it is generated; several (--prompt repeated, or --prompt-file with
+one prompt per line) are generated as one padded batch and printed in order. Generation stops at the
+tokenizer's eos token, at any --stop string, and with --chat at `<|im_end|>` (the prompt is wrapped in
+the ChatML template of the Ouro Thinking models). Timing goes to stderr at the end. Bad input is
+reported on stderr with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from melt_jax.checkpoint import CheckpointError
+from melt_jax.config import ConfigError
+from melt_jax.data import DataError
+from melt_jax.sampling import GenerationError, GenerationResult, SamplingConfig, generate, load_model, parse_exit_policy
+from melt_jax.tokenizer import Tokenizer, load_tokenizer
+
+PROG = "melt-generate"
+CHAT_END = "<|im_end|>"
+STREAM_STEPS = 4  # decode steps between two prints when streaming
+USER_ERRORS = (GenerationError, CheckpointError, ConfigError, DataError)
+
+
+def chat_prompt(text: str) -> str:
+    """`text` as one user turn of the ChatML template, followed by the assistant's turn opening."""
+    return f"<|im_start|>user\n{text}{CHAT_END}\n<|im_start|>assistant\n"
+
+
+def cut_at_stops(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+    """(text before the first stop string, whether one was found)."""
+    positions = [text.find(stop) for stop in stops if stop and stop in text]
+    return (text[: min(positions)], True) if positions else (text, False)
+
+
+class TextStream:
+    """Turns the growing decoded text of one row into pieces safe to print: nothing that a later token
+    may still change (a partial UTF-8 character at the end) or that may be the start of a stop string."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [s for s in stops if s]
+        self.hold = max((len(s) - 1 for s in self.stops), default=0)
+        self.printed = 0
+
+    def update(self, text: str, final: bool = False) -> tuple[str, bool]:
+        """(new text to print, whether a stop string was reached) for the decoded text so far."""
+        text, stopped = cut_at_stops(text, self.stops)
+        if not (final or stopped):
+            text = text.rstrip("\ufffd")
+            text = text[: max(len(text) - self.hold, self.printed)]
+        piece, self.printed = text[self.printed :], max(len(text), self.printed)
+        return piece, stopped
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="melt_jax checkpoint directory (Ouro or MELT)")
+    p.add_argument("--tokenizer", required=True, help="'byte', or a tokenizer.json file or its folder")
+    p.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for a batch)")
+    p.add_argument("--prompt-file", type=Path, help="file with one prompt per line (blank lines skipped)")
+    p.add_argument("--chat", action="store_true", help="wrap prompts in the ChatML template, stop at <|im_end|>")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--exit", default="last", help="last | step:N (0-based loop) | threshold:X | weighted | default")
+    p.add_argument("--prefill-chunk", type=int, default=None, help="prefill chunk (MELT default: config.chunk_size)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None, help="cast the weights")
+    return p
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt)
+    if args.prompt_file is not None:
+        try:
+            lines = args.prompt_file.read_text(encoding="utf-8").splitlines()
+        except OSError as e:
+            raise GenerationError(f"cannot read --prompt-file: {e}") from None
+        prompts += [line for line in lines if line.strip()]
+    if not prompts:
+        raise GenerationError("no prompt given: use --prompt TEXT or --prompt-file FILE")
+    return prompts
+
+
+def stop_token_ids(tokenizer: Tokenizer, stops: Sequence[str], chat: bool) -> tuple[int, ...]:
+    """The eos id, `<|im_end|>` with --chat, and the stop strings that are one token."""
+    ids = {tokenizer.eos_id}
+    if chat:
+        try:
+            ids.add(tokenizer.token_to_id(CHAT_END))
+        except DataError:
+            raise GenerationError(f"--chat needs a tokenizer with the {CHAT_END} token") from None
+    for stop in stops:
+        encoded = tokenizer.encode(stop)
+        if len(encoded) == 1:
+            ids.add(encoded[0])
+    return tuple(sorted(ids))
+
+
+def timing_line(result: GenerationResult) -> str:
+    t = result.timing
+    new_tokens = sum(len(row) for row in result.tokens)
+    return (
+        f"{new_tokens} new tokens for {len(result.tokens)} prompt(s); decode {t.decode_tokens_per_s:.1f} tokens/s "
+        f"({t.decode_tokens} tokens in {t.decode_s:.3f} s); prefill {t.prompt_tokens} tokens in {t.prefill_s:.3f} s; "
+        f"compile {t.compile_s:.1f} s; stop: {', '.join(result.stop_reasons)}"
+    )
+
+
+def run(args: argparse.Namespace) -> None:
+    texts = read_prompts(args)
+    tokenizer = load_tokenizer(args.tokenizer)
+    model, params = load_model(args.checkpoint, args.dtype)
+    if args.chat:
+        texts = [chat_prompt(text) for text in texts]
+    stops = list(args.stop) + ([CHAT_END] if args.chat else [])
+    vocab = model.config.vocab_size
+    sampling = SamplingConfig(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens,
+        stop_token_ids=stop_token_ids(tokenizer, stops, args.chat),
+        seed=args.seed,
+        vocab_limit=tokenizer.vocab_size if tokenizer.vocab_size < vocab else None,
+    )
+    streams = [TextStream(stops) for _ in texts]
+    decode = lambda row: tokenizer.decode(row, skip_special_tokens=False)  # noqa: E731
+    watch = len(texts) == 1 or bool(stops)  # stream, or check stop strings, between decode segments
+
+    def on_segment(rows: list[list[int]]) -> list[bool]:
+        reached = []
+        for stream, row in zip(streams, rows):
+            piece, stopped = stream.update(decode(row))
+            if len(texts) == 1:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            reached.append(stopped)
+        return reached
+
+    result = generate(
+        model,
+        params,
+        [tokenizer.encode(text) for text in texts],
+        sampling,
+        exit_policy=parse_exit_policy(args.exit, model.config),
+        prefill_chunk_size=args.prefill_chunk,
+        segment_steps=STREAM_STEPS if watch else None,
+        on_segment=on_segment if watch else None,
+    )
+    for i, (stream, row) in enumerate(zip(streams, result.tokens)):
+        piece, _ = stream.update(decode(row), final=True)
+        if len(texts) == 1:
+            sys.stdout.write(piece + "\n")
+        else:
+            sys.stdout.write(f"=== {i} ===\n{cut_at_stops(decode(row), stops)[0]}\n")
+    sys.stdout.flush()
+    print(timing_line(result), file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except USER_ERRORS as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,310 @@
+"""lm-evaluation-harness model `melt_jax`: standard benchmarks on Ouro and MELT checkpoints.
+
+    pip install "melt-jax[eval]"          # lm-eval==0.4.13
+    melt-lm-eval run --model melt_jax --model_args checkpoint=CKPT,tokenizer=PATH/tokenizer.json \
+        --tasks hellaswag --batch_size 8
+    # or in Python, after `import melt_jax.lm_eval_adapter` (which registers the name):
+    lm_eval.simple_evaluate(model="melt_jax", model_args="checkpoint=CKPT,tokenizer=byte", tasks=[...])
+
+`melt-lm-eval` is lm-eval's own command line with this model registered. Model arguments:
+checkpoint (a melt_jax checkpoint directory, Ouro or MELT), tokenizer ('byte' or a tokenizer.json or
+its folder), batch_size (default 8), exit (last | step:N | threshold:X | weighted | default, see
+sampling.parse_exit_policy), max_length (default the config's max_position_embeddings), max_gen_toks
+(default 256), chunk_size (MELT's scoring chunk, default config.chunk_size), prefill_chunk (MELT's
+prefill chunk when generating), dtype (float32 | bfloat16 | float16, default as saved).
+
+- loglikelihood: context and continuation are encoded together and split at the context's tokens
+  (so that a BPE merge across the boundary is scored as one continuation token); context + continuation
+  are left-truncated to max_length + 1 tokens and the continuation's tokens are scored with one
+  teacher-forced forward (`evaluation.token_log_probs`; MELT: chunked like inference).
+- loglikelihood_rolling: disjoint windows of max_length predictions (lm-eval's window helpers), the
+  first conditioned on the eos token.
+- generate_until: `sampling.generate` with the eos token and single-token stop strings as stop
+  tokens, other stop strings checked between decode segments, the text cut at the first stop string.
+Batches are padded to `batch_size` rows and sequence lengths to sampling's buckets, so the number of
+compiled programs stays small.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from melt_jax.evaluation import token_log_probs
+from melt_jax.exit import ExitPolicy
+from melt_jax.sampling import (
+    DEFAULT_BUCKETS,
+    GenerationError,
+    SamplingConfig,
+    bucket_length,
+    check_params,
+    generate,
+    load_model,
+    parse_exit_policy,
+)
+from melt_jax.tokenizer import Tokenizer, load_tokenizer
+
+try:
+    from lm_eval.api.model import LM
+    from lm_eval.api.registry import register_model
+    from lm_eval.models.utils import normalize_gen_kwargs
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+except ImportError as e:  # pragma: no cover - depends on the environment
+    raise ImportError("the lm-eval adapter needs lm-eval: pip install 'melt-jax[eval]' (lm-eval==0.4.13)") from e
+
+logger = logging.getLogger(__name__)
+
+MODEL_NAME = "melt_jax"
+STOP_CHECK_STEPS = 16  # decode steps between checks for stop strings
+
+
+@functools.partial(jax.jit, static_argnames=("model", "exit_policy", "chunk_size"))
+def _score(model, params, tokens, score_mask, exit_policy, chunk_size):
+    """Per row of tokens [B, S]: the summed log-probability of the predicted tokens where
+    score_mask [B, S] is set, and whether each of them is the argmax. Returns ([B], bool [B])."""
+    log_probs, greedy = token_log_probs(model, params, tokens, exit_policy, chunk_size)  # [B, S-1]
+    mask = score_mask[:, 1:]
+    return jnp.sum(jnp.where(mask, log_probs, 0.0), axis=1), jnp.all(greedy | ~mask, axis=1)
+
+
+def _positive_int(name: str, value: Any) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = 0
+    if number < 1 or isinstance(value, bool):
+        raise GenerationError(f"model argument {name} must be a positive integer, got {value!r}")
+    return number
+
+
+@register_model(MODEL_NAME)
+class MeltJaxLM(LM):
+    """lm-eval's LM interface over a melt_jax Ouro or MELT model (see the module docstring)."""
+
+    def __init__(
+        self,
+        checkpoint: str,
+        tokenizer: str = "byte",
+        batch_size: int | str = 8,
+        exit: str = "last",
+        max_length: int | None = None,
+        max_gen_toks: int = 256,
+        chunk_size: int | None = None,
+        prefill_chunk: int | None = None,
+        dtype: str | None = None,
+        max_batch_size: int | None = None,  # given by lm-eval; batches have a fixed size here
+        device: str | None = None,  # given by lm-eval; JAX places arrays on its default device
+    ):
+        model, params = load_model(checkpoint, dtype)
+        options = dict(
+            batch_size=batch_size,
+            exit_policy=parse_exit_policy(str(exit), model.config),
+            max_length=max_length,
+            max_gen_toks=max_gen_toks,
+            chunk_size=chunk_size,
+            prefill_chunk=prefill_chunk,
+        )
+        self._setup(model, params, load_tokenizer(tokenizer), **options)
+
+    @classmethod
+    def from_model(cls, model, params, tokenizer: Tokenizer, **options) -> "MeltJaxLM":
+        """An adapter over a model already in memory; options as the keyword arguments of `_setup`."""
+        lm = cls.__new__(cls)
+        lm._setup(model, jax.device_put(params), tokenizer, **options)
+        return lm
+
+    def _setup(
+        self,
+        model,
+        params,
+        tokenizer: Tokenizer,
+        *,
+        batch_size: int | str = 8,
+        exit_policy: ExitPolicy = ExitPolicy(),
+        max_length: int | None = None,
+        max_gen_toks: int = 256,
+        chunk_size: int | None = None,
+        prefill_chunk: int | None = None,
+    ) -> None:
+        LM.__init__(self)
+        check_params(model, params)
+        config = model.config
+        if tokenizer.vocab_size > config.vocab_size:
+            raise GenerationError(
+                f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocabulary is {config.vocab_size}"
+            )
+        self.model, self.params, self.tokenizer = model, params, tokenizer
+        if isinstance(batch_size, str) and batch_size.startswith("auto"):
+            batch_size = 8
+        self.batch_size = _positive_int("batch_size", batch_size)
+        self.exit_policy = exit_policy
+        self._max_length = _positive_int("max_length", max_length or config.max_position_embeddings)
+        self.max_gen_toks = _positive_int("max_gen_toks", max_gen_toks)
+        self.chunk_size = None if chunk_size is None else _positive_int("chunk_size", chunk_size)
+        self.prefill_chunk = None if prefill_chunk is None else _positive_int("prefill_chunk", prefill_chunk)
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_id
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    # ----------------------------------------------------------------------------------------------
+    # Scoring
+
+    def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """(context ids, continuation ids), encoded together and split after the context's ids; the
+        context's trailing spaces move to the continuation. An empty context becomes the eos token."""
+        stripped = context.rstrip(" ")
+        continuation = context[len(stripped) :] + continuation
+        if not stripped:
+            return [self.eot_token_id], self.tokenizer.encode(continuation)
+        context_ids = self.tokenizer.encode(stripped)
+        whole = self.tokenizer.encode(stripped + continuation)
+        if whole[: len(context_ids)] != context_ids:  # the boundary merged: encode separately
+            return context_ids, self.tokenizer.encode(continuation)
+        return context_ids, whole[len(context_ids) :]
+
+    def _score_pairs(self, pairs: Sequence[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        """(sum of log p(continuation | context), continuation is greedy) for each (context ids,
+        continuation ids), in the order given; longest first in batches of batch_size."""
+        rows = []
+        for context, continuation in pairs:
+            whole = (context + continuation)[-(self.max_length + 1) :]
+            rows.append((whole, min(len(continuation), len(whole) - 1)))
+        results: list[tuple[float, bool]] = [(0.0, True)] * len(rows)
+        order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start : start + self.batch_size]
+            width = bucket_length(len(rows[batch[0]][0]), DEFAULT_BUCKETS)
+            tokens = np.zeros((self.batch_size, width), np.int32)  # [B, S]
+            score_mask = np.zeros((self.batch_size, width), bool)  # [B, S]
+            for b, i in enumerate(batch):
+                whole, scored = rows[i]
+                tokens[b, : len(whole)] = whole
+                score_mask[b, len(whole) - scored : len(whole)] = True
+            sums, greedy = _score(self.model, self.params, tokens, score_mask, self.exit_policy, self.chunk_size)
+            sums, greedy = jax.device_get((sums, greedy))
+            for b, i in enumerate(batch):
+                results[i] = (float(sums[b]), bool(greedy[b]))
+        return results
+
+    def _check_ids(self, ids: Sequence[int], what: str) -> None:
+        bad = [i for i in ids if not 0 <= i < self.model.config.vocab_size]
+        if bad:
+            raise GenerationError(f"{what} encodes to ids {bad[:5]} outside the model's vocabulary")
+
+    def loglikelihood(self, requests) -> list[tuple[float, bool]]:
+        pairs = [self._encode_pair(*request.args) for request in requests]
+        for context, continuation in pairs:
+            self._check_ids(context + continuation, "a request")
+        results = self._score_pairs(pairs)
+        for request, result in zip(requests, results):
+            self.cache_hook.add_partial("loglikelihood", request.args, result)
+        return results
+
+    def loglikelihood_rolling(self, requests) -> list[float]:
+        windows, owners = [], []
+        for index, request in enumerate(requests):
+            ids = self.tokenizer.encode(request.args[0])
+            self._check_ids(ids, "a request")
+            for window in get_rolling_token_windows(ids, self.eot_token_id, self.max_length, context_len=1):
+                windows.append(make_disjoint_window(window))
+                owners.append(index)
+        totals = [0.0] * len(requests)
+        for owner, (log_prob, _) in zip(owners, self._score_pairs(windows)):
+            totals[owner] += log_prob
+        for request, total in zip(requests, totals):
+            self.cache_hook.add_partial("loglikelihood_rolling", request.args, total)
+        return totals
+
+    # ----------------------------------------------------------------------------------------------
+    # Generation
+
+    def _sampling(self, gen_kwargs: dict) -> tuple[SamplingConfig, list[str]]:
+        """The sampling settings and stop strings of one request's generation arguments (normalised
+        by lm-eval: do_sample False means greedy whatever the temperature)."""
+        kwargs = dict(normalize_gen_kwargs(gen_kwargs, default_max_gen_toks=self.max_gen_toks))
+        until = [text for text in kwargs.pop("until") if text]
+        eos_text = self.tokenizer.decode([self.eot_token_id], skip_special_tokens=False)
+        if eos_text not in until:
+            until.append(eos_text)
+        sampling = SamplingConfig(
+            temperature=float(kwargs.pop("temperature")) if kwargs.pop("do_sample") else 0.0,
+            top_k=kwargs.pop("top_k", None),
+            top_p=kwargs.pop("top_p", None),
+            max_new_tokens=_positive_int("max_gen_toks", kwargs.pop("max_gen_toks")),
+            stop_token_ids=tuple(sorted({self.eot_token_id} | self._single_token_stops(until))),
+            seed=int(kwargs.pop("seed", 0)),
+            vocab_limit=self.tokenizer.vocab_size if self.tokenizer.vocab_size < self.model.config.vocab_size else None,
+        )
+        if kwargs:
+            logger.warning("melt_jax ignores the generation arguments %s", sorted(kwargs))
+        return sampling, until
+
+    def _single_token_stops(self, until: list[str]) -> set[int]:
+        stops = set()
+        for text in until:
+            ids = self.tokenizer.encode(text)
+            if len(ids) == 1:
+                stops.add(ids[0])
+        return stops
+
+    def _prompt_ids(self, context: str, max_new_tokens: int) -> list[int]:
+        room = min(self.max_length, self.model.config.max_position_embeddings) - max_new_tokens
+        if room < 1:
+            raise GenerationError(f"max_gen_toks {max_new_tokens} leaves no room for a prompt in max_length {self.max_length}")
+        ids = self.tokenizer.encode(context) or [self.eot_token_id]
+        self._check_ids(ids, "a context")
+        return ids[-room:]
+
+    @staticmethod
+    def _cut(text: str, until: list[str]) -> str:
+        """text up to the first occurrence of any stop string."""
+        for stop in until:
+            text = text.split(stop, 1)[0]
+        return text
+
+    def _reached_stop(self, rows: list[list[int]], until: list[str]) -> list[bool]:
+        """Per row of tokens so far, whether its text contains a stop string."""
+        texts = [self.tokenizer.decode(row, skip_special_tokens=False) for row in rows]
+        return [self._cut(text, until) != text for text in texts]
+
+    def generate_until(self, requests) -> list[str]:
+        groups: dict[str, list[int]] = {}
+        for index, request in enumerate(requests):
+            groups.setdefault(repr(sorted(request.args[1].items())), []).append(index)
+        outputs: list[str] = [""] * len(requests)
+        for indices in groups.values():
+            sampling, until = self._sampling(requests[indices[0]].args[1])
+            for start in range(0, len(indices), self.batch_size):
+                batch = indices[start : start + self.batch_size]
+                prompts = [self._prompt_ids(requests[i].args[0], sampling.max_new_tokens) for i in batch]
+                result = generate(
+                    self.model,
+                    self.params,
+                    prompts,
+                    sampling,
+                    exit_policy=self.exit_policy,
+                    prefill_chunk_size=self.prefill_chunk,
+                    segment_steps=STOP_CHECK_STEPS,
+                    on_segment=functools.partial(self._reached_stop, until=until),
+                )
+                for i, tokens in zip(batch, result.tokens):
+                    outputs[i] = self._cut(self.tokenizer.decode(tokens, skip_special_tokens=False), until)
+                    self.cache_hook.add_partial("generate_until", requests[i].args, outputs[i])
+        return outputs
+
+
+def main() -> None:
+    """`melt-lm-eval`: lm-eval's command line with the `melt_jax` model registered."""
+    from lm_eval.__main__ import cli_evaluate
+
+    cli_evaluate()
