@@ -236,10 +236,12 @@ class MeltJaxLM(LM):
         eos_text = self.tokenizer.decode([self.eot_token_id], skip_special_tokens=False)
         if eos_text not in until:
             until.append(eos_text)
+        do_sample, temperature = kwargs.pop("do_sample"), float(kwargs.pop("temperature", 0.0))
+        top_k, top_p = kwargs.pop("top_k", None), kwargs.pop("top_p", None)
         sampling = SamplingConfig(
-            temperature=float(kwargs.pop("temperature")) if kwargs.pop("do_sample") else 0.0,
-            top_k=kwargs.pop("top_k", None),
-            top_p=kwargs.pop("top_p", None),
+            temperature=temperature if do_sample else 0.0,
+            top_k=None if top_k is None else int(top_k),
+            top_p=None if top_p is None else float(top_p),
             max_new_tokens=_positive_int("max_gen_toks", kwargs.pop("max_gen_toks")),
             stop_token_ids=tuple(sorted({self.eot_token_id} | self._single_token_stops(until))),
             seed=int(kwargs.pop("seed", 0)),

@@ -206,3 +206,13 @@ def test_local_file_tasks_run_through_lm_eval(tmp_path, monkeypatch):
     assert results["tiny_choice"]["acc,none"] == pytest.approx(expected_acc)
     assert results["tiny_generate"]["exact_match,none"] == pytest.approx(0.5)
     assert np.isfinite(results["tiny_rolling"]["word_perplexity,none"]) and results["tiny_rolling"]["word_perplexity,none"] > 1
+
+
+def test_generation_arguments_follow_lm_eval():
+    model, params = tiny_model("ouro")
+    lm = MeltJaxLM.from_model(model, params, TOKENIZER, batch_size=BATCH, max_gen_toks=7)
+    sampling, until = lm._sampling({"until": "\n\n", "do_sample": True, "temperature": 0.7, "top_k": 5.0})
+    assert (sampling.temperature, sampling.top_k, sampling.max_new_tokens) == (0.7, 5, 7)
+    assert until == ["\n\n", "<|endoftext|>"] and sampling.stop_token_ids == (TOKENIZER.eos_id,)
+    greedy, _ = lm._sampling({"until": ["\n"], "temperature": 0.7, "do_sample": False, "max_gen_toks": 3})
+    assert (greedy.temperature, greedy.max_new_tokens, greedy.stop_token_ids) == (0.0, 3, (10, TOKENIZER.eos_id))
