@@ -92,8 +92,8 @@ class SamplingConfig:
             raise GenerationError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise GenerationError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        if not isinstance(self.seed, int):
-            raise GenerationError(f"seed must be an integer, got {self.seed!r}")
+        if not isinstance(self.seed, int) or not -(2**31) <= self.seed < 2**31:
+            raise GenerationError(f"seed must be a 32-bit integer, got {self.seed!r}")
         if self.vocab_limit is not None and (not isinstance(self.vocab_limit, int) or self.vocab_limit < 1):
             raise GenerationError(f"vocab_limit must be a positive integer, got {self.vocab_limit!r}")
 
@@ -405,7 +405,12 @@ def bucket_length(length: int, buckets: Sequence[int] | None) -> int:
     return -(-length // largest) * largest
 
 
-def _check_setup(model, sampling: SamplingConfig, exit_policy: ExitPolicy, chunk_size, longest: int) -> int | None:
+def _positive_int_or_none(name: str, value) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise GenerationError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_setup(model, sampling: SamplingConfig, exit_policy: ExitPolicy, chunk_size, segment_steps, longest: int) -> int | None:
     """Validates the settings; returns the prefill chunk size (None: the whole prompt)."""
     c = model.config
     if not isinstance(exit_policy, ExitPolicy):
@@ -425,10 +430,10 @@ def _check_setup(model, sampling: SamplingConfig, exit_policy: ExitPolicy, chunk
             f"the longest prompt ({longest} tokens) plus max_new_tokens ({sampling.max_new_tokens}) is {total}, "
             f"more than the model's max_position_embeddings ({c.max_position_embeddings})"
         )
-    if chunk_size is None:
-        return c.chunk_size if isinstance(model, MeltModel) else None
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise GenerationError(f"prefill_chunk_size must be a positive integer, got {chunk_size!r}")
+    _positive_int_or_none("prefill_chunk_size", chunk_size)
+    _positive_int_or_none("segment_steps", segment_steps)
+    if chunk_size is None and isinstance(model, MeltModel):
+        return c.chunk_size
     return chunk_size
 
 
@@ -454,9 +459,49 @@ def _timed(fn, *args):
     return out, time.perf_counter() - start
 
 
+def _compiled(jitted, *args, **static):
+    """(the jitted function lowered and compiled for these arguments, seconds). Compilations are
+    cached by JAX, so a second call with the same shapes and static arguments costs no time."""
+    start = time.perf_counter()
+    compiled = jitted.lower(*args, **static).compile()
+    return compiled, time.perf_counter() - start
+
+
 def _tokens_so_far(state: DecodeState) -> list[list[int]]:
     out, num_new = jax.device_get((state.out, state.num_new))
     return [out[b, : num_new[b]].tolist() for b in range(out.shape[0])]
+
+
+def _decode_in_segments(decode, params, state: DecodeState, segment_steps: int | None, on_segment) -> tuple[DecodeState, float]:
+    """Runs the compiled decode loop to the end, in segments of `segment_steps` with `on_segment`
+    called before each (see `generate`). Returns (final state, seconds spent decoding)."""
+    batch, max_new = state.out.shape
+    seconds = 0.0
+    while True:
+        if on_segment is not None:
+            stop_rows = on_segment(_tokens_so_far(state))
+            if stop_rows is not None:
+                stop_rows = np.asarray(stop_rows, bool)
+                if stop_rows.shape != (batch,):
+                    raise GenerationError(f"on_segment returned {stop_rows.size} flags for {batch} rows")
+                state = state.replace(done=state.done | stop_rows)
+        step, all_done = jax.device_get((state.step, jnp.all(state.done)))
+        if step >= max_new or all_done:
+            return state, seconds
+        until = max_new if segment_steps is None else min(int(step) + segment_steps, max_new)
+        state, segment_s = _timed(decode, params, state, np.int32(until))
+        seconds += segment_s
+
+
+def _outputs(state: DecodeState) -> tuple[list[list[int]], list[str]]:
+    """Per row: the new tokens without the stop token, and why the row ended."""
+    rows, hit_stop = _tokens_so_far(state), jax.device_get(state.hit_stop)
+    max_new = state.out.shape[1]
+    tokens, reasons = [], []
+    for row, stopped in zip(rows, hit_stop):
+        tokens.append(row[:-1] if stopped else row)
+        reasons.append(STOP_TOKEN if stopped else LENGTH if len(row) >= max_new else STOPPED)
+    return tokens, reasons
 
 
 def generate(
@@ -488,54 +533,26 @@ def generate(
     check_params(model, params)
     prompts = check_prompts(prompts, model.config.vocab_size)
     longest = max(len(p) for p in prompts)
-    chunk_size = _check_setup(model, sampling, exit_policy, prefill_chunk_size, longest)
-    if segment_steps is not None and (isinstance(segment_steps, bool) or not isinstance(segment_steps, int) or segment_steps < 1):
-        raise GenerationError(f"segment_steps must be a positive integer, got {segment_steps!r}")
+    chunk_size = _check_setup(model, sampling, exit_policy, prefill_chunk_size, segment_steps, longest)
 
     max_new = sampling.max_new_tokens
     padded = min(bucket_length(longest, buckets), max(longest, model.config.max_position_embeddings - max_new))
     tokens, lengths = _pad_prompts(prompts, padded)
-    stop_ids = _pad_stop_ids(sampling.stop_token_ids)
     params = jax.tree.map(jnp.asarray, params)
     static = dict(exit_policy=exit_policy, rule=sampling.token_rule)
-    start_args = (params, tokens, lengths, np.int32(sampling.seed), stop_ids)
+    start_args = (params, tokens, lengths, np.int32(sampling.seed), _pad_stop_ids(sampling.stop_token_ids))
     chunk = padded if chunk_size is None else min(chunk_size, padded)
 
-    compile_s = -time.perf_counter()
-    start = _start.lower(model, *start_args, **static, chunk_size=chunk, max_new=max_new).compile()
-    compile_s += time.perf_counter()
+    start, start_compile_s = _compiled(_start, model, *start_args, **static, chunk_size=chunk, max_new=max_new)
     state, prefill_s = _timed(start, *start_args)
-    compile_s -= time.perf_counter()
-    decode = _decode.lower(model, params, state, np.int32(0), **static).compile()
-    compile_s += time.perf_counter()
-
-    decode_s = 0.0
-    while True:
-        if on_segment is not None:
-            stop_rows = on_segment(_tokens_so_far(state))
-            if stop_rows is not None:
-                state = state.replace(done=state.done | jnp.asarray(stop_rows, bool))
-        step, all_done = jax.device_get((state.step, jnp.all(state.done)))
-        if step >= max_new or all_done:
-            break
-        until = max_new if segment_steps is None else min(int(step) + segment_steps, max_new)
-        state, seconds = _timed(decode, params, state, np.int32(until))
-        decode_s += seconds
-
-    tokens_out, hit_stop = _tokens_so_far(state), jax.device_get(state.hit_stop)
-    results, reasons = [], []
-    for b, row in enumerate(tokens_out):
-        if hit_stop[b]:
-            results.append(row[:-1])
-            reasons.append(STOP_TOKEN)
-        else:
-            results.append(row)
-            reasons.append(LENGTH if len(row) >= max_new else STOPPED)
+    decode, decode_compile_s = _compiled(_decode, model, params, state, np.int32(0), **static)
+    state, decode_s = _decode_in_segments(decode, params, state, segment_steps, on_segment)
+    results, reasons = _outputs(state)
     timing = GenerationTiming(
-        compile_s=compile_s,
+        compile_s=start_compile_s + decode_compile_s,
         prefill_s=prefill_s,
         decode_s=decode_s,
         prompt_tokens=int(lengths.sum()),
-        decode_tokens=sum(max(len(row) - 1, 0) for row in tokens_out),
+        decode_tokens=int(np.maximum(jax.device_get(state.num_new) - 1, 0).sum()),
     )
     return GenerationResult(tokens=results, stop_reasons=reasons, timing=timing)
