@@ -22,7 +22,7 @@ from melt_jax.sharding import MeshConfig, ShardingError, make_mesh, param_shardi
 from melt_jax.train.checkpointing import RunCheckpoints
 from melt_jax.train.cli import main as train_main
 from melt_jax.train.config import RunConfigError, load_train_config
-from melt_jax.train.objectives import Distillation, looplm_loss, phase1_loss
+from melt_jax.train.objectives import Distillation, exit_gate_loss, looplm_loss, phase1_loss
 from melt_jax.train.pipeline import load_pipeline_config, run_pipeline
 from melt_jax.train.trainer import TrainingError, run_stage
 
@@ -127,6 +127,36 @@ def test_looplm_loss_is_expected_ce_minus_entropy(teacher_dir):
     w = np.asarray(mask[:, 1:])
     np.testing.assert_allclose(float(loss), (per_token * w).sum() / w.sum(), rtol=1e-5)
     np.testing.assert_allclose(metrics["loop_ce"], (ce * w).sum((1, 2)) / w.sum(), rtol=1e-5)
+
+
+def test_exit_gate_stage_trains_only_the_exit_gate(teacher_dir):
+    """Stage II: the loss against a direct computation, and a gradient only on params['exit_gate']."""
+    config, params = load_params(teacher_dir)
+    model = OuroModel(config)
+    tokens = jax.random.randint(jax.random.key(2), (2, SEQ), 0, config.vocab_size)
+    batch = {"tokens": tokens, "loss_mask": jnp.ones((2, SEQ), jnp.float32)}
+    (loss, _), grads = jax.value_and_grad(lambda p: exit_gate_loss(model, p, batch), has_aux=True)(params)
+    out = model.apply({"params": params}, tokens, exit_policy=None, return_step_logits=True)
+    log_probs = np.asarray(jax.nn.log_softmax(out.step_logits[:, :, :-1], axis=-1), np.float64)
+    ce = -np.take_along_axis(log_probs, np.asarray(tokens)[None, :, 1:, None], axis=-1)[..., 0]  # [T, B, S-1]
+    target = 1 / (1 + np.exp(-50 * (np.maximum(0, ce[:-1] - ce[1:]) - 0.005)))
+    lam = 1 / (1 + np.exp(-np.asarray(out.gate_logits[1:, :, :-1], np.float64)))
+    expected = -(target * np.log(1 - lam) + (1 - target) * np.log(lam)).mean()
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+    for path, g in jax.tree_util.tree_leaves_with_path(grads):
+        is_gate = path[0].key == "exit_gate"
+        assert (float(jnp.max(jnp.abs(g))) > 0) == is_gate, path
+
+
+def test_config_file_with_overrides(tmp_path):
+    (tmp_path / "run.yaml").write_text("stage: looplm\nsteps: 7\noptimizer:\n  learning_rate: 0.01\n  schedule: constant\ndata:\n  seq_len: 48\n")
+    cfg = load_train_config(tmp_path / "run.yaml", ["steps=9", "data.hops=0"])
+    assert (cfg.steps, cfg.optimizer.learning_rate, cfg.optimizer.schedule, cfg.data.seq_len, cfg.data.hops) == (9, 0.01, "constant", 48, 0)
+    (tmp_path / "bad.json").write_text('{"steps": 3, "optimizer": {"lr": 1}}')
+    with pytest.raises(RunConfigError, match="unknown config field.*optimizer.lr"):
+        load_train_config(tmp_path / "bad.json")
+    with pytest.raises(RunConfigError, match="cannot read config file .*missing.json"):
+        load_train_config(tmp_path / "missing.json")
 
 
 # --------------------------------------------------------------------------------------------------
