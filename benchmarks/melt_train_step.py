@@ -183,7 +183,7 @@ def make_train_step(loss_fn, optimizer):
         (_, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        return params, opt_state, dict(metrics, grad_norm=optax.global_norm(grads))
+        return params, opt_state, dict(metrics, grad_norm=optax.tree.norm(grads))
 
     return jax.jit(step, donate_argnums=(0, 1))
 

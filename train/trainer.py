@@ -244,7 +244,7 @@ def make_train_step(task: Task, optimizer, state_shardings, teacher_shardings, m
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+        metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
         rng = jax.random.split(state.rng)[0]
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), metrics
 
