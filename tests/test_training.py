@@ -293,6 +293,9 @@ def test_bad_configurations_give_clear_errors(tmp_path, teacher_dir, model_json)
     bad = stage_overrides("melt_phase2", tmp_path / "bad2", other, model_json, phase1_student) + MESH_1
     with pytest.raises(TrainingError, match=r"layers/mlp/\w+_proj/kernel has shape .* in the teacher but .* in the student"):
         run_stage(load_train_config(None, bad))
+    wrong_kind = stage_overrides("melt_phase2", tmp_path / "bad3", teacher_dir, model_json, teacher_dir) + MESH_1
+    with pytest.raises(TrainingError, match="init_from=.* must be a melt checkpoint, got model_type 'ouro'"):
+        run_stage(load_train_config(None, wrong_kind))
     # The command line: exit status 2 and the message on stderr.
     assert train_main(["stage", *overrides("chunk_size=12")]) == 2
 

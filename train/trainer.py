@@ -113,15 +113,21 @@ def _check_same_shapes(student: dict, teacher: dict, what: str) -> None:
             )
 
 
+def _load_checkpoint(path: str, model_type: str, field: str, dtype: str) -> tuple[OuroConfig, dict]:
+    """(config, host params in `dtype`) of the checkpoint at `path`, which must hold a `model_type`
+    model; TrainingError naming the config field otherwise."""
+    config, params = load_params(path, dtype=dtype)
+    if config.model_type != model_type:
+        raise TrainingError(f"{field}={path} must be a {model_type} checkpoint, got model_type {config.model_type!r}")
+    return config, params
+
+
 def build_task(cfg: TrainConfig) -> Task:
     """The model, starting params and loss of the stage `cfg.stage`."""
     dtype = cfg.dtype
     if cfg.stage in ("looplm", "exit_gate"):
         if cfg.init_from:
-            config, params = load_params(cfg.init_from, dtype=dtype)
-            if config.model_type != "ouro":
-                raise TrainingError(f"stage {cfg.stage} trains a LoopLM, but init_from={cfg.init_from} is a {config.model_type} checkpoint")
-            config = config.replace(dtype=dtype, param_dtype=dtype)
+            config, params = _load_checkpoint(cfg.init_from, "ouro", "init_from", dtype)
         else:
             config, params = _model_config(cfg), None
         model = OuroModel(config)
@@ -131,15 +137,9 @@ def build_task(cfg: TrainConfig) -> Task:
         loss = lambda p, t, batch, step: exit_gate_loss(model, p, batch)  # noqa: E731
         return Task(config, model, params, loss, trainable="exit_gate")
 
-    teacher_config, teacher_params = load_params(cfg.teacher, dtype=dtype)
-    if teacher_config.model_type != "ouro":
-        raise TrainingError(f"teacher={cfg.teacher} must be a LoopLM (ouro) checkpoint, got model_type {teacher_config.model_type!r}")
-    teacher_config = teacher_config.replace(dtype=dtype, param_dtype=dtype)
+    teacher_config, teacher_params = _load_checkpoint(cfg.teacher, "ouro", "teacher", dtype)
     if cfg.init_from:
-        config, params = load_params(cfg.init_from, dtype=dtype)
-        if config.model_type != "melt":
-            raise TrainingError(f"stage {cfg.stage} continues a MELT model, but init_from={cfg.init_from} is a {config.model_type} checkpoint")
-        config = config.replace(dtype=dtype, param_dtype=dtype)
+        config, params = _load_checkpoint(cfg.init_from, "melt", "init_from", dtype)
     else:
         config, params = melt_from_ouro(teacher_config, teacher_params, gate_bias_init=cfg.gate_bias_init)
     config = config.replace(chunk_size=cfg.chunk_size)
