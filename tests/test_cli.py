@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from generation_fixtures import tiny_model
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from generation_fixtures import tiny_model
 from melt_jax import cli_eval, cli_generate
 from melt_jax.checkpoint import save_params
 from melt_jax.sampling import SamplingConfig, generate

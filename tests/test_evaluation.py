@@ -5,8 +5,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from generation_fixtures import tiny_model
+
 from melt_jax.decoding import forward
 from melt_jax.evaluation import answer_accuracy, evaluate_dataset, loss_sums, per_loop_losses, step_logits
 from melt_jax.exit import ExitPolicy

@@ -9,9 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from generation_fixtures import tiny_model
 from lm_eval.api.instance import Instance
+
 from melt_jax.checkpoint import save_params
 from melt_jax.decoding import forward
 from melt_jax.lm_eval_adapter import MeltJaxLM

@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from generation_fixtures import tiny_model
+
 from melt_jax.decoding import decode_step, forward
 from melt_jax.evaluation import step_logits
 from melt_jax.exit import ExitPolicy
@@ -24,11 +24,11 @@ from melt_jax.sampling import (
     STOPPED,
     GenerationError,
     SamplingConfig,
+    TokenRule,
     generate,
     next_tokens,
     top_k_filter,
     top_p_filter,
-    TokenRule,
 )
 
 PROMPTS = [[11, 200, 3, 45, 6, 78, 9], [250, 8], [100, 101, 102, 103, 104], list(range(30, 43))]
