@@ -12,7 +12,6 @@ import json
 import math
 import os
 import struct
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np

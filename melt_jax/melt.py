@@ -22,7 +22,7 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
-from melt_jax.cache import KVCache, init_ouro_cache, write_rows
+from melt_jax.cache import KVCache, write_rows
 from melt_jax.config import ConfigError, MeltConfig, OuroConfig
 from melt_jax.exit import ExitPolicy
 from melt_jax.layers import apply_rope, attention_over_cache_slots, chunked_attention_over_earlier_rows
@@ -44,14 +44,20 @@ class KVGate(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, u: Array, s_prev: Array) -> Array:
+    def __call__(self, u: Array, s_prev: Array, first_loop: Array | bool = False) -> Array:
+        """The new latent s [B, S, H]; u itself when `first_loop` (s_1 = u_1), without computing the
+        gate (a lax.cond: the gate's matmuls run only at loops 2..T)."""
         H = self.hidden_size
         w_z = self.param("w_z", nn.initializers.zeros, (H, H), self.param_dtype).astype(self.dtype)
         u_z = self.param("u_z", nn.initializers.zeros, (H, H), self.param_dtype).astype(self.dtype)
         b_z = self.param("b_z", nn.initializers.constant(self.bias_init), (H,), self.param_dtype)
-        gate_logits = jnp.einsum("BSH,HG->BSG", u, w_z) + jnp.einsum("BSH,HG->BSG", s_prev, u_z)
-        z = jax.nn.sigmoid(gate_logits + b_z.astype(self.dtype))
-        return z * s_prev + (1 - z) * u
+
+        def gated():
+            gate_logits = jnp.einsum("BSH,HG->BSG", u, w_z) + jnp.einsum("BSH,HG->BSG", s_prev, u_z)
+            z = jax.nn.sigmoid(gate_logits + b_z.astype(self.dtype))
+            return z * s_prev + (1 - z) * u
+
+        return jax.lax.cond(first_loop, lambda: u, gated)
 
 
 @flax.struct.dataclass
@@ -115,7 +121,7 @@ class MeltDecoderLayer(OuroDecoderLayer):
 
     def attention(self, u: Array, ctx: TokenContext, state: MeltState, layer_index, loop_index):
         s_prev = state.latent[layer_index]  # [B, S, H]
-        s = jnp.where(loop_index == 0, u, self.kv_gate(u, s_prev))
+        s = self.kv_gate(u, s_prev, first_loop=loop_index == 0)
         state = state.replace(latent=state.latent.at[layer_index].set(s))
         q = apply_rope(self.attn.queries(u), ctx.cos, ctx.sin)  # [B, S, N, D]
         k, v = self.attn.keys_values(s)  # [B, S, K, D], MELT rows at this loop

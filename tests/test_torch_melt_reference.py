@@ -146,7 +146,7 @@ def test_final_rows_are_last_loop_keys(model, ids, chunk):
     _close(o["final_v"], o["v_steps"][-1])
     assert np.max(np.abs(o["k_steps"][-1] - o["k_steps"][-2])) > 1e-3
     # layer 0 recomputed by hand from the outputs: its input at loop t is embed (t=0) or hidden_steps[t-1]
-    H, K, D = cfg["hidden_size"], cfg["num_key_value_heads"], cfg["head_dim"]
+    K, D = cfg["num_key_value_heads"], cfg["head_dim"]
     f = lambda n: torch.from_numpy(np.asarray(sd[n], dtype=np.float64))  # noqa: E731
     g = lambda n: torch.from_numpy(np.asarray(gates[n], dtype=np.float64))  # noqa: E731
     wz, uz, bz = (g(n) for n in gate_names(0))

@@ -45,7 +45,7 @@ OuroReference's own cached forward.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
