@@ -10,7 +10,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from melt_jax.sharding import constrain
+
 Array = jax.Array
+
+# Logical axes of the activations (see melt_jax.sharding).
+HIDDEN_AXES = ("batch", "length", "act_embed")  # [B, S, H]
 
 # A large negative logit for masked keys; finite so that a fully masked row gives a uniform softmax
 # instead of NaN (such rows only occur for padding and are never read).
@@ -108,6 +113,34 @@ def attention_over_cache_slots(q: Array, k_slots: Array, v_slots: Array, q_posit
     return dot_product_attention(q, k_slots, v_slots, mask, kv_heads_first=True)
 
 
+class Embedder(nn.Module):
+    """Token embedding table `embedding` [V, H], used for the lookup and (tied weights) the LM head.
+
+    The lookup reads a copy of the table gathered along its hidden axis (under a mesh: vocabulary rows
+    stay split over "tensor"), so that the looked-up rows can take the batch sharding of activations.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    init_stddev: float = 0.02
+
+    def setup(self):
+        self.embedding = self.param(
+            "embedding", _normal_init(self.init_stddev), (self.vocab_size, self.hidden_size), self.param_dtype
+        )
+
+    def __call__(self, tokens: Array) -> Array:
+        """[B, S] int -> [B, S, H]."""
+        table = constrain(self.embedding.astype(self.dtype), ("vocab", None))  # [V, H]
+        return constrain(jnp.take(table, tokens, axis=0), HIDDEN_AXES)
+
+    def attend(self, hidden: Array) -> Array:
+        """[..., H] -> [..., V]: hidden states against every embedding row."""
+        return jnp.einsum("...H,VH->...V", hidden, self.embedding.astype(self.dtype))
+
+
 class Einsum(nn.Module):
     """A bias-free linear map given by an einsum equation; its weight is the parameter `kernel`."""
 
@@ -148,11 +181,12 @@ class AttentionProjections(nn.Module):
 
     def queries(self, x: Array) -> Array:
         """[B, S, H] -> [B, S, N, D] (before RoPE)."""
-        return self.q_proj("BSH,HND->BSND", x)
+        return constrain(self.q_proj("BSH,HND->BSND", x), ("batch", "length", "heads", "head_dim"))
 
     def keys_values(self, x: Array) -> tuple[Array, Array]:
         """[B, S, H] -> keys (before RoPE) and values, each [B, S, K, D]."""
-        return self.k_proj("BSH,HKD->BSKD", x), self.v_proj("BSH,HKD->BSKD", x)
+        axes = ("batch", "length", "kv_heads", "head_dim")
+        return constrain(self.k_proj("BSH,HKD->BSKD", x), axes), constrain(self.v_proj("BSH,HKD->BSKD", x), axes)
 
     def output(self, attended: Array) -> Array:
         """[B, S, N, D] -> [B, S, H]."""
@@ -174,7 +208,8 @@ class MLP(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, init_stddev=self.init_stddev)
         gate = Einsum((H, I), name="gate_proj", **kw)("BSH,HI->BSI", x)
         up = Einsum((H, I), name="up_proj", **kw)("BSH,HI->BSI", x)
-        return Einsum((I, H), name="down_proj", **kw)("BSI,IH->BSH", jax.nn.silu(gate) * up)
+        hidden = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))  # [B, S, I]
+        return Einsum((I, H), name="down_proj", **kw)("BSI,IH->BSH", hidden)
 
 
 def chunked_attention_over_earlier_rows(

@@ -25,8 +25,14 @@ import jax.numpy as jnp
 from melt_jax.cache import KVCache, write_rows
 from melt_jax.config import ConfigError, MeltConfig, OuroConfig
 from melt_jax.exit import ExitPolicy
-from melt_jax.layers import apply_rope, attention_over_cache_slots, chunked_attention_over_earlier_rows
+from melt_jax.layers import (
+    HIDDEN_AXES,
+    apply_rope,
+    attention_over_cache_slots,
+    chunked_attention_over_earlier_rows,
+)
 from melt_jax.ouro import OuroDecoderLayer, OuroModel, TokenContext
+from melt_jax.sharding import constrain
 
 Array = jax.Array
 
@@ -121,7 +127,7 @@ class MeltDecoderLayer(OuroDecoderLayer):
 
     def attention(self, u: Array, ctx: TokenContext, state: MeltState, layer_index, loop_index):
         s_prev = state.latent[layer_index]  # [B, S, H]
-        s = self.kv_gate(u, s_prev, first_loop=loop_index == 0)
+        s = constrain(self.kv_gate(u, s_prev, first_loop=loop_index == 0), HIDDEN_AXES)
         state = state.replace(latent=state.latent.at[layer_index].set(s))
         q = apply_rope(self.attn.queries(u), ctx.cos, ctx.sin)  # [B, S, N, D]
         k, v = self.attn.keys_values(s)  # [B, S, K, D], MELT rows at this loop

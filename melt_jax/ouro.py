@@ -23,8 +23,11 @@ import jax.numpy as jnp
 from melt_jax.cache import KVCache, write_rows
 from melt_jax.config import OuroConfig
 from melt_jax.exit import ExitPolicy, exit_distribution, select_hidden
+from melt_jax.sharding import constrain
 from melt_jax.layers import (
+    HIDDEN_AXES,
     MLP,
+    Embedder,
     AttentionProjections,
     Einsum,
     RMSNorm,
@@ -128,6 +131,7 @@ class OuroDecoderLayer(nn.Module):
 
     def __call__(self, carry, layer_index, ctx: TokenContext, loop_index):
         h, state = carry
+        h = constrain(h, HIDDEN_AXES)  # [B, S, H]
         a, state = self.attention(self.attn_in_norm(h), ctx, state, layer_index, loop_index)
         h = h + self.attn_out_norm(a)
         h = h + self.mlp_out_norm(self.mlp(self.mlp_in_norm(h)))
@@ -156,13 +160,7 @@ class OuroModel(nn.Module):
 
     def setup(self):
         c = self.config
-        self.embedder = nn.Embed(
-            c.vocab_size,
-            c.hidden_size,
-            dtype=c.jnp_dtype,
-            param_dtype=c.jnp_param_dtype,
-            embedding_init=nn.initializers.normal(c.initializer_range),
-        )
+        self.embedder = Embedder(c.vocab_size, c.hidden_size, **layer_kwargs(c))
         self.layers = scan_layers(self.layer_class, c, collect=self.collect)
         self.final_norm = RMSNorm(eps=c.rms_norm_eps, param_dtype=c.jnp_param_dtype)
         self.exit_gate = nn.Dense(
@@ -177,8 +175,12 @@ class OuroModel(nn.Module):
     def logits(self, hidden: Array) -> Array:
         """LM head: [..., H] -> [..., V] in the activation dtype."""
         if self.config.tie_word_embeddings:
-            return self.embedder.attend(hidden)
-        return self.lm_head("...H,HV->...V", hidden)
+            logits = self.embedder.attend(hidden)
+        else:
+            logits = self.lm_head("...H,HV->...V", hidden)
+        if logits.ndim >= 3:  # [..., B, S, V]
+            logits = constrain(logits, (None,) * (logits.ndim - 3) + ("batch", "length", "vocab"))
+        return logits
 
     def token_context(self, tokens: Array, positions: Array | None, cache: KVCache | None) -> TokenContext:
         batch, seq = tokens.shape

@@ -6,6 +6,12 @@ sharded over "fsdp" (ZeRO-3 style: each device holds a slice of every weight, ga
 matmuls), heads / kv heads / MLP width / vocabulary over "tensor", the batch over ("data", "fsdp").
 A mesh axis that does not divide a dimension is left out for that array (the dimension is replicated
 over it), so tiny test models shard as far as their shapes allow.
+
+Activations follow the same rules through `constrain`: the models call it on their main activations
+(hidden states, latents, queries / keys / values, MLP width, logits) and it pins their sharding when a
+mesh is set with `jax.set_mesh` (the training program traces its steps under one); without a mesh it
+does nothing. The hidden dimension of activations ("act_embed") is replicated: "fsdp" splits the batch
+of activations, not their width.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ LOGICAL_RULES: dict[str, tuple[str, ...]] = {
     "head_dim": (),
     "norm": (),
     "length": (),
+    "act_embed": (),
 }
 
 # Param path (with "*" matching any one key) -> logical names of its axes.
@@ -146,6 +153,17 @@ def partition_spec(shape: Sequence[int], logical: Sequence[str | None], mesh: Me
         used.update(axes)
         spec.append(tuple(axes) if len(axes) > 1 else (axes[0] if axes else None))
     return PartitionSpec(*spec)
+
+
+def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
+    """x with its sharding pinned to `partition_spec(x.shape, logical, mesh)` on the mesh set by
+    `jax.set_mesh`; x unchanged when no mesh is set (or it has one device)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return x
+    if len(logical) != x.ndim:
+        raise ShardingError(f"activation of shape {x.shape} given {len(logical)} logical axes {tuple(logical)}")
+    return jax.lax.with_sharding_constraint(x, partition_spec(x.shape, logical, mesh))
 
 
 def param_shardings(params: Any, mesh: Mesh) -> Any:

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -234,8 +235,21 @@ def shardings_of(tree: Any) -> Any:
     return jax.tree.map(lambda x: x.sharding, tree)
 
 
+def under_mesh(fn: Callable, mesh) -> Callable:
+    """fn called (and so traced) with `mesh` set by jax.set_mesh, which turns on the models'
+    activation sharding constraints (melt_jax.sharding.constrain)."""
+
+    @functools.wraps(fn)
+    def call(*args):
+        with jax.set_mesh(mesh):
+            return fn(*args)
+
+    return call
+
+
 def make_train_step(task: Task, optimizer, state_shardings, teacher_shardings, mesh):
-    """The jitted step (state, teacher_params, batch) -> (state, metrics); the state is donated."""
+    """The jitted step (state, teacher_params, batch) -> (state, metrics); the state is donated and the
+    activations are sharded by the logical rules."""
 
     def step(state: TrainState, teacher_params, batch):
         def loss_fn(params):
@@ -249,15 +263,16 @@ def make_train_step(task: Task, optimizer, state_shardings, teacher_shardings, m
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), metrics
 
     batch_shardings = {"tokens": batch_sharding(mesh), "loss_mask": batch_sharding(mesh)}
-    return jax.jit(
+    jitted = jax.jit(
         step,
         in_shardings=(state_shardings, teacher_shardings, batch_shardings),
         out_shardings=(state_shardings, replicated(mesh)),
         donate_argnums=0,
     )
+    return under_mesh(jitted, mesh)
 
 
-def make_eval_step(task: Task):
+def make_eval_step(task: Task, mesh):
     """Jitted (params, tokens, loss_mask, answer_mask) -> per-loop weighted loss sums [T], the weight
     sum, and per-loop exact-match counts [T] over the rows (an all-zero answer mask counts as a hit).
     The forward is the model's inference computation (`evaluation.hidden_states`: MELT chunked)."""
@@ -272,7 +287,7 @@ def make_eval_step(task: Task):
         )  # [T, B]
         return jnp.sum(ce * weights, axis=(1, 2)), jnp.sum(weights), jnp.sum(correct, axis=1)
 
-    return jax.jit(evaluate_batch)
+    return under_mesh(jax.jit(evaluate_batch), mesh)
 
 
 def _global_rows(rows: np.ndarray, mesh) -> Array:
@@ -373,7 +388,7 @@ def run_stage(cfg: TrainConfig, *, stop_after: int | None = None, log: Callable[
         teacher_params = _to_global(task.teacher_params, param_shardings(task.teacher_params, mesh))
     teacher_shardings = None if teacher_params is None else shardings_of(teacher_params)
     train_step = make_train_step(task, optimizer, state_shardings, teacher_shardings, mesh)
-    eval_step = make_eval_step(task)
+    eval_step = make_eval_step(task, mesh)
 
     checkpoints = RunCheckpoints(out / "checkpoints", cfg.keep_checkpoints, cfg.async_checkpoints)
     meta = {"stage": cfg.stage, "tokens_seen": 0, "batch_digest": "", "data": iterator.state()}
