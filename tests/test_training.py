@@ -3,9 +3,12 @@ kill and resume, NaN stop, bad configurations, and the pipeline end to end (tiny
 
 import json
 import os
+import signal
 import socket
+import struct
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +22,7 @@ from melt_jax.melt import MeltModel, melt_from_ouro
 from melt_jax.ouro import OuroModel
 from melt_jax.params import init_params
 from melt_jax.sharding import MeshConfig, ShardingError, batch_sharding, constrain, make_mesh, param_shardings
+from melt_jax.train import metrics
 from melt_jax.train.checkpointing import RunCheckpoints
 from melt_jax.train.cli import main as train_main
 from melt_jax.train.config import RunConfigError, load_train_config
@@ -178,6 +182,50 @@ def phase_runs(tmp_path_factory, teacher_dir, model_json):
     return results
 
 
+def read_tensorboard_scalars(run_dir) -> dict[str, dict[int, float]]:
+    """tag -> {step: value} from the TFRecord event files under run_dir/tensorboard (records: length
+    u64, its crc u32, an Event protobuf, its crc u32)."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    scalars: dict[str, dict[int, float]] = {}
+    for path in sorted((run_dir / "tensorboard").glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        offset = 0
+        while offset < len(data):
+            (length,) = struct.unpack_from("<Q", data, offset)
+            event = Event.FromString(data[offset + 12 : offset + 12 + length])
+            offset += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+    return scalars
+
+
+def test_metrics_go_to_jsonl_and_tensorboard(phase_runs):
+    run_dir = phase_runs["looplm", "1"].output_dir
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    scalars = read_tensorboard_scalars(run_dir)
+    assert sorted(scalars["loss"]) == [1, 2, 3]
+    for record in records:
+        assert scalars["loss"][record["step"]] == pytest.approx(record["loss"], rel=1e-6)
+        assert scalars["tokens_per_s"][record["step"]] == pytest.approx(record["tokens_per_s"], rel=1e-6)
+    assert set(scalars) >= {"loss", "grad_norm", "tokens_per_s"}
+
+
+def test_metrics_log_flattens_records_and_works_without_tensorboard(tmp_path, monkeypatch):
+    record = {"step": 7, "loss": 0.5, "eval": {"loop_loss": [2.0, 1.0], "accuracy": 0.25}}
+    assert metrics.scalars(record) == {
+        "loss": 0.5, "eval/loop_loss/loop_1": 2.0, "eval/loop_loss/loop_2": 1.0, "eval/accuracy": 0.25
+    }
+    monkeypatch.setattr(metrics, "tensorboard_available", lambda: False)
+    messages = []
+    log = metrics.MetricsLog(tmp_path, enabled=True, tensorboard=True, log=messages.append)
+    log.write(record)
+    log.close()
+    assert messages == ["tensorboardX is not installed: metrics go to metrics.jsonl only"]
+    assert json.loads((tmp_path / "metrics.jsonl").read_text()) == record
+    assert not (tmp_path / "tensorboard").exists()
+
+
 @pytest.mark.parametrize("stage", ["looplm", "melt_phase1", "melt_phase2"])
 def test_sharded_step_equals_single_device_step(phase_runs, teacher_dir, stage):
     sharded, single = phase_runs[stage, "8"], phase_runs[stage, "1"]
@@ -276,6 +324,51 @@ def test_interrupted_run_resumes_to_the_same_params_and_tokens(tmp_path, teacher
     assert resumed.steps == 6
     assert resumed.tokens_seen == whole.tokens_seen == 6 * BATCH * SEQ
     assert resumed.batch_digest == whole.batch_digest  # the same batches, in the same order, once each
+    assert_params_close(final_params(resumed), final_params(whole))
+
+
+def _finished_checkpoint_steps(directory) -> list[int]:
+    """Steps of the committed checkpoints (orbax writes into a temporary folder, then renames it)."""
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.exists() else []
+
+
+def test_killed_run_resumes_from_its_last_complete_checkpoint(tmp_path, teacher_dir, model_json):
+    """SIGKILL a training process while it saves a checkpoint after every step (asynchronously), then
+    resume: the result equals an uninterrupted run. The constant schedule makes the params after N
+    steps independent of the configured total, so the killed run can be given a total it never
+    reaches."""
+    out = tmp_path / "killed"
+    base = ["optimizer.schedule=constant", "checkpoint_every=1", "keep_checkpoints=3", "async_checkpoints=true", *MESH_1]
+    overrides = stage_overrides("looplm", out, teacher_dir, model_json) + base
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "melt_jax.train", "stage", *overrides, "steps=100000"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    deadline = time.monotonic() + 300
+    try:
+        while not (steps := _finished_checkpoint_steps(out / "checkpoints")) or steps[-1] < 5:
+            assert proc.poll() is None, proc.communicate()[0][-3000:]
+            assert time.monotonic() < deadline, "no checkpoint at step 5 within 300 s"
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+
+    latest = RunCheckpoints(out / "checkpoints").latest_step()
+    assert latest is not None and latest >= 5
+    total = [f"steps={latest + 3}"]
+    messages = []
+    resumed = run_stage(load_train_config(None, overrides + total), log=messages.append)
+    assert any(f"resumed from step {latest}" in m for m in messages)
+    whole = run_stage(
+        load_train_config(None, stage_overrides("looplm", tmp_path / "whole", teacher_dir, model_json) + base + total),
+        log=lambda _: None,
+    )
+    assert resumed.steps == whole.steps == latest + 3
+    assert resumed.tokens_seen == whole.tokens_seen
+    assert resumed.batch_digest == whole.batch_digest
     assert_params_close(final_params(resumed), final_params(whole))
 
 

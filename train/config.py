@@ -68,6 +68,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     async_checkpoints: bool = True
     progress: bool = True
+    tensorboard: bool = True  # also write TensorBoard scalars when tensorboardX is installed
     optimizer: OptimizerConfig = OptimizerConfig()
     mesh: MeshConfig = MeshConfig()
     data: DataConfig = DataConfig()

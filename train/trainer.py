@@ -3,6 +3,7 @@
 `run_stage(config)` trains one stage (see train/config.py) and leaves in config.output_dir:
   checkpoints/<step>/   orbax CheckpointManager checkpoints (resumed from automatically)
   metrics.jsonl         one JSON record per logged step and per evaluation
+  tensorboard/          the same as TensorBoard scalars, when tensorboardX is installed
   model/                the final model (config.json + params, melt_jax.checkpoint layout)
 """
 
@@ -44,6 +45,7 @@ from melt_jax.synthetic import SyntheticTaskConfig, answer_batch, pack_answer_ex
 from melt_jax.tokenizer import Tokenizer, load_tokenizer
 from melt_jax.train.checkpointing import RunCheckpoints
 from melt_jax.train.config import TrainConfig, to_dict
+from melt_jax.train.metrics import MetricsLog
 from melt_jax.train.objectives import (
     Distillation,
     exit_gate_loss,
@@ -405,17 +407,13 @@ def run_stage(cfg: TrainConfig, *, stop_after: int | None = None, log: Callable[
     step = int(state.step)
     last_saved = latest
     tokens_per_step = cfg.batch_size * cfg.data.seq_len
-    metrics_file = open(out / "metrics.jsonl", "a") if is_main else None
+    metrics_log = MetricsLog(out, enabled=is_main, tensorboard=cfg.tensorboard, log=log)
     progress = None
     if is_main and cfg.progress:
         from tqdm import tqdm
 
         progress = tqdm(total=cfg.steps, initial=step, desc=cfg.stage, unit="step", dynamic_ncols=True)
 
-    def write_record(record: dict) -> None:
-        if metrics_file is not None:
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
 
     def check_finite(metrics, at_step):
         loss = float(metrics["loss"])
@@ -427,6 +425,8 @@ def run_stage(cfg: TrainConfig, *, stop_after: int | None = None, log: Callable[
         return loss
 
     metrics: dict = {}
+    model_dir = out / "model"
+    evaluation: dict = {}
     window_start, window_steps = time.perf_counter(), 0
     steps_this_call = 0
     try:
@@ -443,14 +443,14 @@ def run_stage(cfg: TrainConfig, *, stop_after: int | None = None, log: Callable[
                 loss = check_finite(metrics, step)
                 elapsed = time.perf_counter() - window_start
                 tokens_per_s = window_steps * tokens_per_step / max(elapsed, 1e-9)
-                write_record({"step": step, "tokens_per_s": tokens_per_s, **_format(metrics)})
+                metrics_log.write({"step": step, "tokens_per_s": tokens_per_s, **_format(metrics)})
                 if progress is not None:
                     progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
                 window_start, window_steps = time.perf_counter(), 0
             if progress is not None:
                 progress.update(1)
             if cfg.eval_every and cfg.eval_batches and step % cfg.eval_every == 0 and step < cfg.steps:
-                write_record({"step": step, "eval": evaluate(task, eval_step, state.params, data, cfg, mesh)})
+                metrics_log.write({"step": step, "eval": evaluate(task, eval_step, state.params, data, cfg, mesh)})
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 check_finite(metrics, step)
                 meta["data"] = iterator.state()
@@ -459,25 +459,19 @@ def run_stage(cfg: TrainConfig, *, stop_after: int | None = None, log: Callable[
             if stop_after is not None and steps_this_call >= stop_after and step < cfg.steps:
                 break
         checkpoints.wait()
+        if step >= cfg.steps:
+            if cfg.eval_batches:
+                evaluation = evaluate(task, eval_step, state.params, data, cfg, mesh)
+                metrics_log.write({"step": step, "eval": evaluation})
+            host = _host_params(state.params)
+            if is_main:
+                save_params(model_dir, task.config, host, overwrite=True)
+            multihost_utils.sync_global_devices("model saved")
     finally:
         if progress is not None:
             progress.close()
         checkpoints.close()
-        if metrics_file is not None:
-            metrics_file.close()
-
-    model_dir = out / "model"
-    evaluation: dict = {}
-    if step >= cfg.steps:
-        if cfg.eval_batches:
-            evaluation = evaluate(task, eval_step, state.params, data, cfg, mesh)
-        host = _host_params(state.params)
-        if is_main:
-            save_params(model_dir, task.config, host, overwrite=True)
-            if evaluation:
-                with open(out / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps({"step": step, "eval": evaluation}) + "\n")
-        multihost_utils.sync_global_devices("model saved")
+        metrics_log.close()
     return StageResult(
         output_dir=out,
         model_dir=model_dir,
