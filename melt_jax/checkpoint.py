@@ -20,7 +20,7 @@ import os
 import secrets
 import shutil
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import ml_dtypes
@@ -28,6 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from melt_jax.config import ConfigError, OuroConfig, config_from_json_file
+from melt_jax.sharding import param_sharding
 
 CONFIG_FILE = "config.json"
 RUNTIME_FILE = "melt_jax.json"
@@ -159,9 +160,14 @@ def _nest(keys: tuple[str, ...], leaf: Any) -> dict:
     return leaf
 
 
-def load_tree(path: str | os.PathLike, dtype: str | None = None) -> dict:
-    """Restores the orbax checkpoint of a nested dict of arrays in `path` as numpy arrays, cast to
-    `dtype` if given.
+def load_tree(
+    path: str | os.PathLike,
+    dtype: str | None = None,
+    sharding_of: Callable[[tuple[str, ...], tuple[int, ...]], jax.sharding.Sharding] | None = None,
+) -> dict:
+    """Restores the orbax checkpoint of a nested dict of arrays in `path`, cast to `dtype` if given:
+    as numpy arrays, or with `sharding_of(key path, shape)` as global jax.Arrays with that sharding,
+    each process reading only the shards of its own devices (all processes must call it together).
 
     Leaves are restored one at a time (orbax partial restore), largest first: reading a leaf takes
     transient buffers of about its size, so restoring all leaves at once, or a large leaf last, would
@@ -171,9 +177,10 @@ def load_tree(path: str | os.PathLike, dtype: str | None = None) -> dict:
     if not path.is_dir():
         raise CheckpointError(f"orbax checkpoint directory not found: {path}")
     np_dtype = numpy_dtype(dtype) if dtype is not None else None
+    # Host restores are this process's own business; a sharded restore is collective.
+    processes = _this_process_only() if sharding_of is None else ocp.options.MultiprocessingOptions()
     checkpointer = ocp.Checkpointer(
-        ocp.PyTreeCheckpointHandler(multiprocessing_options=_this_process_only()),
-        multiprocessing_options=_this_process_only(),
+        ocp.PyTreeCheckpointHandler(multiprocessing_options=processes), multiprocessing_options=processes
     )
     try:
         try:
@@ -187,10 +194,13 @@ def load_tree(path: str | os.PathLike, dtype: str | None = None) -> dict:
         leaves = list(_leaves(tree))
         restored_leaves = {}
         for keys, leaf_metadata in sorted(leaves, key=lambda kv: -math.prod(getattr(kv[1], "shape", ()) or ())):
+            if sharding_of is None:
+                restore_args = ocp.RestoreArgs(restore_type=np.ndarray, dtype=np_dtype)
+            else:
+                sharding = sharding_of(keys, tuple(leaf_metadata.shape))
+                restore_args = ocp.ArrayRestoreArgs(restore_type=jax.Array, sharding=sharding, dtype=np_dtype)
             args = ocp.args.PyTreeRestore(
-                item=_nest(keys, leaf_metadata),
-                restore_args=_nest(keys, ocp.RestoreArgs(restore_type=np.ndarray, dtype=np_dtype)),
-                partial_restore=True,
+                item=_nest(keys, leaf_metadata), restore_args=_nest(keys, restore_args), partial_restore=True
             )
             try:
                 restored = checkpointer.restore(path, args=args)
@@ -227,12 +237,27 @@ def save_params(path: str | os.PathLike, config: OuroConfig, params: Any, *, ove
         save_tree(tmp / PARAMS_DIR, params)
 
 
-def load_params(path: str | os.PathLike, dtype: str | None = None) -> tuple[OuroConfig, dict]:
-    """Reads a checkpoint directory written by `save_params`: (config, params as numpy arrays).
+def load_params(
+    path: str | os.PathLike, dtype: str | None = None, mesh: jax.sharding.Mesh | None = None
+) -> tuple[OuroConfig, dict]:
+    """Reads a checkpoint directory written by `save_params`: (config, params).
 
-    With `dtype=None` the params keep their saved dtypes and the config its saved dtype policy. With a
+    The params are numpy arrays, or with a `mesh` global jax.Arrays sharded on it by the parameter
+    rules of melt_jax.sharding (each process reads only its shards; call it on all processes). With
+    `dtype=None` the params keep their saved dtypes and the config its saved dtype policy. With a
     dtype name, the params are cast to it while reading and the config gets `dtype=param_dtype=dtype`.
     """
+    config = load_config(path, dtype)
+    sharding_of = None
+    if mesh is not None:
+        sharding_of = lambda keys, shape: param_sharding(keys, shape, mesh)  # noqa: E731
+    params = load_tree(Path(path) / PARAMS_DIR, dtype, sharding_of)
+    return config, params
+
+
+def load_config(path: str | os.PathLike, dtype: str | None = None) -> OuroConfig:
+    """The config of the checkpoint directory `path` (see `load_params` for `dtype`), without reading
+    its params."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory not found: {path}")
@@ -250,9 +275,7 @@ def load_params(path: str | os.PathLike, dtype: str | None = None) -> tuple[Ouro
         policy = {"dtype": dtype, "param_dtype": dtype}
     else:
         policy = {k: runtime.get(k, "float32") for k in ("dtype", "param_dtype")}
-    config = config_from_json_file(path / CONFIG_FILE, **policy)
-    params = load_tree(path / PARAMS_DIR, dtype)
-    return config, params
+    return config_from_json_file(path / CONFIG_FILE, **policy)
 
 
 __all__ = [
@@ -260,6 +283,7 @@ __all__ = [
     "ConfigError",
     "atomic_directory",
     "check_destination",
+    "load_config",
     "load_params",
     "load_tree",
     "numpy_dtype",

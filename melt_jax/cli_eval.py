@@ -2,10 +2,12 @@
 answer accuracy where the dataset has prompt/answer columns (the synthetic task does).
 
     melt-eval --checkpoint CKPT --tokenizer byte --data synthetic:512 --split validation
+    melt-eval --checkpoint runs/pipeline/melt_phase2/model --tokenizer byte --data synthetic:512 --hops 0 --distractors 2
     melt-eval --checkpoint CKPT --tokenizer tokenizer.json --data notes.txt --seq-len 512 --json
 
 --data takes what the training program reads (melt_jax.data.load_text_dataset): "synthetic[:N]" or a
-local .txt / .json / .jsonl / .parquet file or folder. Loss: documents are tokenized with eos and
+local .txt / .json / .jsonl / .parquet file or folder; --hops and --distractors set the synthetic
+task (default: melt_jax.synthetic's defaults; the training pipeline's task is --hops 0 --distractors 2). Loss: documents are tokenized with eos and
 packed into rows of --seq-len tokens as in training (melt_jax.data), every token's prediction scored
 except the first of each document. Accuracy: each prompt + answer is one row, and an example counts as
 correct when every answer token is the argmax at the position before it, i.e. when greedy decoding
@@ -54,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", required=True, help="'byte', or a tokenizer.json file or its folder")
     p.add_argument("--data", required=True, help="'synthetic[:N]' or a local .txt/.json/.jsonl/.parquet file or folder")
     p.add_argument("--split", default="validation", help="split name (selects the synthetic task's seed)")
+    p.add_argument("--hops", type=int, default=None, help="synthetic task: operations per queried chain")
+    p.add_argument("--distractors", type=int, default=None, help="synthetic task: unrelated assignments per example")
     p.add_argument("--text-field", default="text")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per row")
     p.add_argument("--batch-size", type=int, default=8)
@@ -72,6 +76,18 @@ def _check_sizes(args: argparse.Namespace) -> None:
             raise DataError(f"--{name.replace('_', '-')} must be >= {2 if name == 'seq_len' else 1}, got {value}")
 
 
+def _task(args: argparse.Namespace) -> dict:
+    """The synthetic task fields set by --hops / --distractors."""
+    task = {}
+    if args.hops is not None:
+        task.update(min_hops=args.hops, max_hops=args.hops)
+    if args.distractors is not None:
+        task.update(num_distractors=args.distractors)
+    if task and not args.data.startswith("synthetic"):
+        raise DataError(f"--hops / --distractors apply to the synthetic task, not to --data {args.data}")
+    return task
+
+
 def evaluate(args: argparse.Namespace) -> dict:
     """The results dict: 'loss' (evaluation.evaluate_dataset on packed text) and, for datasets with
     prompt/answer columns, 'answers' (the same on answer rows, loss over the answer tokens)."""
@@ -79,7 +95,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     tokenizer = load_tokenizer(args.tokenizer)
     model, params = load_model(args.checkpoint, args.dtype)
     policy = parse_exit_policy(args.exit, model.config)
-    dataset = load_text_dataset(args.data, split=args.split, text_field=args.text_field)
+    dataset = load_text_dataset(args.data, split=args.split, text_field=args.text_field, synthetic_task=_task(args))
     packed = pack_documents(tokenize_dataset(dataset, tokenizer, args.text_field), args.seq_len, tokenizer.pad_id)
     if packed.num_rows == 0:
         raise DataError(f"data source {args.data!r} has no text to evaluate")

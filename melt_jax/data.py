@@ -54,12 +54,14 @@ def load_text_dataset(
     text_field: str = "text",
     data_files: str | Sequence[str] | None = None,
     cache_dir: str | None = None,
+    synthetic_task: Mapping[str, Any] | None = None,
 ) -> datasets.Dataset:
     """The dataset named by `source`, checked to have a string column `text_field`.
 
     `source` is one of:
       - "synthetic" or "synthetic:N": the embedded chained-assignment task (melt_jax.synthetic) with
-        its default config (N examples); `split` ("train", "validation", "test") selects the seed;
+        its default config, or with the SyntheticTaskConfig fields in `synthetic_task` changed (N
+        examples); `split` ("train", "validation", "test") selects the seed;
       - a local .txt / .json / .jsonl / .parquet file, or a folder of files of one of these kinds
         (a .txt file gives one document per line, in column "text");
       - otherwise a Hugging Face hub dataset name, read with `datasets.load_dataset(source,
@@ -70,7 +72,7 @@ def load_text_dataset(
     if source == SYNTHETIC_SOURCE or source.startswith(SYNTHETIC_SOURCE + ":"):
         if data_files is not None:
             raise DataError(f"data_files={data_files!r} cannot be combined with the synthetic source {source!r}")
-        dataset = _load_synthetic(source, split)
+        dataset = _load_synthetic(source, split, synthetic_task or {})
     elif os.path.exists(os.path.expanduser(source)):
         dataset = _load_local(os.path.expanduser(source), split, data_files, cache_dir)
     elif _looks_like_path(source):
@@ -92,14 +94,17 @@ def check_text_field(dataset: datasets.Dataset, text_field: str, source: str) ->
         raise DataError(f"text field {text_field!r} of data source {source!r} is not a string column: {feature}")
 
 
-def _load_synthetic(source: str, split: str) -> datasets.Dataset:
+def _load_synthetic(source: str, split: str, fields: Mapping[str, Any]) -> datasets.Dataset:
     from melt_jax import synthetic  # synthetic imports DataError from this module
 
     if split not in SYNTHETIC_SPLIT_SEEDS:
         raise DataError(
             f"unknown split {split!r} of the synthetic source; expected one of {list(SYNTHETIC_SPLIT_SEEDS)}"
         )
-    config = synthetic.SyntheticTaskConfig(seed=SYNTHETIC_SPLIT_SEEDS[split])
+    try:
+        config = synthetic.SyntheticTaskConfig(**dict(fields, seed=SYNTHETIC_SPLIT_SEEDS[split]))
+    except TypeError as e:
+        raise DataError(f"bad synthetic task settings {dict(fields)}: {e}") from None
     if source != SYNTHETIC_SOURCE:
         count = source[len(SYNTHETIC_SOURCE) + 1 :]
         if not count.isdigit() or int(count) < 1:

@@ -166,14 +166,14 @@ def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, partition_spec(x.shape, logical, mesh))
 
 
+def param_sharding(path: tuple[str, ...], shape: Sequence[int], mesh: Mesh) -> NamedSharding:
+    """The NamedSharding on `mesh` of the param at key path `path` with `shape`."""
+    return NamedSharding(mesh, partition_spec(shape, logical_axes_of(tuple(path), len(shape)), mesh))
+
+
 def param_shardings(params: Any, mesh: Mesh) -> Any:
     """NamedShardings of a param tree (arrays or ShapeDtypeStructs) on `mesh`."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, x: NamedSharding(
-            mesh, partition_spec(x.shape, logical_axes_of(_key_path(path), len(x.shape)), mesh)
-        ),
-        params,
-    )
+    return jax.tree_util.tree_map_with_path(lambda path, x: param_sharding(_key_path(path), x.shape, mesh), params)
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:

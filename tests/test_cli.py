@@ -129,3 +129,11 @@ def test_melt_eval_on_the_synthetic_task(checkpoint, capsys):
     assert code == 0 and "answer accuracy" in capsys.readouterr().out
     code = cli_eval.main([*args, "--seq-len", "8"])
     assert code == 2 and "more than seq_len 8" in capsys.readouterr().err
+    # The pipeline's task (look-ups among three assignments): shorter lines than the default task's.
+    code = cli_eval.main([*args, "--seq-len", "48", "--batch-size", "4", "--hops", "0", "--distractors", "2", "--json"])
+    lookups = json.loads(capsys.readouterr().out)
+    assert code == 0 and lookups["loss"]["num_tokens"] < loss["num_tokens"]
+    code = cli_eval.main([*args, "--hops", "-1"])
+    assert code == 2 and "min_hops must be an integer >= 0" in capsys.readouterr().err
+    code = cli_eval.main(["--checkpoint", str(checkpoint), "--tokenizer", "byte", "--data", "notes.txt", "--hops", "1"])
+    assert code == 2 and "--hops / --distractors apply to the synthetic task" in capsys.readouterr().err

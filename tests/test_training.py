@@ -239,6 +239,17 @@ def test_sharded_step_equals_single_device_step(phase_runs, teacher_dir, stage):
         assert moved > 100 * TOL
 
 
+def test_checkpoint_read_sharded(teacher_dir):
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    config, host = load_params(teacher_dir)
+    _, sharded = load_params(teacher_dir, mesh=mesh)
+    expected = param_shardings(host, mesh)
+    for (path, x), y, sharding in zip(jax.tree_util.tree_leaves_with_path(sharded), jax.tree.leaves(host), jax.tree.leaves(expected)):
+        assert isinstance(x, jax.Array) and x.sharding == sharding, path
+        np.testing.assert_array_equal(np.asarray(x), y)
+    assert any(not x.sharding.is_fully_replicated for x in jax.tree.leaves(sharded))
+
+
 def test_param_shardings_use_every_mesh_axis():
     mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
     config = MODEL.replace(vocab_size=256)
@@ -286,11 +297,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_equal_one(tmp_path, phase_runs, teacher_dir, model_json):
+@pytest.mark.parametrize("stage", ["looplm", "melt_phase1"])
+def test_two_processes_equal_one(tmp_path, phase_runs, teacher_dir, model_json, stage):
+    """looplm: params initialised in place across processes; melt_phase1: the teacher read sharded
+    (each process its own shards) and the student's new gates placed from host arrays."""
     out = tmp_path / "two-proc"
     port = _free_port()
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0")
-    overrides = stage_overrides("looplm", out, teacher_dir, model_json) + ["steps=3", *MESH_8]
+    extra = DISTILLATION_OPTIMIZER if stage.startswith("melt") else []
+    overrides = stage_overrides(stage, out, teacher_dir, model_json) + ["steps=3", *MESH_8, *extra]
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "melt_jax.train", "stage", *overrides, "--coordinator", f"localhost:{port}",
@@ -301,7 +316,7 @@ def test_two_processes_equal_one(tmp_path, phase_runs, teacher_dir, model_json):
     ]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outputs)
-    assert_params_close(final_params(out / "model"), final_params(phase_runs["looplm", "8"]))
+    assert_params_close(final_params(out / "model"), final_params(phase_runs[stage, "8"]))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ import optax
 from jax.experimental import multihost_utils
 
 from melt_jax import evaluation
-from melt_jax.checkpoint import load_params, save_params
+from melt_jax.checkpoint import load_config, load_params, save_params
 from melt_jax.config import OuroConfig, config_from_json_file
 from melt_jax.data import BatchIterator, PackedData, build_train_data, pack_documents, tokenize_dataset
 from melt_jax.melt import MeltModel, melt_from_ouro
@@ -78,8 +78,9 @@ class TrainState:
 
 @dataclasses.dataclass
 class Task:
-    """The trained model, its starting params (host arrays, or None for a fresh init), its loss
-    `loss(params, teacher_params, batch, step) -> (loss, metrics)` and the frozen teacher if any."""
+    """The trained model, its starting params (None for a fresh init; arrays read sharded from a
+    checkpoint, or host arrays for new MELT gates), its loss `loss(params, teacher_params, batch,
+    step) -> (loss, metrics)` and the frozen teacher if any (sharded on the mesh)."""
 
     config: OuroConfig
     model: OuroModel
@@ -116,21 +117,23 @@ def _check_same_shapes(student: dict, teacher: dict, what: str) -> None:
             )
 
 
-def _load_checkpoint(path: str, model_type: str, field: str, dtype: str) -> tuple[OuroConfig, dict]:
-    """(config, host params in `dtype`) of the checkpoint at `path`, which must hold a `model_type`
-    model; TrainingError naming the config field otherwise."""
-    config, params = load_params(path, dtype=dtype)
+def _load_checkpoint(path: str, model_type: str, field: str, dtype: str, mesh) -> tuple[OuroConfig, dict]:
+    """(config, params in `dtype` sharded on `mesh`, each process reading only its shards) of the
+    checkpoint at `path`, which must hold a `model_type` model; TrainingError naming the config field
+    otherwise (checked before any param is read)."""
+    config = load_config(path, dtype=dtype)
     if config.model_type != model_type:
         raise TrainingError(f"{field}={path} must be a {model_type} checkpoint, got model_type {config.model_type!r}")
-    return config, params
+    return load_params(path, dtype=dtype, mesh=mesh)
 
 
-def build_task(cfg: TrainConfig) -> Task:
-    """The model, starting params and loss of the stage `cfg.stage`."""
+def build_task(cfg: TrainConfig, mesh) -> Task:
+    """The model, starting params and loss of the stage `cfg.stage`; checkpoints are read sharded on
+    `mesh`."""
     dtype = cfg.dtype
     if cfg.stage in ("looplm", "exit_gate"):
         if cfg.init_from:
-            config, params = _load_checkpoint(cfg.init_from, "ouro", "init_from", dtype)
+            config, params = _load_checkpoint(cfg.init_from, "ouro", "init_from", dtype, mesh)
         else:
             config, params = _model_config(cfg), None
         model = OuroModel(config)
@@ -140,9 +143,9 @@ def build_task(cfg: TrainConfig) -> Task:
         loss = lambda p, t, batch, step: exit_gate_loss(model, p, batch)  # noqa: E731
         return Task(config, model, params, loss, trainable="exit_gate")
 
-    teacher_config, teacher_params = _load_checkpoint(cfg.teacher, "ouro", "teacher", dtype)
+    teacher_config, teacher_params = _load_checkpoint(cfg.teacher, "ouro", "teacher", dtype, mesh)
     if cfg.init_from:
-        config, params = _load_checkpoint(cfg.init_from, "melt", "init_from", dtype)
+        config, params = _load_checkpoint(cfg.init_from, "melt", "init_from", dtype, mesh)
     else:
         config, params = melt_from_ouro(teacher_config, teacher_params, gate_bias_init=cfg.gate_bias_init)
     config = config.replace(chunk_size=cfg.chunk_size)
@@ -209,11 +212,18 @@ def batch_digest(batch: dict[str, np.ndarray], previous: str) -> str:
 # State and steps
 
 
-def _to_global(host_tree: dict, shardings: Any) -> Any:
-    """Host arrays (the full value on every process) as global arrays with `shardings`."""
-    return jax.tree.map(
-        lambda x, s: jax.make_array_from_callback(x.shape, s, lambda index: np.asarray(x[index])), host_tree, shardings
-    )
+def _place(tree: dict, shardings: Any) -> Any:
+    """New global arrays with `shardings` holding the values of `tree`: jax.Arrays are copied on the
+    devices (the trained params are donated, so they must not share buffers with the teacher); host
+    arrays (the same full value on every process) are sliced, each device taking its shard."""
+
+    def on_devices(x, sharding):
+        if isinstance(x, jax.Array):
+            return x
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: np.asarray(x[index]))
+
+    placed = jax.tree.map(on_devices, tree, shardings)
+    return jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=shardings)(placed)
 
 
 def init_state(task: Task, cfg: TrainConfig, mesh, optimizer) -> TrainState:
@@ -225,7 +235,7 @@ def init_state(task: Task, cfg: TrainConfig, mesh, optimizer) -> TrainState:
         init = jax.jit(lambda rng: task.model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"], out_shardings=shardings)
         params = init(jax.random.PRNGKey(cfg.seed))
     else:
-        params = _to_global(task.init_params, shardings)
+        params = _place(task.init_params, shardings)
     opt_shardings = shardings_following_params(jax.eval_shape(optimizer.init, shapes), shapes, shardings, mesh)
     opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
     rng = jax.device_put(jax.random.PRNGKey(cfg.seed + 1), replicated(mesh))
@@ -368,7 +378,7 @@ def run_stage(cfg: TrainConfig, *, stop_after: int | None = None, log: Callable[
     out.mkdir(parents=True, exist_ok=True)
     mesh = make_mesh(cfg.mesh)
     check_batch_divisible(cfg.batch_size, mesh)
-    task = build_task(cfg)
+    task = build_task(cfg, mesh)
     data = build_data(cfg)
     if data.tokenizer.vocab_size > task.config.vocab_size:
         raise TrainingError(
@@ -385,9 +395,7 @@ def run_stage(cfg: TrainConfig, *, stop_after: int | None = None, log: Callable[
     optimizer = build_optimizer(cfg.optimizer, abstract_params(task.model), cfg.steps, task.trainable)
     state = init_state(task, cfg, mesh, optimizer)
     state_shardings = shardings_of(state)
-    teacher_params = None
-    if task.teacher_params is not None:
-        teacher_params = _to_global(task.teacher_params, param_shardings(task.teacher_params, mesh))
+    teacher_params = task.teacher_params
     teacher_shardings = None if teacher_params is None else shardings_of(teacher_params)
     train_step = make_train_step(task, optimizer, state_shardings, teacher_shardings, mesh)
     eval_step = make_eval_step(task, mesh)
