@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import platform
 import random
 import statistics
 import time
@@ -32,7 +31,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from machine_load import busy_report, cpu_times  # noqa: E402
+from machine_load import busy_report, cpu_times, machine_line  # noqa: E402
 from melt_jax.cache import init_ouro_cache
 from melt_jax.config import OuroConfig
 from melt_jax.decoding import decode_step, forward
@@ -127,10 +126,8 @@ def main() -> None:
     if "xla_backend_optimization_level" in flags:
         raise SystemExit(f"XLA_FLAGS sets the backend optimisation level ({flags!r}); unset it to measure defaults")
     times_at_start = cpu_times()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     print("## Compile time of the Ouro forward and decode step\n")
-    print(f"machine: {platform.machine()}, {cores} usable cores, load average at start {os.getloadavg()[0]:.2f}; "
-          f"jax {jax.__version__} ({jax.default_backend()}); XLA_FLAGS={flags!r}; "
+    print(f"{machine_line()}; jax {jax.__version__} ({jax.default_backend()}); XLA_FLAGS={flags!r}; "
           f"persistent compilation cache: {jax.config.jax_compilation_cache_dir!r}")
     print(f"config: hidden_size={BASE['hidden_size']}, num_attention_heads={BASE['num_attention_heads']}, "
           f"num_key_value_heads={BASE['num_key_value_heads']}, head_dim={BASE['head_dim']}, "

@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -46,11 +44,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import jax  # noqa: E402
 import torch  # noqa: E402
-from hf_fixtures import random_ouro_state_dict, tiny_hf_config, write_hf_checkpoint  # noqa: E402
+from hf_fixtures import random_ouro_state_dict, write_hf_checkpoint  # noqa: E402
 from torch_melt_reference import MeltReference, gate_names, random_melt_gates  # noqa: E402
 from torch_reference import OuroReference  # noqa: E402
 
-from machine_load import busy_report, cpu_times  # noqa: E402
+from machine_load import busy_report, cpu_times, machine_line, usable_cores  # noqa: E402
+from ouro_speed import HF_CONFIG  # noqa: E402  (the same model as the Ouro speed benchmark)
 from melt_jax.cache import kv_cache_bytes  # noqa: E402
 from melt_jax.config import MeltConfig, OuroConfig  # noqa: E402
 from melt_jax.convert import load_hf_checkpoint  # noqa: E402
@@ -58,18 +57,6 @@ from melt_jax.melt import MeltModel  # noqa: E402
 from melt_jax.ouro import OuroModel  # noqa: E402
 from melt_jax.sampling import SamplingConfig, generate  # noqa: E402
 
-HF_CONFIG = tiny_hf_config(
-    vocab_size=1024,
-    hidden_size=256,
-    intermediate_size=688,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=4,
-    head_dim=64,
-    total_ut_steps=4,
-    max_position_embeddings=4096,
-    rope_theta=10_000.0,
-)
 N_PROMPT = 32
 N_NEW = 128
 LONG_PROMPT = 1024  # melt_jax only: Ouro against MELT where the cache is larger
@@ -79,10 +66,6 @@ TARGET_RATIO = 3.0
 SAMPLING = SamplingConfig(max_new_tokens=N_NEW)
 OURO_CONFIG = OuroConfig.from_hf_config(HF_CONFIG)
 CONFIGS = {"ouro": OURO_CONFIG, "melt": MeltConfig.from_ouro(OURO_CONFIG, chunk_size=N_PROMPT, gate_bias_init=-1.0)}
-
-
-def num_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 def prompts_for(batch: int, length: int = N_PROMPT) -> np.ndarray:
@@ -201,7 +184,7 @@ def _status_kib(field: str) -> int:
 
 def memory_worker(name: str, batch: int) -> None:
     """Prints {'peak': bytes, 'added': bytes} of one generation after a warm-up (see the docstring)."""
-    torch.set_num_threads(num_cores())
+    torch.set_num_threads(usable_cores())
     run = load_generators([name])[name]
     prompts = prompts_for(batch)
     run(prompts)
@@ -274,11 +257,9 @@ def main() -> None:
         return
 
     times_at_start = cpu_times()
-    cores = num_cores()
-    torch.set_num_threads(cores)
+    torch.set_num_threads(usable_cores())
     print("## Generation: melt_jax sampler (jit) vs PyTorch reference (eager), CPU\n")
-    print(f"machine: {platform.processor() or platform.machine()}, {cores} usable cores, load average at start "
-          f"{os.getloadavg()[0]:.2f}; jax {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads)")
+    print(f"{machine_line()}; jax {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads)")
     print(f"model: H={HF_CONFIG['hidden_size']}, L={HF_CONFIG['num_hidden_layers']}, T={HF_CONFIG['total_ut_steps']}, "
           f"V={HF_CONFIG['vocab_size']}, float32; greedy, {N_NEW} new tokens after {N_PROMPT}; "
           f"{args.repeats} repeats, medians\n")

@@ -3,6 +3,18 @@
 from __future__ import annotations
 
 import os
+import platform
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def machine_line() -> str:
+    """'machine: <cpu>, <n> usable cores, load average at start <l>' for a benchmark's header."""
+    return (f"machine: {platform.processor() or platform.machine()}, {usable_cores()} usable cores, "
+            f"load average at start {os.getloadavg()[0]:.2f}")
 
 
 def cpu_times() -> list[int] | None:

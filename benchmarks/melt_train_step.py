@@ -7,7 +7,7 @@ FLOP/s and the fraction of the machine's measured matmul peak.
 
 Default size: H=256, L=4, T=4, 4 heads of 64 (MHA), I=688, V=1024, S=1024, C=128, batch 1, float32.
 
-What one step is (as `make_train_step` in train/trainer.py builds it, without the mesh): the
+What one step is (`train_step` of train/trainer.py, jitted without a mesh): the
 objective's loss and gradient (jax.value_and_grad with its metrics), the gradient's global norm,
 then the optimizer update of `build_optimizer` (global-norm clipping, AdamW with the LoopLM and gate
 groups) and `optax.apply_updates`. Params and optimizer state are donated and fed back, step after
@@ -42,9 +42,9 @@ machine, timings carry the noise of other work.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
-import platform
 import re
 import statistics
 import time
@@ -53,7 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from machine_load import busy_report, cpu_times
+from machine_load import busy_report, cpu_times, machine_line
 from melt_jax.train.objectives import (
     Distillation,
     linear_alpha,
@@ -62,6 +62,7 @@ from melt_jax.train.objectives import (
     phase2_loss,
 )
 from melt_jax.train.optimizer import OptimizerConfig, build_optimizer
+from melt_jax.train.trainer import TrainState, train_step
 
 from melt_jax.config import OuroConfig
 from melt_jax.melt import MeltModel, melt_from_ouro
@@ -172,22 +173,6 @@ def matmul_peak(n: int, repeats: int = 7) -> float:
 # The training step
 
 
-def make_train_step(loss_fn, optimizer):
-    """(params, opt_state, teacher_params, batch, step) -> (params, opt_state, metrics), jitted with
-    params and opt_state donated: the step of train/trainer.py without the mesh and the rng."""
-
-    def step(params, opt_state, teacher_params, batch, step_number):
-        def loss_of(p):
-            return loss_fn(p, teacher_params, batch, step_number)
-
-        (_, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        return params, opt_state, dict(metrics, grad_norm=optax.tree.norm(grads))
-
-    return jax.jit(step, donate_argnums=(0, 1))
-
-
 def device_copy(tree):
     """Fresh device arrays (the step donates its params; MELT's params share Ouro's arrays)."""
     return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
@@ -197,22 +182,22 @@ def time_step(loss_fn, host_params, teacher_params, batch, step_number, repeats:
     """Compile one training step, then time it: see the module docstring for what is measured."""
     params = device_copy(host_params)
     optimizer = build_optimizer(OptimizerConfig(), params, TOTAL_STEPS)
-    opt_state = optimizer.init(params)
-    step = make_train_step(loss_fn, optimizer)
+    state = TrainState(step=jnp.array(step_number, copy=True), params=params, opt_state=optimizer.init(params), rng=jax.random.PRNGKey(0))
+    step = jax.jit(functools.partial(train_step, loss_fn, optimizer), donate_argnums=0)
 
     start = time.perf_counter()
-    compiled = step.lower(params, opt_state, teacher_params, batch, step_number).compile()
+    compiled = step.lower(state, teacher_params, batch).compile()
     compile_s = time.perf_counter() - start
     xla_flops = cost_analysis_flops(compiled)
     dot_flops, unknown_loops = executed_dot_flops(compiled.as_text())
 
-    params, opt_state, metrics = compiled(params, opt_state, teacher_params, batch, step_number)  # warm-up
-    jax.block_until_ready((params, opt_state, metrics))
+    state, metrics = compiled(state, teacher_params, batch)  # warm-up
+    jax.block_until_ready((state, metrics))
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        params, opt_state, metrics = compiled(params, opt_state, teacher_params, batch, step_number)
-        jax.block_until_ready((params, opt_state, metrics))
+        state, metrics = compiled(state, teacher_params, batch)
+        jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - start)
     loss = float(metrics["loss"])
     if not np.isfinite(loss):
@@ -255,10 +240,8 @@ def main() -> None:
     args = parser.parse_args()
 
     times_at_start = cpu_times()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     print("## One training step: LoopLM Stage I (Ouro) vs MELT distillation (two-pass, sequential)\n")
-    print(f"machine: {platform.processor() or platform.machine()}, {cores} usable cores, load average at "
-          f"start {os.getloadavg()[0]:.2f}; jax {jax.__version__} ({jax.default_backend()}, "
+    print(f"{machine_line()}; jax {jax.__version__} ({jax.default_backend()}, "
           f"{len(jax.devices())} device(s)); XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
 
     peak_before = matmul_peak(args.peak_n)

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -50,7 +49,7 @@ import torch  # noqa: E402
 from hf_fixtures import random_ouro_state_dict, tiny_hf_config, write_hf_checkpoint  # noqa: E402
 from torch_reference import OuroReference  # noqa: E402
 
-from machine_load import busy_report, cpu_times  # noqa: E402
+from machine_load import busy_report, cpu_times, machine_line, usable_cores  # noqa: E402
 from melt_jax.cache import init_ouro_cache  # noqa: E402
 from melt_jax.convert import load_hf_checkpoint  # noqa: E402
 from melt_jax.decoding import decode_step, forward, prefill  # noqa: E402
@@ -76,10 +75,6 @@ N_DECODE = 128
 DECODE_BATCHES = (1, 8)
 TARGET_DECODE_RATIO = 3.0
 POLICY = ExitPolicy.last()
-
-
-def num_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 def median_ms(seconds: list[float]) -> float:
@@ -366,11 +361,9 @@ def main() -> None:
     args = parser.parse_args()
 
     times_at_start = cpu_times()
-    cores = num_cores()
-    torch.set_num_threads(cores)
+    torch.set_num_threads(usable_cores())
     print("## Ouro speed: melt_jax (jit) vs PyTorch reference (eager), CPU\n")
-    print(f"machine: {platform.processor() or platform.machine()}, {cores} usable cores (nproc), "
-          f"load average at start {os.getloadavg()[0]:.2f}; jax {jax.__version__} ({jax.default_backend()}), "
+    print(f"{machine_line()}; jax {jax.__version__} ({jax.default_backend()}), "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads); "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
 

@@ -37,7 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from machine_load import busy_report, cpu_times
+from machine_load import busy_report, cpu_times, machine_line
 
 
 def directory_bytes(path: Path) -> int:
@@ -51,10 +51,8 @@ def main() -> int:
     args = parser.parse_args()
 
     times_at_start = cpu_times()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     print("## Cost of the training pipeline on its embedded default\n")
-    print(f"machine: {platform.processor() or platform.machine()}, {cores} usable cores, load average at "
-          f"start {os.getloadavg()[0]:.2f}; python {platform.python_version()}; "
+    print(f"{machine_line()}; python {platform.python_version()}; "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
 
     with tempfile.TemporaryDirectory(prefix="melt_pipeline_") as tmp:

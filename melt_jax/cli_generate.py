@@ -21,7 +21,17 @@ from typing import Sequence
 from melt_jax.checkpoint import CheckpointError
 from melt_jax.config import ConfigError
 from melt_jax.data import DataError
-from melt_jax.sampling import GenerationError, GenerationResult, SamplingConfig, generate, load_model, parse_exit_policy
+from melt_jax.sampling import (
+    GenerationError,
+    GenerationResult,
+    SamplingConfig,
+    cut_at_stops,
+    generate,
+    load_model,
+    parse_exit_policy,
+    stop_ids_for,
+    vocab_limit_for,
+)
 from melt_jax.tokenizer import Tokenizer, load_tokenizer
 
 PROG = "melt-generate"
@@ -33,12 +43,6 @@ USER_ERRORS = (GenerationError, CheckpointError, ConfigError, DataError)
 def chat_prompt(text: str) -> str:
     """`text` as one user turn of the ChatML template, followed by the assistant's turn opening."""
     return f"<|im_start|>user\n{text}{CHAT_END}\n<|im_start|>assistant\n"
-
-
-def cut_at_stops(text: str, stops: Sequence[str]) -> tuple[str, bool]:
-    """(text before the first stop string, whether one was found)."""
-    positions = [text.find(stop) for stop in stops if stop and stop in text]
-    return (text[: min(positions)], True) if positions else (text, False)
 
 
 class TextStream:
@@ -94,16 +98,12 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 def stop_token_ids(tokenizer: Tokenizer, stops: Sequence[str], chat: bool) -> tuple[int, ...]:
     """The eos id, `<|im_end|>` with --chat, and the stop strings that are one token."""
-    ids = {tokenizer.eos_id}
+    ids = stop_ids_for(tokenizer, stops)
     if chat:
         try:
             ids.add(tokenizer.token_to_id(CHAT_END))
         except DataError:
             raise GenerationError(f"--chat needs a tokenizer with the {CHAT_END} token") from None
-    for stop in stops:
-        encoded = tokenizer.encode(stop)
-        if len(encoded) == 1:
-            ids.add(encoded[0])
     return tuple(sorted(ids))
 
 
@@ -124,7 +124,6 @@ def run(args: argparse.Namespace) -> None:
     if args.chat:
         texts = [chat_prompt(text) for text in texts]
     stops = list(args.stop) + ([CHAT_END] if args.chat else [])
-    vocab = model.config.vocab_size
     sampling = SamplingConfig(
         temperature=args.temperature,
         top_k=args.top_k,
@@ -132,7 +131,7 @@ def run(args: argparse.Namespace) -> None:
         max_new_tokens=args.max_new_tokens,
         stop_token_ids=stop_token_ids(tokenizer, stops, args.chat),
         seed=args.seed,
-        vocab_limit=tokenizer.vocab_size if tokenizer.vocab_size < vocab else None,
+        vocab_limit=vocab_limit_for(tokenizer, model.config),
     )
     streams = [TextStream(stops) for _ in texts]
     decode = lambda row: tokenizer.decode(row, skip_special_tokens=False)  # noqa: E731

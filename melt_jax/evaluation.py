@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from melt_jax.exit import ExitPolicy, select_hidden
+from melt_jax.losses import target_log_probs
 from melt_jax.melt import MeltModel
 from melt_jax.melt_training import sequential_forward
 
@@ -90,9 +91,15 @@ def step_logits(model: nn.Module, params, tokens: Array, chunk_size: int | None 
 
 def _weighted_ce_sum(logits: Array, tokens: Array, weights: Array) -> Array:
     """sum_{b, s>=1} weights[b, s] * CE(logits[b, s-1], tokens[b, s]) in float32; logits [B, S, V]."""
-    log_probs = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)  # [B, S-1, V]
-    picked = jnp.take_along_axis(log_probs, tokens[:, 1:, None], axis=-1)[..., 0]  # [B, S-1]
-    return -jnp.sum(picked * weights[:, 1:])
+    return -jnp.sum(target_log_probs(logits[:, :-1], tokens[:, 1:]) * weights[:, 1:])
+
+
+def answer_matches(logits: Array, tokens: Array, answer_mask: Array) -> Array:
+    """Teacher-forced exact match per row, bool [B]: argmax(logits[b, s-1]) == tokens[b, s] at every s
+    where answer_mask [B, S] > 0 (rows with an empty mask match). logits [B, S, V] or [B, S-1, V]."""
+    predicted = jnp.argmax(logits[:, : tokens.shape[1] - 1], axis=-1)  # [B, S-1]
+    correct = (predicted == tokens[:, 1:]) | (answer_mask[:, 1:] <= 0)  # [B, S-1]
+    return jnp.all(correct, axis=1)
 
 
 def loss_sums(
@@ -106,8 +113,13 @@ def loss_sums(
     """Weighted next-token CE sums of every loop and of `exit_policy`'s logits, on tokens [B, S]
     with loss_mask [B, S] (weight of the prediction of each token). Loops are projected one at a time
     (a scan over T), so no [T, B, S, V] tensor is built."""
-    weights = loss_mask.astype(jnp.float32)  # [B, S]
     hidden, exit_pdf = hidden_states(model, params, tokens, chunk_size)  # [T, B, S, H], [B, S, T]
+    return _loss_sums_of(model, params, hidden, exit_pdf, tokens, loss_mask, exit_policy)
+
+
+def _loss_sums_of(model, params, hidden: Array, exit_pdf: Array, tokens: Array, loss_mask: Array, exit_policy) -> LossSums:
+    """`loss_sums` from the forward's hidden states [T, B, S, H] and exit distribution [B, S, T]."""
+    weights = loss_mask.astype(jnp.float32)  # [B, S]
 
     def loop_loss(_, h):  # h [B, S, H]
         return None, _weighted_ce_sum(project(model, params, h), tokens, weights)
@@ -138,10 +150,19 @@ def answer_accuracy(
     before it. This is exactly whether greedy decoding after the prompt reproduces the answer. Rows
     with an empty mask count as correct."""
     hidden, exit_pdf = hidden_states(model, params, tokens, chunk_size)
+    return _policy_matches(model, params, hidden, exit_pdf, tokens, answer_mask, exit_policy)
+
+
+def _policy_matches(model, params, hidden: Array, exit_pdf: Array, tokens: Array, answer_mask: Array, exit_policy) -> Array:
+    """`answer_accuracy` from the forward's hidden states [T, B, S, H] and exit distribution."""
     chosen, _ = select_hidden(hidden, exit_pdf, exit_policy)  # [B, S, H]
-    predicted = jnp.argmax(project(model, params, chosen[:, :-1]), axis=-1)  # [B, S-1]
-    correct = (predicted == tokens[:, 1:]) | (answer_mask[:, 1:] <= 0)  # [B, S-1]
-    return jnp.all(correct, axis=1)
+    return answer_matches(project(model, params, chosen[:, :-1]), tokens, answer_mask)
+
+
+def loop_answer_matches(model: nn.Module, params, tokens: Array, answer_mask: Array, chunk_size: int | None = None) -> Array:
+    """`answer_accuracy` of every loop's logits: bool [T, B] (loops projected one at a time)."""
+    hidden, _ = hidden_states(model, params, tokens, chunk_size)  # [T, B, S, H]
+    return jax.lax.map(lambda h: answer_matches(project(model, params, h[:, :-1]), tokens, answer_mask), hidden)
 
 
 def token_log_probs(
@@ -156,10 +177,8 @@ def token_log_probs(
     bool [B, S-1] (what lm-evaluation-harness's loglikelihood needs)."""
     hidden, exit_pdf = hidden_states(model, params, tokens, chunk_size)
     chosen, _ = select_hidden(hidden, exit_pdf, exit_policy)  # [B, S, H]
-    logits = project(model, params, chosen[:, :-1]).astype(jnp.float32)  # [B, S-1, V]
-    log_probs = jax.nn.log_softmax(logits, axis=-1)
-    picked = jnp.take_along_axis(log_probs, tokens[:, 1:, None], axis=-1)[..., 0]  # [B, S-1]
-    return picked, jnp.argmax(logits, axis=-1) == tokens[:, 1:]
+    logits = project(model, params, chosen[:, :-1])  # [B, S-1, V]
+    return target_log_probs(logits, tokens[:, 1:]), jnp.argmax(logits, axis=-1) == tokens[:, 1:]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -167,14 +186,15 @@ def token_log_probs(
 
 
 @functools.partial(jax.jit, static_argnames=("model", "exit_policy", "chunk_size"))
-def _batch_loss_sums(model, params, tokens, loss_mask, exit_policy, chunk_size):
-    return loss_sums(model, params, tokens, loss_mask, exit_policy, chunk_size)
-
-
-@functools.partial(jax.jit, static_argnames=("model", "exit_policy", "chunk_size"))
-def _batch_answer_accuracy(model, params, tokens, answer_mask, row_mask, exit_policy, chunk_size):
-    correct = answer_accuracy(model, params, tokens, answer_mask, exit_policy, chunk_size)  # [B]
-    return jnp.sum(correct & row_mask), jnp.sum(row_mask)
+def _batch_metrics(model, params, tokens, loss_mask, answer_mask, row_mask, exit_policy, chunk_size):
+    """LossSums of a batch and, with an answer mask (else None), its (exact matches, rows) counted
+    over row_mask [B]: one forward for both."""
+    hidden, exit_pdf = hidden_states(model, params, tokens, chunk_size)
+    sums = _loss_sums_of(model, params, hidden, exit_pdf, tokens, loss_mask, exit_policy)
+    if answer_mask is None:
+        return sums, None
+    correct = _policy_matches(model, params, hidden, exit_pdf, tokens, answer_mask, exit_policy)  # [B]
+    return sums, (jnp.sum(correct & row_mask), jnp.sum(row_mask))
 
 
 def perplexity(loss: float) -> float:
@@ -222,14 +242,14 @@ def evaluate_dataset(
         loss_mask = batch.get("loss_mask")
         if loss_mask is None:
             loss_mask = np.ones(tokens.shape, np.float32)
-        sums = _batch_loss_sums(model, params, tokens, jnp.asarray(loss_mask, jnp.float32), exit_policy, chunk_size)
+        answer_mask = jnp.asarray(batch["answer_mask"]) if "answer_mask" in batch else None
+        row_mask = jnp.asarray(batch.get("row_mask", np.ones(tokens.shape[0], bool)), bool)
+        sums, counts = _batch_metrics(
+            model, params, tokens, jnp.asarray(loss_mask, jnp.float32), answer_mask, row_mask, exit_policy, chunk_size
+        )
         total = sums if total is None else total + sums
-        if "answer_mask" in batch:
-            row_mask = batch.get("row_mask", np.ones(tokens.shape[0], bool))
-            hits, rows = _batch_answer_accuracy(
-                model, params, tokens, jnp.asarray(batch["answer_mask"]), jnp.asarray(row_mask, bool), exit_policy, chunk_size
-            )
-            correct, examples = correct + int(hits), examples + int(rows)
+        if counts is not None:
+            correct, examples = correct + int(counts[0]), examples + int(counts[1])
         num_batches += 1
     if total is None:
         raise ValueError("evaluate_dataset got no batches")

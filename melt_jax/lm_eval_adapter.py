@@ -43,9 +43,12 @@ from melt_jax.sampling import (
     SamplingConfig,
     bucket_length,
     check_params,
+    cut_at_stops,
     generate,
     load_model,
     parse_exit_policy,
+    stop_ids_for,
+    vocab_limit_for,
 )
 from melt_jax.tokenizer import Tokenizer, load_tokenizer
 
@@ -243,21 +246,13 @@ class MeltJaxLM(LM):
             top_k=None if top_k is None else int(top_k),
             top_p=None if top_p is None else float(top_p),
             max_new_tokens=_positive_int("max_gen_toks", kwargs.pop("max_gen_toks")),
-            stop_token_ids=tuple(sorted({self.eot_token_id} | self._single_token_stops(until))),
+            stop_token_ids=tuple(sorted(stop_ids_for(self.tokenizer, until))),
             seed=int(kwargs.pop("seed", 0)),
-            vocab_limit=self.tokenizer.vocab_size if self.tokenizer.vocab_size < self.model.config.vocab_size else None,
+            vocab_limit=vocab_limit_for(self.tokenizer, self.model.config),
         )
         if kwargs:
             logger.warning("melt_jax ignores the generation arguments %s", sorted(kwargs))
         return sampling, until
-
-    def _single_token_stops(self, until: list[str]) -> set[int]:
-        stops = set()
-        for text in until:
-            ids = self.tokenizer.encode(text)
-            if len(ids) == 1:
-                stops.add(ids[0])
-        return stops
 
     def _prompt_ids(self, context: str, max_new_tokens: int) -> list[int]:
         room = min(self.max_length, self.model.config.max_position_embeddings) - max_new_tokens
@@ -267,17 +262,9 @@ class MeltJaxLM(LM):
         self._check_ids(ids, "a context")
         return ids[-room:]
 
-    @staticmethod
-    def _cut(text: str, until: list[str]) -> str:
-        """text up to the first occurrence of any stop string."""
-        for stop in until:
-            text = text.split(stop, 1)[0]
-        return text
-
     def _reached_stop(self, rows: list[list[int]], until: list[str]) -> list[bool]:
         """Per row of tokens so far, whether its text contains a stop string."""
-        texts = [self.tokenizer.decode(row, skip_special_tokens=False) for row in rows]
-        return [self._cut(text, until) != text for text in texts]
+        return [cut_at_stops(self.tokenizer.decode(row, skip_special_tokens=False), until)[1] for row in rows]
 
     def generate_until(self, requests) -> list[str]:
         groups: dict[str, list[int]] = {}
@@ -300,7 +287,7 @@ class MeltJaxLM(LM):
                     on_segment=functools.partial(self._reached_stop, until=until),
                 )
                 for i, tokens in zip(batch, result.tokens):
-                    outputs[i] = self._cut(self.tokenizer.decode(tokens, skip_special_tokens=False), until)
+                    outputs[i] = cut_at_stops(self.tokenizer.decode(tokens, skip_special_tokens=False), until)[0]
                     self.cache_hook.add_partial("generate_until", requests[i].args, outputs[i])
         return outputs
 

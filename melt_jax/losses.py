@@ -10,14 +10,18 @@ Array = jax.Array
 IGNORE_INDEX = -100
 
 
+def target_log_probs(logits: Array, targets: Array) -> Array:
+    """log softmax(logits)[target] in float32: logits [..., V], integer targets [...] -> [...]."""
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+
+
 def next_token_cross_entropy(logits: Array, labels: Array, ignore_index: int = IGNORE_INDEX) -> Array:
     """Per-token loss of predicting labels[:, s+1] from logits[:, s]: float32 [B, S-1], zero where
     the label is `ignore_index`. logits [B, S, V], labels [B, S]."""
-    logits = logits[:, :-1].astype(jnp.float32)  # [B, S-1, V]
     targets = labels[:, 1:]  # [B, S-1]
     valid = targets != ignore_index
-    log_probs = jax.nn.log_softmax(logits, axis=-1)
-    picked = jnp.take_along_axis(log_probs, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
+    picked = target_log_probs(logits[:, :-1], jnp.where(valid, targets, 0))  # [B, S-1]
     return jnp.where(valid, -picked, 0.0)
 
 

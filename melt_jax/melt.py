@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from melt_jax.cache import KVCache, write_rows
 from melt_jax.config import ConfigError, MeltConfig, OuroConfig
+from melt_jax.decoding import check_tokens_fit, scan_chunks
 from melt_jax.exit import ExitPolicy
 from melt_jax.layers import (
     HIDDEN_AXES,
@@ -226,8 +227,6 @@ def chunked_prefill(
     """Runs tokens [B, S] through MELT chunk after chunk (`chunk_size`, default config.chunk_size; the
     last chunk may be shorter), each chunk reading the final rows the earlier ones stored. Returns
     (logits [B, S, V] chosen by `exit_policy`, updated cache)."""
-    from melt_jax.decoding import check_tokens_fit
-
     chunk_size = model.config.chunk_size if chunk_size is None else chunk_size
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
@@ -239,22 +238,12 @@ def chunked_prefill(
     jax.jit, static_argnames=("model", "chunk_size", "exit_policy"), donate_argnames=("cache",)
 )
 def _chunked_prefill(model, params, tokens, cache, chunk_size, exit_policy):
-    batch, seq = tokens.shape
-    num_full = seq // chunk_size
-
-    def run_chunk(cache, chunk):  # chunk [B, C]
+    def run_chunk(cache, chunk, start):  # chunk [B, C]
         out = model.apply({"params": params}, chunk, cache=cache, exit_policy=exit_policy)
         return out.cache, out.logits
 
-    logits = []
-    if num_full:
-        chunks = tokens[:, : num_full * chunk_size].reshape(batch, num_full, chunk_size).swapaxes(0, 1)
-        cache, full_logits = jax.lax.scan(run_chunk, cache, chunks)  # [n, B, C, V]
-        logits.append(full_logits.swapaxes(0, 1).reshape(batch, num_full * chunk_size, -1))
-    if seq % chunk_size:
-        cache, tail_logits = run_chunk(cache, tokens[:, num_full * chunk_size :])
-        logits.append(tail_logits)
-    return jnp.concatenate(logits, axis=1), cache
+    cache, logits = scan_chunks(run_chunk, cache, tokens, chunk_size)  # [B, S, V]
+    return logits, cache
 
 
 def melt_from_ouro(ouro_config: OuroConfig, ouro_params: dict, **melt_fields) -> tuple[MeltConfig, dict]:

@@ -41,6 +41,7 @@ import numpy as np
 from melt_jax.cache import KVCache, init_ouro_cache
 from melt_jax.checkpoint import load_params
 from melt_jax.config import OuroConfig
+from melt_jax.decoding import scan_chunks
 from melt_jax.exit import ExitPolicy, select_hidden
 from melt_jax.melt import MeltModel, init_melt_cache
 from melt_jax.ouro import OuroModel
@@ -208,7 +209,6 @@ def _prefill_last_hidden(model: nn.Module, params, tokens: Array, lengths: Array
     """Runs tokens [B, P] into the cache chunk after chunk (chunks of `chunk_size` from position 0,
     the last one possibly shorter). Returns (hidden [T, B, H] and exit_pdf [B, T] at each row's
     position lengths - 1, cache)."""
-    batch, seq = tokens.shape
     last = lengths - 1  # [B]
 
     def run_chunk(carry, chunk, start):  # chunk [B, C] at positions start..start+C-1
@@ -220,20 +220,12 @@ def _prefill_last_hidden(model: nn.Module, params, tokens: Array, lengths: Array
         new_pdf = jnp.take_along_axis(out.exit_pdf, offset[:, None, None], axis=1)[:, 0]  # [B, T]
         hidden = jnp.where(here[None, :, None], new_hidden, hidden)
         pdf = jnp.where(here[:, None], new_pdf, pdf)
-        return out.cache, hidden, pdf
+        return (out.cache, hidden, pdf), None
 
     c = model.config
-    hidden = jnp.zeros((c.num_loops, batch, c.hidden_size), c.jnp_dtype)
-    pdf = jnp.zeros((batch, c.num_loops), c.jnp_dtype)
-    carry = (cache, hidden, pdf)
-    num_full = seq // chunk_size
-    if num_full:
-        chunks = tokens[:, : num_full * chunk_size].reshape(batch, num_full, chunk_size).swapaxes(0, 1)
-        starts = jnp.arange(num_full, dtype=jnp.int32) * chunk_size
-        carry, _ = jax.lax.scan(lambda carry, xs: (run_chunk(carry, *xs), None), carry, (chunks, starts))
-    if seq % chunk_size:
-        carry = run_chunk(carry, tokens[:, num_full * chunk_size :], num_full * chunk_size)
-    cache, hidden, pdf = carry
+    hidden = jnp.zeros((c.num_loops, tokens.shape[0], c.hidden_size), c.jnp_dtype)
+    pdf = jnp.zeros((tokens.shape[0], c.num_loops), c.jnp_dtype)
+    (cache, hidden, pdf), _ = scan_chunks(run_chunk, (cache, hidden, pdf), tokens, chunk_size)
     return hidden, pdf, cache
 
 
@@ -292,6 +284,33 @@ def _decode(model, params, state: DecodeState, until_step, *, exit_policy, rule)
         return _record(state.replace(cache=out.cache), token, max_new)
 
     return jax.lax.while_loop(unfinished, step, state)
+
+
+# --------------------------------------------------------------------------------------------------
+# Text-level settings shared by the command line and the lm-eval adapter
+
+
+def cut_at_stops(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+    """(text before the first stop string, whether one was found)."""
+    positions = [text.find(stop) for stop in stops if stop and stop in text]
+    return (text[: min(positions)], True) if positions else (text, False)
+
+
+def stop_ids_for(tokenizer, stops: Sequence[str]) -> set[int]:
+    """The token ids that end generation for a tokenizer (melt_jax.tokenizer.Tokenizer) and stop
+    strings: its eos id and every stop string that is a single token (longer ones are checked on the
+    text, see `cut_at_stops`)."""
+    ids = {tokenizer.eos_id}
+    for stop in stops:
+        encoded = tokenizer.encode(stop)
+        if len(encoded) == 1:
+            ids.add(encoded[0])
+    return ids
+
+
+def vocab_limit_for(tokenizer, config: OuroConfig) -> int | None:
+    """SamplingConfig.vocab_limit for a tokenizer smaller than the model's (padded) vocabulary."""
+    return tokenizer.vocab_size if tokenizer.vocab_size < config.vocab_size else None
 
 
 # --------------------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from melt_jax.data import DataError, PackedData
+from melt_jax.evaluation import answer_matches
 from melt_jax.tokenizer import Tokenizer
 
 OPERATIONS = {
@@ -228,11 +229,9 @@ def teacher_forced_exact_match(logits: jax.Array, batch: Mapping[str, jax.Array 
     """Per example, 1.0 if argmax(logits[b, s-1]) == tokens[b, s] at every s where answer_mask is 1,
     else 0.0: float32 [B]. logits [B, S, V]; batch as made by `answer_batch`."""
     tokens = jnp.asarray(batch["tokens"])  # [B, S]
-    mask = jnp.asarray(batch["answer_mask"]) > 0  # [B, S]
+    mask = jnp.asarray(batch["answer_mask"])  # [B, S]
     if logits.ndim != 3 or logits.shape[:2] != tokens.shape:
         raise DataError(
             f"logits of shape {logits.shape} do not match tokens of shape {tokens.shape} (expected [B, S, V])"
         )
-    predicted = jnp.argmax(logits[:, :-1], axis=-1)  # [B, S-1]
-    correct = (predicted == tokens[:, 1:]) | ~mask[:, 1:]  # [B, S-1]
-    return jnp.all(correct, axis=1).astype(jnp.float32)
+    return answer_matches(logits, tokens, mask).astype(jnp.float32)

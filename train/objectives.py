@@ -17,6 +17,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from melt_jax.losses import target_log_probs
 from melt_jax.melt import MeltModel
 from melt_jax.melt_training import sequential_forward, two_pass_forward
 from melt_jax.ouro import OuroModel
@@ -41,12 +42,6 @@ def weighted_mean(values: Array, weights: Array) -> Array:
     return jnp.sum(values * weights, axis=axes) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
-def cross_entropy(logits: Array, targets: Array) -> Array:
-    """-log softmax(logits)[target]: logits [B, S, V], targets [B, S] -> float32 [B, S]."""
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
-
-
 def kl_divergence(teacher_logits: Array, student_logits: Array) -> Array:
     """KL(teacher || student) of the softmax distributions at temperature 1: [B, S, V] -> [B, S]."""
     teacher_log_probs = jax.nn.log_softmax(teacher_logits.astype(jnp.float32), axis=-1)
@@ -59,7 +54,7 @@ def loop_cross_entropies(model: OuroModel, params, hidden_steps: Array, tokens: 
 
     def one_loop(hidden):  # [B, S, H]
         logits = model.apply({"params": params}, hidden[:, :-1], method=OuroModel.logits)
-        return cross_entropy(logits, tokens[:, 1:])
+        return -target_log_probs(logits, tokens[:, 1:])
 
     return map_loops(one_loop, hidden_steps)
 

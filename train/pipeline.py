@@ -25,7 +25,7 @@ from melt_jax.train.optimizer import OptimizerConfig
 from melt_jax.train.trainer import StageResult, run_stage
 
 from melt_jax.cache import kv_cache_bytes
-from melt_jax.checkpoint import load_params
+from melt_jax.checkpoint import load_config
 
 # The embedded default: the tiny preset (H=64, 2 layers, 4 loops) on byte-level text of the synthetic
 # task, loss on the answers only, hops=0 (look up one of three assigned digits). Within a few hundred
@@ -107,7 +107,7 @@ def summarize(config: PipelineConfig, teacher: StageResult, student: StageResult
     seq_len = config.train.data.seq_len
     rows = {}
     for name, result in (("teacher (Ouro)", teacher), ("student (MELT)", student)):
-        model_config, _ = load_params(result.model_dir)
+        model_config = load_config(result.model_dir)
         rows[name] = {
             "accuracy": result.evaluation.get("accuracy"),
             "loop_accuracy": result.evaluation.get("loop_accuracy"),

@@ -29,6 +29,7 @@ from melt_jax import evaluation
 from melt_jax.checkpoint import load_config, load_params, save_params
 from melt_jax.config import OuroConfig, config_from_json_file
 from melt_jax.data import BatchIterator, PackedData, build_train_data, pack_documents, tokenize_dataset
+from melt_jax.exit import ExitPolicy
 from melt_jax.melt import MeltModel, melt_from_ouro
 from melt_jax.ouro import OuroModel
 from melt_jax.params import abstract_params
@@ -41,7 +42,7 @@ from melt_jax.sharding import (
     replicated,
     shardings_following_params,
 )
-from melt_jax.synthetic import SyntheticTaskConfig, answer_batch, pack_answer_examples, synthetic_reasoning_dataset, teacher_forced_exact_match
+from melt_jax.synthetic import SyntheticTaskConfig, answer_batch, pack_answer_examples, synthetic_reasoning_dataset
 from melt_jax.tokenizer import Tokenizer, load_tokenizer
 from melt_jax.train.checkpointing import RunCheckpoints
 from melt_jax.train.config import TrainConfig, to_dict
@@ -50,7 +51,6 @@ from melt_jax.train.objectives import (
     Distillation,
     exit_gate_loss,
     linear_alpha,
-    loop_cross_entropies,
     looplm_loss,
     phase1_loss,
     phase2_loss,
@@ -259,21 +259,25 @@ def under_mesh(fn: Callable, mesh) -> Callable:
     return call
 
 
+def train_step(loss: Callable, optimizer, state: TrainState, teacher_params, batch) -> tuple[TrainState, dict]:
+    """One optimizer step: the gradient of loss(params, teacher_params, batch, state.step) -> (loss,
+    metrics), the optimizer update, the step count and RNG advanced; metrics gain the grad norm."""
+
+    def loss_of(params):
+        return loss(params, teacher_params, batch, state.step)
+
+    (_, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
+    rng = jax.random.split(state.rng)[0]
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), metrics
+
+
 def make_train_step(task: Task, optimizer, state_shardings, teacher_shardings, mesh):
-    """The jitted step (state, teacher_params, batch) -> (state, metrics); the state is donated and the
-    activations are sharded by the logical rules."""
-
-    def step(state: TrainState, teacher_params, batch):
-        def loss_fn(params):
-            return task.loss(params, teacher_params, batch, state.step)
-
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
-        rng = jax.random.split(state.rng)[0]
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), metrics
-
+    """The jitted `train_step` (state, teacher_params, batch) -> (state, metrics); the state is donated
+    and the activations are sharded by the logical rules."""
+    step = functools.partial(train_step, task.loss, optimizer)
     batch_shardings = {"tokens": batch_sharding(mesh), "loss_mask": batch_sharding(mesh)}
     jitted = jax.jit(
         step,
@@ -284,22 +288,29 @@ def make_train_step(task: Task, optimizer, state_shardings, teacher_shardings, m
     return under_mesh(jitted, mesh)
 
 
-def make_eval_step(task: Task, mesh):
-    """Jitted (params, tokens, loss_mask, answer_mask) -> per-loop weighted loss sums [T], the weight
-    sum, and per-loop exact-match counts [T] over the rows (an all-zero answer mask counts as a hit).
-    The forward is the model's inference computation (`evaluation.hidden_states`: MELT chunked)."""
+@dataclasses.dataclass(frozen=True)
+class EvalSteps:
+    """The jitted evaluation programs of a stage, run under the mesh (`evaluation`'s functions, with
+    the model's inference computation: MELT chunked).
 
-    def evaluate_batch(params, tokens, loss_mask, answer_mask):
-        hidden, _ = evaluation.hidden_states(task.model, params, tokens)  # [T, B, S, H]
-        ce = loop_cross_entropies(task.model, params, hidden, tokens)  # [T, B, S-1]
-        weights = loss_mask[:, 1:]
-        answers = {"tokens": tokens, "answer_mask": answer_mask}
-        correct = jax.lax.map(
-            lambda h: teacher_forced_exact_match(evaluation.project(task.model, params, h), answers), hidden
-        )  # [T, B]
-        return jnp.sum(ce * weights, axis=(1, 2)), jnp.sum(weights), jnp.sum(correct, axis=1)
+    loss(params, tokens, loss_mask) -> evaluation.LossSums (per-loop weighted CE sums [T], weight)
+    correct(params, tokens, answer_mask) -> per-loop exact-match counts over the rows [T]
+    """
 
-    return under_mesh(jax.jit(evaluate_batch), mesh)
+    loss: Callable
+    correct: Callable
+
+
+def make_eval_steps(task: Task, mesh) -> EvalSteps:
+    model = task.model
+
+    def loss(params, tokens, loss_mask):
+        return evaluation.loss_sums(model, params, tokens, loss_mask, ExitPolicy.last())
+
+    def correct(params, tokens, answer_mask):
+        return jnp.sum(evaluation.loop_answer_matches(model, params, tokens, answer_mask), axis=1)  # [T]
+
+    return EvalSteps(loss=under_mesh(jax.jit(loss), mesh), correct=under_mesh(jax.jit(correct), mesh))
 
 
 def _global_rows(rows: np.ndarray, mesh) -> Array:
@@ -309,30 +320,28 @@ def _global_rows(rows: np.ndarray, mesh) -> Array:
     return global_batch_array(rows[start : start + per_process], mesh)
 
 
-def evaluate(task: Task, eval_step, params, data: StageData, cfg: TrainConfig, mesh) -> dict:
+def evaluate(steps: EvalSteps, params, data: StageData, cfg: TrainConfig, mesh) -> dict:
     """Per-loop loss and perplexity on held-out rows; per-loop exact-match accuracy on the synthetic
     task's held-out examples (teacher-forced answer tokens all argmax = greedy exact match)."""
     batch = cfg.batch_size
-    loss_sum, weight_sum = 0.0, 0.0
+    total = None
     held = data.held_out.as_dict()
     n = held["tokens"].shape[0]
     for i in range(min(cfg.eval_batches, max(1, n // batch))):
         rows = np.arange(i * batch, (i + 1) * batch) % n
-        tokens = _global_rows(held["tokens"][rows], mesh)
-        mask = _global_rows(held["loss_mask"][rows], mesh)
-        sums, weights, _ = eval_step(params, tokens, mask, jnp.zeros_like(mask))
-        loss_sum, weight_sum = loss_sum + np.asarray(sums), weight_sum + float(weights)
-    loop_loss = loss_sum / max(weight_sum, 1.0)
-    result = {"loop_loss": [float(x) for x in loop_loss], "loop_ppl": [float(math.exp(min(x, 50))) for x in loop_loss]}
+        sums = steps.loss(params, _global_rows(held["tokens"][rows], mesh), _global_rows(held["loss_mask"][rows], mesh))
+        total = sums if total is None else total + sums
+    loop_loss = np.asarray(total.per_loop) / max(float(total.weight), 1.0)
+    result = {"loop_loss": [float(x) for x in loop_loss], "loop_ppl": [evaluation.perplexity(x) for x in loop_loss]}
     if data.answers is not None:
         tokens, answer_mask = data.answers["tokens"], data.answers["answer_mask"]
-        correct, total = 0, 0
+        correct, total_rows = 0, 0
         for start in range(0, tokens.shape[0] - batch + 1, batch):
             t = _global_rows(tokens[start : start + batch], mesh)
             a = _global_rows(answer_mask[start : start + batch], mesh)
-            correct = correct + np.asarray(eval_step(params, t, jnp.zeros_like(a), a)[2])
-            total += batch
-        result["loop_accuracy"] = [float(c) / max(total, 1) for c in np.atleast_1d(correct)]
+            correct = correct + np.asarray(steps.correct(params, t, a))
+            total_rows += batch
+        result["loop_accuracy"] = [float(c) / max(total_rows, 1) for c in np.atleast_1d(correct)]
         result["accuracy"] = result["loop_accuracy"][-1]
     return result
 
@@ -397,8 +406,8 @@ def run_stage(cfg: TrainConfig, *, stop_after: int | None = None, log: Callable[
     state_shardings = shardings_of(state)
     teacher_params = task.teacher_params
     teacher_shardings = None if teacher_params is None else shardings_of(teacher_params)
-    train_step = make_train_step(task, optimizer, state_shardings, teacher_shardings, mesh)
-    eval_step = make_eval_step(task, mesh)
+    jitted_step = make_train_step(task, optimizer, state_shardings, teacher_shardings, mesh)
+    eval_steps = make_eval_steps(task, mesh)
 
     checkpoints = RunCheckpoints(out / "checkpoints", cfg.keep_checkpoints, cfg.async_checkpoints)
     meta = {"stage": cfg.stage, "tokens_seen": 0, "batch_digest": "", "data": iterator.state()}
@@ -434,7 +443,7 @@ def run_stage(cfg: TrainConfig, *, stop_after: int | None = None, log: Callable[
 
     metrics: dict = {}
     model_dir = out / "model"
-    evaluation: dict = {}
+    final_eval: dict = {}
     window_start, window_steps = time.perf_counter(), 0
     steps_this_call = 0
     try:
@@ -442,7 +451,7 @@ def run_stage(cfg: TrainConfig, *, stop_after: int | None = None, log: Callable[
             local = next(iterator)
             meta["batch_digest"] = batch_digest(local, meta["batch_digest"])
             batch = {name: global_batch_array(local[name], mesh) for name in ("tokens", "loss_mask")}
-            state, metrics = train_step(state, teacher_params, batch)
+            state, metrics = jitted_step(state, teacher_params, batch)
             step += 1
             steps_this_call += 1
             window_steps += 1
@@ -458,7 +467,7 @@ def run_stage(cfg: TrainConfig, *, stop_after: int | None = None, log: Callable[
             if progress is not None:
                 progress.update(1)
             if cfg.eval_every and cfg.eval_batches and step % cfg.eval_every == 0 and step < cfg.steps:
-                metrics_log.write({"step": step, "eval": evaluate(task, eval_step, state.params, data, cfg, mesh)})
+                metrics_log.write({"step": step, "eval": evaluate(eval_steps, state.params, data, cfg, mesh)})
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 check_finite(metrics, step)
                 meta["data"] = iterator.state()
@@ -469,8 +478,8 @@ def run_stage(cfg: TrainConfig, *, stop_after: int | None = None, log: Callable[
         checkpoints.wait()
         if step >= cfg.steps:
             if cfg.eval_batches:
-                evaluation = evaluate(task, eval_step, state.params, data, cfg, mesh)
-                metrics_log.write({"step": step, "eval": evaluation})
+                final_eval = evaluate(eval_steps, state.params, data, cfg, mesh)
+                metrics_log.write({"step": step, "eval": final_eval})
             host = _host_params(state.params)
             if is_main:
                 save_params(model_dir, task.config, host, overwrite=True)
@@ -485,7 +494,7 @@ def run_stage(cfg: TrainConfig, *, stop_after: int | None = None, log: Callable[
         model_dir=model_dir,
         steps=step,
         final_metrics=_format(metrics) if metrics else {},
-        evaluation=evaluation,
+        evaluation=final_eval,
         tokens_seen=meta["tokens_seen"],
         batch_digest=meta["batch_digest"],
         seconds=time.perf_counter() - started,
