@@ -2,12 +2,13 @@
 answer accuracy where the dataset has prompt/answer columns (the synthetic task does).
 
     melt-eval --checkpoint CKPT --tokenizer byte --data synthetic:512 --split validation
-    melt-eval --checkpoint runs/pipeline/melt_phase2/model --tokenizer byte --data synthetic:512 --hops 0 --distractors 2
+    melt-eval --checkpoint runs/pipeline/melt_phase2/model --tokenizer byte --data synthetic:512 --seq-len 64
+    melt-eval --checkpoint CKPT --tokenizer byte --data synthetic:512 --form assignments --hops 2 --distractors 1
     melt-eval --checkpoint CKPT --tokenizer tokenizer.json --data notes.txt --seq-len 512 --json
 
 --data takes what the training program reads (melt_jax.data.load_text_dataset): "synthetic[:N]" or a
-local .txt / .json / .jsonl / .parquet file or folder; --hops and --distractors set the synthetic
-task (default: melt_jax.synthetic's defaults; the training pipeline's task is --hops 0 --distractors 2). Loss: documents are tokenized with eos and
+local .txt / .json / .jsonl / .parquet file or folder; --form, --hops, --distractors and --ops set the
+synthetic task (default: melt_jax.synthetic's defaults, the training pipeline's task). Loss: documents are tokenized with eos and
 packed into rows of --seq-len tokens as in training (melt_jax.data), every token's prediction scored
 except the first of each document. Accuracy: each prompt + answer is one row, and an example counts as
 correct when every answer token is the argmax at the position before it, i.e. when greedy decoding
@@ -56,8 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", required=True, help="'byte', or a tokenizer.json file or its folder")
     p.add_argument("--data", required=True, help="'synthetic[:N]' or a local .txt/.json/.jsonl/.parquet file or folder")
     p.add_argument("--split", default="validation", help="split name (selects the synthetic task's seed)")
-    p.add_argument("--hops", type=int, default=None, help="synthetic task: operations per queried chain")
-    p.add_argument("--distractors", type=int, default=None, help="synthetic task: unrelated assignments per example")
+    p.add_argument("--form", default=None, help="synthetic task: 'expression' (3+4=) or 'assignments' (k=3,q=k+4;q?)")
+    p.add_argument("--hops", type=int, default=None, help="synthetic task: operations per example")
+    p.add_argument("--distractors", type=int, default=None, help="synthetic task (assignments): unrelated assignments")
+    p.add_argument("--ops", default=None, help="synthetic task: operations to draw from, e.g. '+-*'")
     p.add_argument("--text-field", default="text")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per row")
     p.add_argument("--batch-size", type=int, default=8)
@@ -77,14 +80,18 @@ def _check_sizes(args: argparse.Namespace) -> None:
 
 
 def _task(args: argparse.Namespace) -> dict:
-    """The synthetic task fields set by --hops / --distractors."""
+    """The synthetic task fields set by --form / --hops / --distractors / --ops."""
     task = {}
+    if args.form is not None:
+        task.update(form=args.form)
     if args.hops is not None:
         task.update(min_hops=args.hops, max_hops=args.hops)
     if args.distractors is not None:
         task.update(num_distractors=args.distractors)
+    if args.ops is not None:
+        task.update(ops=tuple(args.ops))
     if task and not args.data.startswith("synthetic"):
-        raise DataError(f"--hops / --distractors apply to the synthetic task, not to --data {args.data}")
+        raise DataError(f"--form / --hops / --distractors / --ops apply to the synthetic task, not to --data {args.data}")
     return task
 
 

@@ -59,7 +59,7 @@ def load_text_dataset(
     """The dataset named by `source`, checked to have a string column `text_field`.
 
     `source` is one of:
-      - "synthetic" or "synthetic:N": the embedded chained-assignment task (melt_jax.synthetic) with
+      - "synthetic" or "synthetic:N": the embedded arithmetic task (melt_jax.synthetic) with
         its default config, or with the SyntheticTaskConfig fields in `synthetic_task` changed (N
         examples); `split` ("train", "validation", "test") selects the seed;
       - a local .txt / .json / .jsonl / .parquet file, or a folder of files of one of these kinds

@@ -1,22 +1,24 @@
-"""The embedded default task: chained single-digit assignments, generated on the machine.
+"""The embedded default task, generated on the machine: digit arithmetic modulo 10 in one of two forms.
 
-Each example is a short program of comma-separated assignments followed by a query:
+expression (the default): a digit and `hops` operations with digit operands, evaluated left to right
+modulo 10; the answer ends the line:
 
-    prompt  "k=3,q=k+4,x=7,m=q-2;m?"     answer "5"      text "k=3,q=k+4,x=7,m=q-2;m?5\\n"
+    prompt  "3+4="                                    answer "7"      text "3+4=7\\n"
 
-The chain starts from a digit and applies `hops` operations (+, -, optionally *) with digit operands,
-all modulo 10; the query asks for the last variable of the chain. Variable names are drawn from a
-shuffled alphabet per example, and `num_distractors` extra assignments (a digit, or an operation on a
-variable defined before them) are inserted at random places. Answering takes one sequential step per
-hop, which is the kind of computation more loops of a looped model can supply. At the default
-setting (2-3 hops, one distractor, + and -) lines are about 30 bytes. `min_hops=0` adds pure look-up
-examples ("k=3,x=7;k?" -> "3"), the easiest level. In one CPU run of the tiny preset (H=64, 2 layers,
-4 loops, batches of 32, loss on the answers only via `pack_answer_examples`), look-ups reached about
-60% exact match (chance 10%) within 200-400 steps, which is what the shortcut "answer the digit of
-the last literal assignment" scores with two distractors (0.634): distractors are often operations,
-so the queried digit is often the last literal one. Chains of one hop or more were still at chance
-after 1,100 steps with two layers; one layer, one hop and no distractors gave 0.35 at loop 1 and
-0.49 at loops 2-4 after 1,000 steps. Chains need longer training than look-ups.
+assignments: a chain of named variables, each an operation on the one before, with `num_distractors`
+extra assignments (a digit, or an operation on a variable defined before them) inserted at random
+places, and a query for the end of the chain. Variable names are drawn from a shuffled alphabet:
+
+    prompt  "k=3,q=k+4,x=7,m=q-2;m?"                  answer "5"      text "k=3,q=k+4,x=7,m=q-2;m?5\\n"
+
+Answering takes one sequential step per operation. The default (one addition, "+" only) is what a
+tiny LoopLM learns on a CPU in a few minutes and where loops visibly help: with one layer per loop,
+the first loop's output has to predict the answer after a single attention step, and later loops
+can combine the two digits. Measured (melt-train pipeline, one layer, H=64, 600 steps of 32 x 64
+tokens): per-loop exact match 0.14 0.84 0.98 1.00 (seed 0) and 0.81 1.00 1.00 0.99 (seed 1).
+Harder settings learn much more slowly at this size: with "+" and "-", or 1-2 operations, accuracy
+was still 0.15-0.25 after 600-1,500 steps; on the assignments form with hops=0 and two distractors
+every teacher stopped at the shortcut "answer the last literal digit" (0.634).
 
 `answer_batch` and `teacher_forced_exact_match` score a model on the answers without decoding: the
 answer is predicted exactly under greedy decoding iff every answer token is the argmax of the logits
@@ -45,12 +47,15 @@ OPERATIONS = {
     "*": lambda x, y: (x * y) % 10,
 }
 VARIABLE_NAMES = string.ascii_lowercase
+FORMS = ("expression", "assignments")
 
 
 @dataclasses.dataclass(frozen=True)
 class SyntheticTaskConfig:
-    """Settings of the chained-assignment task.
+    """Settings of the task.
 
+    form             "expression": a digit and operations, "3+4-2=" (evaluated left to right);
+                     "assignments": named variables, "k=3,q=k+4,m=q-2;m?" (with distractors)
     num_examples     number of examples
     min_hops         fewest operations in the queried chain (0: the query names a digit assignment)
     max_hops         most operations in the queried chain (inclusive)
@@ -59,15 +64,18 @@ class SyntheticTaskConfig:
     seed             seed of the generator (use different seeds for train and eval)
     """
 
+    form: str = "expression"
     num_examples: int = 10_000
-    min_hops: int = 2
-    max_hops: int = 3
-    num_distractors: int = 1
-    ops: tuple[str, ...] = ("+", "-")
+    min_hops: int = 1
+    max_hops: int = 1
+    num_distractors: int = 0
+    ops: tuple[str, ...] = ("+",)
     seed: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "ops", tuple(self.ops))
+        if self.form not in FORMS:
+            raise DataError(f"SyntheticTaskConfig.form must be one of {list(FORMS)}, got {self.form!r}")
         for name, minimum in (
             ("num_examples", 1),
             ("min_hops", 0),
@@ -80,6 +88,11 @@ class SyntheticTaskConfig:
                 raise DataError(f"SyntheticTaskConfig.{name} must be an integer >= {minimum}, got {value!r}")
         if self.max_hops < self.min_hops:
             raise DataError(f"SyntheticTaskConfig.max_hops {self.max_hops} is below min_hops {self.min_hops}")
+        if self.form == "expression" and self.num_distractors:
+            raise DataError(
+                f"SyntheticTaskConfig.num_distractors is {self.num_distractors}, but the expression form has "
+                "no distractors (set it to 0, or use form='assignments')"
+            )
         num_variables = self.max_hops + 1 + self.num_distractors
         if num_variables > len(VARIABLE_NAMES):
             raise DataError(
@@ -101,19 +114,32 @@ def _defined_variable(statement: str) -> str:
     return statement.split("=", 1)[0]
 
 
+def _operations(rng: np.random.Generator, ops: Sequence[str], hops: int) -> tuple[int, list[tuple[str, int]], int]:
+    """A start digit, `hops` (operation, operand digit) pairs drawn from `ops`, and the value of
+    applying them to the start in order, modulo 10."""
+    start = value = int(rng.integers(10))
+    steps = []
+    for _ in range(hops):
+        op = ops[int(rng.integers(len(ops)))]
+        operand = int(rng.integers(10))
+        value = OPERATIONS[op](value, operand)
+        steps.append((op, operand))
+    return start, steps, value
+
+
 def generate_example(rng: np.random.Generator, config: SyntheticTaskConfig) -> tuple[str, str, int]:
     """One example drawn with `rng`: (prompt, answer, hops)."""
     hops = int(rng.integers(config.min_hops, config.max_hops + 1))
+    if config.form == "expression":
+        start, steps, value = _operations(rng, config.ops, hops)
+        return str(start) + "".join(f"{op}{operand}" for op, operand in steps) + "=", str(value), hops
+
     letters = rng.permutation(len(VARIABLE_NAMES))[: hops + 1 + config.num_distractors]
     names = [VARIABLE_NAMES[i] for i in letters]
     chain, distractors = names[: hops + 1], names[hops + 1 :]
-
-    value = int(rng.integers(10))
-    statements = [f"{chain[0]}={value}"]
-    for previous, name in itertools.pairwise(chain):
-        op = config.ops[int(rng.integers(len(config.ops)))]
-        operand = int(rng.integers(10))
-        value = OPERATIONS[op](value, operand)
+    start, steps, value = _operations(rng, config.ops, hops)
+    statements = [f"{chain[0]}={start}"]
+    for (previous, name), (op, operand) in zip(itertools.pairwise(chain), steps):
         statements.append(f"{name}={previous}{op}{operand}")
 
     for name in distractors:

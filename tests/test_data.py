@@ -352,6 +352,11 @@ def test_synthetic_source():
     assert len(train) == 50 and train.column_names[:3] == ["prompt", "answer", "text"]
     assert train["text"] == data_lib.load_text_dataset("synthetic:50")["text"]
     validation = data_lib.load_text_dataset("synthetic:50", split="validation")
+    assert train["prompt"] != validation["prompt"]  # another seed (the default task has only 100 prompts)
+    chains = dict(form="assignments", min_hops=2, max_hops=3, num_distractors=1, ops=("+", "-"))
+    train = data_lib.load_text_dataset("synthetic:50", synthetic_task=chains)
+    validation = data_lib.load_text_dataset("synthetic:50", split="validation", synthetic_task=chains)
+    assert all("?" in p for p in train["prompt"])
     assert len(set(train["prompt"]) & set(validation["prompt"])) < 5
 
 
@@ -382,11 +387,14 @@ def _solve(prompt):
     return values[query], depth[query], names
 
 
+ASSIGNMENTS = dict(form="assignments", min_hops=2, max_hops=3, num_distractors=1, ops=("+", "-"))
+
+
 def test_synthetic_dataset_is_deterministic_and_correct():
-    config = synthetic.SyntheticTaskConfig(num_examples=300, seed=5)
+    config = synthetic.SyntheticTaskConfig(num_examples=300, seed=5, **ASSIGNMENTS)
     ds = synthetic.synthetic_reasoning_dataset(config)
     assert ds.to_dict() == synthetic.synthetic_reasoning_dataset(config).to_dict()
-    other = synthetic.synthetic_reasoning_dataset(synthetic.SyntheticTaskConfig(num_examples=300, seed=6))
+    other = synthetic.synthetic_reasoning_dataset(synthetic.SyntheticTaskConfig(num_examples=300, seed=6, **ASSIGNMENTS))
     assert len(set(ds["prompt"]) & set(other["prompt"])) < 15
     lengths = []
     for prompt, answer, text, hops in zip(ds["prompt"], ds["answer"], ds["text"], ds["hops"]):
@@ -405,7 +413,7 @@ def test_synthetic_dataset_is_deterministic_and_correct():
 
 def test_synthetic_config_options_and_errors():
     config = synthetic.SyntheticTaskConfig(
-        num_examples=40, min_hops=5, max_hops=5, num_distractors=3, ops=["*"], seed=1
+        form="assignments", num_examples=40, min_hops=5, max_hops=5, num_distractors=3, ops=["*"], seed=1
     )
     assert config.ops == ("*",)
     ds = synthetic.synthetic_reasoning_dataset(config)
@@ -418,9 +426,40 @@ def test_synthetic_config_options_and_errors():
     with pytest.raises(DataError, match="ops must be distinct operations"):
         synthetic.SyntheticTaskConfig(ops=("/",))
     with pytest.raises(DataError, match="27 variables"):
-        synthetic.SyntheticTaskConfig(max_hops=20, num_distractors=6)
+        synthetic.SyntheticTaskConfig(form="assignments", max_hops=20, num_distractors=6)
+    with pytest.raises(DataError, match="the expression form has no distractors"):
+        synthetic.SyntheticTaskConfig(form="expression", num_distractors=1)
+    with pytest.raises(DataError, match="form must be one of"):
+        synthetic.SyntheticTaskConfig(form="story")
     with pytest.raises(DataError, match="num_examples must be an integer >= 1"):
         synthetic.SyntheticTaskConfig(num_examples=0)
+
+
+def _evaluate_expression(prompt):
+    """Independent evaluation of an expression prompt "d(op d)*=": (value modulo 10, operations)."""
+    assert re.fullmatch(r"\d([+\-*]\d)*=", prompt), prompt
+    value, operations = int(prompt[0]), 0
+    for sign, digit in re.findall(r"([+\-*])(\d)", prompt):
+        value = {"+": value + int(digit), "-": value - int(digit), "*": value * int(digit)}[sign] % 10
+        operations += 1
+    return value, operations
+
+
+def test_synthetic_expression_form():
+    default = synthetic.synthetic_reasoning_dataset(synthetic.SyntheticTaskConfig(num_examples=400))
+    assert all(re.fullmatch(r"\d\+\d=", p) for p in default["prompt"])  # the default: one addition
+    assert set(default["hops"]) == {1} and len(set(default["answer"])) == 10
+    assert len(set(default["prompt"])) > 90  # nearly all of the 100 sums appear
+
+    config = synthetic.SyntheticTaskConfig(num_examples=300, min_hops=0, max_hops=4, ops="+-*", seed=3)
+    ds = synthetic.synthetic_reasoning_dataset(config)
+    assert ds.to_dict() == synthetic.synthetic_reasoning_dataset(config).to_dict()
+    for prompt, answer, text, hops in zip(ds["prompt"], ds["answer"], ds["text"], ds["hops"]):
+        value, operations = _evaluate_expression(prompt)
+        assert (str(value), operations) == (answer, hops), prompt
+        assert text == prompt + answer + "\n"
+    assert set(ds["hops"]) == {0, 1, 2, 3, 4}
+    assert set(c for p in ds["prompt"] for c in p if c in "+-*") == {"+", "-", "*"}
 
 
 def test_exact_match_accuracy():
@@ -463,7 +502,7 @@ def test_answer_batch_and_teacher_forced_exact_match():
 
 
 def test_pack_answer_examples_and_zero_hops():
-    config = synthetic.SyntheticTaskConfig(num_examples=20, min_hops=0, max_hops=0, num_distractors=2)
+    config = synthetic.SyntheticTaskConfig(form="assignments", num_examples=20, min_hops=0, max_hops=0, num_distractors=2)
     ds = synthetic.synthetic_reasoning_dataset(config)
     for prompt, answer in zip(ds["prompt"], ds["answer"]):
         value, depth, names = _solve(prompt)

@@ -27,7 +27,7 @@ from melt_jax.train.checkpointing import RunCheckpoints
 from melt_jax.train.cli import main as train_main
 from melt_jax.train.config import RunConfigError, load_train_config
 from melt_jax.train.objectives import Distillation, exit_gate_loss, looplm_loss, phase1_loss
-from melt_jax.train.pipeline import load_pipeline_config, run_pipeline
+from melt_jax.train.pipeline import load_pipeline_config
 from melt_jax.train.trainer import TrainingError, run_stage
 
 SEQ, CHUNK, BATCH = 32, 8, 8
@@ -154,8 +154,8 @@ def test_exit_gate_stage_trains_only_the_exit_gate(teacher_dir):
 
 def test_config_file_with_overrides(tmp_path):
     (tmp_path / "run.yaml").write_text("stage: looplm\nsteps: 7\noptimizer:\n  learning_rate: 0.01\n  schedule: constant\ndata:\n  seq_len: 48\n")
-    cfg = load_train_config(tmp_path / "run.yaml", ["steps=9", "data.hops=0"])
-    assert (cfg.steps, cfg.optimizer.learning_rate, cfg.optimizer.schedule, cfg.data.seq_len, cfg.data.hops) == (9, 0.01, "constant", 48, 0)
+    cfg = load_train_config(tmp_path / "run.yaml", ["steps=9", "data.max_hops=0", "data.min_hops=0"])
+    assert (cfg.steps, cfg.optimizer.learning_rate, cfg.optimizer.schedule, cfg.data.seq_len, cfg.data.max_hops) == (9, 0.01, "constant", 48, 0)
     (tmp_path / "bad.json").write_text('{"steps": 3, "optimizer": {"lr": 1}}')
     with pytest.raises(RunConfigError, match="unknown config field.*optimizer.lr"):
         load_train_config(tmp_path / "bad.json")
@@ -417,6 +417,10 @@ def test_bad_configurations_give_clear_errors(tmp_path, teacher_dir, model_json)
         load_train_config(None, overrides("optimizer.lr=1"))
     with pytest.raises(RunConfigError, match="steps must be int"):
         load_train_config(None, overrides("steps=many"))
+    with pytest.raises(RunConfigError, match="data: .*the expression form has no distractors"):
+        load_train_config(None, overrides("data.form=expression", "data.distractors=2"))
+    with pytest.raises(RunConfigError, match="num_layers must be >= 0"):
+        load_train_config(None, overrides("num_layers=-1"))
     with pytest.raises(ShardingError, match="mesh data=3 x fsdp=1 x tensor=1 = 3 devices, but there are 8"):
         run_stage(load_train_config(None, overrides("mesh.data=3")))
     # A teacher whose shapes differ from the student's.
@@ -440,32 +444,37 @@ def test_bad_configurations_give_clear_errors(tmp_path, teacher_dir, model_json)
 # The pipeline
 
 
-def test_pipeline_runs_end_to_end(tmp_path, capsys):
-    config = load_pipeline_config(
-        None,
-        [
-            f"output_dir={tmp_path / 'pipeline'}",
-            "teacher_steps=40",
-            "phase1_steps=6",
-            "phase2_steps=6",
-            "accuracy_margin=0.2",
-            "train.progress=false",
-            "train.log_every=5",
-            f"train.data.seq_len={SEQ}",
-            f"train.chunk_size={CHUNK}",
-            "train.data.num_examples=800",
-            "train.data.eval_examples=64",
-            "train.eval_batches=1",
-            f"train.batch_size={BATCH}",
-            "train.mesh.num_devices=1",
-        ],
+def test_pipeline_config_stages(tmp_path):
+    config = load_pipeline_config(None, [f"output_dir={tmp_path}", "exit_gate_steps=5", "train.optimizer.warmup_steps=3"])
+    stages = config.stage_configs()
+    assert [c.stage for c in stages] == ["looplm", "exit_gate", "melt_phase1", "melt_phase2"]
+    assert [c.optimizer.warmup_steps for c in stages] == [100, 100, 3, 3]  # teacher_warmup_steps for the teacher
+    assert stages[2].teacher == stages[3].teacher == str(tmp_path / "exit_gate" / "model")
+    assert stages[3].init_from == str(tmp_path / "melt_phase1" / "model")
+    with pytest.raises(RunConfigError, match="teacher_warmup_steps must be >= 0"):
+        load_pipeline_config(None, ["teacher_warmup_steps=-1"])
+
+
+def test_pipeline_on_the_embedded_default(tmp_path):
+    """The README's main job as it runs there (`python -m melt_jax.train pipeline`, default settings,
+    one CPU device, XLA's usual optimisation; about 3 minutes on 2 cores): the teacher learns the task,
+    later loops are more accurate than the first, and the MELT student stays within the margin."""
+    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    out = tmp_path / "pipeline"
+    done = subprocess.run(
+        [sys.executable, "-m", "melt_jax.train", "pipeline", f"output_dir={out}", "train.progress=false"],
+        env=env, capture_output=True, text=True, timeout=900,
     )
-    summary = run_pipeline(config, log=print)
-    printed = capsys.readouterr().out
-    assert "teacher (Ouro)" in printed and "student (MELT)" in printed
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "| teacher (Ouro) |" in done.stdout and "| student (MELT) |" in done.stdout
+    summary = json.loads((out / "summary.json").read_text())
     teacher, student = summary["models"]["teacher (Ouro)"], summary["models"]["student (MELT)"]
+    # Measured: teacher 1.000 with per-loop 0.14 0.84 0.98 1.00, student 0.938 (README).
+    assert teacher["accuracy"] >= 0.9, teacher
+    assert teacher["loop_accuracy"][-1] >= teacher["loop_accuracy"][0] + 0.1, teacher  # more loops help
+    assert teacher["loop_loss"][-1] < teacher["loop_loss"][0], teacher
+    assert summary["within_margin"] and student["accuracy"] >= teacher["accuracy"] - 0.1, summary
     assert student["kv_bytes_per_token"] * 4 == teacher["kv_bytes_per_token"]  # T = 4 loops, one shared cache
-    assert summary["within_margin"], summary
-    losses = [json.loads(l)["loss"] for l in (tmp_path / "pipeline" / "looplm" / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
-    assert losses[-1] < losses[0] - 1.0  # the teacher learns the synthetic corpus
-    assert json.loads((tmp_path / "pipeline" / "summary.json").read_text())["kv_ratio"] == 0.25
+    assert summary["kv_ratio"] == 0.25
+    losses = [json.loads(l)["loss"] for l in (out / "looplm" / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+    assert losses[-1] < losses[0] - 1.0  # the teacher's training loss falls

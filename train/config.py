@@ -16,7 +16,9 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from melt_jax.data import DataError
 from melt_jax.sharding import MeshConfig
+from melt_jax.synthetic import SyntheticTaskConfig
 from melt_jax.train.optimizer import OptimizerConfig
 
 STAGES = ("looplm", "exit_gate", "melt_phase1", "melt_phase2")
@@ -38,10 +40,26 @@ class DataConfig:
     seq_len: int = 64
     num_examples: int = 20_000  # synthetic corpus size
     eval_examples: int = 256  # held-out synthetic examples for the accuracy metric
-    hops: int = 2  # synthetic task: operations in the queried chain
-    distractors: int = 0  # synthetic task: assignments the answer does not depend on
+    # The synthetic task (melt_jax.synthetic.SyntheticTaskConfig; the defaults are its defaults):
+    form: str = SyntheticTaskConfig.form  # "expression" ("3+4=") or "assignments" ("k=3,q=k+4;q?")
+    min_hops: int = SyntheticTaskConfig.min_hops  # fewest operations per example
+    max_hops: int = SyntheticTaskConfig.max_hops  # most operations per example
+    distractors: int = SyntheticTaskConfig.num_distractors  # assignments form: unrelated assignments
+    ops: str = "".join(SyntheticTaskConfig.ops)  # operations to draw from, e.g. "+-*"
     loss: str = "answer"  # synthetic task: "answer" (loss on the answers only) or "all" (every token)
     shuffle: bool = True
+
+    def synthetic_task(self, num_examples: int, seed: int) -> SyntheticTaskConfig:
+        """The synthetic task these fields describe, with `num_examples` examples drawn from `seed`."""
+        return SyntheticTaskConfig(
+            form=self.form,
+            num_examples=num_examples,
+            min_hops=self.min_hops,
+            max_hops=self.max_hops,
+            num_distractors=self.distractors,
+            ops=tuple(self.ops),
+            seed=seed,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +68,7 @@ class TrainConfig:
     output_dir: str = "runs/default"
     model: str = "tiny"  # looplm from scratch: a preset name or a config.json path
     vocab_size: int = 0  # looplm from scratch: > 0 replaces the model's vocab_size (e.g. 258 for bytes)
+    num_layers: int = 0  # looplm from scratch: > 0 replaces the model's num_hidden_layers
     init_from: str | None = None  # a melt_jax checkpoint directory to start from
     teacher: str | None = None  # MELT phases: the frozen LoopLM teacher's checkpoint directory
     steps: int = 100
@@ -79,10 +98,18 @@ class TrainConfig:
         for name in ("steps", "batch_size", "chunk_size", "log_every", "checkpoint_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise RunConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("vocab_size", "num_layers"):
+            if getattr(self, name) < 0:
+                raise RunConfigError(f"{name} must be >= 0 (0 keeps the model's own), got {getattr(self, name)}")
         if self.data.loss not in ("answer", "all"):
             raise RunConfigError(f"data.loss must be 'answer' or 'all', got {self.data.loss!r}")
         if self.data.seq_len < 2:
             raise RunConfigError(f"data.seq_len must be >= 2, got {self.data.seq_len}")
+        if self.data.source == "synthetic":
+            try:
+                self.data.synthetic_task(num_examples=1, seed=0)
+            except DataError as e:
+                raise RunConfigError(f"data: {e}") from None
         if self.forward not in ("two_pass", "sequential"):
             raise RunConfigError(f"forward must be 'two_pass' or 'sequential', got {self.forward!r}")
         if self.stage.startswith("melt") and self.data.seq_len % self.chunk_size:

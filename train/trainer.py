@@ -42,7 +42,7 @@ from melt_jax.sharding import (
     replicated,
     shardings_following_params,
 )
-from melt_jax.synthetic import SyntheticTaskConfig, answer_batch, pack_answer_examples, synthetic_reasoning_dataset
+from melt_jax.synthetic import answer_batch, pack_answer_examples, synthetic_reasoning_dataset
 from melt_jax.tokenizer import Tokenizer, load_tokenizer
 from melt_jax.train.checkpointing import RunCheckpoints
 from melt_jax.train.config import TrainConfig, to_dict
@@ -99,6 +99,8 @@ def _model_config(cfg: TrainConfig) -> OuroConfig:
     config = config.replace(dtype=cfg.dtype, param_dtype=cfg.dtype)
     if cfg.vocab_size > 0:
         config = config.replace(vocab_size=cfg.vocab_size)
+    if cfg.num_layers > 0:
+        config = config.replace(num_hidden_layers=cfg.num_layers)
     config.validate()
     return config
 
@@ -182,9 +184,8 @@ def build_data(cfg: TrainConfig) -> StageData:
     d = cfg.data
     tokenizer = load_tokenizer(d.tokenizer)
     if d.source == "synthetic":
-        task = dict(min_hops=d.hops, max_hops=d.hops, num_distractors=d.distractors)
-        train = synthetic_reasoning_dataset(SyntheticTaskConfig(num_examples=d.num_examples, seed=cfg.seed, **task))
-        held = synthetic_reasoning_dataset(SyntheticTaskConfig(num_examples=d.eval_examples, seed=cfg.seed + 10_000, **task))
+        train = synthetic_reasoning_dataset(d.synthetic_task(d.num_examples, seed=cfg.seed))
+        held = synthetic_reasoning_dataset(d.synthetic_task(d.eval_examples, seed=cfg.seed + 10_000))
         if d.loss == "answer":
             packed = pack_answer_examples(tokenizer, train["prompt"], train["answer"], d.seq_len)
             held_out = pack_answer_examples(tokenizer, held["prompt"], held["answer"], d.seq_len)
