@@ -125,8 +125,13 @@ def _loss_sums_of(model, params, hidden: Array, exit_pdf: Array, tokens: Array, 
         return None, _weighted_ce_sum(project(model, params, h), tokens, weights)
 
     _, per_loop = jax.lax.scan(loop_loss, None, hidden)  # [T]
-    chosen, _ = select_hidden(hidden, exit_pdf, exit_policy)  # [B, S, H]
-    policy = _weighted_ce_sum(project(model, params, chosen), tokens, weights)
+    loop = exit_policy.fixed_loop(hidden.shape[0])
+    if loop is not None:  # one loop for every token: its sum is already there
+        exit_policy.validate(hidden.shape[0])
+        policy = per_loop[loop]
+    else:
+        chosen, _ = select_hidden(hidden, exit_pdf, exit_policy)  # [B, S, H]
+        policy = _weighted_ce_sum(project(model, params, chosen), tokens, weights)
     return LossSums(per_loop=per_loop, policy=policy, weight=jnp.sum(weights[:, 1:]))
 
 

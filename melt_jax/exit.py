@@ -153,6 +153,14 @@ class ExitPolicy:
             return cls.at_threshold(config.early_exit_threshold)
         return cls.last()
 
+    def fixed_loop(self, num_loops: int) -> int | None:
+        """The loop every token exits at ('last', 'step'), or None when it depends on the token."""
+        if self.kind == "last":
+            return num_loops - 1
+        if self.kind == "step":
+            return self.step
+        return None
+
     def validate(self, num_loops: int) -> None:
         if self.kind == "step" and self.step >= num_loops:
             raise ValueError(f"exit step {self.step} is out of range for {num_loops} loops")
@@ -167,10 +175,9 @@ def select_hidden(hidden_steps: Array, exit_pdf: Array, policy: ExitPolicy) -> t
     """
     num_loops = hidden_steps.shape[0]
     policy.validate(num_loops)
-    if policy.kind == "last":
-        return hidden_steps[-1], None
-    if policy.kind == "step":
-        return hidden_steps[policy.step], None
+    loop = policy.fixed_loop(num_loops)
+    if loop is not None:
+        return hidden_steps[loop], None
     if policy.kind == "weighted":
         weights = exit_pdf.astype(hidden_steps.dtype)
         return jnp.einsum("BST,TBSH->BSH", weights, hidden_steps), None

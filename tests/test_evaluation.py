@@ -43,11 +43,14 @@ def test_ouro_step_logits_and_per_loop_losses_match_the_forward():
     assert losses.shape == (model.config.num_loops,)
     np.testing.assert_allclose(losses, [_masked_mean_ce(x, TOKENS, MASK) for x in expected], rtol=1e-5)
 
-    policy = ExitPolicy.at_threshold(0.5)
-    sums = _loss_sums(model, params, TOKENS, MASK, policy)
-    chosen = forward(model, params, jnp.asarray(TOKENS), exit_policy=policy).logits
-    np.testing.assert_allclose(sums.policy / sums.weight, _masked_mean_ce(chosen, TOKENS, MASK), rtol=1e-5)
-    assert float(sums.weight) == MASK[:, 1:].sum()
+    # A per-token policy (projected separately) and a fixed-loop one (read from the per-loop sums).
+    for policy in (ExitPolicy.at_threshold(0.5), ExitPolicy.at_step(1)):
+        sums = _loss_sums(model, params, TOKENS, MASK, policy)
+        chosen = forward(model, params, jnp.asarray(TOKENS), exit_policy=policy).logits
+        np.testing.assert_allclose(sums.policy / sums.weight, _masked_mean_ce(chosen, TOKENS, MASK), rtol=1e-5)
+        assert float(sums.weight) == MASK[:, 1:].sum()
+    with pytest.raises(ValueError, match="exit step 9 is out of range"):
+        _loss_sums(model, params, TOKENS, MASK, ExitPolicy.at_step(9))
 
 
 @pytest.mark.parametrize("chunk_size", [None, 1])

@@ -76,8 +76,11 @@ class PipelineConfig:
         root = Path(self.output_dir)
         opt = self.train.optimizer
 
-        def stage(name, steps, lr, **fields):
-            warmup = self.teacher_warmup_steps if name in ("looplm", "exit_gate") else opt.warmup_steps
+        teacher = (self.teacher_learning_rate, self.teacher_warmup_steps)  # (learning rate, warmup steps)
+        student = (self.student_learning_rate, opt.warmup_steps)
+
+        def stage(name, steps, schedule, **fields):
+            lr, warmup = schedule
             optimizer = dataclasses.replace(
                 opt, learning_rate=lr, gate_learning_rate=self.gate_learning_rate, warmup_steps=warmup
             )
@@ -86,14 +89,13 @@ class PipelineConfig:
             ).validate()
 
         teacher_dir = str(root / "looplm" / "model")
-        configs = [stage("looplm", self.teacher_steps, self.teacher_learning_rate, init_from=None, teacher=None)]
+        configs = [stage("looplm", self.teacher_steps, teacher, init_from=None, teacher=None)]
         if self.exit_gate_steps:
-            configs.append(stage("exit_gate", self.exit_gate_steps, self.teacher_learning_rate, init_from=teacher_dir, teacher=None))
+            configs.append(stage("exit_gate", self.exit_gate_steps, teacher, init_from=teacher_dir, teacher=None))
             teacher_dir = str(root / "exit_gate" / "model")
-        configs.append(stage("melt_phase1", self.phase1_steps, self.student_learning_rate, init_from=None, teacher=teacher_dir))
+        configs.append(stage("melt_phase1", self.phase1_steps, student, init_from=None, teacher=teacher_dir))
         configs.append(
-            stage("melt_phase2", self.phase2_steps, self.student_learning_rate,
-                  init_from=str(root / "melt_phase1" / "model"), teacher=teacher_dir)
+            stage("melt_phase2", self.phase2_steps, student, init_from=str(root / "melt_phase1" / "model"), teacher=teacher_dir)
         )
         return configs
 

@@ -220,11 +220,10 @@ def _place(tree: dict, shardings: Any) -> Any:
 
     def on_devices(x, sharding):
         if isinstance(x, jax.Array):
-            return x
+            return jax.device_put(x, sharding, may_alias=False)
         return jax.make_array_from_callback(x.shape, sharding, lambda index: np.asarray(x[index]))
 
-    placed = jax.tree.map(on_devices, tree, shardings)
-    return jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=shardings)(placed)
+    return jax.tree.map(on_devices, tree, shardings)
 
 
 def init_state(task: Task, cfg: TrainConfig, mesh, optimizer) -> TrainState:
@@ -431,7 +430,6 @@ def run_stage(cfg: TrainConfig, *, stop_after: int | None = None, log: Callable[
         from tqdm import tqdm
 
         progress = tqdm(total=cfg.steps, initial=step, desc=cfg.stage, unit="step", dynamic_ncols=True)
-
 
     def check_finite(metrics, at_step):
         loss = float(metrics["loss"])
