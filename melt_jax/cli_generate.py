@@ -1,6 +1,6 @@
 """melt-generate: text generation from a melt_jax checkpoint (Ouro or MELT).
 
-    melt-generate --checkpoint CKPT --tokenizer byte --prompt "3+4=" --max-new-tokens 4
+    melt-generate --checkpoint CKPT --tokenizer byte --prompt "3*4=" --max-new-tokens 4
     melt-generate --checkpoint CKPT --tokenizer path/to/tokenizer.json --chat --prompt "Hi" \
         --temperature 0.7 --top-p 0.9 --seed 1 --exit threshold:0.9
 

@@ -3,7 +3,7 @@
 expression (the default): a digit and `hops` operations with digit operands, evaluated left to right
 modulo 10; the answer ends the line:
 
-    prompt  "3+4="                                    answer "7"      text "3+4=7\\n"
+    prompt  "3*4="                                    answer "2"      text "3*4=2\\n"
 
 assignments: a chain of named variables, each an operation on the one before, with `num_distractors`
 extra assignments (a digit, or an operation on a variable defined before them) inserted at random
@@ -11,14 +11,14 @@ places, and a query for the end of the chain. Variable names are drawn from a sh
 
     prompt  "k=3,q=k+4,x=7,m=q-2;m?"                  answer "5"      text "k=3,q=k+4,x=7,m=q-2;m?5\\n"
 
-Answering takes one sequential step per operation. The default (one addition, "+" only) is what a
-tiny LoopLM learns on a CPU in a few minutes and where loops visibly help: with one layer per loop,
-the first loop's output has to predict the answer after a single attention step, and later loops
-can combine the two digits. Measured (melt-train pipeline, one layer, H=64, 600 steps of 32 x 64
-tokens): per-loop exact match 0.14 0.84 0.98 1.00 (seed 0) and 0.81 1.00 1.00 0.99 (seed 1).
-Harder settings learn much more slowly at this size: with "+" and "-", or 1-2 operations, accuracy
-was still 0.15-0.25 after 600-1,500 steps; on the assignments form with hops=0 and two distractors
-every teacher stopped at the shortcut "answer the last literal digit" (0.634).
+Answering takes one sequential step per operation. The default is one operation, an addition or a
+multiplication modulo 10 ("3+4=7", "3*4=2"): the pipeline's one-layer LoopLM learns both tables with
+its later loops within a few CPU minutes, while its first loop (one attention and one MLP pass)
+usually learns only part of them (the products with a factor 0 or 5, which depend on one digit or
+its parity, and a scattering of other entries): in 9 of 10 runs (seeds 0-4, 1 and 2 XLA threads) the
+first loop is at 0.12-0.56 and the last at 1.00 or still rising (README, "Embedded default"). With
+additions only, the first loop learned most of the table on some seeds; with multiplications only,
+on one seed of five.
 
 `answer_batch` and `teacher_forced_exact_match` score a model on the answers without decoding: the
 answer is predicted exactly under greedy decoding iff every answer token is the argmax of the logits
@@ -69,7 +69,7 @@ class SyntheticTaskConfig:
     min_hops: int = 1
     max_hops: int = 1
     num_distractors: int = 0
-    ops: tuple[str, ...] = ("+",)
+    ops: tuple[str, ...] = ("+", "*")
     seed: int = 0
 
     def __post_init__(self):

@@ -127,7 +127,7 @@ def test_melt_eval_on_the_synthetic_task(checkpoint, capsys):
     assert answers["num_examples"] == 10 and 0 <= answers["accuracy"] <= 1
     code = cli_eval.main([*args, "--seq-len", "48", "--batch-size", "4", "--max-batches", "1"])
     assert code == 0 and "answer accuracy" in capsys.readouterr().out
-    code = cli_eval.main([*args, "--seq-len", "4"])  # "3+4=" and its answer are 5 tokens
+    code = cli_eval.main([*args, "--seq-len", "4"])  # "3*4=" and its answer are 5 tokens
     assert code == 2 and "more than seq_len 4" in capsys.readouterr().err
     # The assignments form with two operations and a distractor: longer lines than the default's.
     task = ["--form", "assignments", "--hops", "2", "--distractors", "1", "--ops", "+-"]

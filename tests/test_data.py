@@ -446,10 +446,12 @@ def _evaluate_expression(prompt):
 
 
 def test_synthetic_expression_form():
-    default = synthetic.synthetic_reasoning_dataset(synthetic.SyntheticTaskConfig(num_examples=400))
-    assert all(re.fullmatch(r"\d\+\d=", p) for p in default["prompt"])  # the default: one addition
+    default = synthetic.synthetic_reasoning_dataset(synthetic.SyntheticTaskConfig(num_examples=2000))
+    assert all(re.fullmatch(r"\d[+*]\d=", p) for p in default["prompt"])  # the default: one + or *
     assert set(default["hops"]) == {1} and len(set(default["answer"])) == 10
-    assert len(set(default["prompt"])) > 90  # nearly all of the 100 sums appear
+    assert len(set(default["prompt"])) > 195  # nearly all of the 200 sums and products appear
+    for prompt, answer in zip(default["prompt"], default["answer"]):
+        assert str(_evaluate_expression(prompt)[0]) == answer, prompt
 
     config = synthetic.SyntheticTaskConfig(num_examples=300, min_hops=0, max_hops=4, ops="+-*", seed=3)
     ds = synthetic.synthetic_reasoning_dataset(config)
