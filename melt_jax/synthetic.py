@@ -17,8 +17,8 @@ its later loops within a few CPU minutes, while its first loop (one attention an
 usually learns only part of them (the products with a factor 0 or 5, which depend on one digit or
 its parity, and a scattering of other entries): in 9 of 10 runs (seeds 0-4, 1 and 2 XLA threads) the
 first loop is at 0.12-0.56 and the last at 1.00 or still rising (README, "Embedded default"). With
-additions only, the first loop learned most of the table on some seeds; with multiplications only,
-on one seed of five.
+additions only, the first loop learned most of the table on some seeds (0.70-0.81); with
+multiplications only, it reached 0.72 on one seed of three where the others stayed at 0.4-0.6.
 
 `answer_batch` and `teacher_forced_exact_match` score a model on the answers without decoding: the
 answer is predicted exactly under greedy decoding iff every answer token is the argmax of the logits

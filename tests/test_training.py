@@ -458,7 +458,7 @@ def test_pipeline_config_stages(tmp_path):
 def test_pipeline_on_the_embedded_default(tmp_path):
     """The README's main job as it runs there (`python -m melt_jax.train pipeline`, default settings,
     one CPU device, XLA's usual optimisation; about 4 minutes on 2 cores): the teacher learns the task,
-    its later loops are much more accurate than its first, and the MELT student follows it. The bounds
+    its last loop is at least as accurate as its first, and the MELT student follows it. The bounds
     are those every run of the README's spread table (5 seeds x 1 and 2 XLA threads) meets, since
     another machine's rounding trains another model from the same seed."""
     env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
