@@ -17,8 +17,8 @@ import re
 import sys
 import time
 
-from melt_jax.checkpoint import CheckpointError, NUMPY_DTYPES, check_destination, load_params, save_params
-from melt_jax.config import ConfigError
+from melt_jax.checkpoint import NUMPY_DTYPES, check_destination, load_params, save_params
+from melt_jax.errors import CheckpointError, ConfigError
 
 from .errors import ConversionError
 from .hf_export import DEFAULT_MAX_SHARD_BYTES, save_hf_checkpoint

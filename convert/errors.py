@@ -1,6 +1,6 @@
 """The error type of the converter."""
 
-from melt_jax.checkpoint import CheckpointError
+from melt_jax.errors import CheckpointError
 
 
 class ConversionError(CheckpointError):

@@ -27,7 +27,8 @@ import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
 
-from melt_jax.config import ConfigError, OuroConfig, config_from_json_file
+from melt_jax.config import OuroConfig, config_from_json_file
+from melt_jax.errors import CheckpointError, ConfigError
 from melt_jax.sharding import param_sharding
 
 CONFIG_FILE = "config.json"
@@ -37,10 +38,6 @@ _FORMAT = "melt_jax.params"
 _FORMAT_VERSION = 1
 
 NUMPY_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be read or written: missing or corrupt files, an existing destination."""
 
 
 def numpy_dtype(name: str) -> np.dtype:

@@ -25,8 +25,8 @@ from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
-from melt_jax.cli_generate import USER_ERRORS
-from melt_jax.data import DataError, load_text_dataset, pack_documents, tokenize_dataset
+from melt_jax.data import load_text_dataset, pack_documents, tokenize_dataset
+from melt_jax.errors import DataError, MeltJaxError
 from melt_jax.evaluation import evaluate_dataset
 from melt_jax.sampling import load_model, parse_exit_policy
 from melt_jax.synthetic import answer_batch
@@ -136,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         results = evaluate(args)
-    except USER_ERRORS as e:
+    except MeltJaxError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(results, indent=2) if args.json else report(results))

@@ -18,11 +18,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from melt_jax.checkpoint import CheckpointError
-from melt_jax.config import ConfigError
-from melt_jax.data import DataError
+from melt_jax.errors import DataError, GenerationError, MeltJaxError
 from melt_jax.sampling import (
-    GenerationError,
     GenerationResult,
     SamplingConfig,
     cut_at_stops,
@@ -37,7 +34,6 @@ from melt_jax.tokenizer import Tokenizer, load_tokenizer
 PROG = "melt-generate"
 CHAT_END = "<|im_end|>"
 STREAM_STEPS = 4  # decode steps between two prints when streaming
-USER_ERRORS = (GenerationError, CheckpointError, ConfigError, DataError)
 
 
 def chat_prompt(text: str) -> str:
@@ -171,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         run(args)
-    except USER_ERRORS as e:
+    except MeltJaxError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -15,9 +15,7 @@ from typing import Any, ClassVar
 
 import jax.numpy as jnp
 
-
-class ConfigError(ValueError):
-    """A config field is missing, has the wrong type, or has a value this library cannot run."""
+from melt_jax.errors import ConfigError
 
 
 # float64 needs jax_enable_x64; it serves as a high-precision reference in tests.

@@ -28,12 +28,10 @@ from typing import TYPE_CHECKING, Any
 import datasets
 import numpy as np
 
+from melt_jax.errors import DataError
+
 if TYPE_CHECKING:
     from melt_jax.tokenizer import Tokenizer
-
-
-class DataError(ValueError):
-    """A data source, field, tokenizer or batch setting is missing or has a value that cannot be used."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -95,7 +93,7 @@ def check_text_field(dataset: datasets.Dataset, text_field: str, source: str) ->
 
 
 def _load_synthetic(source: str, split: str, fields: Mapping[str, Any]) -> datasets.Dataset:
-    from melt_jax import synthetic  # synthetic imports DataError from this module
+    from melt_jax import synthetic  # synthetic imports PackedData from this module
 
     if split not in SYNTHETIC_SPLIT_SEEDS:
         raise DataError(

@@ -35,11 +35,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from melt_jax.errors import GenerationError
 from melt_jax.evaluation import token_log_probs
 from melt_jax.exit import ExitPolicy
 from melt_jax.sampling import (
     DEFAULT_BUCKETS,
-    GenerationError,
     SamplingConfig,
     bucket_length,
     check_params,

@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 
 from melt_jax.cache import KVCache, write_rows
-from melt_jax.config import ConfigError, MeltConfig, OuroConfig
+from melt_jax.config import MeltConfig, OuroConfig
+from melt_jax.errors import ConfigError
 from melt_jax.decoding import check_tokens_fit, scan_chunks
 from melt_jax.exit import ExitPolicy
 from melt_jax.layers import (

@@ -42,6 +42,7 @@ from melt_jax.cache import KVCache, init_ouro_cache
 from melt_jax.checkpoint import load_params
 from melt_jax.config import OuroConfig
 from melt_jax.decoding import scan_chunks
+from melt_jax.errors import GenerationError
 from melt_jax.exit import ExitPolicy, select_hidden
 from melt_jax.melt import MeltModel, init_melt_cache
 from melt_jax.ouro import OuroModel
@@ -54,10 +55,6 @@ STOP_SLOTS = 8  # stop-token lists are padded to a multiple of this
 PAD_ID = 0  # prompt padding (any id works: pad positions are never seen by real tokens)
 
 STOP_TOKEN, LENGTH, STOPPED = "stop_token", "length", "stopped"
-
-
-class GenerationError(ValueError):
-    """Generation cannot run on this input: a bad prompt, setting, model or checkpoint."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,6 +24,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from melt_jax.errors import ShardingError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # Logical axis name -> mesh axes (in order of preference; all that divide the dimension are used).
@@ -61,10 +63,6 @@ PARAM_AXES: tuple[tuple[tuple[str, ...], tuple[str | None, ...]], ...] = (
     (("exit_gate", "bias"), (None,)),
     (("lm_head", "kernel"), ("embed", "vocab")),
 )
-
-
-class ShardingError(ValueError):
-    """A mesh that does not fit the devices, or a param without sharding rule."""
 
 
 @dataclasses.dataclass(frozen=True)

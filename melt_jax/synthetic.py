@@ -37,7 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from melt_jax.data import DataError, PackedData
+from melt_jax.data import PackedData
+from melt_jax.errors import DataError
 from melt_jax.evaluation import answer_matches
 from melt_jax.tokenizer import Tokenizer
 

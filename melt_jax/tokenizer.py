@@ -17,7 +17,7 @@ from typing import ClassVar, Protocol
 
 import tokenizers
 
-from melt_jax.data import DataError
+from melt_jax.errors import DataError
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"

@@ -78,3 +78,17 @@ def test_presets():
     assert OuroConfig.preset("ouro-2.6b").num_layers == 48
     with pytest.raises(ConfigError, match="unknown preset"):
         OuroConfig.preset("ouro-99b")
+
+
+def test_every_bad_input_error_derives_from_one_base():
+    """The command lines catch MeltJaxError; every error melt_jax raises for bad input is one."""
+    from melt_jax import errors
+    from melt_jax.convert.errors import ConversionError
+    from melt_jax.train.config import RunConfigError
+    from melt_jax.train.trainer import TrainingError
+
+    for cls in (errors.ConfigError, errors.DataError, errors.CheckpointError, errors.ShardingError,
+                errors.GenerationError, RunConfigError, TrainingError, ConversionError):
+        assert issubclass(cls, errors.MeltJaxError), cls
+    with pytest.raises(errors.MeltJaxError, match="total_ut_steps"):
+        OuroConfig.from_hf_config(_hf(total_ut_steps=0))

@@ -14,16 +14,11 @@ import sys
 
 import jax
 
-from melt_jax.checkpoint import CheckpointError
-from melt_jax.config import ConfigError
-from melt_jax.data import DataError
-from melt_jax.sharding import ShardingError
+from melt_jax.errors import MeltJaxError
 
 from .config import RunConfigError, load_train_config
 from .pipeline import load_pipeline_config, run_pipeline
-from .trainer import TrainingError, run_stage
-
-USER_ERRORS = (RunConfigError, ConfigError, DataError, ShardingError, CheckpointError, TrainingError, FileNotFoundError)
+from .trainer import run_stage
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{args.command}] {result.steps} steps in {result.seconds:.0f} s; model saved to {result.model_dir}")
         print(f"evaluation: {result.evaluation}")
         return 0
-    except USER_ERRORS as e:
+    except (MeltJaxError, FileNotFoundError) as e:
         print(f"melt-train: error: {e}", file=sys.stderr)
         return 2
 

@@ -16,7 +16,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from melt_jax.data import DataError
+from melt_jax.errors import DataError, MeltJaxError
 from melt_jax.sharding import MeshConfig
 from melt_jax.synthetic import SyntheticTaskConfig
 from melt_jax.train.optimizer import OptimizerConfig
@@ -24,7 +24,7 @@ from melt_jax.train.optimizer import OptimizerConfig
 STAGES = ("looplm", "exit_gate", "melt_phase1", "melt_phase2")
 
 
-class RunConfigError(ValueError):
+class RunConfigError(MeltJaxError, ValueError):
     """A bad run config: names the field and what is wrong with it."""
 
 

@@ -29,6 +29,7 @@ from melt_jax import evaluation
 from melt_jax.checkpoint import load_config, load_params, save_params
 from melt_jax.config import OuroConfig, config_from_json_file
 from melt_jax.data import BatchIterator, PackedData, build_train_data, pack_documents, tokenize_dataset
+from melt_jax.errors import MeltJaxError
 from melt_jax.exit import ExitPolicy
 from melt_jax.melt import MeltModel, melt_from_ouro
 from melt_jax.ouro import OuroModel
@@ -60,7 +61,7 @@ from melt_jax.train.optimizer import build_optimizer
 Array = jax.Array
 
 
-class TrainingError(RuntimeError):
+class TrainingError(MeltJaxError, RuntimeError):
     """A run that cannot go on: a non-finite loss, a teacher that does not fit the student."""
 
 
