@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from melt_jax.errors import DataError
 from melt_jax.exit import ExitPolicy, select_hidden
 from melt_jax.losses import target_log_probs
 from melt_jax.melt import MeltModel
@@ -100,6 +101,18 @@ def answer_matches(logits: Array, tokens: Array, answer_mask: Array) -> Array:
     predicted = jnp.argmax(logits[:, : tokens.shape[1] - 1], axis=-1)  # [B, S-1]
     correct = (predicted == tokens[:, 1:]) | (answer_mask[:, 1:] <= 0)  # [B, S-1]
     return jnp.all(correct, axis=1)
+
+
+def teacher_forced_exact_match(logits: Array, batch: Mapping[str, Array | np.ndarray]) -> Array:
+    """Per example, 1.0 if argmax(logits[b, s-1]) == tokens[b, s] at every s where answer_mask is 1,
+    else 0.0: float32 [B]. logits [B, S, V]; batch as made by `synthetic.answer_batch`."""
+    tokens = jnp.asarray(batch["tokens"])  # [B, S]
+    mask = jnp.asarray(batch["answer_mask"])  # [B, S]
+    if logits.ndim != 3 or logits.shape[:2] != tokens.shape:
+        raise DataError(
+            f"logits of shape {logits.shape} do not match tokens of shape {tokens.shape} (expected [B, S, V])"
+        )
+    return answer_matches(logits, tokens, mask).astype(jnp.float32)
 
 
 def loss_sums(

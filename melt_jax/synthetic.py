@@ -20,9 +20,9 @@ first loop is at 0.12-0.56 and the last at 1.00 or still rising (README, "Embedd
 additions only, the first loop learned most of the table on some seeds (0.70-0.81); with
 multiplications only, it reached 0.72 on one seed of three where the others stayed at 0.4-0.6.
 
-`answer_batch` and `teacher_forced_exact_match` score a model on the answers without decoding: the
-answer is predicted exactly under greedy decoding iff every answer token is the argmax of the logits
-at the position before it.
+`answer_batch` makes the rows on which `evaluation.teacher_forced_exact_match` scores a model's
+answers without decoding: the answer is predicted exactly under greedy decoding iff every answer
+token is the argmax of the logits at the position before it.
 """
 
 from __future__ import annotations
@@ -30,16 +30,13 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import string
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import datasets
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from melt_jax.data import PackedData
 from melt_jax.errors import DataError
-from melt_jax.evaluation import answer_matches
 from melt_jax.tokenizer import Tokenizer
 
 OPERATIONS = {
@@ -250,15 +247,3 @@ def pack_answer_examples(tokenizer: Tokenizer, prompts: Sequence[str], answers: 
         loss_mask=padded([r[1] for r in rows], 0.0, np.float32),
         segment_ids=padded([r[2] for r in rows], 0, np.int32),
     )
-
-
-def teacher_forced_exact_match(logits: jax.Array, batch: Mapping[str, jax.Array | np.ndarray]) -> jax.Array:
-    """Per example, 1.0 if argmax(logits[b, s-1]) == tokens[b, s] at every s where answer_mask is 1,
-    else 0.0: float32 [B]. logits [B, S, V]; batch as made by `answer_batch`."""
-    tokens = jnp.asarray(batch["tokens"])  # [B, S]
-    mask = jnp.asarray(batch["answer_mask"])  # [B, S]
-    if logits.ndim != 3 or logits.shape[:2] != tokens.shape:
-        raise DataError(
-            f"logits of shape {logits.shape} do not match tokens of shape {tokens.shape} (expected [B, S, V])"
-        )
-    return answer_matches(logits, tokens, mask).astype(jnp.float32)

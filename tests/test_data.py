@@ -10,7 +10,7 @@ import pytest
 import tokenizers
 
 from melt_jax import data as data_lib
-from melt_jax import synthetic
+from melt_jax import evaluation, synthetic
 from melt_jax.data import BatchIterator, DataError, PackedData, pack_documents
 from melt_jax.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 
@@ -487,20 +487,20 @@ def test_answer_batch_and_teacher_forced_exact_match():
     assert batch["tokens"].dtype == np.int32 and batch["answer_mask"].dtype == np.float32
 
     logits = _one_hot_next_token_logits(batch["tokens"], tok.vocab_size)
-    np.testing.assert_array_equal(synthetic.teacher_forced_exact_match(logits, batch), [1.0, 1.0])
+    np.testing.assert_array_equal(evaluation.teacher_forced_exact_match(logits, batch), [1.0, 1.0])
 
     # Wrong predictions outside the answer do not count ...
     wrong_prompt = logits.copy()
     wrong_prompt[:, 2] = np.eye(tok.vocab_size)[ord("x")]
-    np.testing.assert_array_equal(synthetic.teacher_forced_exact_match(wrong_prompt, batch), [1.0, 1.0])
+    np.testing.assert_array_equal(evaluation.teacher_forced_exact_match(wrong_prompt, batch), [1.0, 1.0])
     # ... one wrong answer token (the second '7' of example 1, predicted at position 12) does.
     wrong_answer = logits.copy()
     wrong_answer[1, 12] = np.eye(tok.vocab_size)[ord("8")]
-    np.testing.assert_array_equal(synthetic.teacher_forced_exact_match(wrong_answer, batch), [1.0, 0.0])
+    np.testing.assert_array_equal(evaluation.teacher_forced_exact_match(wrong_answer, batch), [1.0, 0.0])
     # The first answer token is predicted from the last prompt position.
     wrong_first = logits.copy()
     wrong_first[0, 5] = np.eye(tok.vocab_size)[ord("2")]
-    np.testing.assert_array_equal(synthetic.teacher_forced_exact_match(wrong_first, batch), [0.0, 1.0])
+    np.testing.assert_array_equal(evaluation.teacher_forced_exact_match(wrong_first, batch), [0.0, 1.0])
 
 
 def test_pack_answer_examples_and_zero_hops():
@@ -534,4 +534,4 @@ def test_answer_batch_errors():
         synthetic.answer_batch(tok, ["a=1;a?"], ["1", "2"], seq_len=8)
     batch = synthetic.answer_batch(tok, ["a=1;a?"], ["1"], seq_len=8)
     with pytest.raises(DataError, match="do not match tokens"):
-        synthetic.teacher_forced_exact_match(np.zeros((1, 7, 258), np.float32), batch)
+        evaluation.teacher_forced_exact_match(np.zeros((1, 7, 258), np.float32), batch)
