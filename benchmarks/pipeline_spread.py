@@ -6,8 +6,8 @@ Runs `python -m melt_jax.train pipeline output_dir=DIR/t{threads}_s{seed} train.
 train.progress=false [field=value ...]` for every (seed, thread count), each in a subprocess pinned
 with `taskset` to that many cores: XLA's CPU thread pool takes its size from the cores a process may
 run on, and the thread count changes the order in which reductions add up, so the same seed trains
-a slightly different model. Runs of one thread go two at a time (cores 0 and 1) when the machine has
-two cores; runs of more threads go one at a time. The train seed also draws the training data.
+a slightly different model. Runs of one thread go side by side, one per core this process may use;
+runs of more threads go one at a time. The train seed also draws the training data.
 
 Printed: one row per run (teacher and student accuracy and per-loop accuracy, first-to-last-loop
 gain, accuracy drop, wall time) and min / median / max of each figure, then whether every run meets
@@ -32,14 +32,13 @@ def pipeline_command(out: Path, seed: int, overrides: list[str]) -> list[str]:
             "train.progress=false", *overrides]
 
 
-def start(cores: str, out: Path, seed: int, overrides: list[str]) -> subprocess.Popen:
+def start(cores: list[int], out: Path, seed: int, overrides: list[str]) -> subprocess.Popen:
+    """The pipeline in a subprocess pinned to `cores`, its output in out/pipeline.log."""
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
-    log = open(out / "pipeline.log", "w")
-    process = subprocess.Popen(["taskset", "-c", cores, *pipeline_command(out, seed, overrides)],
-                               stdout=log, stderr=subprocess.STDOUT, env=env)
-    process.started = time.perf_counter()  # type: ignore[attr-defined]
-    return process
+    with open(out / "pipeline.log", "w") as log:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(["taskset", "-c", ",".join(map(str, cores)), *pipeline_command(out, seed, overrides)],
+                                stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
 def result_row(out: Path, threads: int, seed: int, returncode: int, seconds: float) -> dict:
@@ -61,22 +60,23 @@ def result_row(out: Path, threads: int, seed: int, returncode: int, seconds: flo
 
 
 def run_all(seeds: list[int], threads: list[int], root: Path, overrides: list[str]) -> list[dict]:
-    cores_available = len(os.sched_getaffinity(0))
+    cpus = sorted(os.sched_getaffinity(0))
     jobs = [(t, s) for t in threads for s in seeds]
     rows = []
     while jobs:
         threads_now = jobs[0][0]
-        lanes = cores_available // threads_now if threads_now == 1 else 1
-        batch = [job for job in jobs if job[0] == threads_now][:max(lanes, 1)]
+        lanes = len(cpus) if threads_now == 1 else 1
+        batch = [job for job in jobs if job[0] == threads_now][:lanes]
         running = []
+        started = time.perf_counter()
         for lane, (t, s) in enumerate(batch):
-            cores = str(lane) if t == 1 else f"0-{t - 1}"
+            cores = [cpus[lane]] if t == 1 else cpus[:t]
             out = root / f"t{t}_s{s}"
             running.append((t, s, out, start(cores, out, s, overrides)))
             jobs.remove((t, s))
         for t, s, out, process in running:
             process.wait()
-            row = result_row(out, t, s, process.returncode, time.perf_counter() - process.started)
+            row = result_row(out, t, s, process.returncode, time.perf_counter() - started)
             print(format_row(row), flush=True)
             rows.append(row)
     return rows
