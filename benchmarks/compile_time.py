@@ -30,8 +30,8 @@ import time
 
 import jax
 import jax.numpy as jnp
-
 from machine_load import busy_report, cpu_times, machine_line  # noqa: E402
+
 from melt_jax.cache import init_ouro_cache
 from melt_jax.config import OuroConfig
 from melt_jax.decoding import decode_step, forward
@@ -98,22 +98,28 @@ def measure(configs: dict, repeats: int) -> dict:
         for key, kind in order:
             samples[key][kind].append(compile_seconds(kind, configs[key]))
     return {
-        key: {kind: (*(statistics.median(s[i] for s in runs) for i in range(3)), runs[0][3])
-              for kind, runs in by_kind.items()}
+        key: {
+            kind: (*(statistics.median(s[i] for s in runs) for i in range(3)), runs[0][3])
+            for kind, runs in by_kind.items()
+        }
         for key, by_kind in samples.items()
     }
 
 
 def print_table(title: str, name: str, values, results, base) -> None:
     print(f"### {title}\n")
-    print(f"| {name} | lower s | compile s | compile / {name}={base} | compile CPU s | CPU / {name}={base} | "
-          f"lower + compile / {name}={base} | optimised HLO lines |")
+    print(
+        f"| {name} | lower s | compile s | compile / {name}={base} | compile CPU s | CPU / {name}={base} | "
+        f"lower + compile / {name}={base} | optimised HLO lines |"
+    )
     print("|---:|" + "---:|" * 7)
     lower0, comp0, cpu0, _ = results[base]
     for value in values:
         lower, comp, cpu, lines = results[value]
-        print(f"| {value} | {lower:.3f} | {comp:.3f} | {comp / comp0:.2f}x | {cpu:.3f} | {cpu / cpu0:.2f}x | "
-              f"{(lower + comp) / (lower0 + comp0):.2f}x | {lines:,} |")
+        print(
+            f"| {value} | {lower:.3f} | {comp:.3f} | {comp / comp0:.2f}x | {cpu:.3f} | {cpu / cpu0:.2f}x | "
+            f"{(lower + comp) / (lower0 + comp0):.2f}x | {lines:,} |"
+        )
     print()
 
 
@@ -127,13 +133,17 @@ def main() -> None:
         raise SystemExit(f"XLA_FLAGS sets the backend optimisation level ({flags!r}); unset it to measure defaults")
     times_at_start = cpu_times()
     print("## Compile time of the Ouro forward and decode step\n")
-    print(f"{machine_line()}; jax {jax.__version__} ({jax.default_backend()}); XLA_FLAGS={flags!r}; "
-          f"persistent compilation cache: {jax.config.jax_compilation_cache_dir!r}")
-    print(f"config: hidden_size={BASE['hidden_size']}, num_attention_heads={BASE['num_attention_heads']}, "
-          f"num_key_value_heads={BASE['num_key_value_heads']}, head_dim={BASE['head_dim']}, "
-          f"intermediate_size={BASE['intermediate_size']}, vocab_size={BASE['vocab_size']}, float32; "
-          f"forward on [{BATCH}, {FORWARD_LEN}] tokens, decode step on [{BATCH}] with a {CACHE_LEN}-position cache, "
-          f"exit policy last loop; medians of {args.repeats} fresh compiles; 'total' = lower + compile\n")
+    print(
+        f"{machine_line()}; jax {jax.__version__} ({jax.default_backend()}); XLA_FLAGS={flags!r}; "
+        f"persistent compilation cache: {jax.config.jax_compilation_cache_dir!r}"
+    )
+    print(
+        f"config: hidden_size={BASE['hidden_size']}, num_attention_heads={BASE['num_attention_heads']}, "
+        f"num_key_value_heads={BASE['num_key_value_heads']}, head_dim={BASE['head_dim']}, "
+        f"intermediate_size={BASE['intermediate_size']}, vocab_size={BASE['vocab_size']}, float32; "
+        f"forward on [{BATCH}, {FORWARD_LEN}] tokens, decode step on [{BATCH}] with a {CACHE_LEN}-position cache, "
+        f"exit policy last loop; medians of {args.repeats} fresh compiles; 'total' = lower + compile\n"
+    )
 
     configs = {
         (loops, layers): OuroConfig(**BASE, num_hidden_layers=layers, total_ut_steps=loops)
@@ -141,20 +151,34 @@ def main() -> None:
     }
     results = measure(configs, args.repeats)
 
-    for kind, label in (("forward", f"forward, tokens [{BATCH}, {FORWARD_LEN}]"),
-                        ("decode", f"decode step, cache of {CACHE_LEN}")):
-        print_table(f"{label}, against the number of loops T (L = 4)", "T", LOOPS,
-                    {t: results[t, 4][kind] for t in LOOPS}, base=1)
-        print_table(f"{label}, against the number of layers L (T = 4)", "L", LAYERS,
-                    {l: results[4, l][kind] for l in LAYERS}, base=1)
+    for kind, label in (
+        ("forward", f"forward, tokens [{BATCH}, {FORWARD_LEN}]"),
+        ("decode", f"decode step, cache of {CACHE_LEN}"),
+    ):
+        print_table(
+            f"{label}, against the number of loops T (L = 4)",
+            "T",
+            LOOPS,
+            {t: results[t, 4][kind] for t in LOOPS},
+            base=1,
+        )
+        print_table(
+            f"{label}, against the number of layers L (T = 4)",
+            "L",
+            LAYERS,
+            {l: results[4, l][kind] for l in LAYERS},
+            base=1,
+        )
 
     for kind in ("forward", "decode"):
         ratio = results[8, 4][kind][1] / results[1, 4][kind][1]
         cpu = results[8, 4][kind][2] / results[1, 4][kind][2]
         total = sum(results[8, 4][kind][:2]) / sum(results[1, 4][kind][:2])
         verdict = "meets" if ratio <= TARGET else "misses"
-        print(f"Target {kind}: T=8 compile within {TARGET}x of T=1: {ratio:.2f}x wall ({verdict} it); "
-              f"{cpu:.2f}x CPU time; lower + compile {total:.2f}x wall.")
+        print(
+            f"Target {kind}: T=8 compile within {TARGET}x of T=1: {ratio:.2f}x wall ({verdict} it); "
+            f"{cpu:.2f}x CPU time; lower + compile {total:.2f}x wall."
+        )
     print(f"\n{busy_report(times_at_start)}")
 
 

@@ -76,7 +76,9 @@ def write_synthetic_checkpoint(folder: Path, config: OuroConfig) -> int:
             out[k : k + m] = rolled[:m]
         return out.reshape(shape)
 
-    write_safetensors(folder / "model.safetensors", [(t.name, shapes[t.name]) for t in plan], "bfloat16", fetch, {"format": "pt"})
+    write_safetensors(
+        folder / "model.safetensors", [(t.name, shapes[t.name]) for t in plan], "bfloat16", fetch, {"format": "pt"}
+    )
     return (folder / "model.safetensors").stat().st_size
 
 
@@ -107,23 +109,34 @@ def main() -> None:
     try:
         t0 = time.perf_counter()
         hf_bytes = write_synthetic_checkpoint(work / "hf", config)
-        print(f"synthetic {args.preset} (L={config.num_hidden_layers}) bf16 checkpoint: {num_params:,} parameters, "
-              f"{hf_bytes / GB:.2f} GB, written in {time.perf_counter() - t0:.0f} s")
+        print(
+            f"synthetic {args.preset} (L={config.num_hidden_layers}) bf16 checkpoint: {num_params:,} parameters, "
+            f"{hf_bytes / GB:.2f} GB, written in {time.perf_counter() - t0:.0f} s"
+        )
 
         base_rss, _ = run_child(["-c", "import melt_jax.convert.cli, melt_jax.checkpoint, orbax.checkpoint, jax"])
         print(f"baseline (python + jax + orbax + converter imported): peak RSS {base_rss / GB:.2f} GB")
 
         params_bytes = num_params * NUMPY_DTYPES[args.dtype].itemsize
-        rss, seconds = run_child(["-m", "melt_jax.convert", "import", str(work / "hf"), str(work / "ckpt"), "--dtype", args.dtype])
-        print(f"import -> {args.dtype} orbax: peak RSS {rss / GB:.2f} GB for {params_bytes / GB:.2f} GB of params "
-              f"(ratio {rss / params_bytes:.2f}; {(rss - base_rss) / params_bytes:.2f} above baseline), "
-              f"checkpoint {hf_bytes / GB:.2f} GB -> orbax {dir_size(work / 'ckpt') / GB:.2f} GB, {seconds:.0f} s")
+        rss, seconds = run_child(
+            ["-m", "melt_jax.convert", "import", str(work / "hf"), str(work / "ckpt"), "--dtype", args.dtype]
+        )
+        print(
+            f"import -> {args.dtype} orbax: peak RSS {rss / GB:.2f} GB for {params_bytes / GB:.2f} GB of params "
+            f"(ratio {rss / params_bytes:.2f}; {(rss - base_rss) / params_bytes:.2f} above baseline), "
+            f"checkpoint {hf_bytes / GB:.2f} GB -> orbax {dir_size(work / 'ckpt') / GB:.2f} GB, {seconds:.0f} s"
+        )
 
-        rss, seconds = run_child(["-m", "melt_jax.convert", "export", str(work / "ckpt"), str(work / "out"), "--dtype", "bfloat16"])
+        rss, seconds = run_child(
+            ["-m", "melt_jax.convert", "export", str(work / "ckpt"), str(work / "out"), "--dtype", "bfloat16"]
+        )
         out_bytes = dir_size(work / "out")
-        print(f"export {args.dtype} orbax -> bf16 HF: peak RSS {rss / GB:.2f} GB for {params_bytes / GB:.2f} GB of params "
-              f"(ratio {rss / params_bytes:.2f}; {(rss - base_rss) / params_bytes:.2f} above baseline), "
-              f"{out_bytes / GB:.2f} GB written, {seconds:.0f} s")
+        print(
+            f"export {args.dtype} orbax -> bf16 HF: peak RSS {rss / GB:.2f} GB "
+            f"for {params_bytes / GB:.2f} GB of params "
+            f"(ratio {rss / params_bytes:.2f}; {(rss - base_rss) / params_bytes:.2f} above baseline), "
+            f"{out_bytes / GB:.2f} GB written, {seconds:.0f} s"
+        )
     finally:
         if args.keep:
             print(f"files kept in {work}")

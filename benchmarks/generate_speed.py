@@ -45,11 +45,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import jax  # noqa: E402
 import torch  # noqa: E402
 from hf_fixtures import random_ouro_state_dict, write_hf_checkpoint  # noqa: E402
+from machine_load import busy_report, cpu_times, machine_line, usable_cores  # noqa: E402
+from ouro_speed import HF_CONFIG  # noqa: E402  (the same model as the Ouro speed benchmark)
 from torch_melt_reference import MeltReference, gate_names, random_melt_gates  # noqa: E402
 from torch_reference import OuroReference  # noqa: E402
 
-from machine_load import busy_report, cpu_times, machine_line, usable_cores  # noqa: E402
-from ouro_speed import HF_CONFIG  # noqa: E402  (the same model as the Ouro speed benchmark)
 from melt_jax.cache import kv_cache_bytes  # noqa: E402
 from melt_jax.config import MeltConfig, OuroConfig  # noqa: E402
 from melt_jax.convert import load_hf_checkpoint  # noqa: E402
@@ -83,7 +83,9 @@ def load_generators(names=IMPLEMENTATIONS) -> dict:
         write_hf_checkpoint(folder, HF_CONFIG, state_dict)
         config, params = load_hf_checkpoint(folder, dtype="float32")
     layers = range(config.num_layers)
-    kv_gate = {name: np.stack([gates[gate_names(i)[j]] for i in layers]) for j, name in enumerate(("w_z", "u_z", "b_z"))}
+    kv_gate = {
+        name: np.stack([gates[gate_names(i)[j]] for i in layers]) for j, name in enumerate(("w_z", "u_z", "b_z"))
+    }
     melt_params = dict(params, layers=dict(params["layers"], kv_gate=kv_gate))
     torch_state = {k: torch.from_numpy(v) for k, v in state_dict.items()}
     builders = {
@@ -201,7 +203,10 @@ def bench_memory() -> dict:
     for batch in BATCHES:
         for name in IMPLEMENTATIONS:
             done = subprocess.run(
-                [sys.executable, __file__, "--memory-worker", name, str(batch)], capture_output=True, text=True, check=True
+                [sys.executable, __file__, "--memory-worker", name, str(batch)],
+                capture_output=True,
+                text=True,
+                check=True,
             )
             results[name, batch] = json.loads(done.stdout.strip().splitlines()[-1])
     return results
@@ -216,13 +221,17 @@ def print_long_context(long: dict) -> None:
     print("|---:|---:|---:|---:|---:|---:|")
     for batch, tps in long.items():
         sizes = [kv_cache_bytes(CONFIGS[m], batch, LONG_PROMPT + N_NEW) / 2**20 for m in ("ouro", "melt")]
-        print(f"| {batch} | {tps['jax-ouro']:,.0f} | {tps['jax-melt']:,.0f} | {tps['jax-melt'] / tps['jax-ouro']:.2f}x | "
-              f"{sizes[0]:,.0f} MB | {sizes[1]:,.0f} MB |")
+        print(
+            f"| {batch} | {tps['jax-ouro']:,.0f} | {tps['jax-melt']:,.0f} | {tps['jax-melt'] / tps['jax-ouro']:.2f}x | "
+            f"{sizes[0]:,.0f} MB | {sizes[1]:,.0f} MB |"
+        )
 
 
 def print_report(speed: dict, memory: dict) -> None:
-    print("| model | batch | melt_jax tokens/s | PyTorch eager tokens/s | melt_jax / eager | "
-          "melt_jax peak RSS (added) | eager peak RSS (added) | KV cache | same tokens |")
+    print(
+        "| model | batch | melt_jax tokens/s | PyTorch eager tokens/s | melt_jax / eager | "
+        "melt_jax peak RSS (added) | eager peak RSS (added) | KV cache | same tokens |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     mb = lambda n: f"{n / 2**20:,.0f} MB"  # noqa: E731
     for batch in BATCHES:
@@ -231,9 +240,11 @@ def print_report(speed: dict, memory: dict) -> None:
             jm, pm = memory[f"jax-{model}", batch], memory[f"torch-{model}", batch]
             cache = kv_cache_bytes(CONFIGS[model], batch, N_PROMPT + N_NEW)
             same = float(np.mean(jx["tokens"] == pt["tokens"]))
-            print(f"| {'MELT' if model == 'melt' else 'Ouro'} | {batch} | {jx['tps']:,.0f} | {pt['tps']:,.0f} | "
-                  f"{jx['tps'] / pt['tps']:.2f}x | {mb(jm['peak'])} ({mb(jm['added'])}) | "
-                  f"{mb(pm['peak'])} ({mb(pm['added'])}) | {cache / 2**20:.2f} MB | {100 * same:.0f}% |")
+            print(
+                f"| {'MELT' if model == 'melt' else 'Ouro'} | {batch} | {jx['tps']:,.0f} | {pt['tps']:,.0f} | "
+                f"{jx['tps'] / pt['tps']:.2f}x | {mb(jm['peak'])} ({mb(jm['added'])}) | "
+                f"{mb(pm['peak'])} ({mb(pm['added'])}) | {cache / 2**20:.2f} MB | {100 * same:.0f}% |"
+            )
     print()
     for batch in BATCHES:
         melt, ouro = speed["jax-melt", batch]["tps"], speed["jax-ouro", batch]["tps"]
@@ -241,10 +252,12 @@ def print_report(speed: dict, memory: dict) -> None:
     ouro_ratio = speed["jax-ouro", 1]["tps"] / speed["torch-ouro", 1]["tps"]
     melt_ratio = speed["jax-melt", 1]["tps"] / speed["torch-melt", 1]["tps"]
     melt_vs_ouro = speed["jax-melt", 1]["tps"] / speed["jax-ouro", 1]["tps"]
-    print(f"Targets at batch 1: MELT decode no slower than Ouro ({melt_vs_ouro:.2f}x: "
-          f"{'met' if melt_vs_ouro >= 1 else 'missed'}); >= {TARGET_RATIO:.0f}x the eager reference "
-          f"(Ouro {ouro_ratio:.2f}x, MELT {melt_ratio:.2f}x: "
-          f"{'met' if min(ouro_ratio, melt_ratio) >= TARGET_RATIO else 'missed'}).")
+    print(
+        f"Targets at batch 1: MELT decode no slower than Ouro ({melt_vs_ouro:.2f}x: "
+        f"{'met' if melt_vs_ouro >= 1 else 'missed'}); >= {TARGET_RATIO:.0f}x the eager reference "
+        f"(Ouro {ouro_ratio:.2f}x, MELT {melt_ratio:.2f}x: "
+        f"{'met' if min(ouro_ratio, melt_ratio) >= TARGET_RATIO else 'missed'})."
+    )
 
 
 def main() -> None:
@@ -260,9 +273,11 @@ def main() -> None:
     torch.set_num_threads(usable_cores())
     print("## Generation: melt_jax sampler (jit) vs PyTorch reference (eager), CPU\n")
     print(f"{machine_line()}; jax {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads)")
-    print(f"model: H={HF_CONFIG['hidden_size']}, L={HF_CONFIG['num_hidden_layers']}, T={HF_CONFIG['total_ut_steps']}, "
-          f"V={HF_CONFIG['vocab_size']}, float32; greedy, {N_NEW} new tokens after {N_PROMPT}; "
-          f"{args.repeats} repeats, medians\n")
+    print(
+        f"model: H={HF_CONFIG['hidden_size']}, L={HF_CONFIG['num_hidden_layers']}, T={HF_CONFIG['total_ut_steps']}, "
+        f"V={HF_CONFIG['vocab_size']}, float32; greedy, {N_NEW} new tokens after {N_PROMPT}; "
+        f"{args.repeats} repeats, medians\n"
+    )
     generators = load_generators()
     speed = bench_speed(generators, args.repeats)
     long = bench_long_context({name: generators[name] for name in ("jax-ouro", "jax-melt")}, args.repeats)

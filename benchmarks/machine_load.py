@@ -13,8 +13,10 @@ def usable_cores() -> int:
 
 def machine_line() -> str:
     """'machine: <cpu>, <n> usable cores, load average at start <l>' for a benchmark's header."""
-    return (f"machine: {platform.processor() or platform.machine()}, {usable_cores()} usable cores, "
-            f"load average at start {os.getloadavg()[0]:.2f}")
+    return (
+        f"machine: {platform.processor() or platform.machine()}, {usable_cores()} usable cores, "
+        f"load average at start {os.getloadavg()[0]:.2f}"
+    )
 
 
 def cpu_times() -> list[int] | None:
@@ -35,5 +37,7 @@ def busy_report(start: list[int] | None) -> str:
     delta = [b - a for a, b in zip(start, end)]
     total = sum(delta[:8]) or 1
     busy = total - delta[3] - delta[4]
-    return (f"machine during the run: {100 * busy / total:.0f}% of CPU time busy (all processes), "
-            f"{100 * delta[7] / total:.1f}% stolen by the hypervisor; load average now {os.getloadavg()[0]:.2f}")
+    return (
+        f"machine during the run: {100 * busy / total:.0f}% of CPU time busy (all processes), "
+        f"{100 * delta[7] / total:.1f}% stolen by the hypervisor; load average now {os.getloadavg()[0]:.2f}"
+    )

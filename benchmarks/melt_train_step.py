@@ -54,6 +54,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from machine_load import busy_report, cpu_times, machine_line
+
+from melt_jax.config import OuroConfig
+from melt_jax.melt import MeltModel, melt_from_ouro
+from melt_jax.ouro import OuroModel
+from melt_jax.params import init_params
 from melt_jax.train.objectives import (
     Distillation,
     linear_alpha,
@@ -63,11 +68,6 @@ from melt_jax.train.objectives import (
 )
 from melt_jax.train.optimizer import OptimizerConfig, build_optimizer
 from melt_jax.train.trainer import TrainState, train_step
-
-from melt_jax.config import OuroConfig
-from melt_jax.melt import MeltModel, melt_from_ouro
-from melt_jax.ouro import OuroModel
-from melt_jax.params import init_params
 
 BETA = 0.1  # looplm: weight of the exit entropy (TrainConfig.beta)
 ALIGN_BETA = 0.1  # phase 2: weight of the attention alignment (TrainConfig.align_beta)
@@ -182,7 +182,12 @@ def time_step(loss_fn, host_params, teacher_params, batch, step_number, repeats:
     """Compile one training step, then time it: see the module docstring for what is measured."""
     params = device_copy(host_params)
     optimizer = build_optimizer(OptimizerConfig(), params, TOTAL_STEPS)
-    state = TrainState(step=jnp.array(step_number, copy=True), params=params, opt_state=optimizer.init(params), rng=jax.random.PRNGKey(0))
+    state = TrainState(
+        step=jnp.array(step_number, copy=True),
+        params=params,
+        opt_state=optimizer.init(params),
+        rng=jax.random.PRNGKey(0),
+    )
     step = jax.jit(functools.partial(train_step, loss_fn, optimizer), donate_argnums=0)
 
     start = time.perf_counter()
@@ -202,8 +207,15 @@ def time_step(loss_fn, host_params, teacher_params, batch, step_number, repeats:
     loss = float(metrics["loss"])
     if not np.isfinite(loss):
         raise RuntimeError(f"the loss is {loss}")
-    return {"compile_s": compile_s, "step_s": statistics.median(times), "times": times, "xla_flops": xla_flops,
-            "dot_flops": dot_flops, "unknown_loops": unknown_loops, "loss": loss}
+    return {
+        "compile_s": compile_s,
+        "step_s": statistics.median(times),
+        "times": times,
+        "xla_flops": xla_flops,
+        "dot_flops": dot_flops,
+        "unknown_loops": unknown_loops,
+        "loss": loss,
+    }
 
 
 def time_optimizer_update(host_params, repeats: int) -> float:
@@ -241,14 +253,24 @@ def main() -> None:
 
     times_at_start = cpu_times()
     print("## One training step: LoopLM Stage I (Ouro) vs MELT distillation (two-pass, sequential)\n")
-    print(f"{machine_line()}; jax {jax.__version__} ({jax.default_backend()}, "
-          f"{len(jax.devices())} device(s)); XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+    print(
+        f"{machine_line()}; jax {jax.__version__} ({jax.default_backend()}, "
+        f"{len(jax.devices())} device(s)); XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
+    )
 
     peak_before = matmul_peak(args.peak_n)
 
     ouro_config = OuroConfig.preset(
-        "tiny", hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=4, head_dim=64, vocab_size=1024, total_ut_steps=4, max_position_embeddings=4096,
+        "tiny",
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        head_dim=64,
+        vocab_size=1024,
+        total_ut_steps=4,
+        max_position_embeddings=4096,
     )
     ouro = OuroModel(ouro_config)
     ouro_params = jax.device_get(init_params(ouro, jax.random.key(0)))
@@ -260,11 +282,13 @@ def main() -> None:
     n_tokens = int(tokens.size)
     n_ouro = sum(x.size for x in jax.tree.leaves(ouro_params))
     n_melt = sum(x.size for x in jax.tree.leaves(melt_params))
-    print(f"config: H={ouro_config.hidden_size}, L={ouro_config.num_hidden_layers}, T={ouro_config.total_ut_steps}, "
-          f"{ouro_config.num_attention_heads} heads of {ouro_config.head_dim} ({ouro_config.num_key_value_heads} kv), "
-          f"I={ouro_config.intermediate_size}, V={ouro_config.vocab_size}, S={args.seq}, C={args.chunk}, batch 1, "
-          f"float32; {n_ouro / 1e6:.2f}M params (Ouro), {n_melt / 1e6:.2f}M (MELT: + gates); "
-          f"optimizer: build_optimizer(OptimizerConfig()) (clip 1.0, AdamW); median of {args.repeats} steps\n")
+    print(
+        f"config: H={ouro_config.hidden_size}, L={ouro_config.num_hidden_layers}, T={ouro_config.total_ut_steps}, "
+        f"{ouro_config.num_attention_heads} heads of {ouro_config.head_dim} ({ouro_config.num_key_value_heads} kv), "
+        f"I={ouro_config.intermediate_size}, V={ouro_config.vocab_size}, S={args.seq}, C={args.chunk}, batch 1, "
+        f"float32; {n_ouro / 1e6:.2f}M params (Ouro), {n_melt / 1e6:.2f}M (MELT: + gates); "
+        f"optimizer: build_optimizer(OptimizerConfig()) (clip 1.0, AdamW); median of {args.repeats} steps\n"
+    )
 
     def looplm(p, t, batch, step):
         return looplm_loss(ouro, p, batch, BETA)
@@ -286,35 +310,49 @@ def main() -> None:
     for name, (loss_fn, params, teacher) in steps.items():
         results[name] = time_step(loss_fn, params, teacher, batch, step_number, args.repeats)
         r = results[name]
-        print(f"  {name}: compile {r['compile_s']:.1f} s, steps {', '.join(f'{t:.3f}' for t in r['times'])} s, "
-              f"loss {r['loss']:.4f}", flush=True)
+        print(
+            f"  {name}: compile {r['compile_s']:.1f} s, steps {', '.join(f'{t:.3f}' for t in r['times'])} s, "
+            f"loss {r['loss']:.4f}",
+            flush=True,
+        )
     optimizer_s = time_optimizer_update(melt_params, args.repeats)
     peak_after = matmul_peak(args.peak_n)
     peak = max(peak_before, peak_after)
 
     base = results["LoopLM Stage I (Ouro)"]
-    print(f"\nmatmul peak: float32 [{args.peak_n}, {args.peak_n}] @ [{args.peak_n}, {args.peak_n}], best of 7: "
-          f"{peak_before / 1e9:.1f} GFLOP/s before the steps, {peak_after / 1e9:.1f} after; "
-          f"peak = {peak / 1e9:.1f} GFLOP/s\n")
-    print(f"H={ouro_config.hidden_size}, L={ouro_config.num_hidden_layers}, T={ouro_config.total_ut_steps}, "
-          f"S={args.seq}, C={args.chunk}, batch 1, float32, {jax.default_backend()}, median of {args.repeats}\n")
-    print("| step | compile (s) | step (s) | tokens/s | XLA GFLOP | matmul GFLOP | GFLOP/s | % of peak | time vs Ouro | matmul FLOPs vs Ouro |")
+    print(
+        f"\nmatmul peak: float32 [{args.peak_n}, {args.peak_n}] @ [{args.peak_n}, {args.peak_n}], best of 7: "
+        f"{peak_before / 1e9:.1f} GFLOP/s before the steps, {peak_after / 1e9:.1f} after; "
+        f"peak = {peak / 1e9:.1f} GFLOP/s\n"
+    )
+    print(
+        f"H={ouro_config.hidden_size}, L={ouro_config.num_hidden_layers}, T={ouro_config.total_ut_steps}, "
+        f"S={args.seq}, C={args.chunk}, batch 1, float32, {jax.default_backend()}, median of {args.repeats}\n"
+    )
+    print(
+        "| step | compile (s) | step (s) | tokens/s | XLA GFLOP | matmul GFLOP | GFLOP/s | % of peak "
+        "| time vs Ouro | matmul FLOPs vs Ouro |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, r in results.items():
         xla = "n/a" if r["xla_flops"] is None else f"{r['xla_flops'] / 1e9:.1f}"
         rate = r["dot_flops"] / r["step_s"]
-        print(f"| {name} | {r['compile_s']:.1f} | {r['step_s']:.3f} | {n_tokens / r['step_s']:,.0f} | {xla} | "
-              f"{r['dot_flops'] / 1e9:.1f} | {rate / 1e9:.1f} | {100 * rate / peak:.0f}% | "
-              f"{r['step_s'] / base['step_s']:.2f}x | {r['dot_flops'] / base['dot_flops']:.2f}x |")
+        print(
+            f"| {name} | {r['compile_s']:.1f} | {r['step_s']:.3f} | {n_tokens / r['step_s']:,.0f} | {xla} | "
+            f"{r['dot_flops'] / 1e9:.1f} | {rate / 1e9:.1f} | {100 * rate / peak:.0f}% | "
+            f"{r['step_s'] / base['step_s']:.2f}x | {r['dot_flops'] / base['dot_flops']:.2f}x |"
+        )
     print()
     if any(r["xla_flops"] is None for r in results.values()):
         print("XLA's cost_analysis() gave no FLOPs on this backend (n/a).")
     unknown = {name: r["unknown_loops"] for name, r in results.items() if r["unknown_loops"]}
     if unknown:
         print(f"while loops without a known trip count (counted once in matmul GFLOP): {json.dumps(unknown)}")
-    print(f"XLA GFLOP counts each while-loop body once; matmul GFLOP multiplies by the loops' trip counts. "
-          f"The optimizer update alone (clip + AdamW + apply, {n_melt / 1e6:.2f}M params) takes "
-          f"{1e3 * optimizer_s:.1f} ms ({100 * optimizer_s / base['step_s']:.1f}% of Ouro's step).")
+    print(
+        f"XLA GFLOP counts each while-loop body once; matmul GFLOP multiplies by the loops' trip counts. "
+        f"The optimizer update alone (clip + AdamW + apply, {n_melt / 1e6:.2f}M params) takes "
+        f"{1e3 * optimizer_s:.1f} ms ({100 * optimizer_s / base['step_s']:.1f}% of Ouro's step)."
+    )
     print(f"\n{busy_report(times_at_start)}")
 
 

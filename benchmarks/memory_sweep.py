@@ -53,8 +53,16 @@ def measure(kind: str, loops: int, length: int) -> dict:
     weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
     kv = cache.k.size * cache.k.dtype.itemsize + cache.v.size * cache.v.dtype.itemsize
     resident = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
-    return dict(kind=kind, loops=loops, length=length, weights=weights, kv=kv, temp=mem.temp_size_in_bytes,
-                total=resident, compile_s=seconds)
+    return dict(
+        kind=kind,
+        loops=loops,
+        length=length,
+        weights=weights,
+        kv=kv,
+        temp=mem.temp_size_in_bytes,
+        total=resident,
+        compile_s=seconds,
+    )
 
 
 def main():
@@ -73,15 +81,19 @@ def main():
     print("|---|---|---|---|---|---|---|")
     for r in by_loops:
         name = "Ouro-1.4B" if r["kind"] == "ouro" else "MELT-1.6B"
-        print(f"| {name} | {r['loops']} | {r['kv'] / GB:.2f} | {r['kv'] // r['length']:,} | {r['weights'] / GB:.2f} "
-              f"| {r['total'] / GB:.2f} | {r['temp'] / GB:.2f} |")
+        print(
+            f"| {name} | {r['loops']} | {r['kv'] / GB:.2f} | {r['kv'] // r['length']:,} | {r['weights'] / GB:.2f} "
+            f"| {r['total'] / GB:.2f} | {r['temp'] / GB:.2f} |"
+        )
     print("\nDecode step, batch 1, bf16, T = 4, against the cache length (GB):\n")
     print("| model | tokens | KV cache | weights | resident total | CPU temporaries |")
     print("|---|---|---|---|---|---|")
     for r in by_length:
         name = "Ouro-1.4B" if r["kind"] == "ouro" else "MELT-1.6B"
-        print(f"| {name} | {r['length']:,} | {r['kv'] / GB:.2f} | {r['weights'] / GB:.2f} | {r['total'] / GB:.2f} "
-              f"| {r['temp'] / GB:.2f} |")
+        print(
+            f"| {name} | {r['length']:,} | {r['kv'] / GB:.2f} | {r['weights'] / GB:.2f} | {r['total'] / GB:.2f} "
+            f"| {r['temp'] / GB:.2f} |"
+        )
 
     import matplotlib
 

@@ -47,9 +47,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import torch  # noqa: E402
 from hf_fixtures import random_ouro_state_dict, tiny_hf_config, write_hf_checkpoint  # noqa: E402
+from machine_load import busy_report, cpu_times, machine_line, usable_cores  # noqa: E402
 from torch_reference import OuroReference  # noqa: E402
 
-from machine_load import busy_report, cpu_times, machine_line, usable_cores  # noqa: E402
 from melt_jax.cache import init_ouro_cache  # noqa: E402
 from melt_jax.convert import load_hf_checkpoint  # noqa: E402
 from melt_jax.decoding import decode_step, forward, prefill  # noqa: E402
@@ -129,7 +129,9 @@ class Jax:
 
 class Torch:
     def __init__(self, state_dict: dict[str, np.ndarray]):
-        self.ref = OuroReference(HF_CONFIG, {k: torch.from_numpy(v) for k, v in state_dict.items()}, dtype=torch.float32)
+        self.ref = OuroReference(
+            HF_CONFIG, {k: torch.from_numpy(v) for k, v in state_dict.items()}, dtype=torch.float32
+        )
 
     def forward(self, tokens: np.ndarray) -> tuple[float, torch.Tensor]:
         ids = torch.from_numpy(tokens)
@@ -173,11 +175,17 @@ def bench_forward(jx: Jax, pt: Torch, repeats: int) -> list[dict]:
             jax_s.append(jx.forward(tokens)[0])
             torch_s.append(pt.forward(tokens)[0])
         n = batch * FORWARD_LEN
-        rows.append(dict(
-            what=f"forward S={FORWARD_LEN}", batch=batch,
-            jax_ms=median_ms(jax_s), torch_ms=median_ms(torch_s),
-            jax_tps=n / statistics.median(jax_s), torch_tps=n / statistics.median(torch_s), diff=diff,
-        ))
+        rows.append(
+            dict(
+                what=f"forward S={FORWARD_LEN}",
+                batch=batch,
+                jax_ms=median_ms(jax_s),
+                torch_ms=median_ms(torch_s),
+                jax_tps=n / statistics.median(jax_s),
+                torch_tps=n / statistics.median(torch_s),
+                diff=diff,
+            )
+        )
     return rows
 
 
@@ -201,12 +209,19 @@ def bench_decode(jx: Jax, pt: Torch, repeats: int) -> list[dict]:
             torch_s.append(steps)
             torch_pre.append(pre)
         n = batch * N_DECODE
-        rows.append(dict(
-            what=f"decode {N_DECODE} steps after {N_PREFILL}", batch=batch,
-            jax_ms=median_ms(jax_s) / N_DECODE, torch_ms=median_ms(torch_s) / N_DECODE,
-            jax_tps=n / statistics.median(jax_s), torch_tps=n / statistics.median(torch_s), diff=diff,
-            jax_prefill_ms=median_ms(jax_pre), torch_prefill_ms=median_ms(torch_pre),
-        ))
+        rows.append(
+            dict(
+                what=f"decode {N_DECODE} steps after {N_PREFILL}",
+                batch=batch,
+                jax_ms=median_ms(jax_s) / N_DECODE,
+                torch_ms=median_ms(torch_s) / N_DECODE,
+                jax_tps=n / statistics.median(jax_s),
+                torch_tps=n / statistics.median(torch_s),
+                diff=diff,
+                jax_prefill_ms=median_ms(jax_pre),
+                torch_prefill_ms=median_ms(torch_pre),
+            )
+        )
     return rows
 
 
@@ -221,10 +236,16 @@ def print_table(rows: list[dict]) -> None:
             f"{r['diff']:.1e} |"
         )
     print()
-    print("Times are medians; 'ms /step' is the time of one decode step (all B rows). Prefill of "
-          f"{N_PREFILL} tokens (not in the decode figures): "
-          + ", ".join(f"B={r['batch']}: JAX {r['jax_prefill_ms']:.1f} ms, PyTorch {r['torch_prefill_ms']:.1f} ms"
-                      for r in rows if "jax_prefill_ms" in r) + ".")
+    print(
+        "Times are medians; 'ms /step' is the time of one decode step (all B rows). Prefill of "
+        f"{N_PREFILL} tokens (not in the decode figures): "
+        + ", ".join(
+            f"B={r['batch']}: JAX {r['jax_prefill_ms']:.1f} ms, PyTorch {r['torch_prefill_ms']:.1f} ms"
+            for r in rows
+            if "jax_prefill_ms" in r
+        )
+        + "."
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -308,8 +329,11 @@ def profile_decode(jx: Jax, repeats: int) -> None:
             print(f"| {batch} | {s_max} | {1e3 * times['library']:.2f} |")
     for batch in DECODE_BATCHES:
         slope = 1e3 * (library_ms[batch, 2560] - library_ms[batch, 160]) / (2560 - 160)
-        print(f"\nbatch {batch}: library step time grows by {slope:.2f} us per cache position "
-              f"({slope / batch:.2f} us per position and row).", end="")
+        print(
+            f"\nbatch {batch}: library step time grows by {slope:.2f} us per cache position "
+            f"({slope / batch:.2f} us per position and row).",
+            end="",
+        )
     print()
 
     # 2. Where the time of one step at batch 1, S_max = 160 goes.
@@ -332,17 +356,21 @@ def profile_decode(jx: Jax, repeats: int) -> None:
     times = time_round_robin(
         {
             "decode_step": step_at(model, params, init_ouro_cache(config, batch, s_max), 64),
-            "forward of the same token without a cache (same layers; no cache write, attends to itself only)":
-                lambda: forward(model, params, one_token, exit_policy=POLICY).logits,
-            "its weight matmuls alone (q, k, v, o, gate, up, down x T*L, LM head; same scans)":
-                lambda: matmuls(params, x),
+            "forward of the same token without a cache (same layers; no cache write, attends to itself only)": lambda: (
+                forward(model, params, one_token, exit_policy=POLICY).logits
+            ),
+            "its weight matmuls alone (q, k, v, o, gate, up, down x T*L, LM head; same scans)": lambda: matmuls(
+                params, x
+            ),
             "jit dispatch of decode_step's arguments, no work": dispatch_only,
         },
         calls=20,
         repeats=repeats,
     )
-    print(f"\nParts of one decode step at batch {batch}, S_max = {s_max}, positions 64..79 (median ms per call; "
-          f"measured round-robin):\n")
+    print(
+        f"\nParts of one decode step at batch {batch}, S_max = {s_max}, positions 64..79 (median ms per call; "
+        f"measured round-robin):\n"
+    )
     print("| part | ms |")
     print("|---|---:|")
     for name, seconds in times.items():
@@ -363,9 +391,11 @@ def main() -> None:
     times_at_start = cpu_times()
     torch.set_num_threads(usable_cores())
     print("## Ouro speed: melt_jax (jit) vs PyTorch reference (eager), CPU\n")
-    print(f"{machine_line()}; jax {jax.__version__} ({jax.default_backend()}), "
-          f"torch {torch.__version__} ({torch.get_num_threads()} threads); "
-          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+    print(
+        f"{machine_line()}; jax {jax.__version__} ({jax.default_backend()}), "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads); "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
+    )
 
     state_dict = random_ouro_state_dict(HF_CONFIG, seed=0)
     with tempfile.TemporaryDirectory() as folder:
@@ -374,13 +404,17 @@ def main() -> None:
     pt = Torch(state_dict)
     c = jx.config
     n_params = sum(int(np.prod(v.shape)) for v in state_dict.values())
-    print(f"config: hidden_size={c.hidden_size}, num_hidden_layers={c.num_hidden_layers}, "
-          f"total_ut_steps={c.total_ut_steps}, num_attention_heads={c.num_attention_heads}, "
-          f"num_key_value_heads={c.num_key_value_heads}, head_dim={c.head_dim}, "
-          f"intermediate_size={c.intermediate_size}, vocab_size={c.vocab_size}, rope_theta={c.rope_theta}, "
-          f"tie_word_embeddings={c.tie_word_embeddings}, dtype={c.dtype}; {n_params / 1e6:.2f}M parameters")
-    print(f"decode: JAX cache max_length = {N_PREFILL + N_DECODE} (prefill + steps); exit policy: last loop; "
-          f"{args.repeats} timed repeats, medians\n")
+    print(
+        f"config: hidden_size={c.hidden_size}, num_hidden_layers={c.num_hidden_layers}, "
+        f"total_ut_steps={c.total_ut_steps}, num_attention_heads={c.num_attention_heads}, "
+        f"num_key_value_heads={c.num_key_value_heads}, head_dim={c.head_dim}, "
+        f"intermediate_size={c.intermediate_size}, vocab_size={c.vocab_size}, rope_theta={c.rope_theta}, "
+        f"tie_word_embeddings={c.tie_word_embeddings}, dtype={c.dtype}; {n_params / 1e6:.2f}M parameters"
+    )
+    print(
+        f"decode: JAX cache max_length = {N_PREFILL + N_DECODE} (prefill + steps); exit policy: last loop; "
+        f"{args.repeats} timed repeats, medians\n"
+    )
 
     rows = bench_forward(jx, pt, args.repeats) + bench_decode(jx, pt, args.repeats)
     print_table(rows)

@@ -52,12 +52,18 @@ def main() -> int:
 
     times_at_start = cpu_times()
     print("## Cost of the training pipeline on its embedded default\n")
-    print(f"{machine_line()}; python {platform.python_version()}; "
-          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+    print(f"{machine_line()}; python {platform.python_version()}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
 
     with tempfile.TemporaryDirectory(prefix="melt_pipeline_") as tmp:
-        command = [sys.executable, "-m", "melt_jax.train", "pipeline", f"output_dir={tmp}", "train.progress=false",
-                   *args.overrides]
+        command = [
+            sys.executable,
+            "-m",
+            "melt_jax.train",
+            "pipeline",
+            f"output_dir={tmp}",
+            "train.progress=false",
+            *args.overrides,
+        ]
         print(f"command: {' '.join(command)}\n", flush=True)
         start = time.perf_counter()
         child = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -67,19 +73,24 @@ def main() -> int:
 
     lines = child.stdout.rstrip("\n").splitlines()
     print(f"--- last {min(args.tail, len(lines))} lines of the pipeline's output ---")
-    print("\n".join(lines[-args.tail:]))
+    print("\n".join(lines[-args.tail :]))
     if child.returncode != 0:
         print("--- its stderr (last 20 lines) ---")
         print("\n".join(child.stderr.rstrip("\n").splitlines()[-20:]))
     print("---\n")
 
     cpu_s = usage.ru_utime + usage.ru_stime
-    status = {0: "0 (student within the accuracy margin)", 1: "1 (student NOT within the accuracy margin)",
-              2: "2 (bad config or input)"}.get(child.returncode, str(child.returncode))
+    status = {
+        0: "0 (student within the accuracy margin)",
+        1: "1 (student NOT within the accuracy margin)",
+        2: "2 (bad config or input)",
+    }.get(child.returncode, str(child.returncode))
     print("| pipeline | wall time (s) | peak RSS (GB) | CPU time (s) | cores busy | output (MB) | exit status |")
     print("|---|---:|---:|---:|---:|---:|---|")
-    print(f"| {' '.join(args.overrides) or 'embedded default'} | {wall_s:.0f} | {usage.ru_maxrss * 1024 / 1e9:.2f} | "
-          f"{cpu_s:.0f} | {cpu_s / wall_s:.2f} | {output_bytes / 1e6:.1f} | {status} |")
+    print(
+        f"| {' '.join(args.overrides) or 'embedded default'} | {wall_s:.0f} | {usage.ru_maxrss * 1024 / 1e9:.2f} | "
+        f"{cpu_s:.0f} | {cpu_s / wall_s:.2f} | {output_bytes / 1e6:.1f} | {status} |"
+    )
     print(f"\npeak RSS = getrusage(RUSAGE_CHILDREN).ru_maxrss = {usage.ru_maxrss:,} KiB")
     print(f"\n{busy_report(times_at_start)}")
     return child.returncode

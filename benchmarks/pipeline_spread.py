@@ -28,8 +28,16 @@ from pathlib import Path
 
 
 def pipeline_command(out: Path, seed: int, overrides: list[str]) -> list[str]:
-    return [sys.executable, "-m", "melt_jax.train", "pipeline", f"output_dir={out}", f"train.seed={seed}",
-            "train.progress=false", *overrides]
+    return [
+        sys.executable,
+        "-m",
+        "melt_jax.train",
+        "pipeline",
+        f"output_dir={out}",
+        f"train.seed={seed}",
+        "train.progress=false",
+        *overrides,
+    ]
 
 
 def start(cores: list[int], out: Path, seed: int, overrides: list[str]) -> subprocess.Popen:
@@ -37,8 +45,12 @@ def start(cores: list[int], out: Path, seed: int, overrides: list[str]) -> subpr
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
     with open(out / "pipeline.log", "w") as log:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen(["taskset", "-c", ",".join(map(str, cores)), *pipeline_command(out, seed, overrides)],
-                                stdout=log, stderr=subprocess.STDOUT, env=env)
+        return subprocess.Popen(
+            ["taskset", "-c", ",".join(map(str, cores)), *pipeline_command(out, seed, overrides)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
 
 
 def result_row(out: Path, threads: int, seed: int, returncode: int, seconds: float) -> dict:
@@ -89,9 +101,11 @@ def loops(values) -> str:
 def format_row(row: dict) -> str:
     if "error" in row:
         return f"| {row['threads']} | {row['seed']} | {row['error']} (exit {row['returncode']}) |"
-    return (f"| {row['threads']} | {row['seed']} | {row['teacher']:.3f} | {loops(row['teacher_loops'])} | "
-            f"{row['gain']:+.2f} | {row['student']:.3f} | {loops(row['student_loops'])} | {row['drop']:+.3f} | "
-            f"{row['seconds']:.0f} |")
+    return (
+        f"| {row['threads']} | {row['seed']} | {row['teacher']:.3f} | {loops(row['teacher_loops'])} | "
+        f"{row['gain']:+.2f} | {row['student']:.3f} | {loops(row['student_loops'])} | {row['drop']:+.3f} | "
+        f"{row['seconds']:.0f} |"
+    )
 
 
 def spread_lines(rows: list[dict]) -> list[str]:
@@ -100,15 +114,18 @@ def spread_lines(rows: list[dict]) -> list[str]:
         return []
     lines = []
     for name, pick in (("min", min), ("median", statistics.median), ("max", max)):
-        def agg(key, index=None):
+
+        def agg(key, index=None, pick=pick):
             values = [r[key] if index is None else r[key][index] for r in good]
             return pick(values)
 
         num_loops = len(good[0]["teacher_loops"])
         teacher_loops = [agg("teacher_loops", i) for i in range(num_loops)]
         student_loops = [agg("student_loops", i) for i in range(num_loops)]
-        lines.append(f"| {name} | | {agg('teacher'):.3f} | {loops(teacher_loops)} | {agg('gain'):+.2f} | "
-                     f"{agg('student'):.3f} | {loops(student_loops)} | {agg('drop'):+.3f} | {agg('seconds'):.0f} |")
+        lines.append(
+            f"| {name} | | {agg('teacher'):.3f} | {loops(teacher_loops)} | {agg('gain'):+.2f} | "
+            f"{agg('student'):.3f} | {loops(student_loops)} | {agg('drop'):+.3f} | {agg('seconds'):.0f} |"
+        )
     return lines
 
 
@@ -135,10 +152,15 @@ def main() -> int:
         print(line)
     (root / "spread.json").write_text(json.dumps(rows, indent=2) + "\n")
 
-    misses = [r for r in rows if "error" in r or r["teacher"] < args.min_teacher or r["gain"] < args.min_gain
-              or r["drop"] > args.max_drop]
-    print(f"\n{len(rows) - len(misses)} of {len(rows)} runs reach teacher >= {args.min_teacher}, last loop >= first "
-          f"+ {args.min_gain} and student within {args.max_drop} of the teacher")
+    misses = [
+        r
+        for r in rows
+        if "error" in r or r["teacher"] < args.min_teacher or r["gain"] < args.min_gain or r["drop"] > args.max_drop
+    ]
+    print(
+        f"\n{len(rows) - len(misses)} of {len(rows)} runs reach teacher >= {args.min_teacher}, last loop >= first "
+        f"+ {args.min_gain} and student within {args.max_drop} of the teacher"
+    )
     for r in misses:
         print(f"  missed: threads {r['threads']} seed {r['seed']}")
     return 1 if misses else 0

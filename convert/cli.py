@@ -25,7 +25,18 @@ from .hf_export import DEFAULT_MAX_SHARD_BYTES, save_hf_checkpoint
 from .hf_import import load_hf_checkpoint
 from .mapping import flatten_params, hf_tensor_plan
 
-_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 def parse_size(text: str) -> int:
@@ -60,13 +71,18 @@ def _summary(action: str, config, params, dtype: str, seconds: float, dest: str)
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="melt-convert",
-        description="Convert Ouro and MELT checkpoints between Hugging Face format and melt_jax (orbax) checkpoints, and initialise MELT from Ouro.",
+        description=(
+            "Convert Ouro and MELT checkpoints between Hugging Face format and melt_jax (orbax) checkpoints, "
+            "and initialise MELT from Ouro."
+        ),
     )
     sub = parser.add_subparsers(dest="command", required=True)
     dtypes = sorted(NUMPY_DTYPES)
 
     p = sub.add_parser("import", help="Hugging Face folder -> melt_jax checkpoint directory")
-    p.add_argument("hf_dir", metavar="HF_DIR", help="folder with config.json and model.safetensors / shards / pytorch_model.bin")
+    p.add_argument(
+        "hf_dir", metavar="HF_DIR", help="folder with config.json and model.safetensors / shards / pytorch_model.bin"
+    )
     p.add_argument("out_dir", metavar="OUT_DIR", help="melt_jax checkpoint directory to create")
     p.add_argument("--dtype", choices=dtypes, default="float32", help="dtype of the params (default: float32)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
@@ -74,9 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="melt_jax checkpoint directory -> Hugging Face folder")
     p.add_argument("ckpt_dir", metavar="CKPT_DIR", help="melt_jax checkpoint directory")
     p.add_argument("hf_dir", metavar="HF_DIR", help="Hugging Face folder to create")
-    p.add_argument("--dtype", choices=dtypes, default=None, help="dtype of the stored tensors (default: torch_dtype of the config)")
     p.add_argument(
-        "--max-shard-size", type=parse_size, default=DEFAULT_MAX_SHARD_BYTES, metavar="SIZE",
+        "--dtype", choices=dtypes, default=None, help="dtype of the stored tensors (default: torch_dtype of the config)"
+    )
+    p.add_argument(
+        "--max-shard-size",
+        type=parse_size,
+        default=DEFAULT_MAX_SHARD_BYTES,
+        metavar="SIZE",
         help="largest safetensors file before sharding, e.g. 5GB (default), 500MB, 2GiB",
     )
     p.add_argument("--overwrite", action="store_true", help="replace HF_DIR if it exists")
@@ -113,9 +134,7 @@ def run_to_melt(args: argparse.Namespace) -> str:
     start = time.perf_counter()
     check_destination(args.out_dir, args.overwrite)
     ouro_config, ouro_params = load_params(args.ckpt_dir)
-    config, params = melt_from_ouro(
-        ouro_config, ouro_params, gate_bias_init=args.gate_bias, chunk_size=args.chunk_size
-    )
+    config, params = melt_from_ouro(ouro_config, ouro_params, gate_bias_init=args.gate_bias, chunk_size=args.chunk_size)
     save_params(args.out_dir, config, params, overwrite=args.overwrite)
     return _summary("to-melt", config, params, config.param_dtype, time.perf_counter() - start, args.out_dir)
 

@@ -12,7 +12,8 @@ import json
 import math
 import os
 import struct
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -48,7 +49,11 @@ def write_safetensors(
     offset = 0
     for name, shape in entries:
         nbytes = math.prod(shape) * np_dtype.itemsize
-        header[name] = {"dtype": _SAFETENSORS_DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = {
+            "dtype": _SAFETENSORS_DTYPE_NAMES[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     header_bytes += b" " * (-len(header_bytes) % 8)
@@ -58,7 +63,9 @@ def write_safetensors(
         for name, shape in entries:
             array = fetch(name)
             if array.shape != tuple(shape) or array.dtype != np_dtype or not array.flags.c_contiguous:
-                raise ValueError(f"tensor {name}: got {array.shape} {array.dtype}, expected {shape} {np_dtype} (C order)")
+                raise ValueError(
+                    f"tensor {name}: got {array.shape} {array.dtype}, expected {shape} {np_dtype} (C order)"
+                )
             f.write(array.reshape(-1).view(np.uint8).data)
 
 
@@ -111,7 +118,10 @@ def save_hf_checkpoint(
     """
     dtype = config.torch_dtype if dtype is None else dtype
     if dtype not in _SAFETENSORS_DTYPE_NAMES:
-        raise ConversionError(f"cannot export in dtype {dtype!r} (config field torch_dtype or --dtype); expected one of {', '.join(_SAFETENSORS_DTYPE_NAMES)}")
+        raise ConversionError(
+            f"cannot export in dtype {dtype!r} (config field torch_dtype or --dtype); "
+            f"expected one of {', '.join(_SAFETENSORS_DTYPE_NAMES)}"
+        )
     if max_shard_bytes < 1:
         raise ConversionError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
     check_destination(path, overwrite)

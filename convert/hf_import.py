@@ -66,7 +66,10 @@ def find_weight_files(path: Path) -> tuple[str, list[Path], dict[str, str] | Non
     format is "safetensors" or "bin"; weight_map (tensor name -> file name) and the index file are None
     without an index. Raises ConversionError if there are no weights or a listed shard is missing.
     """
-    for fmt, index_name, single_name in (("safetensors", SAFETENSORS_INDEX, SAFETENSORS_FILE), ("bin", BIN_INDEX, BIN_FILE)):
+    for fmt, index_name, single_name in (
+        ("safetensors", SAFETENSORS_INDEX, SAFETENSORS_FILE),
+        ("bin", BIN_INDEX, BIN_FILE),
+    ):
         index_file = path / index_name
         if index_file.is_file():
             try:
@@ -101,7 +104,9 @@ class SafetensorsReader:
                         tensor_slice = f.get_slice(name)
                         info = TensorInfo(file, tuple(tensor_slice.get_shape()), tensor_slice.get_dtype())
                         if name in self.catalog:
-                            raise ConversionError(f"tensor {name} is stored twice: in {self.catalog[name].file} and {file}")
+                            raise ConversionError(
+                                f"tensor {name} is stored twice: in {self.catalog[name].file} and {file}"
+                            )
                         self.catalog[name] = info
             except ConversionError:
                 raise
@@ -190,7 +195,9 @@ def check_hf_tensors(config: OuroConfig, catalog: dict[str, TensorInfo], source:
                 f"({' x '.join(rule.hf_shape)} from config.json)"
             )
         if info.dtype not in _FLOAT_DTYPES:
-            raise ConversionError(f"tensor {name} in {info.file} has dtype {info.dtype}, expected a floating-point type")
+            raise ConversionError(
+                f"tensor {name} in {info.file} has dtype {info.dtype}, expected a floating-point type"
+            )
 
 
 def load_hf_checkpoint(

@@ -22,8 +22,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Mapping
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -45,9 +45,7 @@ def model_dims(config: Any) -> dict[str, int]:
 
 def eval_shape(symbols: tuple[str, ...], dims: dict[str, int]) -> tuple[int, ...]:
     """Evaluates a symbolic shape such as ("N*D", "H", "1") to integers (digits are literal sizes)."""
-    return tuple(
-        math.prod(int(f) if f.isdigit() else dims[f] for f in symbol.split("*")) for symbol in symbols
-    )
+    return tuple(math.prod(int(f) if f.isdigit() else dims[f] for f in symbol.split("*")) for symbol in symbols)
 
 
 def _always(config: Any) -> bool:
@@ -116,13 +114,43 @@ class TensorRule:
 # into heads (q: out = N*D -> [N, D]; o: in = N*D -> [N, D]).
 OURO_RULES: tuple[TensorRule, ...] = (
     TensorRule("embedder/embedding", "model.embed_tokens.weight", ("V", "H"), ("V", "H")),
-    TensorRule("layers/attn/q_proj/kernel", "model.layers.{i}.self_attn.q_proj.weight", ("N*D", "H"), ("H", "N", "D"), transpose=True),
-    TensorRule("layers/attn/k_proj/kernel", "model.layers.{i}.self_attn.k_proj.weight", ("K*D", "H"), ("H", "K", "D"), transpose=True),
-    TensorRule("layers/attn/v_proj/kernel", "model.layers.{i}.self_attn.v_proj.weight", ("K*D", "H"), ("H", "K", "D"), transpose=True),
-    TensorRule("layers/attn/o_proj/kernel", "model.layers.{i}.self_attn.o_proj.weight", ("H", "N*D"), ("N", "D", "H"), transpose=True),
-    TensorRule("layers/mlp/gate_proj/kernel", "model.layers.{i}.mlp.gate_proj.weight", ("I", "H"), ("H", "I"), transpose=True),
-    TensorRule("layers/mlp/up_proj/kernel", "model.layers.{i}.mlp.up_proj.weight", ("I", "H"), ("H", "I"), transpose=True),
-    TensorRule("layers/mlp/down_proj/kernel", "model.layers.{i}.mlp.down_proj.weight", ("H", "I"), ("I", "H"), transpose=True),
+    TensorRule(
+        "layers/attn/q_proj/kernel",
+        "model.layers.{i}.self_attn.q_proj.weight",
+        ("N*D", "H"),
+        ("H", "N", "D"),
+        transpose=True,
+    ),
+    TensorRule(
+        "layers/attn/k_proj/kernel",
+        "model.layers.{i}.self_attn.k_proj.weight",
+        ("K*D", "H"),
+        ("H", "K", "D"),
+        transpose=True,
+    ),
+    TensorRule(
+        "layers/attn/v_proj/kernel",
+        "model.layers.{i}.self_attn.v_proj.weight",
+        ("K*D", "H"),
+        ("H", "K", "D"),
+        transpose=True,
+    ),
+    TensorRule(
+        "layers/attn/o_proj/kernel",
+        "model.layers.{i}.self_attn.o_proj.weight",
+        ("H", "N*D"),
+        ("N", "D", "H"),
+        transpose=True,
+    ),
+    TensorRule(
+        "layers/mlp/gate_proj/kernel", "model.layers.{i}.mlp.gate_proj.weight", ("I", "H"), ("H", "I"), transpose=True
+    ),
+    TensorRule(
+        "layers/mlp/up_proj/kernel", "model.layers.{i}.mlp.up_proj.weight", ("I", "H"), ("H", "I"), transpose=True
+    ),
+    TensorRule(
+        "layers/mlp/down_proj/kernel", "model.layers.{i}.mlp.down_proj.weight", ("H", "I"), ("I", "H"), transpose=True
+    ),
     TensorRule("layers/attn_in_norm/scale", "model.layers.{i}.input_layernorm.weight", ("H",), ("H",)),
     TensorRule("layers/attn_out_norm/scale", "model.layers.{i}.input_layernorm_2.weight", ("H",), ("H",)),
     TensorRule("layers/mlp_in_norm/scale", "model.layers.{i}.post_attention_layernorm.weight", ("H",), ("H",)),

@@ -40,7 +40,7 @@ class KVCache:
     def num_bytes(self) -> int:
         return self.k.nbytes + self.v.nbytes + self.end_index.nbytes
 
-    def advance(self, num_tokens: int | Array) -> "KVCache":
+    def advance(self, num_tokens: int | Array) -> KVCache:
         """The same cache with `num_tokens` more positions marked as written in every row."""
         return self.replace(end_index=self.end_index + num_tokens)
 

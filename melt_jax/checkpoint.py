@@ -19,8 +19,9 @@ import math
 import os
 import secrets
 import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import jax
 import ml_dtypes
@@ -37,7 +38,11 @@ PARAMS_DIR = "params"
 _FORMAT = "melt_jax.params"
 _FORMAT_VERSION = 1
 
-NUMPY_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
+NUMPY_DTYPES = {
+    "float32": np.dtype(np.float32),
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+    "float16": np.dtype(np.float16),
+}
 
 
 def numpy_dtype(name: str) -> np.dtype:
@@ -202,7 +207,9 @@ def load_tree(
             try:
                 restored = checkpointer.restore(path, args=args)
             except Exception as e:
-                raise CheckpointError(f"cannot restore {'/'.join(keys)} from the orbax checkpoint in {path}: {e}") from e
+                raise CheckpointError(
+                    f"cannot restore {'/'.join(keys)} from the orbax checkpoint in {path}: {e}"
+                ) from e
             for key in keys:
                 restored = restored[key]
             restored_leaves[keys] = restored
@@ -229,7 +236,12 @@ def save_params(path: str | os.PathLike, config: OuroConfig, params: Any, *, ove
     """
     with atomic_directory(path, overwrite=overwrite) as tmp:
         (tmp / CONFIG_FILE).write_text(config.to_json_string())
-        runtime = {"format": _FORMAT, "version": _FORMAT_VERSION, "dtype": config.dtype, "param_dtype": config.param_dtype}
+        runtime = {
+            "format": _FORMAT,
+            "version": _FORMAT_VERSION,
+            "dtype": config.dtype,
+            "param_dtype": config.param_dtype,
+        }
         (tmp / RUNTIME_FILE).write_text(json.dumps(runtime, indent=2) + "\n")
         save_tree(tmp / PARAMS_DIR, params)
 

@@ -8,12 +8,13 @@ answer accuracy where the dataset has prompt/answer columns (the synthetic task 
 
 --data takes what the training program reads (melt_jax.data.load_text_dataset): "synthetic[:N]" or a
 local .txt / .json / .jsonl / .parquet file or folder; --form, --hops, --distractors and --ops set the
-synthetic task (default: melt_jax.synthetic's defaults, the training pipeline's task). Loss: documents are tokenized with eos and
-packed into rows of --seq-len tokens as in training (melt_jax.data), every token's prediction scored
-except the first of each document. Accuracy: each prompt + answer is one row, and an example counts as
-correct when every answer token is the argmax at the position before it, i.e. when greedy decoding
-after the prompt reproduces the answer (melt_jax.evaluation.answer_accuracy). MELT is evaluated in
-chunks of --chunk-size (default its config's chunk size). Bad input: a message on stderr, exit 2.
+synthetic task (default: melt_jax.synthetic's defaults, the training pipeline's task). Loss: documents
+are tokenized with eos and packed into rows of --seq-len tokens as in training (melt_jax.data), every
+token's prediction scored except the first of each document. Accuracy: each prompt + answer is one row,
+and an example counts as correct when every answer token is the argmax at the position before it, i.e.
+when greedy decoding after the prompt reproduces the answer (melt_jax.evaluation.answer_accuracy). MELT
+is evaluated in chunks of --chunk-size (default its config's chunk size). Bad input: a message on
+stderr, exit 2.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -57,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", required=True, help="'byte', or a tokenizer.json file or its folder")
     p.add_argument("--data", required=True, help="'synthetic[:N]' or a local .txt/.json/.jsonl/.parquet file or folder")
     p.add_argument("--split", default="validation", help="split name (selects the synthetic task's seed)")
-    p.add_argument("--form", default=None, help="synthetic task: 'expression' (3*4=, the default) or 'assignments' (k=3,q=k+4;q?)")
+    p.add_argument(
+        "--form", default=None, help="synthetic task: 'expression' (3*4=, the default) or 'assignments' (k=3,q=k+4;q?)"
+    )
     p.add_argument("--hops", type=int, default=None, help="synthetic task: operations per example")
     p.add_argument("--distractors", type=int, default=None, help="synthetic task (assignments): unrelated assignments")
     p.add_argument("--ops", default=None, help="synthetic task: operations to draw from, e.g. '+-*'")
@@ -91,7 +94,9 @@ def _task(args: argparse.Namespace) -> dict:
     if args.ops is not None:
         task.update(ops=tuple(args.ops))
     if task and not args.data.startswith("synthetic"):
-        raise DataError(f"--form / --hops / --distractors / --ops apply to the synthetic task, not to --data {args.data}")
+        raise DataError(
+            f"--form / --hops / --distractors / --ops apply to the synthetic task, not to --data {args.data}"
+        )
     return task
 
 

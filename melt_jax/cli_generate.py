@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from melt_jax.errors import DataError, GenerationError, MeltJaxError
 from melt_jax.sampling import (

@@ -17,7 +17,6 @@ import jax.numpy as jnp
 
 from melt_jax.errors import ConfigError
 
-
 # float64 needs jax_enable_x64; it serves as a high-precision reference in tests.
 DTYPES = {
     "float32": jnp.float32,
@@ -90,9 +89,7 @@ class OuroConfig:
                     f"hidden_size ({self.hidden_size}) is not divisible by num_attention_heads "
                     f"({self.num_attention_heads}) and no head_dim is given"
                 )
-            object.__setattr__(
-                self, "head_dim", self.hidden_size // max(self.num_attention_heads, 1)
-            )
+            object.__setattr__(self, "head_dim", self.hidden_size // max(self.num_attention_heads, 1))
         if self.layer_types is not None:
             object.__setattr__(self, "layer_types", tuple(self.layer_types))
         self.validate()
@@ -124,7 +121,7 @@ class OuroConfig:
     def jnp_param_dtype(self):
         return DTYPES[self.param_dtype]
 
-    def replace(self, **changes) -> "OuroConfig":
+    def replace(self, **changes) -> OuroConfig:
         return dataclasses.replace(self, **changes)
 
     # ----------------------------------------------------------------------------------------------
@@ -165,8 +162,7 @@ class OuroConfig:
         if self.layer_types is not None:
             if len(self.layer_types) != self.num_hidden_layers:
                 raise ConfigError(
-                    f"config field layer_types has {len(self.layer_types)} entries for "
-                    f"{self.num_hidden_layers} layers"
+                    f"config field layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers"
                 )
             bad = sorted({t for t in self.layer_types if t != "full_attention"})
             if bad:
@@ -185,7 +181,7 @@ class OuroConfig:
     # Hugging Face config.json
 
     @classmethod
-    def from_hf_config(cls, hf: dict[str, Any], **overrides) -> "OuroConfig":
+    def from_hf_config(cls, hf: dict[str, Any], **overrides) -> OuroConfig:
         """Builds a config from the dict of an Ouro `config.json`; `overrides` set runtime fields."""
         if not isinstance(hf, dict):
             raise ConfigError(f"config.json must hold a JSON object, got {type(hf).__name__}")
@@ -223,7 +219,7 @@ class OuroConfig:
         return dict(sorted(out.items()))
 
     @classmethod
-    def from_json_file(cls, path: str | os.PathLike, **overrides) -> "OuroConfig":
+    def from_json_file(cls, path: str | os.PathLike, **overrides) -> OuroConfig:
         try:
             with open(path) as f:
                 hf = json.load(f)
@@ -243,7 +239,7 @@ class OuroConfig:
     # Presets
 
     @classmethod
-    def preset(cls, name: str, **overrides) -> "OuroConfig":
+    def preset(cls, name: str, **overrides) -> OuroConfig:
         """Named configurations: 'tiny', 'ouro-1.4b', 'ouro-2.6b'."""
         if name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
@@ -270,7 +266,7 @@ class MeltConfig(OuroConfig):
             raise ConfigError(f"config field chunk_size must be a positive integer, got {self.chunk_size!r}")
 
     @classmethod
-    def from_ouro(cls, ouro: OuroConfig, **melt_fields) -> "MeltConfig":
+    def from_ouro(cls, ouro: OuroConfig, **melt_fields) -> MeltConfig:
         """The MELT config of an Ouro model: the same shapes plus MELT's fields."""
         fields = {f.name: getattr(ouro, f.name) for f in dataclasses.fields(OuroConfig)}
         # Ouro's class names and remote-code map do not describe a MELT checkpoint.

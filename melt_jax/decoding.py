@@ -81,6 +81,4 @@ def forward(
     return_step_logits: bool = False,
 ):
     """Full forward without a cache on tokens [B, S]; returns the model's output struct."""
-    return model.apply(
-        {"params": params}, tokens, exit_policy=exit_policy, return_step_logits=return_step_logits
-    )
+    return model.apply({"params": params}, tokens, exit_policy=exit_policy, return_step_logits=return_step_logits)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import flax.linen as nn
 import flax.struct
@@ -50,7 +50,7 @@ class LossSums:
     policy: Array
     weight: Array
 
-    def __add__(self, other: "LossSums") -> "LossSums":
+    def __add__(self, other: LossSums) -> LossSums:
         return jax.tree.map(jnp.add, self, other)
 
 
@@ -130,7 +130,9 @@ def loss_sums(
     return _loss_sums_of(model, params, hidden, exit_pdf, tokens, loss_mask, exit_policy)
 
 
-def _loss_sums_of(model, params, hidden: Array, exit_pdf: Array, tokens: Array, loss_mask: Array, exit_policy) -> LossSums:
+def _loss_sums_of(
+    model, params, hidden: Array, exit_pdf: Array, tokens: Array, loss_mask: Array, exit_policy
+) -> LossSums:
     """`loss_sums` from the forward's hidden states [T, B, S, H] and exit distribution [B, S, T]."""
     weights = loss_mask.astype(jnp.float32)  # [B, S]
 
@@ -171,13 +173,17 @@ def answer_accuracy(
     return _policy_matches(model, params, hidden, exit_pdf, tokens, answer_mask, exit_policy)
 
 
-def _policy_matches(model, params, hidden: Array, exit_pdf: Array, tokens: Array, answer_mask: Array, exit_policy) -> Array:
+def _policy_matches(
+    model, params, hidden: Array, exit_pdf: Array, tokens: Array, answer_mask: Array, exit_policy
+) -> Array:
     """`answer_accuracy` from the forward's hidden states [T, B, S, H] and exit distribution."""
     chosen, _ = select_hidden(hidden, exit_pdf, exit_policy)  # [B, S, H]
     return answer_matches(project(model, params, chosen[:, :-1]), tokens, answer_mask)
 
 
-def loop_answer_matches(model: nn.Module, params, tokens: Array, answer_mask: Array, chunk_size: int | None = None) -> Array:
+def loop_answer_matches(
+    model: nn.Module, params, tokens: Array, answer_mask: Array, chunk_size: int | None = None
+) -> Array:
     """`answer_accuracy` of every loop's logits: bool [T, B] (loops projected one at a time)."""
     hidden, _ = hidden_states(model, params, tokens, chunk_size)  # [T, B, S, H]
     return jax.lax.map(lambda h: answer_matches(project(model, params, h[:, :-1]), tokens, answer_mask), hidden)

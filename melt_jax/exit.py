@@ -127,23 +127,23 @@ class ExitPolicy:
             raise ValueError("exit policy 'threshold' needs a threshold")
 
     @classmethod
-    def last(cls) -> "ExitPolicy":
+    def last(cls) -> ExitPolicy:
         return cls("last")
 
     @classmethod
-    def at_step(cls, step: int) -> "ExitPolicy":
+    def at_step(cls, step: int) -> ExitPolicy:
         return cls("step", step=step)
 
     @classmethod
-    def at_threshold(cls, threshold: float) -> "ExitPolicy":
+    def at_threshold(cls, threshold: float) -> ExitPolicy:
         return cls("threshold", threshold=threshold)
 
     @classmethod
-    def weighted(cls) -> "ExitPolicy":
+    def weighted(cls) -> ExitPolicy:
         return cls("weighted")
 
     @classmethod
-    def upstream_default(cls, config: OuroConfig) -> "ExitPolicy":
+    def upstream_default(cls, config: OuroConfig) -> ExitPolicy:
         """What upstream `OuroForCausalLM.forward` returns at inference without arguments:
         config.early_exit_step if set, else the threshold config.early_exit_threshold (1.0 in the
         released configs), else the last loop."""

@@ -51,9 +51,7 @@ class RMSNorm(nn.Module):
 # Rotary position embeddings (Hugging Face "rotate half" form)
 
 
-def rope_tables(
-    positions: Array, head_dim: int, theta: float, dtype=jnp.float32
-) -> tuple[Array, Array]:
+def rope_tables(positions: Array, head_dim: int, theta: float, dtype=jnp.float32) -> tuple[Array, Array]:
     """cos and sin of the rotary angles, [B, S, D] for integer positions [B, S], computed in `dtype`
     (float32, or float64 for a float64 model).
 

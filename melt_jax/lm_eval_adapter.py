@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -115,7 +116,7 @@ class MeltJaxLM(LM):
         self._setup(model, params, load_tokenizer(tokenizer), **options)
 
     @classmethod
-    def from_model(cls, model, params, tokenizer: Tokenizer, **options) -> "MeltJaxLM":
+    def from_model(cls, model, params, tokenizer: Tokenizer, **options) -> MeltJaxLM:
         """An adapter over a model already in memory; options as the keyword arguments of `_setup`."""
         lm = cls.__new__(cls)
         lm._setup(model, jax.device_put(params), tokenizer, **options)
@@ -257,7 +258,9 @@ class MeltJaxLM(LM):
     def _prompt_ids(self, context: str, max_new_tokens: int) -> list[int]:
         room = min(self.max_length, self.model.config.max_position_embeddings) - max_new_tokens
         if room < 1:
-            raise GenerationError(f"max_gen_toks {max_new_tokens} leaves no room for a prompt in max_length {self.max_length}")
+            raise GenerationError(
+                f"max_gen_toks {max_new_tokens} leaves no room for a prompt in max_length {self.max_length}"
+            )
         ids = self.tokenizer.encode(context) or [self.eot_token_id]
         self._check_ids(ids, "a context")
         return ids[-room:]

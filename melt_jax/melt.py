@@ -18,14 +18,14 @@ import functools
 
 import flax.linen as nn
 import flax.struct
-import numpy as np
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from melt_jax.cache import KVCache, write_rows
 from melt_jax.config import MeltConfig, OuroConfig
-from melt_jax.errors import ConfigError
 from melt_jax.decoding import check_tokens_fit, scan_chunks
+from melt_jax.errors import ConfigError
 from melt_jax.exit import ExitPolicy
 from melt_jax.layers import (
     HIDDEN_AXES,
@@ -89,7 +89,7 @@ class InterpolatedCache:
     def batch_size(self) -> int:
         return self.melt.batch_size
 
-    def advance(self, num_tokens) -> "InterpolatedCache":
+    def advance(self, num_tokens) -> InterpolatedCache:
         return InterpolatedCache(melt=self.melt.advance(num_tokens), ouro=self.ouro.advance(num_tokens))
 
 
@@ -235,9 +235,7 @@ def chunked_prefill(
     return _chunked_prefill(model, params, tokens, cache, chunk_size, exit_policy)
 
 
-@functools.partial(
-    jax.jit, static_argnames=("model", "chunk_size", "exit_policy"), donate_argnames=("cache",)
-)
+@functools.partial(jax.jit, static_argnames=("model", "chunk_size", "exit_policy"), donate_argnames=("cache",))
 def _chunked_prefill(model, params, tokens, cache, chunk_size, exit_policy):
     def run_chunk(cache, chunk, start):  # chunk [B, C]
         out = model.apply({"params": params}, chunk, cache=cache, exit_policy=exit_policy)

@@ -92,7 +92,5 @@ def two_pass_forward(model: MeltModel, params, tokens: Array, chunk_size: int, a
     rows_only = model.clone(collect=())
     rows = sequential_forward(rows_only, jax.lax.stop_gradient(params), tokens, chunk_size, alpha).cache
     rows = jax.lax.stop_gradient(rows)
-    out = model.apply(
-        {"params": params}, tokens, exit_policy=None, alpha=alpha, earlier=EarlierRows(rows, chunk_size)
-    )
+    out = model.apply({"params": params}, tokens, exit_policy=None, alpha=alpha, earlier=EarlierRows(rows, chunk_size))
     return out.replace(cache=rows)

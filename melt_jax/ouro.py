@@ -23,13 +23,12 @@ import jax.numpy as jnp
 from melt_jax.cache import KVCache, write_rows
 from melt_jax.config import OuroConfig
 from melt_jax.exit import ExitPolicy, exit_distribution, select_hidden
-from melt_jax.sharding import constrain
 from melt_jax.layers import (
     HIDDEN_AXES,
     MLP,
-    Embedder,
     AttentionProjections,
     Einsum,
+    Embedder,
     RMSNorm,
     apply_rope,
     attention_over_cache_slots,
@@ -37,6 +36,7 @@ from melt_jax.layers import (
     dot_product_attention,
     rope_tables,
 )
+from melt_jax.sharding import constrain
 
 Array = jax.Array
 

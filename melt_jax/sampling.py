@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import flax.struct
@@ -96,7 +96,7 @@ class SamplingConfig:
             raise GenerationError(f"vocab_limit must be a positive integer, got {self.vocab_limit!r}")
 
     @property
-    def token_rule(self) -> "TokenRule":
+    def token_rule(self) -> TokenRule:
         top_p = None if self.top_p in (None, 1.0) else self.top_p
         return TokenRule(self.temperature, self.top_k or None, top_p, self.vocab_limit)
 
@@ -404,7 +404,9 @@ def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> list[lis
             raise GenerationError(f"prompt {i} is empty; a prompt needs at least one token")
         bad = ids[(ids < 0) | (ids >= vocab_size)]
         if bad.size:
-            raise GenerationError(f"prompt {i} has token ids {bad[:5].tolist()} outside the vocabulary [0, {vocab_size})")
+            raise GenerationError(
+                f"prompt {i} has token ids {bad[:5].tolist()} outside the vocabulary [0, {vocab_size})"
+            )
         checked.append(ids.astype(np.int64).tolist())
     return checked
 
@@ -426,7 +428,9 @@ def _positive_int_or_none(name: str, value) -> None:
         raise GenerationError(f"{name} must be a positive integer, got {value!r}")
 
 
-def _check_setup(model, sampling: SamplingConfig, exit_policy: ExitPolicy, chunk_size, segment_steps, longest: int) -> int | None:
+def _check_setup(
+    model, sampling: SamplingConfig, exit_policy: ExitPolicy, chunk_size, segment_steps, longest: int
+) -> int | None:
     """Validates the settings; returns the prefill chunk size (None: the whole prompt)."""
     c = model.config
     if not isinstance(exit_policy, ExitPolicy):
@@ -488,7 +492,9 @@ def _tokens_so_far(state: DecodeState) -> list[list[int]]:
     return [out[b, : num_new[b]].tolist() for b in range(out.shape[0])]
 
 
-def _decode_in_segments(decode, params, state: DecodeState, segment_steps: int | None, on_segment) -> tuple[DecodeState, float]:
+def _decode_in_segments(
+    decode, params, state: DecodeState, segment_steps: int | None, on_segment
+) -> tuple[DecodeState, float]:
     """Runs the compiled decode loop to the end, in segments of `segment_steps` with `on_segment`
     called before each (see `generate`). Returns (final state, seconds spent decoding)."""
     batch, max_new = state.out.shape

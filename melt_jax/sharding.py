@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -81,7 +82,9 @@ class MeshConfig:
             if size == 0 or size < -1:
                 raise ShardingError(f"mesh axis {name!r} has size {size}: use a positive size or -1")
         if sizes.count(-1) > 1:
-            raise ShardingError(f"at most one mesh axis may be -1, got data={self.data} fsdp={self.fsdp} tensor={self.tensor}")
+            raise ShardingError(
+                f"at most one mesh axis may be -1, got data={self.data} fsdp={self.fsdp} tensor={self.tensor}"
+            )
         known = math.prod(s for s in sizes if s != -1)
         if -1 in sizes:
             if num_devices % known:

@@ -214,7 +214,9 @@ def answer_batch(
     return {"tokens": tokens, "answer_mask": answer_mask, "prompt_lengths": prompt_lengths}
 
 
-def pack_answer_examples(tokenizer: Tokenizer, prompts: Sequence[str], answers: Sequence[str], seq_len: int) -> PackedData:
+def pack_answer_examples(
+    tokenizer: Tokenizer, prompts: Sequence[str], answers: Sequence[str], seq_len: int
+) -> PackedData:
     """Training rows with the loss on the answers only: whole examples (prompt, answer, newline, eos)
     packed back to back into rows of `seq_len` tokens, none split across rows; loss_mask is 1 at the
     answer tokens and the newline after them, segment_ids number the examples of a row from 1."""

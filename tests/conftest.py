@@ -6,8 +6,7 @@ import os
 # optimisation off, which makes compiling the tests' tiny programs (the bulk of their time) ~2-3x
 # faster; it changes how fast code runs, not what it computes.
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "")
-    + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 

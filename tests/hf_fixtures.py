@@ -79,19 +79,21 @@ def ouro_tensor_shapes(hf_config: dict) -> dict[str, tuple[int, ...]]:
     shapes = {"model.embed_tokens.weight": (V, H)}
     for i in range(hf_config["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        shapes.update({
-            p + "self_attn.q_proj.weight": (N * D, H),
-            p + "self_attn.k_proj.weight": (K * D, H),
-            p + "self_attn.v_proj.weight": (K * D, H),
-            p + "self_attn.o_proj.weight": (H, N * D),
-            p + "mlp.gate_proj.weight": (I, H),
-            p + "mlp.up_proj.weight": (I, H),
-            p + "mlp.down_proj.weight": (H, I),
-            p + "input_layernorm.weight": (H,),
-            p + "input_layernorm_2.weight": (H,),
-            p + "post_attention_layernorm.weight": (H,),
-            p + "post_attention_layernorm_2.weight": (H,),
-        })
+        shapes.update(
+            {
+                p + "self_attn.q_proj.weight": (N * D, H),
+                p + "self_attn.k_proj.weight": (K * D, H),
+                p + "self_attn.v_proj.weight": (K * D, H),
+                p + "self_attn.o_proj.weight": (H, N * D),
+                p + "mlp.gate_proj.weight": (I, H),
+                p + "mlp.up_proj.weight": (I, H),
+                p + "mlp.down_proj.weight": (H, I),
+                p + "input_layernorm.weight": (H,),
+                p + "input_layernorm_2.weight": (H,),
+                p + "post_attention_layernorm.weight": (H,),
+                p + "post_attention_layernorm_2.weight": (H,),
+            }
+        )
     shapes["model.norm.weight"] = (H,)
     shapes["model.early_exit_gate.weight"] = (1, H)
     shapes["model.early_exit_gate.bias"] = (1,)

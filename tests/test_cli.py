@@ -82,7 +82,17 @@ def test_chat_template_and_its_stop_token(checkpoint, tmp_path, capsys):
     code, _, err = _generate(capsys, checkpoint, "--chat", "--prompt", "hi")
     assert code == 2 and "needs a tokenizer with the <|im_end|> token" in err
     code = cli_generate.main(
-        ["--checkpoint", str(checkpoint), "--tokenizer", str(tmp_path), "--chat", "--prompt", "hi", "--max-new-tokens", "12"]
+        [
+            "--checkpoint",
+            str(checkpoint),
+            "--tokenizer",
+            str(tmp_path),
+            "--chat",
+            "--prompt",
+            "hi",
+            "--max-new-tokens",
+            "12",
+        ]
     )
     assert code == 0 and "tokens/s" in capsys.readouterr().err
 
@@ -108,7 +118,17 @@ def test_bad_input_exits_with_status_2_and_a_message(checkpoint, tmp_path, capsy
 
 def test_console_script_reports_without_a_traceback(tmp_path):
     done = subprocess.run(
-        [sys.executable, "-m", "melt_jax.cli_generate", "--checkpoint", str(tmp_path), "--tokenizer", "byte", "--prompt", "a"],
+        [
+            sys.executable,
+            "-m",
+            "melt_jax.cli_generate",
+            "--checkpoint",
+            str(tmp_path),
+            "--tokenizer",
+            "byte",
+            "--prompt",
+            "a",
+        ],
         capture_output=True,
         text=True,
     )
@@ -139,4 +159,6 @@ def test_melt_eval_on_the_synthetic_task(checkpoint, capsys):
     code = cli_eval.main([*args, "--hops", "-1"])
     assert code == 2 and "min_hops must be an integer >= 0" in capsys.readouterr().err
     code = cli_eval.main(["--checkpoint", str(checkpoint), "--tokenizer", "byte", "--data", "notes.txt", "--hops", "1"])
-    assert code == 2 and "--form / --hops / --distractors / --ops apply to the synthetic task" in capsys.readouterr().err
+    assert (
+        code == 2 and "--form / --hops / --distractors / --ops apply to the synthetic task" in capsys.readouterr().err
+    )

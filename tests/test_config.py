@@ -30,8 +30,14 @@ def test_golden_config_reads(tmp_path):
 
 def test_defaults_for_optional_fields():
     config = OuroConfig.from_hf_config(
-        dict(model_type="ouro", vocab_size=10, hidden_size=32, intermediate_size=8,
-             num_hidden_layers=1, num_attention_heads=4)
+        dict(
+            model_type="ouro",
+            vocab_size=10,
+            hidden_size=32,
+            intermediate_size=8,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+        )
     )
     assert config.num_kv_heads == 4 and config.head_dim == 8 and config.total_ut_steps == 4
 
@@ -87,8 +93,16 @@ def test_every_bad_input_error_derives_from_one_base():
     from melt_jax.train.config import RunConfigError
     from melt_jax.train.trainer import TrainingError
 
-    for cls in (errors.ConfigError, errors.DataError, errors.CheckpointError, errors.ShardingError,
-                errors.GenerationError, RunConfigError, TrainingError, ConversionError):
+    for cls in (
+        errors.ConfigError,
+        errors.DataError,
+        errors.CheckpointError,
+        errors.ShardingError,
+        errors.GenerationError,
+        RunConfigError,
+        TrainingError,
+        ConversionError,
+    ):
         assert issubclass(cls, errors.MeltJaxError), cls
     with pytest.raises(errors.MeltJaxError, match="total_ut_steps"):
         OuroConfig.from_hf_config(_hf(total_ut_steps=0))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -14,15 +15,14 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from hf_fixtures import random_ouro_state_dict, tiny_hf_config, write_hf_checkpoint
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
-from hf_fixtures import random_ouro_state_dict, tiny_hf_config, write_hf_checkpoint
 from melt_jax import checkpoint
 from melt_jax.checkpoint import CheckpointError, load_params, save_params
 from melt_jax.config import ConfigError, OuroConfig
-from melt_jax.convert import ConversionError, load_hf_checkpoint, save_hf_checkpoint
-from melt_jax.convert import hf_export
+from melt_jax.convert import ConversionError, hf_export, load_hf_checkpoint, save_hf_checkpoint
 from melt_jax.convert.cli import main, parse_size
 from melt_jax.convert.mapping import OURO_RULES, flatten_params, hf_tensor_plan, param_shapes, unflatten_params
 
@@ -164,15 +164,19 @@ def test_import_values_follow_the_spec(imported, state_dict):
         p = f"model.layers.{i}."
         wq, wk, wv, wo = (sd[p + f"self_attn.{n}_proj.weight"] for n in "qkvo")
         for h in range(4):  # query heads
-            np.testing.assert_array_equal(attn["q_proj"]["kernel"][i, :, h, :], wq[h * D:(h + 1) * D, :].T)
-            np.testing.assert_array_equal(attn["o_proj"]["kernel"][i, h, :, :], wo[:, h * D:(h + 1) * D].T)
+            np.testing.assert_array_equal(attn["q_proj"]["kernel"][i, :, h, :], wq[h * D : (h + 1) * D, :].T)
+            np.testing.assert_array_equal(attn["o_proj"]["kernel"][i, h, :, :], wo[:, h * D : (h + 1) * D].T)
         for h in range(2):  # key/value heads
-            np.testing.assert_array_equal(attn["k_proj"]["kernel"][i, :, h, :], wk[h * D:(h + 1) * D, :].T)
-            np.testing.assert_array_equal(attn["v_proj"]["kernel"][i, :, h, :], wv[h * D:(h + 1) * D, :].T)
+            np.testing.assert_array_equal(attn["k_proj"]["kernel"][i, :, h, :], wk[h * D : (h + 1) * D, :].T)
+            np.testing.assert_array_equal(attn["v_proj"]["kernel"][i, :, h, :], wv[h * D : (h + 1) * D, :].T)
         for n in ("gate", "up", "down"):
             np.testing.assert_array_equal(mlp[f"{n}_proj"]["kernel"][i], sd[p + f"mlp.{n}_proj.weight"].T)
-        for param, hf in (("attn_in_norm", "input_layernorm"), ("attn_out_norm", "input_layernorm_2"),
-                          ("mlp_in_norm", "post_attention_layernorm"), ("mlp_out_norm", "post_attention_layernorm_2")):
+        for param, hf in (
+            ("attn_in_norm", "input_layernorm"),
+            ("attn_out_norm", "input_layernorm_2"),
+            ("mlp_in_norm", "post_attention_layernorm"),
+            ("mlp_out_norm", "post_attention_layernorm_2"),
+        ):
             np.testing.assert_array_equal(params["layers"][param]["scale"][i], sd[p + hf + ".weight"])
     np.testing.assert_array_equal(params["final_norm"]["scale"], sd["model.norm.weight"])
     np.testing.assert_array_equal(params["exit_gate"]["kernel"], sd["model.early_exit_gate.weight"].T)
@@ -212,9 +216,7 @@ def test_bf16_source_imports_to_fp32_and_bf16(tmp_path, hf_config, state_dict, l
 
 def test_import_cast_fp32_to_bf16_rounds_like_ml_dtypes(hf_dir, state_dict):
     _, params = load_hf_checkpoint(hf_dir, "bfloat16")
-    np.testing.assert_array_equal(
-        bits(params["lm_head"]["kernel"]), bits(state_dict["lm_head.weight"].astype(BF16).T)
-    )
+    np.testing.assert_array_equal(bits(params["lm_head"]["kernel"]), bits(state_dict["lm_head.weight"].astype(BF16).T))
 
 
 def test_tied_embeddings(tmp_path):
@@ -258,7 +260,9 @@ def test_golden_checkpoint(tmp_path):
     flat = flatten_params(params)
     assert {k: v.shape for k, v in flat.items()} == param_shapes(config)
     source = read_hf_tensors(GOLDEN_DIR)
-    np.testing.assert_array_equal(flat["layers/mlp/down_proj/kernel"][1], source["model.layers.1.mlp.down_proj.weight"].T)
+    np.testing.assert_array_equal(
+        flat["layers/mlp/down_proj/kernel"][1], source["model.layers.1.mlp.down_proj.weight"].T
+    )
     save_hf_checkpoint(config, params, tmp_path / "out")
     assert_same_tensors(read_hf_tensors(tmp_path / "out"), source)
 
@@ -456,7 +460,9 @@ def test_cli_overwrite(tmp_path, hf_dir, capsys):
 
 
 def test_module_help_runs_as_a_program():
-    result = subprocess.run([sys.executable, "-m", "melt_jax.convert", "--help"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "melt_jax.convert", "--help"], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     assert "import" in result.stdout and "export" in result.stdout
 
@@ -466,7 +472,7 @@ def test_parse_size():
     assert parse_size("500MB") == 500 * 10**6
     assert parse_size("2GiB") == 2 * 2**30
     assert parse_size("1024") == 1024
-    with pytest.raises(Exception):
+    with pytest.raises(argparse.ArgumentTypeError, match="invalid size"):
         parse_size("five")
 
 

@@ -394,7 +394,9 @@ def test_synthetic_dataset_is_deterministic_and_correct():
     config = synthetic.SyntheticTaskConfig(num_examples=300, seed=5, **ASSIGNMENTS)
     ds = synthetic.synthetic_reasoning_dataset(config)
     assert ds.to_dict() == synthetic.synthetic_reasoning_dataset(config).to_dict()
-    other = synthetic.synthetic_reasoning_dataset(synthetic.SyntheticTaskConfig(num_examples=300, seed=6, **ASSIGNMENTS))
+    other = synthetic.synthetic_reasoning_dataset(
+        synthetic.SyntheticTaskConfig(num_examples=300, seed=6, **ASSIGNMENTS)
+    )
     assert len(set(ds["prompt"]) & set(other["prompt"])) < 15
     lengths = []
     for prompt, answer, text, hops in zip(ds["prompt"], ds["answer"], ds["text"], ds["hops"]):
@@ -504,7 +506,9 @@ def test_answer_batch_and_teacher_forced_exact_match():
 
 
 def test_pack_answer_examples_and_zero_hops():
-    config = synthetic.SyntheticTaskConfig(form="assignments", num_examples=20, min_hops=0, max_hops=0, num_distractors=2)
+    config = synthetic.SyntheticTaskConfig(
+        form="assignments", num_examples=20, min_hops=0, max_hops=0, num_distractors=2
+    )
     ds = synthetic.synthetic_reasoning_dataset(config)
     for prompt, answer in zip(ds["prompt"], ds["answer"]):
         value, depth, names = _solve(prompt)
@@ -513,7 +517,9 @@ def test_pack_answer_examples_and_zero_hops():
     prompts, answers = ["a=1;a?", "b=2;b?", "b=2,c=b+1;c?"], ["1", "2", "37"]
     packed = synthetic.pack_answer_examples(tok, prompts, answers, seq_len=18)
     # Row 0: two whole examples of 9 tokens (prompt, answer, newline, eos); row 1: the third (16 tokens).
-    np.testing.assert_array_equal(packed.tokens[0], tok.encode("a=1;a?1\n") + [tok.eos_id] + tok.encode("b=2;b?2\n") + [tok.eos_id])
+    np.testing.assert_array_equal(
+        packed.tokens[0], tok.encode("a=1;a?1\n") + [tok.eos_id] + tok.encode("b=2;b?2\n") + [tok.eos_id]
+    )
     np.testing.assert_array_equal(packed.loss_mask[0], ([0] * 6 + [1, 1, 0]) * 2)
     np.testing.assert_array_equal(packed.segment_ids[0], [1] * 9 + [2] * 9)
     np.testing.assert_array_equal(packed.loss_mask[1], [0] * 12 + [1, 1, 1, 0] + [0] * 2)

@@ -98,7 +98,10 @@ def test_evaluate_dataset_combines_batches():
     result = evaluate_dataset(model, params, [first, second])
     full_mask = np.ones_like(MASK)
     losses = [
-        (_per_loop(model, params, TOKENS, MASK) * MASK[:, 1:].sum() + _per_loop(model, params, TOKENS[::-1], full_mask) * 4 * 13)
+        (
+            _per_loop(model, params, TOKENS, MASK) * MASK[:, 1:].sum()
+            + _per_loop(model, params, TOKENS[::-1], full_mask) * 4 * 13
+        )
         / (MASK[:, 1:].sum() + 4 * 13)
     ]
     np.testing.assert_allclose(result["loss_per_loop"], losses[0], rtol=1e-5)
@@ -106,7 +109,9 @@ def test_evaluate_dataset_combines_batches():
     assert result["perplexity_per_loop"] == pytest.approx(np.exp(result["loss_per_loop"]))
     assert result["num_tokens"] == MASK[:, 1:].sum() + 4 * 13 and result["num_examples"] == 6
     correct = jax.jit(answer_accuracy, static_argnames=("model",))
-    hits = correct(model, params, TOKENS, answer_mask).sum() + correct(model, params, TOKENS[::-1], answer_mask)[:2].sum()
+    hits = (
+        correct(model, params, TOKENS, answer_mask).sum() + correct(model, params, TOKENS[::-1], answer_mask)[:2].sum()
+    )
     assert result["accuracy"] == pytest.approx(float(hits) / 6)
 
     with pytest.raises(ValueError, match="outside the vocabulary"):

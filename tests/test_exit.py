@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from torch_reference import exit_pdf_from_gate_logits
 
 from melt_jax.exit import ExitPolicy, cumulative_exit_probs, exit_distribution, threshold_exit_steps
-from torch_reference import exit_pdf_from_gate_logits
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

@@ -66,7 +66,6 @@ def test_loglikelihood_equals_a_direct_forward(kind):
     assert [r[1] for r in results] == [e[1] for e in expected]
 
 
-
 def test_greedy_flag_of_the_sampler_own_continuation():
     # Ouro only: MELT scores a continuation in chunks, which its one-token decode does not do.
     model, params = tiny_model("ouro")
@@ -97,7 +96,9 @@ def test_generate_until_is_greedy_generation_cut_at_the_stop_string():
     full = generate(model, params, [list(c.encode()) for c in contexts], SamplingConfig(max_new_tokens=12)).tokens
     texts = [TOKENIZER.decode(t, skip_special_tokens=False) for t in full]
     stop = texts[0][4]  # a character the first row produces mid-way
-    outputs = lm.generate_until(_requests("generate_until", [(c, {"until": [stop], "max_gen_toks": 12}) for c in contexts]))
+    outputs = lm.generate_until(
+        _requests("generate_until", [(c, {"until": [stop], "max_gen_toks": 12}) for c in contexts])
+    )
     assert outputs == [t.split(stop, 1)[0] for t in texts]
     assert len(outputs[0]) == 4
 
@@ -171,7 +172,11 @@ def test_local_file_tasks_run_through_lm_eval(tmp_path, monkeypatch):
 
     questions = ["1+1=", "k=2;k?", "abc", "xyz"]
     choices = [["2", "3", "11"], ["2", "0", "k"], ["d", "e", "f"], ["w", "a", "z"]]
-    rows = [(list(q.encode()) + list((" " + c).encode()), len((" " + c).encode())) for q, cs in zip(questions, choices) for c in cs]
+    rows = [
+        (list(q.encode()) + list((" " + c).encode()), len((" " + c).encode()))
+        for q, cs in zip(questions, choices)
+        for c in cs
+    ]
     scores = np.array([s for s, _ in _direct_scores("ouro", rows)]).reshape(4, 3)
     labels = [0, 1, 2, 0]
     expected_acc = np.mean(scores.argmax(axis=1) == labels)
@@ -205,7 +210,10 @@ def test_local_file_tasks_run_through_lm_eval(tmp_path, monkeypatch):
     )["results"]
     assert results["tiny_choice"]["acc,none"] == pytest.approx(expected_acc)
     assert results["tiny_generate"]["exact_match,none"] == pytest.approx(0.5)
-    assert np.isfinite(results["tiny_rolling"]["word_perplexity,none"]) and results["tiny_rolling"]["word_perplexity,none"] > 1
+    assert (
+        np.isfinite(results["tiny_rolling"]["word_perplexity,none"])
+        and results["tiny_rolling"]["word_perplexity,none"] > 1
+    )
 
 
 def test_generation_arguments_follow_lm_eval():

@@ -6,14 +6,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-
 from hf_fixtures import random_ouro_state_dict, tiny_hf_config, write_hf_checkpoint
+from torch_melt_reference import MeltReference, gate_names, ouro_last_loop_sharing_decode, random_melt_gates
+
 from melt_jax.config import MeltConfig, OuroConfig
 from melt_jax.convert import load_hf_checkpoint
 from melt_jax.decoding import decode_step
 from melt_jax.melt import MeltModel, chunked_prefill, init_melt_cache, melt_cache_bytes_per_token
 from melt_jax.params import abstract_params, count_params
-from torch_melt_reference import MeltReference, gate_names, ouro_last_loop_sharing_decode, random_melt_gates
 
 TOL = 1e-4  # JAX in fp32 against the reference in float64; logits are of magnitude ~10
 
@@ -125,7 +125,10 @@ def test_ouro_to_melt_export_and_import_round_trip(tmp_path):
     hf_config = tiny_hf_config()
     write_hf_checkpoint(tmp_path / "ouro-hf", hf_config, random_ouro_state_dict(hf_config, seed=1))
     assert main(["import", str(tmp_path / "ouro-hf"), str(tmp_path / "ouro")]) == 0
-    assert main(["to-melt", str(tmp_path / "ouro"), str(tmp_path / "melt"), "--gate-bias", "-3", "--chunk-size", "16"]) == 0
+    assert (
+        main(["to-melt", str(tmp_path / "ouro"), str(tmp_path / "melt"), "--gate-bias", "-3", "--chunk-size", "16"])
+        == 0
+    )
     config, params = load_params(tmp_path / "melt")
     assert isinstance(config, MeltConfig) and config.chunk_size == 16 and config.gate_bias_init == -3.0
     assert count_params(params) == count_params(abstract_params(MeltModel(config)))
@@ -181,7 +184,12 @@ def test_gate_step_changes_the_output_and_prefill_equals_sequential_forward(melt
     from melt_jax.losses import mean_next_token_loss as mean_loss
 
     grads = jax.grad(loss)(params)["layers"]["kv_gate"]
-    stepped = dict(params, layers=dict(params["layers"], kv_gate=jax.tree.map(lambda p, g: p - 0.5 * g, params["layers"]["kv_gate"], grads)))
+    stepped = dict(
+        params,
+        layers=dict(
+            params["layers"], kv_gate=jax.tree.map(lambda p, g: p - 0.5 * g, params["layers"]["kv_gate"], grads)
+        ),
+    )
     assert float(loss(stepped)) < float(loss(params))  # training only the gate moves the loss
 
     prefilled, _ = _prefill(config, params, np.asarray(tokens), chunk_size=4, max_length=16)

@@ -6,8 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-
 from hf_fixtures import random_ouro_state_dict, tiny_hf_config, write_hf_checkpoint
+from test_melt_model import _with_gates
+from torch_melt_reference import MeltReference, random_melt_gates
+
 from melt_jax.config import MeltConfig
 from melt_jax.convert import load_hf_checkpoint
 from melt_jax.decoding import forward
@@ -15,8 +17,6 @@ from melt_jax.losses import mean_next_token_loss
 from melt_jax.melt import MeltModel
 from melt_jax.melt_training import sequential_forward, two_pass_forward
 from melt_jax.ouro import OuroModel
-from test_melt_model import _with_gates
-from torch_melt_reference import MeltReference, random_melt_gates
 
 TOL = 1e-4  # JAX in fp32 against the reference in float64; logits of magnitude ~10
 

@@ -8,14 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-
 from hf_fixtures import random_ouro_state_dict, tiny_hf_config, write_hf_checkpoint
+from torch_reference import OuroReference
+
 from melt_jax.convert import load_hf_checkpoint
 from melt_jax.decoding import forward
 from melt_jax.exit import ExitPolicy, select_hidden
 from melt_jax.losses import mean_next_token_loss, next_token_cross_entropy
 from melt_jax.ouro import OuroModel
-from torch_reference import OuroReference
 
 GOLDEN = Path(__file__).parent / "data" / "ouro-tiny"
 TOL = 1e-4  # fp32 on both sides; observed differences are ~1e-6 of logits of magnitude ~10.
@@ -100,9 +100,13 @@ def test_golden_upstream_outputs(golden):
     config, params, ref = golden
     model = OuroModel(config, collect=("layer_output",))
     tokens = jnp.asarray(ref["input_ids"])
-    out = model.apply({"params": params}, tokens, exit_policy=ExitPolicy.upstream_default(config), return_step_logits=True)
+    out = model.apply(
+        {"params": params}, tokens, exit_policy=ExitPolicy.upstream_default(config), return_step_logits=True
+    )
     T, L = config.num_loops, config.num_layers
-    np.testing.assert_allclose(out.intermediates["layer_output"].reshape(T * L, *tokens.shape, -1), ref["layer_outputs"], atol=TOL)
+    np.testing.assert_allclose(
+        out.intermediates["layer_output"].reshape(T * L, *tokens.shape, -1), ref["layer_outputs"], atol=TOL
+    )
     np.testing.assert_allclose(out.hidden_steps, ref["hidden_steps"], atol=TOL)
     np.testing.assert_allclose(out.gate_logits, ref["gate_logits"], atol=TOL)
     np.testing.assert_allclose(out.exit_pdf, ref["exit_pdf"], atol=TOL)

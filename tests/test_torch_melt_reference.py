@@ -10,7 +10,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from torch_melt_reference import MeltReference, gate_names, ouro_last_loop_sharing_decode, random_melt_gates
 from torch_reference import OuroReference, apply_rope, random_ouro, rms_norm, rope_cos_sin
 
@@ -29,8 +28,16 @@ def _one_torch_thread():
 @pytest.fixture(scope="module")
 def model():
     cfg, sd = random_ouro(
-        seed=3, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=8, intermediate_size=48, vocab_size=64, total_ut_steps=3, rope_theta=100.0,
+        seed=3,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        intermediate_size=48,
+        vocab_size=64,
+        total_ut_steps=3,
+        rope_theta=100.0,
     )
     gates = random_melt_gates(cfg, seed=5, scale=0.2, bias=-0.5)
     return cfg, sd, gates, MeltReference(cfg, sd, gates)
@@ -135,7 +142,10 @@ def test_alpha_changes_and_one_chunk_differs(model, ids):
     # token 0 is alone in its chunk either way
     _close(one[:, :, 0], c1[:, :, 0])
     # alpha matters
-    assert np.max(np.abs(m.forward_chunked(ids, 3, alpha=0.5)["step_logits"] - m.forward_chunked(ids, 3)["step_logits"])) > 1e-3
+    assert (
+        np.max(np.abs(m.forward_chunked(ids, 3, alpha=0.5)["step_logits"] - m.forward_chunked(ids, 3)["step_logits"]))
+        > 1e-3
+    )
 
 
 @pytest.mark.parametrize("chunk", [1, 5])
@@ -150,7 +160,9 @@ def test_final_rows_are_last_loop_keys(model, ids, chunk):
     f = lambda n: torch.from_numpy(np.asarray(sd[n], dtype=np.float64))  # noqa: E731
     g = lambda n: torch.from_numpy(np.asarray(gates[n], dtype=np.float64))  # noqa: E731
     wz, uz, bz = (g(n) for n in gate_names(0))
-    ins = [f("model.embed_tokens.weight")[torch.from_numpy(ids)]] + [torch.from_numpy(h) for h in o["hidden_steps"][:-1]]
+    ins = [f("model.embed_tokens.weight")[torch.from_numpy(ids)]] + [
+        torch.from_numpy(h) for h in o["hidden_steps"][:-1]
+    ]
     s = None
     for h in ins:
         u = rms_norm(h, f("model.layers.0.input_layernorm.weight"), cfg["rms_norm_eps"])

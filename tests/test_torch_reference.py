@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-
 from torch_reference import (
     OuroReference,
     apply_rope,
@@ -160,8 +159,15 @@ def test_float64_close_to_golden(tiny_parts, golden):
 @pytest.fixture(scope="module")
 def gqa():
     cfg, sd = random_ouro(
-        seed=1, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=48, vocab_size=64, total_ut_steps=3, rope_theta=100.0,
+        seed=1,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=48,
+        vocab_size=64,
+        total_ut_steps=3,
+        rope_theta=100.0,
     )
     return cfg, sd
 
@@ -200,7 +206,9 @@ def test_gqa_head_mapping(gqa):
     for i in range(cfg["num_hidden_layers"]):
         for n in ("k", "v"):
             w = sd[f"model.layers.{i}.self_attn.{n}_proj.weight"].view(nkv, hd, -1)
-            sd_mha[f"model.layers.{i}.self_attn.{n}_proj.weight"] = w[[h // rep for h in range(nh)]].reshape(nh * hd, -1)
+            sd_mha[f"model.layers.{i}.self_attn.{n}_proj.weight"] = w[[h // rep for h in range(nh)]].reshape(
+                nh * hd, -1
+            )
     ids = np.random.default_rng(2).integers(0, cfg["vocab_size"], size=(1, 16))
     a = OuroReference(cfg, sd, dtype=torch.float64).forward(ids)["step_logits"]
     b = OuroReference({**cfg, "num_key_value_heads": nh}, sd_mha, dtype=torch.float64).forward(ids)["step_logits"]

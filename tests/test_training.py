@@ -97,7 +97,9 @@ def assert_params_close(a, b, atol=TOL):
     flat_b = jax.tree.leaves(b)
     assert len(flat_a) == len(flat_b)
     for (path, x), y in zip(flat_a, flat_b):
-        np.testing.assert_allclose(np.asarray(x, np.float32), np.asarray(y, np.float32), atol=atol, rtol=0, err_msg=str(path))
+        np.testing.assert_allclose(
+            np.asarray(x, np.float32), np.asarray(y, np.float32), atol=atol, rtol=0, err_msg=str(path)
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -153,9 +155,17 @@ def test_exit_gate_stage_trains_only_the_exit_gate(teacher_dir):
 
 
 def test_config_file_with_overrides(tmp_path):
-    (tmp_path / "run.yaml").write_text("stage: looplm\nsteps: 7\noptimizer:\n  learning_rate: 0.01\n  schedule: constant\ndata:\n  seq_len: 48\n")
+    (tmp_path / "run.yaml").write_text(
+        "stage: looplm\nsteps: 7\noptimizer:\n  learning_rate: 0.01\n  schedule: constant\ndata:\n  seq_len: 48\n"
+    )
     cfg = load_train_config(tmp_path / "run.yaml", ["steps=9", "data.max_hops=0", "data.min_hops=0"])
-    assert (cfg.steps, cfg.optimizer.learning_rate, cfg.optimizer.schedule, cfg.data.seq_len, cfg.data.max_hops) == (9, 0.01, "constant", 48, 0)
+    assert (cfg.steps, cfg.optimizer.learning_rate, cfg.optimizer.schedule, cfg.data.seq_len, cfg.data.max_hops) == (
+        9,
+        0.01,
+        "constant",
+        48,
+        0,
+    )
     (tmp_path / "bad.json").write_text('{"steps": 3, "optimizer": {"lr": 1}}')
     with pytest.raises(RunConfigError, match="unknown config field.*optimizer.lr"):
         load_train_config(tmp_path / "bad.json")
@@ -177,7 +187,9 @@ def phase_runs(tmp_path_factory, teacher_dir, model_json):
         for stage in ("looplm", "melt_phase1", "melt_phase2"):
             out = root / f"{stage}-{mesh_name}"
             extra = DISTILLATION_OPTIMIZER if stage.startswith("melt") else []
-            cfg = load_train_config(None, stage_overrides(stage, out, teacher_dir, model_json, phase1) + ["steps=3", *mesh, *extra])
+            cfg = load_train_config(
+                None, stage_overrides(stage, out, teacher_dir, model_json, phase1) + ["steps=3", *mesh, *extra]
+            )
             results[stage, mesh_name] = run_stage(cfg, log=lambda _: None)
     return results
 
@@ -214,7 +226,10 @@ def test_metrics_go_to_jsonl_and_tensorboard(phase_runs):
 def test_metrics_log_flattens_records_and_works_without_tensorboard(tmp_path, monkeypatch):
     record = {"step": 7, "loss": 0.5, "eval": {"loop_loss": [2.0, 1.0], "accuracy": 0.25}}
     assert metrics.scalars(record) == {
-        "loss": 0.5, "eval/loop_loss/loop_1": 2.0, "eval/loop_loss/loop_2": 1.0, "eval/accuracy": 0.25
+        "loss": 0.5,
+        "eval/loop_loss/loop_1": 2.0,
+        "eval/loop_loss/loop_2": 1.0,
+        "eval/accuracy": 0.25,
     }
     monkeypatch.setattr(metrics, "tensorboard_available", lambda: False)
     messages = []
@@ -235,7 +250,10 @@ def test_sharded_step_equals_single_device_step(phase_runs, teacher_dir, stage):
     if stage != "looplm":  # the steps moved the student well beyond the tolerance
         start = phase_runs["melt_phase1", "1"].model_dir if stage == "melt_phase2" else None
         before = final_params(start) if start else melt_from_ouro(*load_params(teacher_dir))[1]
-        moved = max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(jax.tree.leaves(final_params(single)), jax.tree.leaves(before)))
+        moved = max(
+            float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+            for x, y in zip(jax.tree.leaves(final_params(single)), jax.tree.leaves(before))
+        )
         assert moved > 100 * TOL
 
 
@@ -244,7 +262,9 @@ def test_checkpoint_read_sharded(teacher_dir):
     config, host = load_params(teacher_dir)
     _, sharded = load_params(teacher_dir, mesh=mesh)
     expected = param_shardings(host, mesh)
-    for (path, x), y, sharding in zip(jax.tree_util.tree_leaves_with_path(sharded), jax.tree.leaves(host), jax.tree.leaves(expected)):
+    for (path, x), y, sharding in zip(
+        jax.tree_util.tree_leaves_with_path(sharded), jax.tree.leaves(host), jax.tree.leaves(expected)
+    ):
         assert isinstance(x, jax.Array) and x.sharding == sharding, path
         np.testing.assert_array_equal(np.asarray(x), y)
     assert any(not x.sharding.is_fully_replicated for x in jax.tree.leaves(sharded))
@@ -303,14 +323,32 @@ def test_two_processes_equal_one(tmp_path, phase_runs, teacher_dir, model_json, 
     (each process its own shards) and the student's new gates placed from host arrays."""
     out = tmp_path / "two-proc"
     port = _free_port()
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0")
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS="--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0",
+    )
     extra = DISTILLATION_OPTIMIZER if stage.startswith("melt") else []
     overrides = stage_overrides(stage, out, teacher_dir, model_json) + ["steps=3", *MESH_8, *extra]
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "melt_jax.train", "stage", *overrides, "--coordinator", f"localhost:{port}",
-             "--num-processes", "2", "--process-id", str(i)],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            [
+                sys.executable,
+                "-m",
+                "melt_jax.train",
+                "stage",
+                *overrides,
+                "--coordinator",
+                f"localhost:{port}",
+                "--num-processes",
+                "2",
+                "--process-id",
+                str(i),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         for i in range(2)
     ]
@@ -325,7 +363,10 @@ def test_two_processes_equal_one(tmp_path, phase_runs, teacher_dir, model_json, 
 
 def test_interrupted_run_resumes_to_the_same_params_and_tokens(tmp_path, teacher_dir, model_json):
     base = ["steps=6", "checkpoint_every=2"]
-    whole = run_stage(load_train_config(None, stage_overrides("looplm", tmp_path / "whole", teacher_dir, model_json) + base + MESH_1), log=lambda _: None)
+    whole = run_stage(
+        load_train_config(None, stage_overrides("looplm", tmp_path / "whole", teacher_dir, model_json) + base + MESH_1),
+        log=lambda _: None,
+    )
     out = tmp_path / "interrupted"
     first = load_train_config(None, stage_overrides("looplm", out, teacher_dir, model_json) + base + MESH_8)
     cut = run_stage(first, stop_after=3, log=lambda _: None)  # steps 1-3 run, checkpoint at 2
@@ -333,7 +374,9 @@ def test_interrupted_run_resumes_to_the_same_params_and_tokens(tmp_path, teacher
     assert RunCheckpoints(out / "checkpoints").latest_step() == 2
     # Resume on a mesh of another shape: the checkpoint is resharded onto it.
     messages = []
-    second = load_train_config(None, stage_overrides("looplm", out, teacher_dir, model_json) + base + ["mesh.data=4", "mesh.tensor=2"])
+    second = load_train_config(
+        None, stage_overrides("looplm", out, teacher_dir, model_json) + base + ["mesh.data=4", "mesh.tensor=2"]
+    )
     resumed = run_stage(second, log=messages.append)
     assert any("resumed from step 2" in m for m in messages)
     assert resumed.steps == 6
@@ -353,12 +396,21 @@ def test_killed_run_resumes_from_its_last_complete_checkpoint(tmp_path, teacher_
     steps independent of the configured total, so the killed run can be given a total it never
     reaches."""
     out = tmp_path / "killed"
-    base = ["optimizer.schedule=constant", "checkpoint_every=1", "keep_checkpoints=3", "async_checkpoints=true", *MESH_1]
+    base = [
+        "optimizer.schedule=constant",
+        "checkpoint_every=1",
+        "keep_checkpoints=3",
+        "async_checkpoints=true",
+        *MESH_1,
+    ]
     overrides = stage_overrides("looplm", out, teacher_dir, model_json) + base
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.Popen(
         [sys.executable, "-m", "melt_jax.train", "stage", *overrides, "steps=100000"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     deadline = time.monotonic() + 300
     try:
@@ -431,7 +483,9 @@ def test_bad_configurations_give_clear_errors(tmp_path, teacher_dir, model_json)
     config, params = melt_from_ouro(*load_params(teacher_dir))
     save_params(phase1_student, config, params)
     bad = stage_overrides("melt_phase2", tmp_path / "bad2", other, model_json, phase1_student) + MESH_1
-    with pytest.raises(TrainingError, match=r"layers/mlp/\w+_proj/kernel has shape .* in the teacher but .* in the student"):
+    with pytest.raises(
+        TrainingError, match=r"layers/mlp/\w+_proj/kernel has shape .* in the teacher but .* in the student"
+    ):
         run_stage(load_train_config(None, bad))
     wrong_kind = stage_overrides("melt_phase2", tmp_path / "bad3", teacher_dir, model_json, teacher_dir) + MESH_1
     with pytest.raises(TrainingError, match="init_from=.* must be a melt checkpoint, got model_type 'ouro'"):
@@ -445,7 +499,9 @@ def test_bad_configurations_give_clear_errors(tmp_path, teacher_dir, model_json)
 
 
 def test_pipeline_config_stages(tmp_path):
-    config = load_pipeline_config(None, [f"output_dir={tmp_path}", "exit_gate_steps=5", "train.optimizer.warmup_steps=3"])
+    config = load_pipeline_config(
+        None, [f"output_dir={tmp_path}", "exit_gate_steps=5", "train.optimizer.warmup_steps=3"]
+    )
     stages = config.stage_configs()
     assert [c.stage for c in stages] == ["looplm", "exit_gate", "melt_phase1", "melt_phase2"]
     assert [c.optimizer.warmup_steps for c in stages] == [100, 100, 3, 3]  # teacher_warmup_steps for the teacher
@@ -465,7 +521,10 @@ def test_pipeline_on_the_embedded_default(tmp_path):
     out = tmp_path / "pipeline"
     done = subprocess.run(
         [sys.executable, "-m", "melt_jax.train", "pipeline", f"output_dir={out}", "train.progress=false"],
-        env=env, capture_output=True, text=True, timeout=900,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     # Exit status 1: the student is outside the pipeline's margin (reported, not an error).
     assert done.returncode in (0, 1), done.stdout[-3000:] + done.stderr[-3000:]
@@ -481,5 +540,7 @@ def test_pipeline_on_the_embedded_default(tmp_path):
     assert student["accuracy"] >= teacher["accuracy"] - 0.15, summary
     assert student["kv_bytes_per_token"] * 4 == teacher["kv_bytes_per_token"]  # T = 4 loops, one shared cache
     assert summary["kv_ratio"] == 0.25
-    losses = [json.loads(l)["loss"] for l in (out / "looplm" / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+    losses = [
+        json.loads(l)["loss"] for l in (out / "looplm" / "metrics.jsonl").read_text().splitlines() if '"loss"' in l
+    ]
     assert losses[-1] < losses[0] - 1.0  # the teacher's training loss falls

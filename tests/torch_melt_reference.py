@@ -50,7 +50,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-
 from torch_reference import (
     OuroReference,
     _compute_dtype,
@@ -107,7 +106,9 @@ def _chunk_lengths(S: int, chunk_size) -> list[int]:
 class MeltReference:
     """Eager PyTorch MELT: Ouro weights (HF state dict) plus per-layer gates (see random_melt_gates)."""
 
-    def __init__(self, hf_config: dict, state_dict: dict[str, Any], gates: dict[str, Any], dtype: torch.dtype = torch.float64):
+    def __init__(
+        self, hf_config: dict, state_dict: dict[str, Any], gates: dict[str, Any], dtype: torch.dtype = torch.float64
+    ):
         # OuroReference reads and checks the HF state dict; its parsed tensors are reused here.
         self.ouro = OuroReference(hf_config, state_dict, dtype=dtype)
         o = self.ouro
@@ -123,8 +124,10 @@ class MeltReference:
                     raise KeyError(f"missing MELT gate parameter {n}")
             wz, uz, bz = (_to_tensor(gates[n], dtype) for n in names)
             if wz.shape != (self.H, self.H) or uz.shape != (self.H, self.H) or bz.shape != (self.H,):
-                raise ValueError(f"layer {i}: gate shapes {tuple(wz.shape)}, {tuple(uz.shape)}, {tuple(bz.shape)}; "
-                                 f"expected [H, H], [H, H], [H] with H = {self.H}")
+                raise ValueError(
+                    f"layer {i}: gate shapes {tuple(wz.shape)}, {tuple(uz.shape)}, {tuple(bz.shape)}; "
+                    f"expected [H, H], [H, H], [H] with H = {self.H}"
+                )
             self.layers.append(dict(p, wz=wz, uz=uz, bz=bz))
 
     # ---------------------------------------------------------------------------------------------
@@ -206,7 +209,9 @@ class MeltReference:
         Ouro rows 'k_ouro', 'v_ouro' [T] lists of the same shape (only needed when alpha < 1)."""
         return {
             "n": 0,
-            "layers": [{"k": None, "v": None, "k_ouro": [None] * self.T, "v_ouro": [None] * self.T} for _ in range(self.L)],
+            "layers": [
+                {"k": None, "v": None, "k_ouro": [None] * self.T, "v_ouro": [None] * self.T} for _ in range(self.L)
+            ],
         }
 
     @torch.no_grad()
@@ -300,7 +305,14 @@ class MeltReference:
         for C in _chunk_lengths(ids.shape[1], chunk_size):
             outs.append(self._run_chunk(ids[:, a : a + C], cache, alpha))
             a += C
-        seq_axis = {"step_logits": 2, "hidden_steps": 2, "gate_logits": 2, "attn_outputs": 3, "k_steps": 4, "v_steps": 4}
+        seq_axis = {
+            "step_logits": 2,
+            "hidden_steps": 2,
+            "gate_logits": 2,
+            "attn_outputs": 3,
+            "k_steps": 4,
+            "v_steps": 4,
+        }
         out = {n: torch.cat([o[n] for o in outs], dim=ax) for n, ax in seq_axis.items()}
         return self._finish(out, cache)
 
@@ -339,7 +351,7 @@ class MeltReference:
         h = self.ouro.embed[ids]
         s = [None] * self.L
         hidden, gates, logits, attn, k_steps, v_steps = [], [], [], [], [], []
-        for t in range(self.T):
+        for _ in range(self.T):
             a_t, k_t, v_t = [], [], []
             for l, p in enumerate(self.layers):
                 u = rms_norm(h, p["n1"], self.eps)
@@ -404,7 +416,9 @@ class MeltReference:
 
 
 @torch.no_grad()
-def ouro_last_loop_sharing_decode(ouro_hf_config: dict, state_dict: dict, input_ids, dtype: torch.dtype = torch.float64) -> np.ndarray:
+def ouro_last_loop_sharing_decode(
+    ouro_hf_config: dict, state_dict: dict, input_ids, dtype: torch.dtype = torch.float64
+) -> np.ndarray:
     """Ouro decoded token by token where token i, at every loop t and layer l, attends to the earlier
     tokens' LAST-loop keys/values of layer l and to its own loop-t key/value. Returns the last-loop
     logits of every position, [B, S, V].

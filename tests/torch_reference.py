@@ -234,7 +234,7 @@ class OuroReference:
 
     # ---------------------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path: str, dtype: torch.dtype = torch.float32) -> "OuroReference":
+    def from_pretrained(cls, path: str, dtype: torch.dtype = torch.float32) -> OuroReference:
         """Load a HF-layout folder: config.json + model.safetensors (or shards with an index)."""
         from safetensors.torch import load_file
 

@@ -24,7 +24,9 @@ from .trainer import run_stage
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="melt-train", description="Train LoopLM teachers and distill them into MELT.")
     parser.add_argument("command", choices=("stage", "pipeline"), help="one stage, or the whole pipeline")
-    parser.add_argument("overrides", nargs="*", help="config overrides field=value (e.g. steps=200 optimizer.learning_rate=3e-4)")
+    parser.add_argument(
+        "overrides", nargs="*", help="config overrides field=value (e.g. steps=200 optimizer.learning_rate=3e-4)"
+    )
     parser.add_argument("--config", help="a JSON or YAML config file")
     parser.add_argument("--coordinator", help="HOST:PORT of process 0, for a run over several processes")
     parser.add_argument("--num-processes", type=int, default=1)

@@ -92,7 +92,7 @@ class TrainConfig:
     mesh: MeshConfig = MeshConfig()
     data: DataConfig = DataConfig()
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         if self.stage not in STAGES:
             raise RunConfigError(f"stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
         for name in ("steps", "batch_size", "chunk_size", "log_every", "checkpoint_every", "keep_checkpoints"):
@@ -165,9 +165,11 @@ def to_dict(config) -> dict[str, Any]:
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """"a.b=value" -> (["a", "b"], value), the value read as JSON when it parses, else as a string."""
+    """ "a.b=value" -> (["a", "b"], value), the value read as JSON when it parses, else as a string."""
     if "=" not in text:
-        raise RunConfigError(f"override {text!r} is not of the form field=value (e.g. steps=200, optimizer.learning_rate=3e-4)")
+        raise RunConfigError(
+            f"override {text!r} is not of the form field=value (e.g. steps=200, optimizer.learning_rate=3e-4)"
+        )
     key, raw = text.split("=", 1)
     try:
         value = json.loads(raw)
@@ -210,7 +212,9 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return values
 
 
-def load_train_config(path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None) -> TrainConfig:
+def load_train_config(
+    path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None
+) -> TrainConfig:
     """A validated TrainConfig from defaults, then `base`, then a file, then overrides."""
     values = dict(base or {})
     if path is not None:

@@ -9,8 +9,9 @@ as eval/name). Only the main process writes.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 
 def tensorboard_available() -> bool:

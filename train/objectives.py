@@ -12,7 +12,7 @@ backward pass keeps only the loop's hidden state [B, S, H], never [T, B, S, V].
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -199,4 +199,3 @@ def is_gate_param(path: tuple[str, ...]) -> bool:
 
 def is_exit_gate_param(path: tuple[str, ...]) -> bool:
     return len(path) > 0 and path[0] == "exit_gate"
-

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
+from melt_jax.cache import kv_cache_bytes
+from melt_jax.checkpoint import load_config
 from melt_jax.train.config import (
     DataConfig,
     RunConfigError,
@@ -23,9 +25,6 @@ from melt_jax.train.config import (
 )
 from melt_jax.train.optimizer import OptimizerConfig
 from melt_jax.train.trainer import StageResult, run_stage
-
-from melt_jax.cache import kv_cache_bytes
-from melt_jax.checkpoint import load_config
 
 # The embedded default: a one-layer version of the tiny preset (H=64, 4 loops) on byte-level text of
 # the synthetic task's default (one addition or multiplication modulo 10, "3+4=7", "3*4=2"), loss on
@@ -62,7 +61,7 @@ class PipelineConfig:
     accuracy_margin: float = 0.05
     train: TrainConfig = DEFAULT_TRAIN
 
-    def validate(self) -> "PipelineConfig":
+    def validate(self) -> PipelineConfig:
         for name in ("teacher_steps", "phase1_steps", "phase2_steps"):
             if getattr(self, name) < 1:
                 raise RunConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -95,7 +94,13 @@ class PipelineConfig:
             teacher_dir = str(root / "exit_gate" / "model")
         configs.append(stage("melt_phase1", self.phase1_steps, student, init_from=None, teacher=teacher_dir))
         configs.append(
-            stage("melt_phase2", self.phase2_steps, student, init_from=str(root / "melt_phase1" / "model"), teacher=teacher_dir)
+            stage(
+                "melt_phase2",
+                self.phase2_steps,
+                student,
+                init_from=str(root / "melt_phase1" / "model"),
+                teacher=teacher_dir,
+            )
         )
         return configs
 
@@ -137,7 +142,11 @@ def summarize(config: PipelineConfig, teacher: StageResult, student: StageResult
 
 
 def format_summary(summary: dict, seconds: float) -> str:
-    lines = ["", "| model | accuracy | per-loop accuracy | per-loop loss | KV cache bytes / token |", "|---|---:|---|---|---:|"]
+    lines = [
+        "",
+        "| model | accuracy | per-loop accuracy | per-loop loss | KV cache bytes / token |",
+        "|---|---:|---|---|---:|",
+    ]
     for name, row in summary["models"].items():
         acc = "-" if row["accuracy"] is None else f"{row['accuracy']:.3f}"
         loop_acc = "-" if row["loop_accuracy"] is None else " ".join(f"{x:.2f}" for x in row["loop_accuracy"])
@@ -169,4 +178,3 @@ def run_pipeline(config: PipelineConfig, log: Callable[[str], None] = print) -> 
     Path(config.output_dir, "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     log(format_summary(summary, summary["seconds"]))
     return summary
-

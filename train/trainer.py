@@ -15,8 +15,9 @@ import hashlib
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import flax.struct
 import jax
@@ -116,7 +117,8 @@ def _check_same_shapes(student: dict, teacher: dict, what: str) -> None:
             raise TrainingError(f"{what}: the student has no param {name}")
         if tuple(flat_student[path].shape) != tuple(x.shape):
             raise TrainingError(
-                f"{what}: param {name} has shape {tuple(x.shape)} in the teacher but {tuple(flat_student[path].shape)} in the student"
+                f"{what}: param {name} has shape {tuple(x.shape)} in the teacher "
+                f"but {tuple(flat_student[path].shape)} in the student"
             )
 
 
@@ -233,7 +235,9 @@ def init_state(task: Task, cfg: TrainConfig, mesh, optimizer) -> TrainState:
     shapes = abstract_params(task.model)
     shardings = param_shardings(shapes, mesh)
     if task.init_params is None:
-        init = jax.jit(lambda rng: task.model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"], out_shardings=shardings)
+        init = jax.jit(
+            lambda rng: task.model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"], out_shardings=shardings
+        )
         params = init(jax.random.PRNGKey(cfg.seed))
     else:
         params = _place(task.init_params, shardings)
@@ -392,7 +396,8 @@ def run_stage(cfg: TrainConfig, *, stop_after: int | None = None, log: Callable[
     data = build_data(cfg)
     if data.tokenizer.vocab_size > task.config.vocab_size:
         raise TrainingError(
-            f"tokenizer {cfg.data.tokenizer} has {data.tokenizer.vocab_size} tokens but the model's vocab_size is {task.config.vocab_size}"
+            f"tokenizer {cfg.data.tokenizer} has {data.tokenizer.vocab_size} tokens "
+            f"but the model's vocab_size is {task.config.vocab_size}"
         )
     iterator = BatchIterator(
         data.train,
@@ -437,7 +442,8 @@ def run_stage(cfg: TrainConfig, *, stop_after: int | None = None, log: Callable[
         if not math.isfinite(loss):
             where = f"step {last_saved}" if last_saved is not None else "none yet"
             raise TrainingError(
-                f"[{cfg.stage}] loss is {loss} at step {at_step}: stopping. Last good checkpoint: {where} in {checkpoints.directory}"
+                f"[{cfg.stage}] loss is {loss} at step {at_step}: stopping. "
+                f"Last good checkpoint: {where} in {checkpoints.directory}"
             )
         return loss
 
