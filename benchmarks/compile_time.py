@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from machine_load import busy_report, cpu_times, machine_line  # noqa: E402
 
-from melt_jax.cache import init_ouro_cache
+from melt_jax.cache import init_cache
 from melt_jax.config import OuroConfig
 from melt_jax.decoding import decode_step, forward
 from melt_jax.exit import ExitPolicy
@@ -74,7 +74,7 @@ def compile_seconds(kind: str, config: OuroConfig) -> tuple[float, float, float,
         kwargs = dict(exit_policy=POLICY)
     else:
         fn = jax.jit(decode_step.__wrapped__, static_argnames=("model", "exit_policy"), donate_argnames=("cache",))
-        cache = jax.eval_shape(lambda: init_ouro_cache(config, BATCH, CACHE_LEN))
+        cache = jax.eval_shape(lambda: init_cache(config, BATCH, CACHE_LEN))
         args = (model, params, jax.ShapeDtypeStruct((BATCH,), jnp.int32), cache)
         kwargs = dict(exit_policy=POLICY)
     start = time.perf_counter()

@@ -22,7 +22,7 @@ Memory: each (implementation, batch) runs again in a fresh process that loads th
 once to compile / warm up, resets the kernel's peak-RSS counter (/proc/self/clear_refs), and generates
 again: "peak RSS" is that process's peak resident memory during the second generation and "added" the
 peak minus the resident memory before it (cache, activations, workspace). The KV cache sizes are
-computed from the shapes (melt_jax.cache.kv_cache_bytes).
+computed from the shapes (OuroConfig.kv_cache_bytes).
 
     python benchmarks/generate_speed.py [--repeats 5]
 """
@@ -50,7 +50,6 @@ from ouro_speed import HF_CONFIG  # noqa: E402  (the same model as the Ouro spee
 from torch_melt_reference import MeltReference, gate_names, random_melt_gates  # noqa: E402
 from torch_reference import OuroReference  # noqa: E402
 
-from melt_jax.cache import kv_cache_bytes  # noqa: E402
 from melt_jax.config import MeltConfig, OuroConfig  # noqa: E402
 from melt_jax.convert import load_hf_checkpoint  # noqa: E402
 from melt_jax.melt import MeltModel  # noqa: E402
@@ -101,7 +100,7 @@ def jax_generator(model, params):
     params = jax.device_put(params)
 
     def run(prompts: np.ndarray):
-        result = generate(model, params, prompts.tolist(), SAMPLING, prefill_chunk_size=prompts.shape[1])
+        result = generate(model, params, prompts.tolist(), SAMPLING, chunk_size=prompts.shape[1])
         return result.timing.decode_s, np.array(result.tokens)
 
     return run
@@ -220,7 +219,7 @@ def print_long_context(long: dict) -> None:
     print("| batch | Ouro tokens/s | MELT tokens/s | MELT / Ouro | Ouro KV cache | MELT KV cache |")
     print("|---:|---:|---:|---:|---:|---:|")
     for batch, tps in long.items():
-        sizes = [kv_cache_bytes(CONFIGS[m], batch, LONG_PROMPT + N_NEW) / 2**20 for m in ("ouro", "melt")]
+        sizes = [CONFIGS[m].kv_cache_bytes(batch, LONG_PROMPT + N_NEW) / 2**20 for m in ("ouro", "melt")]
         print(
             f"| {batch} | {tps['jax-ouro']:,.0f} | {tps['jax-melt']:,.0f} | {tps['jax-melt'] / tps['jax-ouro']:.2f}x | "
             f"{sizes[0]:,.0f} MB | {sizes[1]:,.0f} MB |"
@@ -238,7 +237,7 @@ def print_report(speed: dict, memory: dict) -> None:
         for model in ("ouro", "melt"):
             jx, pt = speed[f"jax-{model}", batch], speed[f"torch-{model}", batch]
             jm, pm = memory[f"jax-{model}", batch], memory[f"torch-{model}", batch]
-            cache = kv_cache_bytes(CONFIGS[model], batch, N_PROMPT + N_NEW)
+            cache = CONFIGS[model].kv_cache_bytes(batch, N_PROMPT + N_NEW)
             same = float(np.mean(jx["tokens"] == pt["tokens"]))
             print(
                 f"| {'MELT' if model == 'melt' else 'Ouro'} | {batch} | {jx['tps']:,.0f} | {pt['tps']:,.0f} | "

@@ -294,7 +294,7 @@ def main() -> None:
         return looplm_loss(ouro, p, batch, BETA)
 
     def distillation(forward):
-        setup = Distillation(melt, ouro, args.chunk, forward)
+        setup = Distillation(melt, ouro, forward)
         if args.phase == 1:
             return lambda p, t, batch, step: phase1_loss(setup, p, t, batch, linear_alpha(step, PHASE1_STEPS))
         return lambda p, t, batch, step: phase2_loss(setup, p, t, batch, ALIGN_BETA)

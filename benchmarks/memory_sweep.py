@@ -21,10 +21,9 @@ import time
 import jax
 import jax.numpy as jnp
 
-from melt_jax.cache import init_ouro_cache
 from melt_jax.config import MeltConfig, OuroConfig
 from melt_jax.decoding import decode_step
-from melt_jax.melt import MeltModel, init_melt_cache
+from melt_jax.melt import MeltModel
 from melt_jax.ouro import OuroModel
 from melt_jax.params import abstract_params
 
@@ -36,15 +35,15 @@ LOOPS = [1, 2, 4, 8]
 def build(kind: str, loops: int):
     ouro = OuroConfig.preset("ouro-1.4b", total_ut_steps=loops)
     if kind == "ouro":
-        return OuroModel(ouro), init_ouro_cache
-    return MeltModel(MeltConfig.from_ouro(ouro)), init_melt_cache
+        return OuroModel(ouro)
+    return MeltModel(MeltConfig.from_ouro(ouro))
 
 
 def measure(kind: str, loops: int, length: int) -> dict:
     """Memory of one compiled decode step (batch 1, cache of `length` positions), in bytes."""
-    model, init_cache = build(kind, loops)
+    model = build(kind, loops)
     params = abstract_params(model)
-    cache = jax.eval_shape(lambda: init_cache(model.config, 1, length))
+    cache = jax.eval_shape(lambda: model.init_cache(1, length))
     token = jax.ShapeDtypeStruct((1,), jnp.int32)
     start = time.perf_counter()
     compiled = decode_step.lower(model, params, token, cache).compile()

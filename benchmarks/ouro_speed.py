@@ -50,7 +50,7 @@ from hf_fixtures import random_ouro_state_dict, tiny_hf_config, write_hf_checkpo
 from machine_load import busy_report, cpu_times, machine_line, usable_cores  # noqa: E402
 from torch_reference import OuroReference  # noqa: E402
 
-from melt_jax.cache import init_ouro_cache  # noqa: E402
+from melt_jax.cache import init_cache  # noqa: E402
 from melt_jax.convert import load_hf_checkpoint  # noqa: E402
 from melt_jax.decoding import decode_step, forward, prefill  # noqa: E402
 from melt_jax.exit import ExitPolicy  # noqa: E402
@@ -110,7 +110,7 @@ class Jax:
         Returns (seconds of the prefill, seconds of the decode steps, logits [B, 1 + n_decode, V])."""
         batch = tokens.shape[0]
         max_length = max_length or N_PREFILL + n_decode
-        cache = init_ouro_cache(self.config, batch, max_length)
+        cache = init_cache(self.config, batch, max_length)
         prompt = jnp.asarray(tokens[:, :N_PREFILL], jnp.int32)
         steps = [jnp.asarray(tokens[:, N_PREFILL + i], jnp.int32) for i in range(n_decode)]
         jax.block_until_ready((cache, prompt, steps))
@@ -321,7 +321,7 @@ def profile_decode(jx: Jax, repeats: int) -> None:
     for batch in DECODE_BATCHES:
         for s_max in (160, 640, 2560):
             times = time_round_robin(
-                {"library": step_at(model, params, init_ouro_cache(config, batch, s_max), 64)},
+                {"library": step_at(model, params, init_cache(config, batch, s_max), 64)},
                 calls=5 if batch * s_max > 5000 else 20,
                 repeats=3,
             )
@@ -343,7 +343,7 @@ def profile_decode(jx: Jax, repeats: int) -> None:
     def no_op(params, token, cache):  # decode_step's arguments, no work
         return token, cache.advance(1)
 
-    noop_state = {"cache": init_ouro_cache(config, batch, s_max)}
+    noop_state = {"cache": init_cache(config, batch, s_max)}
     token = jnp.ones((batch,), jnp.int32)
 
     def dispatch_only():
@@ -355,7 +355,7 @@ def profile_decode(jx: Jax, repeats: int) -> None:
     x = jnp.ones((batch, config.hidden_size))
     times = time_round_robin(
         {
-            "decode_step": step_at(model, params, init_ouro_cache(config, batch, s_max), 64),
+            "decode_step": step_at(model, params, init_cache(config, batch, s_max), 64),
             "forward of the same token without a cache (same layers; no cache write, attends to itself only)": lambda: (
                 forward(model, params, one_token, exit_policy=POLICY).logits
             ),

@@ -27,7 +27,8 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from melt_jax.checkpoint import numpy_dtype
-from melt_jax.config import OuroConfig, config_from_json_file
+from melt_jax.config import OuroConfig
+from melt_jax.registry import config_from_json_file
 
 from .errors import ConversionError
 from .mapping import hf_tensor_plan, is_ignored_hf_tensor, rules_for, unflatten_params

@@ -4,7 +4,8 @@ A cache slot holds one key row and one value row per token position: slot index 
 so a query at position p attends to the slots 0..p. `end_index[b]` is the number of positions of row
 b written so far; the next token of row b goes to slot `end_index[b]`.
 
-Ouro keeps one slot array per (loop, layer): k and v are [T, L, B, K, S_max, D]. Slot arrays are
+The config names the slot arrays (`cache_slots`): Ouro keeps one per (loop, layer), k and v
+[T, L, B, K, S_max, D]; MELT one per layer shared by the loops, [L, B, K, S_max, D]. Slot arrays are
 laid out heads first ([B, K, S_max, D]) so that attention reads each head's keys as one contiguous
 [S_max, D] matrix, with no transpose before the attention dots.
 """
@@ -16,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from melt_jax.config import OuroConfig
+from melt_jax.errors import ConfigError
 
 Array = jax.Array
 
@@ -45,30 +47,22 @@ class KVCache:
         return self.replace(end_index=self.end_index + num_tokens)
 
 
-def init_ouro_cache(config: OuroConfig, batch_size: int, max_length: int, dtype=None) -> KVCache:
-    """An empty Ouro cache: k, v zeros of [T, L, B, K, S_max, D] in `dtype` (default config.dtype)."""
+def init_cache(
+    config: OuroConfig, batch_size: int, max_length: int, dtype=None, slots: tuple[int, ...] | None = None
+) -> KVCache:
+    """An empty cache: k, v zeros of [*slots, B, K, S_max, D] in `dtype` (default config.dtype), with
+    the config's slot axes (`config.cache_slots`: [T, L] for Ouro, [L] for MELT) unless `slots` names
+    others."""
     if max_length < 1:
-        raise ValueError(f"cache max_length must be >= 1, got {max_length}")
+        raise ConfigError(f"cache max_length must be >= 1, got {max_length}")
     dtype = dtype or config.jnp_dtype
-    shape = (
-        config.num_loops,
-        config.num_layers,
-        batch_size,
-        config.num_kv_heads,
-        max_length,
-        config.head_dim,
-    )
+    slots = config.cache_slots if slots is None else tuple(slots)
+    shape = (*slots, batch_size, config.num_kv_heads, max_length, config.head_dim)
     return KVCache(
         k=jnp.zeros(shape, dtype),
         v=jnp.zeros(shape, dtype),
         end_index=jnp.zeros((batch_size,), jnp.int32),
     )
-
-
-def ouro_cache_bytes_per_token(config: OuroConfig, dtype=None) -> int:
-    """Bytes of K and V one token occupies in an Ouro cache: T * L * 2 * K * D * itemsize."""
-    itemsize = jnp.dtype(dtype or config.jnp_dtype).itemsize
-    return config.num_loops * config.num_layers * 2 * config.num_kv_heads * config.head_dim * itemsize
 
 
 def write_rows(slots: Array, slot_index: tuple, rows: Array, positions: Array) -> Array:
@@ -78,11 +72,3 @@ def write_rows(slots: Array, slot_index: tuple, rows: Array, positions: Array) -
     # Advanced indices split by the head slice: the indexed view is [B, S, K, D], the rows' shape.
     index = (*slot_index, batch_index, slice(None), positions)
     return slots.at[index].set(rows.astype(slots.dtype), mode="drop")
-
-
-def kv_cache_bytes(config: OuroConfig, batch_size: int, length: int, dtype=None) -> int:
-    """Bytes of the K and V caches of `batch_size` sequences of `length` tokens: T * L slot arrays
-    for Ouro, L for MELT (model_type 'melt'), each 2 * K * D values per token."""
-    itemsize = jnp.dtype(dtype or config.jnp_dtype).itemsize
-    slots = config.num_layers * (1 if config.model_type == "melt" else config.num_loops)
-    return slots * 2 * config.num_kv_heads * config.head_dim * itemsize * batch_size * length

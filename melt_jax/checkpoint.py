@@ -28,8 +28,9 @@ import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
 
-from melt_jax.config import OuroConfig, config_from_json_file
+from melt_jax.config import OuroConfig
 from melt_jax.errors import CheckpointError, ConfigError
+from melt_jax.registry import config_from_json_file
 from melt_jax.sharding import param_sharding
 
 CONFIG_FILE = "config.json"

@@ -149,7 +149,7 @@ def run(args: argparse.Namespace) -> None:
         [tokenizer.encode(text) for text in texts],
         sampling,
         exit_policy=parse_exit_policy(args.exit, model.config),
-        prefill_chunk_size=args.prefill_chunk,
+        chunk_size=args.prefill_chunk,
         segment_steps=STREAM_STEPS if watch else None,
         on_segment=on_segment if watch else None,
     )

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any, ClassVar
 
 import jax.numpy as jnp
 
+from melt_jax.chunking import check_chunk_size
 from melt_jax.errors import ConfigError
 
 # float64 needs jax_enable_x64; it serves as a high-precision reference in tests.
@@ -123,6 +125,30 @@ class OuroConfig:
 
     def replace(self, **changes) -> OuroConfig:
         return dataclasses.replace(self, **changes)
+
+    # ----------------------------------------------------------------------------------------------
+    # KV cache layout and chunking
+
+    @property
+    def cache_slots(self) -> tuple[int, ...]:
+        """Leading axes of the KV cache's slot arrays: Ouro keeps one per (loop, layer), [T, L]."""
+        return (self.num_loops, self.num_layers)
+
+    def kv_bytes_per_token(self, dtype=None) -> int:
+        """Bytes of K and V one token occupies in the cache: slot arrays * 2 * K * D * itemsize
+        (`dtype` default: the activation dtype)."""
+        itemsize = jnp.dtype(dtype or self.jnp_dtype).itemsize
+        return math.prod(self.cache_slots) * 2 * self.num_kv_heads * self.head_dim * itemsize
+
+    def kv_cache_bytes(self, batch_size: int, length: int, dtype=None) -> int:
+        """Bytes of the K and V caches of `batch_size` sequences of `length` tokens."""
+        return self.kv_bytes_per_token(dtype) * batch_size * length
+
+    @property
+    def default_chunk_size(self) -> int | None:
+        """The chunk a prefill or teacher-forced forward uses when the caller names none. None: the
+        whole sequence at once; Ouro's values do not depend on how a sequence is chunked."""
+        return None
 
     # ----------------------------------------------------------------------------------------------
     # Validation
@@ -258,12 +284,21 @@ class MeltConfig(OuroConfig):
     architecture: ClassVar[str] = "MeltForCausalLM"
 
     gate_bias_init: float = -4.0  # b_z at initialisation (W_z = U_z = 0): z ~ 0.018, "overwrite"
-    chunk_size: int = 128  # default chunk for prefill and training
+    chunk_size: int = 128  # the chunk of prefill, evaluation and training forwards
 
     def validate(self) -> None:
         super().validate()
-        if not isinstance(self.chunk_size, int) or isinstance(self.chunk_size, bool) or self.chunk_size < 1:
-            raise ConfigError(f"config field chunk_size must be a positive integer, got {self.chunk_size!r}")
+        check_chunk_size(self.chunk_size, "config field chunk_size")
+
+    @property
+    def cache_slots(self) -> tuple[int, ...]:
+        """MELT keeps one slot array per layer, shared by all loops: [L]."""
+        return (self.num_layers,)
+
+    @property
+    def default_chunk_size(self) -> int:
+        """MELT's values depend on the chunking: its own chunk_size unless a caller names another."""
+        return self.chunk_size
 
     @classmethod
     def from_ouro(cls, ouro: OuroConfig, **melt_fields) -> MeltConfig:
@@ -309,17 +344,3 @@ PRESETS: dict[str, dict[str, Any]] = {
     "ouro-1.4b": dict(_OURO_COMMON, num_hidden_layers=24),
     "ouro-2.6b": dict(_OURO_COMMON, num_hidden_layers=48),
 }
-
-
-CONFIG_CLASSES: dict[str, type[OuroConfig]] = {OuroConfig.model_type: OuroConfig, MeltConfig.model_type: MeltConfig}
-
-
-def config_from_json_file(path: str | os.PathLike, **overrides) -> OuroConfig:
-    """The config of a `config.json`, as the class its model_type names ('ouro' or 'melt')."""
-    try:
-        with open(path) as f:
-            model_type = json.load(f).get("model_type")
-    except (OSError, json.JSONDecodeError, AttributeError):
-        model_type = None  # from_json_file reports the problem with the file
-    config_class = CONFIG_CLASSES.get(model_type, OuroConfig)
-    return config_class.from_json_file(path, **overrides)

@@ -7,11 +7,9 @@ step updates its buffers in place and the caller must use the returned cache.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from melt_jax.cache import KVCache
 from melt_jax.exit import ExitPolicy
@@ -28,27 +26,6 @@ def check_tokens_fit(tokens: Array, cache: KVCache) -> None:
         raise ValueError(f"tokens have batch {tokens.shape[0]} but the cache was made for {cache.batch_size}")
     if tokens.shape[1] > cache.max_length:
         raise ValueError(f"prompt of {tokens.shape[1]} tokens is longer than the cache ({cache.max_length} positions)")
-
-
-def scan_chunks(run_chunk: Callable, carry, tokens: Array, chunk_size: int):
-    """Runs `run_chunk(carry, chunk [B, C], start) -> (carry, y)` over tokens [B, S] cut into chunks of
-    `chunk_size` from position 0 (`start` the chunk's first position): the full chunks in one
-    lax.scan, then the shorter last chunk, if any. Returns (carry, ys): the chunks' outputs y
-    [B, C, ...] joined along the token axis to [B, S, ...], or None when run_chunk returns None."""
-    batch, seq = tokens.shape
-    num_full = seq // chunk_size
-    pieces = []
-    if num_full:
-        chunks = tokens[:, : num_full * chunk_size].reshape(batch, num_full, chunk_size).swapaxes(0, 1)  # [n, B, C]
-        starts = jnp.arange(num_full, dtype=jnp.int32) * chunk_size
-        carry, ys = jax.lax.scan(lambda carry, xs: run_chunk(carry, *xs), carry, (chunks, starts))
-        if ys is not None:  # [n, B, C, ...] -> [B, n * C, ...]
-            pieces.append(ys.swapaxes(0, 1).reshape(batch, num_full * chunk_size, *ys.shape[3:]))
-    if seq % chunk_size:
-        carry, y = run_chunk(carry, tokens[:, num_full * chunk_size :], num_full * chunk_size)
-        if y is not None:
-            pieces.append(y)
-    return carry, (jnp.concatenate(pieces, axis=1) if pieces else None)
 
 
 def prefill(model: nn.Module, params, tokens: Array, cache: KVCache, exit_policy: ExitPolicy = ExitPolicy()):

@@ -4,14 +4,10 @@ The functions taking `(model, params, tokens, ...)` are pure and jit-able with `
 or chunk size) static; the trainer calls them inside its own jitted evaluation step. `evaluate_dataset`
 is the host-level loop over batches.
 
-Which computation a model's teacher-forced forward is:
-- Ouro: one forward over the whole sequence without a cache (equal to cached decoding).
-- MELT: the chunked semantics of inference, chunks of `chunk_size` tokens (default
-  `config.chunk_size`) starting at position 0, each attending to the final rows of earlier chunks
-  (`melt_training.sequential_forward`; no gradient is needed here, so the one-pass scan is used rather
-  than the two-pass form, which computes the same values twice). A sequence whose length is not a
-  multiple of the chunk size is right-padded to one with token 0: attention is causal, so padding
-  changes nothing at the real positions. chunk_size=1 is exactly what token-by-token decoding computes.
+The teacher-forced forward is the model's own `scoring_forward`: for Ouro one forward over the whole
+sequence (equal to cached decoding), for MELT the chunked values of inference, chunks of `chunk_size`
+tokens (default config.chunk_size) from position 0; chunk_size=1 is exactly what token-by-token
+decoding computes.
 
 Masks: `loss_mask[b, s]` (and `answer_mask`) weigh the *prediction of* tokens[b, s], which is made from
 the logits at position s - 1; position 0 has no prediction and its mask entry is ignored.
@@ -32,8 +28,6 @@ import numpy as np
 from melt_jax.errors import DataError
 from melt_jax.exit import ExitPolicy, select_hidden
 from melt_jax.losses import target_log_probs
-from melt_jax.melt import MeltModel
-from melt_jax.melt_training import sequential_forward
 
 Array = jax.Array
 
@@ -54,28 +48,12 @@ class LossSums:
         return jax.tree.map(jnp.add, self, other)
 
 
-def _melt_chunking(seq_len: int, chunk_size: int) -> tuple[int, int]:
-    """(chunk size, padded length) for a MELT forward over `seq_len` tokens: one chunk of the whole
-    sequence when it fits in one, else `chunk_size` and the next multiple of it."""
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-    if seq_len <= chunk_size:
-        return seq_len, seq_len
-    return chunk_size, -(-seq_len // chunk_size) * chunk_size
-
-
 def hidden_states(model: nn.Module, params, tokens: Array, chunk_size: int | None = None) -> tuple[Array, Array]:
-    """Every loop's normed hidden state [T, B, S, H] and the exit distribution [B, S, T] of a
-    teacher-forced forward on tokens [B, S] (MELT: chunked with `chunk_size`, default
-    config.chunk_size; ignored for Ouro)."""
-    if not isinstance(model, MeltModel):
-        out = model.apply({"params": params}, tokens, exit_policy=None)
-        return out.hidden_steps, out.exit_pdf
-    seq = tokens.shape[1]
-    chunk, padded = _melt_chunking(seq, model.config.chunk_size if chunk_size is None else chunk_size)
-    tokens = jnp.pad(tokens, ((0, 0), (0, padded - seq)))  # [B, S'] right-padded with id 0
-    out = sequential_forward(model.clone(collect=()), params, tokens, chunk)
-    return out.hidden_steps[:, :, :seq], out.exit_pdf[:, :seq]
+    """Every loop's normed hidden state [T, B, S, H] and the exit distribution [B, S, T] of the model's
+    teacher-forced forward on tokens [B, S] (`scoring_forward`: MELT chunked with `chunk_size`, default
+    config.chunk_size; Ouro does not depend on it)."""
+    out = model.scoring_forward(params, tokens, chunk_size)
+    return out.hidden_steps, out.exit_pdf
 
 
 def project(model: nn.Module, params, hidden: Array) -> Array:

@@ -285,7 +285,7 @@ class MeltJaxLM(LM):
                     prompts,
                     sampling,
                     exit_policy=self.exit_policy,
-                    prefill_chunk_size=self.prefill_chunk,
+                    chunk_size=self.prefill_chunk,
                     segment_steps=STOP_CHECK_STEPS,
                     on_segment=functools.partial(self._reached_stop, until=until),
                 )

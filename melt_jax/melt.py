@@ -23,17 +23,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from melt_jax.cache import KVCache, write_rows
+from melt_jax.chunking import check_chunk_size, padded_chunking, scan_chunks
 from melt_jax.config import MeltConfig, OuroConfig
-from melt_jax.decoding import check_tokens_fit, scan_chunks
+from melt_jax.decoding import check_tokens_fit
 from melt_jax.errors import ConfigError
 from melt_jax.exit import ExitPolicy
+from melt_jax.kv_sources import EarlierRows, InterpolatedCache
 from melt_jax.layers import (
     HIDDEN_AXES,
     apply_rope,
     attention_over_cache_slots,
     chunked_attention_over_earlier_rows,
 )
-from melt_jax.ouro import OuroDecoderLayer, OuroModel, TokenContext
+from melt_jax.melt_training import sequential_forward
+from melt_jax.ouro import OuroDecoderLayer, OuroModel, OuroOutput, TokenContext
 from melt_jax.sharding import constrain
 
 Array = jax.Array
@@ -66,41 +69,6 @@ class KVGate(nn.Module):
             return z * s_prev + (1 - z) * u
 
         return jax.lax.cond(first_loop, lambda: u, gated)
-
-
-@flax.struct.dataclass
-class InterpolatedCache:
-    """The caches of the phase-1 interpolated student (spec melt.md section 3): MELT's rows
-    (k, v [L, B, K, S_max, D]: final rows of earlier tokens) and Ouro's per-loop rows of the same
-    tokens (k, v [T, L, B, K, S_max, D]), computed from the student's own hidden states."""
-
-    melt: KVCache
-    ouro: KVCache
-
-    @property
-    def end_index(self) -> Array:
-        return self.melt.end_index
-
-    @property
-    def max_length(self) -> int:
-        return self.melt.max_length
-
-    @property
-    def batch_size(self) -> int:
-        return self.melt.batch_size
-
-    def advance(self, num_tokens) -> InterpolatedCache:
-        return InterpolatedCache(melt=self.melt.advance(num_tokens), ouro=self.ouro.advance(num_tokens))
-
-
-@flax.struct.dataclass
-class EarlierRows:
-    """Pass-1 rows for the two-pass training forward: every token's stored rows (a KVCache, or an
-    InterpolatedCache when interpolating, with positions 0..S-1) and the chunk size. A token sees these
-    rows of the tokens of earlier chunks, and the current-loop rows of its own chunk."""
-
-    cache: KVCache | InterpolatedCache
-    chunk_size: int = flax.struct.field(pytree_node=False)
 
 
 @flax.struct.dataclass
@@ -181,7 +149,7 @@ class MeltDecoderLayer(OuroDecoderLayer):
 class MeltModel(OuroModel):
     """MELT causal LM: Ouro's parameters plus layers/kv_gate/{w_z, u_z, b_z} ([L, ...]).
 
-    Called on one chunk of tokens. With a cache (k, v [L, B, K, S_max, D], see `init_melt_cache`), the
+    Called on one chunk of tokens. With a cache (k, v [L, B, K, S_max, D], see `init_cache`), the
     chunk attends to the final rows of the earlier tokens in the cache and to its own loop-t rows, and
     leaves its final rows in the cache. Without a cache, the tokens form one chunk. Keyword arguments
     `alpha` (phase-1 interpolation weight; pass an InterpolatedCache as the cache, if any) and
@@ -201,20 +169,24 @@ class MeltModel(OuroModel):
     def final_cache(self, state: MeltState):
         return state.cache
 
-
-def init_melt_cache(config: MeltConfig, batch_size: int, max_length: int, dtype=None) -> KVCache:
-    """An empty MELT cache: k, v zeros of [L, B, K, S_max, D] in `dtype` (default config.dtype)."""
-    if max_length < 1:
-        raise ValueError(f"cache max_length must be >= 1, got {max_length}")
-    dtype = dtype or config.jnp_dtype
-    shape = (config.num_layers, batch_size, config.num_kv_heads, max_length, config.head_dim)
-    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), end_index=jnp.zeros((batch_size,), jnp.int32))
-
-
-def melt_cache_bytes_per_token(config: MeltConfig, dtype=None) -> int:
-    """Bytes of K and V one token occupies in a MELT cache: L * 2 * K * D * itemsize (no T)."""
-    itemsize = jnp.dtype(dtype or config.jnp_dtype).itemsize
-    return config.num_layers * 2 * config.num_kv_heads * config.head_dim * itemsize
+    def scoring_forward(self, params, tokens: Array, chunk_size: int | None = None) -> OuroOutput:
+        """The teacher-forced forward of evaluation on tokens [B, S]: the values inference computes,
+        chunks of `chunk_size` (default config.chunk_size) from position 0, each attending to the final
+        rows of the earlier chunks (the one-pass `sequential_forward`: no gradient is needed, so the
+        two-pass form would compute the same values twice). A sequence that is not a whole number of
+        chunks is right-padded with token 0, which changes nothing at the real positions of a causal
+        forward. Returns hidden_steps [T, B, S, H] and exit_pdf [B, S, T] (no logits)."""
+        seq = tokens.shape[1]
+        chunk, padded = padded_chunking(seq, self.config.default_chunk_size if chunk_size is None else chunk_size)
+        tokens = jnp.pad(tokens, ((0, 0), (0, padded - seq)))  # [B, S'] right-padded with id 0
+        out = sequential_forward(self.clone(collect=()), params, tokens, chunk)
+        return out.replace(
+            hidden_steps=out.hidden_steps[:, :, :seq],
+            gate_logits=out.gate_logits[:, :, :seq],
+            exit_pdf=out.exit_pdf[:, :seq],
+            intermediates={},
+            cache=None,
+        )
 
 
 def chunked_prefill(
@@ -228,9 +200,7 @@ def chunked_prefill(
     """Runs tokens [B, S] through MELT chunk after chunk (`chunk_size`, default config.chunk_size; the
     last chunk may be shorter), each chunk reading the final rows the earlier ones stored. Returns
     (logits [B, S, V] chosen by `exit_policy`, updated cache)."""
-    chunk_size = model.config.chunk_size if chunk_size is None else chunk_size
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    chunk_size = check_chunk_size(model.config.default_chunk_size if chunk_size is None else chunk_size)
     check_tokens_fit(tokens, cache)
     return _chunked_prefill(model, params, tokens, cache, chunk_size, exit_policy)
 

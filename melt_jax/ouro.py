@@ -20,7 +20,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from melt_jax.cache import KVCache, write_rows
+from melt_jax.cache import KVCache, init_cache, write_rows
 from melt_jax.config import OuroConfig
 from melt_jax.exit import ExitPolicy, exit_distribution, select_hidden
 from melt_jax.layers import (
@@ -171,6 +171,17 @@ class OuroModel(nn.Module):
         )
         if not c.tie_word_embeddings:
             self.lm_head = Einsum((c.hidden_size, c.vocab_size), **layer_kwargs(c))
+
+    def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
+        """An empty KV cache for `batch_size` sequences of up to `max_length` tokens, laid out as the
+        config says (`config.cache_slots`), in `dtype` (default the activation dtype)."""
+        return init_cache(self.config, batch_size, max_length, dtype)
+
+    def scoring_forward(self, params, tokens: Array, chunk_size: int | None = None) -> OuroOutput:
+        """The teacher-forced forward of evaluation on tokens [B, S]: every loop's hidden states and
+        the exit distribution of the values inference computes (no logits: project hidden_steps with
+        `logits`). Ouro runs the whole sequence at once: its values do not depend on `chunk_size`."""
+        return self.apply({"params": params}, tokens, exit_policy=None)
 
     def logits(self, hidden: Array) -> Array:
         """LM head: [..., H] -> [..., V] in the activation dtype."""

@@ -9,7 +9,7 @@ How a batch of prompts of different lengths is run:
    (the smallest of `buckets` that fits the longest prompt), so that the compiled programs depend on
    (B, P, max_new_tokens) only.
 2. `_start` (one jit): prefill all P positions into an empty cache of P + max_new_tokens slots, in
-   chunks of `prefill_chunk_size` starting at position 0 (MELT: default config.chunk_size; Ouro: the
+   chunks of `chunk_size` starting at position 0 (MELT: default config.chunk_size; Ouro: the
    whole prompt at once, any chunking gives the same values); keep the hidden state at each row's last
    real position, set the cache's end_index to the true lengths, and sample the first new token.
    This is exact: a real token at position p only attends to slots <= p, which hold real tokens, and
@@ -38,15 +38,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from melt_jax.cache import KVCache, init_ouro_cache
+from melt_jax.cache import KVCache
 from melt_jax.checkpoint import load_params
+from melt_jax.chunking import check_chunk_size, scan_chunks
 from melt_jax.config import OuroConfig
-from melt_jax.decoding import scan_chunks
-from melt_jax.errors import GenerationError
+from melt_jax.errors import ConfigError, GenerationError
 from melt_jax.exit import ExitPolicy, select_hidden
-from melt_jax.melt import MeltModel, init_melt_cache
+from melt_jax.melt import MeltModel
 from melt_jax.ouro import OuroModel
 from melt_jax.params import abstract_params
+from melt_jax.registry import model_for
 
 Array = jax.Array
 
@@ -226,12 +227,6 @@ def _prefill_last_hidden(model: nn.Module, params, tokens: Array, lengths: Array
     return hidden, pdf, cache
 
 
-def _init_cache(model: nn.Module, batch: int, max_length: int) -> KVCache:
-    if isinstance(model, MeltModel):
-        return init_melt_cache(model.config, batch, max_length)
-    return init_ouro_cache(model.config, batch, max_length)
-
-
 def _record(state: DecodeState, token: Array, max_new: int) -> DecodeState:
     """Adds token [B] as new token number state.step of the rows that are not done."""
     active = ~state.done
@@ -248,7 +243,7 @@ def _record(state: DecodeState, token: Array, max_new: int) -> DecodeState:
 def _start(model, params, tokens, lengths, seed, stop_ids, *, exit_policy, rule, chunk_size, max_new) -> DecodeState:
     """Prefill of tokens [B, P] (true lengths [B]) and the first new token; see the module docstring."""
     batch, seq = tokens.shape
-    cache = _init_cache(model, batch, seq + max_new)
+    cache = model.init_cache(batch, seq + max_new)
     hidden, pdf, cache = _prefill_last_hidden(model, params, tokens, lengths, cache, chunk_size)
     chosen, _ = select_hidden(hidden[:, :, None], pdf[:, None], exit_policy)  # [B, 1, H]
     logits = model.apply({"params": params}, chosen[:, 0], method="logits")  # [B, V]
@@ -323,16 +318,11 @@ def model_kind(model: nn.Module) -> str:
     raise GenerationError(f"expected an OuroModel or a MeltModel, got {type(model).__name__}")
 
 
-def model_for_config(config: OuroConfig) -> OuroModel:
-    """The model class a config's model_type names: MeltModel for 'melt', OuroModel for 'ouro'."""
-    return MeltModel(config) if config.model_type == "melt" else OuroModel(config)
-
-
 def load_model(path, dtype: str | None = None) -> tuple[OuroModel, dict]:
     """(model, params on the default device) of a melt_jax checkpoint directory, Ouro or MELT.
     CheckpointError / ConfigError name what is wrong with the directory."""
     config, params = load_params(path, dtype)
-    return model_for_config(config), jax.device_put(params)
+    return model_for(config), jax.device_put(params)
 
 
 def parse_exit_policy(text: str, config: OuroConfig) -> ExitPolicy:
@@ -450,11 +440,13 @@ def _check_setup(
             f"the longest prompt ({longest} tokens) plus max_new_tokens ({sampling.max_new_tokens}) is {total}, "
             f"more than the model's max_position_embeddings ({c.max_position_embeddings})"
         )
-    _positive_int_or_none("prefill_chunk_size", chunk_size)
     _positive_int_or_none("segment_steps", segment_steps)
-    if chunk_size is None and isinstance(model, MeltModel):
-        return c.chunk_size
-    return chunk_size
+    if chunk_size is None:
+        return c.default_chunk_size
+    try:
+        return check_chunk_size(chunk_size)
+    except ConfigError as e:
+        raise GenerationError(str(e)) from None
 
 
 def _pad_prompts(prompts: list[list[int]], length: int) -> tuple[np.ndarray, np.ndarray]:
@@ -533,7 +525,7 @@ def generate(
     sampling: SamplingConfig = SamplingConfig(),
     *,
     exit_policy: ExitPolicy = ExitPolicy(),
-    prefill_chunk_size: int | None = None,
+    chunk_size: int | None = None,
     buckets: Sequence[int] | None = DEFAULT_BUCKETS,
     segment_steps: int | None = None,
     on_segment: Callable[[list[list[int]]], Sequence[bool] | None] | None = None,
@@ -541,9 +533,9 @@ def generate(
     """Generates up to sampling.max_new_tokens tokens after each prompt (lists of token ids).
 
     exit_policy         which loop's logits choose the tokens (Ouro and MELT run all loops)
-    prefill_chunk_size  chunk of the prompt prefill (MELT: default config.chunk_size, 1 = exactly
-                        token-by-token decoding; Ouro: default the whole prompt, values do not depend
-                        on it)
+    chunk_size          chunk of the prompt prefill (default config.default_chunk_size: MELT's
+                        chunk_size, 1 = exactly token-by-token decoding; Ouro: the whole prompt, its
+                        values do not depend on it)
     buckets             prompt lengths are padded up to one of these to bound recompiles
                         (None: no padding)
     segment_steps       run the decode loop this many steps at a time, calling on_segment(tokens per
@@ -555,7 +547,7 @@ def generate(
     check_params(model, params)
     prompts = check_prompts(prompts, model.config.vocab_size)
     longest = max(len(p) for p in prompts)
-    chunk_size = _check_setup(model, sampling, exit_policy, prefill_chunk_size, segment_steps, longest)
+    chunk_size = _check_setup(model, sampling, exit_policy, chunk_size, segment_steps, longest)
 
     max_new = sampling.max_new_tokens
     padded = min(bucket_length(longest, buckets), max(longest, model.config.max_position_embeddings - max_new))

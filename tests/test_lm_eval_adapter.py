@@ -12,10 +12,11 @@ import pytest
 from generation_fixtures import tiny_model
 from lm_eval.api.instance import Instance
 
+from melt_jax.cache import init_cache
 from melt_jax.checkpoint import save_params
 from melt_jax.decoding import forward
 from melt_jax.lm_eval_adapter import MeltJaxLM
-from melt_jax.melt import chunked_prefill, init_melt_cache
+from melt_jax.melt import chunked_prefill
 from melt_jax.sampling import GenerationError, SamplingConfig, generate
 from melt_jax.tokenizer import ByteTokenizer
 
@@ -39,7 +40,7 @@ def _direct_scores(kind, rows):
     if kind == "ouro":
         logits = forward(model, params, tokens).logits
     else:
-        cache = init_melt_cache(model.config, len(rows), width)
+        cache = init_cache(model.config, len(rows), width)
         logits, _ = chunked_prefill(model, params, tokens, cache, model.config.chunk_size)
     log_probs = np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1))
     scores = []

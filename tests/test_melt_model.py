@@ -9,10 +9,11 @@ import torch
 from hf_fixtures import random_ouro_state_dict, tiny_hf_config, write_hf_checkpoint
 from torch_melt_reference import MeltReference, gate_names, ouro_last_loop_sharing_decode, random_melt_gates
 
+from melt_jax.cache import init_cache
 from melt_jax.config import MeltConfig, OuroConfig
 from melt_jax.convert import load_hf_checkpoint
 from melt_jax.decoding import decode_step
-from melt_jax.melt import MeltModel, chunked_prefill, init_melt_cache, melt_cache_bytes_per_token
+from melt_jax.melt import MeltModel, chunked_prefill
 from melt_jax.params import abstract_params, count_params
 
 TOL = 1e-4  # JAX in fp32 against the reference in float64; logits are of magnitude ~10
@@ -26,18 +27,17 @@ def test_melt_parameter_count_of_the_real_config():
 
 
 def test_melt_cache_bytes_per_token():
-    from melt_jax.cache import kv_cache_bytes
 
     ouro = OuroConfig.preset("ouro-1.4b")
     config = MeltConfig.from_ouro(ouro)
-    assert melt_cache_bytes_per_token(config) == 196_608
+    assert config.kv_bytes_per_token() == 196_608
     # The paper's table (32K = 32,000 tokens): 6.29 GB for MELT-1.6B, 25.17 GB for Ouro-1.4B, in bf16.
-    assert kv_cache_bytes(config, 1, 32_000) == 6_291_456_000
-    assert kv_cache_bytes(ouro, 1, 32_000) == 25_165_824_000
+    assert config.kv_cache_bytes(1, 32_000) == 6_291_456_000
+    assert ouro.kv_cache_bytes(1, 32_000) == 25_165_824_000
     for loops in (1, 2, 8):  # MELT's cache does not grow with the loops; Ouro's does
-        assert kv_cache_bytes(config.replace(total_ut_steps=loops), 2, 100) == 2 * 100 * 196_608
-        assert kv_cache_bytes(ouro.replace(total_ut_steps=loops), 2, 100) == 2 * 100 * loops * 196_608
-    cache = jax.eval_shape(lambda: init_melt_cache(config, 1, 32))
+        assert config.replace(total_ut_steps=loops).kv_cache_bytes(2, 100) == 2 * 100 * 196_608
+        assert ouro.replace(total_ut_steps=loops).kv_cache_bytes(2, 100) == 2 * 100 * loops * 196_608
+    cache = jax.eval_shape(lambda: init_cache(config, 1, 32))
     assert cache.k.shape == (24, 1, 16, 32, 128)  # [L, B, K, S_max, D]
 
 
@@ -65,7 +65,7 @@ def melt(tmp_path_factory):
 
 
 def _prefill(config, params, tokens, chunk_size, max_length=48):
-    cache = init_melt_cache(config, tokens.shape[0], max_length)
+    cache = init_cache(config, tokens.shape[0], max_length)
     return chunked_prefill(MeltModel(config), params, jnp.asarray(tokens), cache, chunk_size)
 
 

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from melt_jax.cache import init_ouro_cache, ouro_cache_bytes_per_token
+from melt_jax.cache import init_cache
 from melt_jax.config import OuroConfig
 from melt_jax.decoding import decode_step, forward, prefill
 from melt_jax.exit import ExitPolicy
@@ -32,7 +32,7 @@ def test_real_config_parameter_counts(name, expected):
 
 
 def test_cache_bytes_per_token_matches_spec():
-    assert ouro_cache_bytes_per_token(OuroConfig.preset("ouro-1.4b")) == 786_432
+    assert OuroConfig.preset("ouro-1.4b").kv_bytes_per_token() == 786_432
 
 
 def _decode_against_full_forward(config, policies, seq=64, scale=0.3):
@@ -47,7 +47,7 @@ def _decode_against_full_forward(config, policies, seq=64, scale=0.3):
     worst = 0.0
     for policy in policies:
         full = forward(model, params, tokens, policy).logits
-        cache = init_ouro_cache(config, batch, max_length=seq + 16)
+        cache = init_cache(config, batch, max_length=seq + 16)
         first, cache = prefill(model, params, tokens[:, : seq // 2], cache, policy)
         steps = [first]
         for i in range(seq // 2, seq):
@@ -96,7 +96,7 @@ def _program_size(num_layers, num_loops):
     config = OuroConfig.preset("tiny", num_hidden_layers=num_layers, total_ut_steps=num_loops)
     model = OuroModel(config)
     params = abstract_params(model)
-    cache = jax.eval_shape(lambda: init_ouro_cache(config, 1, 16))
+    cache = jax.eval_shape(lambda: init_cache(config, 1, 16))
     tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
     forward = jax.jit(lambda p, t, c: model.apply({"params": p}, t, cache=c).logits)
     return len(forward.lower(params, tokens, cache).as_text())
@@ -128,6 +128,6 @@ def test_prefill_rejects_a_prompt_longer_than_the_cache():
     model = OuroModel(config)
     params = abstract_params(model)
     with pytest.raises(ValueError, match="longer than the cache"):
-        prefill(model, params, jnp.ones((1, 9), jnp.int32), init_ouro_cache(config, 1, 8))
+        prefill(model, params, jnp.ones((1, 9), jnp.int32), init_cache(config, 1, 8))
     with pytest.raises(ValueError, match="batch 2"):
-        prefill(model, params, jnp.ones((2, 4), jnp.int32), init_ouro_cache(config, 1, 8))
+        prefill(model, params, jnp.ones((2, 4), jnp.int32), init_cache(config, 1, 8))

@@ -129,14 +129,14 @@ def test_golden_upstream_outputs(golden):
 
 
 def test_golden_cached_decode(golden):
-    from melt_jax.cache import init_ouro_cache
+    from melt_jax.cache import init_cache
     from melt_jax.decoding import decode_step, prefill
 
     config, params, ref = golden
     model = OuroModel(config)
     tokens = jnp.asarray(ref["input_ids"], jnp.int32)
     n = int(ref["n_prefill"])
-    cache = init_ouro_cache(config, tokens.shape[0], tokens.shape[1])
+    cache = init_cache(config, tokens.shape[0], tokens.shape[1])
     logits, cache = prefill(model, params, tokens[:, :n], cache)
     steps = [logits[:, -1]]
     for i in range(n, tokens.shape[1] - 1):

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from generation_fixtures import tiny_model
 
+from melt_jax.cache import init_cache
 from melt_jax.decoding import decode_step, forward
 from melt_jax.evaluation import step_logits
 from melt_jax.exit import ExitPolicy
-from melt_jax.melt import init_melt_cache
 from melt_jax.sampling import (
     LENGTH,
     STOP_TOKEN,
@@ -51,9 +51,9 @@ def _argmax_continuations(logits, prompts, outputs) -> list[list[int]]:
 
 
 @functools.cache
-def _greedy(kind: str, prefill_chunk_size=None, exit_policy=ExitPolicy()):
+def _greedy(kind: str, chunk_size=None, exit_policy=ExitPolicy()):
     model, params = tiny_model(kind)
-    return generate(model, params, PROMPTS, GREEDY, prefill_chunk_size=prefill_chunk_size, exit_policy=exit_policy)
+    return generate(model, params, PROMPTS, GREEDY, chunk_size=chunk_size, exit_policy=exit_policy)
 
 
 def test_ouro_greedy_equals_argmax_of_teacher_forced_forward():
@@ -66,7 +66,7 @@ def test_ouro_greedy_equals_argmax_of_teacher_forced_forward():
 
 def test_melt_greedy_with_prefill_chunk_one_equals_teacher_forced_chunk_one_forward():
     model, params = tiny_model("melt")
-    result = _greedy("melt", prefill_chunk_size=1)
+    result = _greedy("melt", chunk_size=1)
     sequences = _padded([p + t for p, t in zip(PROMPTS, result.tokens)])
     logits = _teacher_forced(model, params, sequences, chunk_size=1)[-1]
     assert _argmax_continuations(logits, PROMPTS, result.tokens) == result.tokens
@@ -74,9 +74,9 @@ def test_melt_greedy_with_prefill_chunk_one_equals_teacher_forced_chunk_one_forw
 
 def test_melt_generation_with_prefill_chunk_one_equals_token_by_token_decoding():
     model, params = tiny_model("melt")
-    result = _greedy("melt", prefill_chunk_size=1)
+    result = _greedy("melt", chunk_size=1)
     for prompt, generated in zip(PROMPTS, result.tokens):
-        cache = init_melt_cache(model.config, 1, 32)
+        cache = init_cache(model.config, 1, 32)
         for token in prompt:  # the prompt too, one token at a time
             logits, cache = decode_step(model, params, jnp.array([token]), cache)
         decoded = []
@@ -88,7 +88,7 @@ def test_melt_generation_with_prefill_chunk_one_equals_token_by_token_decoding()
 
 def test_melt_prefill_chunk_size_changes_the_prompt_semantics():
     # Chunks of 4 see loop-t rows of their own chunk, chunks of 1 only final rows: different numbers.
-    assert _greedy("melt").tokens != _greedy("melt", prefill_chunk_size=1).tokens
+    assert _greedy("melt").tokens != _greedy("melt", chunk_size=1).tokens
 
 
 @pytest.mark.parametrize("kind", ["ouro", "melt"])
@@ -187,7 +187,7 @@ def test_bad_input_is_refused_before_compiling():
         ((ouro, melt_params, [[1, 2]]), {}, "params are a MELT checkpoint"),
         ((melt, ouro_params, [[1, 2]]), {}, "params are an Ouro checkpoint"),
         ((ouro, ouro_params, [[1, 2]]), {"exit_policy": ExitPolicy.at_step(5)}, "exit step 5 is out of range"),
-        ((melt, melt_params, [[1, 2]]), {"prefill_chunk_size": 0}, "prefill_chunk_size"),
+        ((melt, melt_params, [[1, 2]]), {"chunk_size": 0}, "chunk_size must be a positive integer"),
         ((ouro, ouro_params, [[1, 2]]), {"sampling": SamplingConfig(stop_token_ids=(vocab,))}, "stop token ids"),
     ]
     for args, kwargs, message in cases:

@@ -108,8 +108,8 @@ def assert_params_close(a, b, atol=TOL):
 
 def test_phase1_at_alpha_zero_is_the_teacher(teacher_dir):
     config, teacher = load_params(teacher_dir)
-    melt_config, student = melt_from_ouro(config, teacher)
-    setup = Distillation(MeltModel(melt_config), OuroModel(config), CHUNK)
+    melt_config, student = melt_from_ouro(config, teacher, chunk_size=CHUNK)
+    setup = Distillation(MeltModel(melt_config), OuroModel(config))
     tokens = jax.random.randint(jax.random.key(0), (2, SEQ), 0, config.vocab_size)
     batch = {"tokens": tokens, "loss_mask": jnp.ones((2, SEQ), jnp.float32)}
     at_zero, _ = phase1_loss(setup, student, teacher, batch, 0.0)

@@ -16,7 +16,8 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from melt_jax.errors import DataError, MeltJaxError
+from melt_jax.chunking import check_chunk_size, num_chunks
+from melt_jax.errors import ConfigError, DataError, MeltJaxError
 from melt_jax.sharding import MeshConfig
 from melt_jax.synthetic import SyntheticTaskConfig
 from melt_jax.train.optimizer import OptimizerConfig
@@ -77,7 +78,7 @@ class TrainConfig:
     dtype: str = "float32"  # params and activations of the trained model
     beta: float = 0.1  # looplm: weight of the exit entropy
     align_beta: float = 0.1  # melt_phase2: weight of the attention alignment
-    chunk_size: int = 16  # MELT: training chunk size (divides data.seq_len)
+    chunk_size: int = 16  # MELT: the student config's chunk_size (divides data.seq_len)
     forward: str = "two_pass"  # MELT: "two_pass" or "sequential"
     gate_bias_init: float = -4.0  # MELT gates created from an Ouro teacher
     log_every: int = 10
@@ -95,7 +96,7 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         if self.stage not in STAGES:
             raise RunConfigError(f"stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
-        for name in ("steps", "batch_size", "chunk_size", "log_every", "checkpoint_every", "keep_checkpoints"):
+        for name in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise RunConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("vocab_size", "num_layers"):
@@ -112,10 +113,12 @@ class TrainConfig:
                 raise RunConfigError(f"data: {e}") from None
         if self.forward not in ("two_pass", "sequential"):
             raise RunConfigError(f"forward must be 'two_pass' or 'sequential', got {self.forward!r}")
-        if self.stage.startswith("melt") and self.data.seq_len % self.chunk_size:
-            raise RunConfigError(
-                f"chunk_size {self.chunk_size} does not divide the sequence length data.seq_len={self.data.seq_len}"
-            )
+        try:
+            check_chunk_size(self.chunk_size)
+            if self.stage.startswith("melt"):
+                num_chunks(self.data.seq_len, self.chunk_size, "data.seq_len")
+        except ConfigError as e:
+            raise RunConfigError(str(e)) from None
         if self.stage.startswith("melt") and not self.teacher:
             raise RunConfigError(f"stage {self.stage} needs teacher= (the LoopLM checkpoint to distill)")
         if self.stage in ("exit_gate", "melt_phase2") and not self.init_from:

@@ -123,12 +123,12 @@ def exit_gate_loss(model: OuroModel, params, batch: Batch) -> tuple[Array, dict]
 class Distillation:
     """A MELT student, its frozen LoopLM teacher, and how the student's training forward runs.
 
-    forward: "two_pass" (default) or "sequential" (melt_training); chunk_size divides the sequence.
+    forward: "two_pass" (default) or "sequential" (melt_training), in chunks of the student config's
+    chunk_size, which must divide the sequence.
     """
 
     student: MeltModel
     teacher: OuroModel
-    chunk_size: int
     forward: str = "two_pass"
 
     def __post_init__(self):
@@ -138,7 +138,7 @@ class Distillation:
     def student_forward(self, params, tokens: Array, alpha, collect: tuple[str, ...] = ()):
         model = self.student.clone(collect=collect)
         run = two_pass_forward if self.forward == "two_pass" else sequential_forward
-        return run(model, params, tokens, self.chunk_size, alpha)
+        return run(model, params, tokens, self.student.config.chunk_size, alpha)
 
     def teacher_forward(self, teacher_params, tokens: Array, collect: tuple[str, ...] = ()):
         teacher_params = jax.lax.stop_gradient(teacher_params)
@@ -156,27 +156,27 @@ class Distillation:
         return map_loops(one_loop, student_hidden, jax.lax.stop_gradient(teacher_hidden))
 
 
-def phase1_loss(setup: Distillation, params, teacher_params, batch: Batch, alpha: Array) -> tuple[Array, dict]:
+def phase1_loss(distillation: Distillation, params, teacher_params, batch: Batch, alpha: Array) -> tuple[Array, dict]:
     """Phase 1: all-loop KD (mean over loops of KL(teacher_t || student_t)) of the student whose keys
     and values are alpha * MELT + (1 - alpha) * Ouro."""
     tokens = batch["tokens"]
-    student = setup.student_forward(params, tokens, alpha)
-    teacher = setup.teacher_forward(teacher_params, tokens)
-    kl = setup.loop_kl(params, teacher_params, student.hidden_steps, teacher.hidden_steps)
+    student = distillation.student_forward(params, tokens, alpha)
+    teacher = distillation.teacher_forward(teacher_params, tokens)
+    kl = distillation.loop_kl(params, teacher_params, student.hidden_steps, teacher.hidden_steps)
     loop_kd = weighted_mean(kl, token_weights(batch))  # [T]
     loss = jnp.mean(loop_kd)
     return loss, {"loss": loss, "kd": loss, "loop_kd": loop_kd, "alpha": jnp.asarray(alpha, jnp.float32)}
 
 
-def phase2_loss(setup: Distillation, params, teacher_params, batch: Batch, beta: float) -> tuple[Array, dict]:
+def phase2_loss(distillation: Distillation, params, teacher_params, batch: Batch, beta: float) -> tuple[Array, dict]:
     """Phase 2: KD + beta * attention alignment, the mean over loops, layers and token positions of
     ||o_melt(l, t) - stopgrad(o_ouro(l, t))||^2 (o: attention sublayer output after o_proj, squared
     L2 norm over the hidden axis)."""
     tokens = batch["tokens"]
     collect = ("attention_output",)
-    student = setup.student_forward(params, tokens, None, collect)
-    teacher = setup.teacher_forward(teacher_params, tokens, collect)
-    kl = setup.loop_kl(params, teacher_params, student.hidden_steps, teacher.hidden_steps)
+    student = distillation.student_forward(params, tokens, None, collect)
+    teacher = distillation.teacher_forward(teacher_params, tokens, collect)
+    kl = distillation.loop_kl(params, teacher_params, student.hidden_steps, teacher.hidden_steps)
     loop_kd = weighted_mean(kl, token_weights(batch))  # [T]
     kd = jnp.mean(loop_kd)
     difference = student.intermediates["attention_output"].astype(jnp.float32) - jax.lax.stop_gradient(

@@ -12,7 +12,6 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from melt_jax.cache import kv_cache_bytes
 from melt_jax.checkpoint import load_config
 from melt_jax.train.config import (
     DataConfig,
@@ -126,8 +125,8 @@ def summarize(config: PipelineConfig, teacher: StageResult, student: StageResult
             "accuracy": result.evaluation.get("accuracy"),
             "loop_accuracy": result.evaluation.get("loop_accuracy"),
             "loop_loss": result.evaluation["loop_loss"],
-            "kv_bytes_per_token": kv_cache_bytes(model_config, 1, 1),
-            "kv_bytes_per_sequence": kv_cache_bytes(model_config, 1, seq_len),
+            "kv_bytes_per_token": model_config.kv_bytes_per_token(),
+            "kv_bytes_per_sequence": model_config.kv_cache_bytes(1, seq_len),
             "model_dir": str(result.model_dir),
         }
     t, s = rows["teacher (Ouro)"], rows["student (MELT)"]

@@ -28,13 +28,14 @@ from jax.experimental import multihost_utils
 
 from melt_jax import evaluation
 from melt_jax.checkpoint import load_config, load_params, save_params
-from melt_jax.config import OuroConfig, config_from_json_file
+from melt_jax.config import OuroConfig
 from melt_jax.data import BatchIterator, PackedData, build_train_data, pack_documents, tokenize_dataset
-from melt_jax.errors import MeltJaxError
+from melt_jax.errors import ConfigError, MeltJaxError
 from melt_jax.exit import ExitPolicy
-from melt_jax.melt import MeltModel, melt_from_ouro
+from melt_jax.melt import melt_from_ouro
 from melt_jax.ouro import OuroModel
 from melt_jax.params import abstract_params
+from melt_jax.registry import config_from_json_file, model_for, require_model_type
 from melt_jax.sharding import (
     batch_sharding,
     check_batch_divisible,
@@ -127,8 +128,10 @@ def _load_checkpoint(path: str, model_type: str, field: str, dtype: str, mesh) -
     checkpoint at `path`, which must hold a `model_type` model; TrainingError naming the config field
     otherwise (checked before any param is read)."""
     config = load_config(path, dtype=dtype)
-    if config.model_type != model_type:
-        raise TrainingError(f"{field}={path} must be a {model_type} checkpoint, got model_type {config.model_type!r}")
+    try:
+        require_model_type(config, model_type, f"{field}={path}")
+    except ConfigError as e:
+        raise TrainingError(str(e)) from None
     return load_params(path, dtype=dtype, mesh=mesh)
 
 
@@ -141,7 +144,7 @@ def build_task(cfg: TrainConfig, mesh) -> Task:
             config, params = _load_checkpoint(cfg.init_from, "ouro", "init_from", dtype, mesh)
         else:
             config, params = _model_config(cfg), None
-        model = OuroModel(config)
+        model = model_for(config)
         if cfg.stage == "looplm":
             loss = lambda p, t, batch, step: looplm_loss(model, p, batch, cfg.beta)  # noqa: E731
             return Task(config, model, params, loss)
@@ -155,18 +158,18 @@ def build_task(cfg: TrainConfig, mesh) -> Task:
         config, params = melt_from_ouro(teacher_config, teacher_params, gate_bias_init=cfg.gate_bias_init)
     config = config.replace(chunk_size=cfg.chunk_size)
     _check_same_shapes(params, teacher_params, f"teacher {cfg.teacher}")
-    setup = Distillation(MeltModel(config), OuroModel(teacher_config), cfg.chunk_size, cfg.forward)
+    distillation = Distillation(model_for(config), model_for(teacher_config), cfg.forward)
     if cfg.stage == "melt_phase1":
 
         def loss(p, t, batch, step):
-            return phase1_loss(setup, p, t, batch, linear_alpha(step, cfg.steps))
+            return phase1_loss(distillation, p, t, batch, linear_alpha(step, cfg.steps))
 
     else:
 
         def loss(p, t, batch, step):
-            return phase2_loss(setup, p, t, batch, cfg.align_beta)
+            return phase2_loss(distillation, p, t, batch, cfg.align_beta)
 
-    return Task(config, setup.student, params, loss, teacher_params=teacher_params)
+    return Task(config, distillation.student, params, loss, teacher_params=teacher_params)
 
 
 # --------------------------------------------------------------------------------------------------
