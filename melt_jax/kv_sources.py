@@ -18,7 +18,7 @@ Array = jax.Array
 
 @flax.struct.dataclass
 class InterpolatedCache:
-    """The caches of the phase-1 interpolated student (spec melt.md section 3): MELT's rows
+    """The caches of the phase-1 interpolated student (docs/melt.md, 'Phase 1: interpolation'): MELT's rows
     (k, v [L, B, K, S_max, D]: final rows of earlier tokens) and Ouro's per-loop rows of the same
     tokens (k, v [T, L, B, K, S_max, D]), computed from the student's own hidden states."""
 

@@ -6,7 +6,7 @@ For layer l and a token in flight at loop t, with u_t = N1(h) the attention inpu
     z_t = sigmoid(u_t W_z + s_{t-1} U_z + b_z),  s_t = z_t * s_{t-1} + (1 - z_t) * u_t    (t >= 2)
     k_t = RoPE(s_t W_K),  v_t = s_t W_V,  q_t = RoPE(u_t W_Q)
 
-The recurrence runs over the loops of one token (choice, spec melt.md section 1). The token's cache row
+The recurrence runs over the loops of one token (docs/melt.md, 'Recurrence over loops'). The token's cache row
 is rewritten at every loop, so after the last loop it holds the final row; tokens of the same chunk
 see each other's loop-t rows, earlier chunks' final rows. Decoding is chunk size 1.
 The latent s is carried through the loop scan for the tokens in flight only: [L, B, S, H].

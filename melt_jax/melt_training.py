@@ -1,4 +1,4 @@
-"""MELT's chunk-wise training forwards (spec melt.md section 2), with optional phase-1 interpolation.
+"""MELT's chunk-wise training forwards (docs/melt.md, 'Training forwards'), with optional phase-1 interpolation.
 
 A sequence [B, S] is cut into chunks of C tokens (C must divide S). Both forwards compute the same
 values; they differ in gradients and memory:

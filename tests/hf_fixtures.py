@@ -5,7 +5,7 @@
     write_hf_checkpoint(path, hf_config, state_dict, layout, dtype)
                                                    config.json + model.safetensors / shards / .bin
 
-The tensor names and shapes here are written out from the Ouro spec, independently of the converter's
+The tensor names and shapes here are written out from the Ouro checkpoint layout, independently of the converter's
 table (convert/mapping.py), so tests that import these files check that table.
 """
 

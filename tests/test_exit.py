@@ -54,7 +54,7 @@ def test_exit_pdf_cumsum_and_threshold_match_torch_bitwise(dtype, num_loops):
         np.testing.assert_array_equal(steps, expected)
         if threshold == 1.0:
             early_at_one = int((steps < num_loops - 1).sum())
-    # The rounding case the spec warns about must actually be exercised.
+    # The rounding case must actually be exercised: threshold 1.0 stopping a token before the last loop.
     assert early_at_one > 0
 
 

@@ -1,6 +1,6 @@
 """Checks of the independent PyTorch MELT reference (tests/torch_melt_reference.py), all float64.
 
-Invariants (spec melt.md sections 1-3): decode == chunk-1 prefill; chunked decode == the forward with the
+Invariants (docs/melt.md): decode == chunk-1 prefill; chunked decode == the forward with the
 same chunks; two-pass == sequential; alpha 0 == Ouro; z == 0 == Ouro with last-loop cache sharing; the
 stored rows are the last loop's keys; one chunk differs from chunk 1.
 """

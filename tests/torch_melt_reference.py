@@ -1,9 +1,9 @@
-"""An independent, eager PyTorch implementation of MELT, written from docs/spec `melt.md` (sections 1-3).
+"""An independent, eager PyTorch implementation of MELT, written from its definition (docs/melt.md).
 
 MELT is Ouro (see tests/torch_reference.py) with a gated, per-layer shared KV cache: one K row and one
 V row per token and layer, updated over the loops of that token instead of one row per loop.
 
-For layer l, token i, loop t (1-based in the spec, 0-based in the code) with u_t = N1(h):
+For layer l, token i, loop t (1-based in the equations, 0-based in the code) with u_t = N1(h):
 
     s_1 = u_1
     z_t = sigmoid(u_t @ W_z + s_{t-1} @ U_z + b_z)          t >= 2, element-wise
@@ -16,11 +16,11 @@ and used as ``u @ W_z`` (no transpose, unlike nn.Linear); b_z is [H]. Tensor nam
 ``model.layers.{i}.kv_gate.w_z.weight``, ``model.layers.{i}.kv_gate.u_z.weight``,
 ``model.layers.{i}.kv_gate.b_z``.
 
-Chunks (spec section 2): a sequence is cut into chunks; inside a chunk all tokens run their T loops
+Chunks (docs/melt.md, 'Chunks'): a sequence is cut into chunks; inside a chunk all tokens run their T loops
 together; token i at loop t attends to the *final* (last-loop) rows of every token of earlier chunks and
 to the loop-t rows of the tokens of its own chunk at positions <= i.
 
-Interpolation (spec section 3, phase 1): every key/value attended to is
+Interpolation (docs/melt.md, 'Phase 1: interpolation'): every key/value attended to is
 alpha * K_melt + (1 - alpha) * K_ouro, with K_ouro = RoPE(u_t W_K) (the Ouro key of that token at the
 *current* loop t, from the student's own hidden state), K_melt the final row (earlier chunks) or the
 loop-t row k_t (own chunk). The same for V. alpha = 0 is exactly Ouro, alpha = 1 exactly MELT. The
@@ -30,9 +30,10 @@ Two independent ways to run the chunked forward are implemented, and tested agai
 
 * ``forward_sequential`` / ``decode``: chunk after chunk with a cache (per layer: the final rows of the
   tokens done, plus their per-loop Ouro rows for the interpolation);
-* ``forward_chunked``: the two-pass form of spec section 2 -- pass 1 is the sequential chunked prefill
-  (for the final rows), pass 2 runs every token of every chunk in parallel with a mask choosing, per
-  (query, key) pair, the pass-1 final row (earlier chunk) or the current-loop row (same chunk).
+* ``forward_chunked``: the two-pass form (docs/melt.md, 'Training forwards') -- pass 1 is the
+  sequential chunked prefill (for the final rows), pass 2 runs every token of every chunk in parallel
+  with a mask choosing, per (query, key) pair, the pass-1 final row (earlier chunk) or the current-loop
+  row (same chunk).
 
 Precision policy: that of tests/torch_reference.py (model dtype everywhere; RMSNorm statistics, RoPE and
 softmax in float32, or float64 for a float64 model). Default dtype here: float64.
@@ -322,7 +323,8 @@ class MeltReference:
 
     @torch.no_grad()
     def forward_chunked(self, input_ids, chunk_size, alpha: float = 1.0) -> dict:
-        """input_ids [B, S] processed in chunks (spec section 2) at interpolation `alpha` (section 3).
+        """input_ids [B, S] processed in chunks at interpolation `alpha` (docs/melt.md, 'Chunks' and
+        'Phase 1: interpolation').
 
         chunk_size: an int C (chunks of C tokens, the last one shorter if C does not divide S) or a
         sequence of chunk lengths summing to S. Computed in two passes: pass 1 = the sequential chunked

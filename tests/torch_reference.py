@@ -1,13 +1,13 @@
-"""An independent, eager PyTorch implementation of Ouro (LoopLM), written from docs/spec `ouro.md`.
+"""An independent, eager PyTorch implementation of Ouro (LoopLM), written from its definition (docs/melt.md, 'Ouro').
 
 This is the *reference* the JAX port is tested against. It is deliberately plain: one function per
-piece of the spec, no fusion, no compilation, no cleverness. It is not derived from the upstream
+piece of the model, no fusion, no compilation, no cleverness. It is not derived from the upstream
 `modeling_ouro.py`.
 
 Precision policy
 ----------------
 All weights and activations are kept in the model dtype (`dtype` argument: float32, bfloat16 or
-float64). Where the spec says "computed in float32" (RMSNorm statistics, RoPE cos/sin, softmax) the
+float64). Where the model computes in float32 (RMSNorm statistics, RoPE cos/sin, softmax) the
 computation is done in ``_compute_dtype(dtype)``: float32 for float32/bf16/fp16 models, exactly like
 upstream, but float64 for a float64 model so that the float64 mode is a true high-precision
 reference of the same maths.

@@ -1,4 +1,5 @@
-"""Training objectives: LoopLM Stage I and II (spec ouro.md), MELT phase 1 and 2 (spec melt.md 3).
+"""Training objectives: LoopLM Stage I and II, MELT phase 1 and 2 (docs/melt.md, 'Phase 1: interpolation'
+and 'Phase 2: distillation').
 
 Every objective is a pure function `(params, batch, ...) -> (loss, metrics)` of float32 scalars,
 where batch = {"tokens": int32 [B, S], "loss_mask": float32 [B, S]}; loss_mask[b, s] weighs the
