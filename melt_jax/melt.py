@@ -17,24 +17,18 @@ from __future__ import annotations
 import functools
 
 import flax.linen as nn
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from melt_jax.cache import KVCache, write_rows
+from melt_jax.cache import KVCache
 from melt_jax.chunking import check_chunk_size, padded_chunking, scan_chunks
 from melt_jax.config import MeltConfig, OuroConfig
 from melt_jax.decoding import check_tokens_fit
 from melt_jax.errors import ConfigError
 from melt_jax.exit import ExitPolicy
-from melt_jax.kv_sources import EarlierRows, InterpolatedCache
-from melt_jax.layers import (
-    HIDDEN_AXES,
-    apply_rope,
-    attention_over_cache_slots,
-    chunked_attention_over_earlier_rows,
-)
+from melt_jax.kv_sources import KVSource, Rows
+from melt_jax.layers import HIDDEN_AXES, apply_rope
 from melt_jax.melt_training import sequential_forward
 from melt_jax.ouro import OuroDecoderLayer, OuroModel, OuroOutput, TokenContext
 from melt_jax.sharding import constrain
@@ -71,79 +65,26 @@ class KVGate(nn.Module):
         return jax.lax.cond(first_loop, lambda: u, gated)
 
 
-@flax.struct.dataclass
-class MeltState:
-    """What MELT's layers carry through the loops: the cache (or None), the gate latent s of the
-    tokens in flight [L, B, S, H], the interpolation weight alpha (None: pure MELT) and, in the
-    two-pass training forward, the pass-1 rows."""
-
-    cache: KVCache | InterpolatedCache | None
-    latent: Array
-    alpha: Array | None = None
-    earlier: EarlierRows | None = None
-
-
 class MeltDecoderLayer(OuroDecoderLayer):
-    """Ouro's layer with keys and values computed from the gated latent s instead of u = N1(h).
-
-    With an interpolation weight alpha, every key/value attended to is alpha * (MELT row) +
-    (1 - alpha) * (Ouro row of that token at this loop): alpha = 0 is Ouro, alpha = 1 is MELT.
-    """
+    """Ouro's layer with keys and values computed from the gated latent s instead of u = N1(h); the
+    layer's state across loops is s of the tokens in flight [B, S, H]."""
 
     def setup(self):
         super().setup()
         c = self.config
         self.kv_gate = KVGate(c.hidden_size, c.gate_bias_init, dtype=c.jnp_dtype, param_dtype=c.jnp_param_dtype)
 
-    def attention(self, u: Array, ctx: TokenContext, state: MeltState, layer_index, loop_index):
-        s_prev = state.latent[layer_index]  # [B, S, H]
-        s = constrain(self.kv_gate(u, s_prev, first_loop=loop_index == 0), HIDDEN_AXES)
-        state = state.replace(latent=state.latent.at[layer_index].set(s))
+    def attention(self, u: Array, ctx: TokenContext, cache, s_prev: Array, source: KVSource, layer_index, loop_index):
+        s = constrain(self.kv_gate(u, s_prev, first_loop=loop_index == 0), HIDDEN_AXES)  # [B, S, H]
         q = apply_rope(self.attn.queries(u), ctx.cos, ctx.sin)  # [B, S, N, D]
-        k, v = self.attn.keys_values(s)  # [B, S, K, D], MELT rows at this loop
-        k = apply_rope(k, ctx.cos, ctx.sin)
-        alpha = state.alpha
-        if alpha is None:
-            mix = lambda melt, ouro: melt  # noqa: E731
-            k_ouro = v_ouro = None
-        else:
-            mix = lambda melt, ouro: alpha * melt + (1 - alpha) * ouro  # noqa: E731
-            k_ouro, v_ouro = self.attn.keys_values(u)  # Ouro's rows of these tokens at this loop
-            k_ouro = apply_rope(k_ouro, ctx.cos, ctx.sin)
-        melt_slot, ouro_slot = (layer_index,), (loop_index, layer_index)
-
-        if state.earlier is not None:  # two-pass, pass 2: all chunks at once
-            earlier = state.earlier
-            rows = earlier.cache
-            if alpha is None:
-                prev_k, prev_v = rows.k[melt_slot], rows.v[melt_slot]
-            else:
-                prev_k = mix(rows.melt.k[melt_slot], rows.ouro.k[ouro_slot])
-                prev_v = mix(rows.melt.v[melt_slot], rows.ouro.v[ouro_slot])
-            attended = chunked_attention_over_earlier_rows(
-                q, prev_k.astype(k.dtype), prev_v.astype(v.dtype), mix(k, k_ouro), mix(v, v_ouro), earlier.chunk_size
-            )
-            return self.attn.output(attended), state
-
-        if isinstance(state.cache, InterpolatedCache):
-            melt_cache, ouro_cache = state.cache.melt, state.cache.ouro
-            melt_k = write_rows(melt_cache.k, melt_slot, k, ctx.positions)
-            melt_v = write_rows(melt_cache.v, melt_slot, v, ctx.positions)
-            ouro_k = write_rows(ouro_cache.k, ouro_slot, k_ouro, ctx.positions)
-            ouro_v = write_rows(ouro_cache.v, ouro_slot, v_ouro, ctx.positions)
-            cache = InterpolatedCache(
-                melt=melt_cache.replace(k=melt_k, v=melt_v), ouro=ouro_cache.replace(k=ouro_k, v=ouro_v)
-            )
-            keys = mix(melt_k[melt_slot], ouro_k[ouro_slot])  # [B, K, S_max, D]
-            values = mix(melt_v[melt_slot], ouro_v[ouro_slot])
-            out = self.attn.output(attention_over_cache_slots(q, keys, values, ctx.positions))
-            return out, state.replace(cache=cache)
-
-        if state.cache is None and alpha is not None:  # one chunk, interpolated
-            out, _ = self.attend(q, mix(k, k_ouro), mix(v, v_ouro), ctx, None, melt_slot)
-            return out, state
-        out, cache = self.attend(q, k, v, ctx, state.cache, melt_slot)
-        return out, state.replace(cache=cache)
+        k, v = self.attn.keys_values(s)  # [B, S, K, D], MELT's rows at this loop
+        rows = Rows(k=apply_rope(k, ctx.cos, ctx.sin), v=v)
+        ouro_rows = None
+        if source.interpolates:  # Ouro's rows of these tokens at this loop
+            k_ouro, v_ouro = self.attn.keys_values(u)
+            ouro_rows = Rows(k=apply_rope(k_ouro, ctx.cos, ctx.sin), v=v_ouro)
+        attended, cache = source.attend(q, rows, ouro_rows, cache, ctx.positions, layer_index, loop_index)
+        return self.attn.output(attended), cache, s
 
 
 class MeltModel(OuroModel):
@@ -151,23 +92,18 @@ class MeltModel(OuroModel):
 
     Called on one chunk of tokens. With a cache (k, v [L, B, K, S_max, D], see `init_cache`), the
     chunk attends to the final rows of the earlier tokens in the cache and to its own loop-t rows, and
-    leaves its final rows in the cache. Without a cache, the tokens form one chunk. Keyword arguments
-    `alpha` (phase-1 interpolation weight; pass an InterpolatedCache as the cache, if any) and
-    `earlier` (EarlierRows, the two-pass training forward) select the training variants.
+    leaves its final rows in the cache. Without a cache, the tokens form one chunk. The training
+    variants (phase-1 interpolation, the two-pass forward's pass 2) are KV sources passed as
+    `kv_source=` (melt_jax.kv_sources).
     """
 
     config: MeltConfig
     layer_class = MeltDecoderLayer
 
-    def initial_state(self, h: Array, cache, alpha=None, earlier: EarlierRows | None = None) -> MeltState:
-        if alpha is not None and cache is not None and not isinstance(cache, InterpolatedCache):
-            raise ValueError("interpolation (alpha) with a cache needs an InterpolatedCache")
-        latent = jnp.zeros((self.config.num_layers, *h.shape), h.dtype)  # [L, B, S, H]
-        alpha = None if alpha is None else jnp.asarray(alpha, h.dtype)
-        return MeltState(cache=cache, latent=latent, alpha=alpha, earlier=earlier)
-
-    def final_cache(self, state: MeltState):
-        return state.cache
+    def initial_layer_state(self, h: Array) -> Array:
+        """The gate latent s of every layer before the first loop, zeros [L, B, S, H] (the first loop
+        does not read it: s_1 = u_1)."""
+        return jnp.zeros((self.config.num_layers, *h.shape), h.dtype)
 
     def scoring_forward(self, params, tokens: Array, chunk_size: int | None = None) -> OuroOutput:
         """The teacher-forced forward of evaluation on tokens [B, S]: the values inference computes,

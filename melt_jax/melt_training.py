@@ -21,7 +21,7 @@ import jax
 
 from melt_jax.chunking import num_chunks, scan_chunks
 from melt_jax.exit import exit_distribution
-from melt_jax.kv_sources import EarlierRows, init_training_cache
+from melt_jax.kv_sources import EarlierRows, InterpolatedSlotCache, SlotCache, init_training_cache
 from melt_jax.ouro import OuroOutput
 
 Array = jax.Array
@@ -37,9 +37,10 @@ def sequential_forward(model: nn.Module, params, tokens: Array, chunk_size: int,
     batch, seq = tokens.shape
     num_chunks(seq, chunk_size)
     cache = init_training_cache(model.config, batch, seq, alpha is not None)
+    source = SlotCache() if alpha is None else InterpolatedSlotCache(alpha)
 
     def one_chunk(cache, chunk, start):  # chunk [B, C]
-        out = model.apply({"params": params}, chunk, cache=cache, exit_policy=None, alpha=alpha)
+        out = model.apply({"params": params}, chunk, cache=cache, kv_source=source, exit_policy=None)
         return out.cache, (out.hidden_steps, out.gate_logits, out.intermediates)
 
     # Token axes of the outputs: [T, B, C, H], [T, B, C], {name: [T, L, B, C, H]}.
@@ -65,5 +66,6 @@ def two_pass_forward(model: nn.Module, params, tokens: Array, chunk_size: int, a
     rows_only = model.clone(collect=())
     rows = sequential_forward(rows_only, jax.lax.stop_gradient(params), tokens, chunk_size, alpha).cache
     rows = jax.lax.stop_gradient(rows)
-    out = model.apply({"params": params}, tokens, exit_policy=None, alpha=alpha, earlier=EarlierRows(rows, chunk_size))
+    source = EarlierRows(rows=rows, chunk_size=chunk_size, alpha=alpha)
+    out = model.apply({"params": params}, tokens, kv_source=source, exit_policy=None)
     return out.replace(cache=rows)

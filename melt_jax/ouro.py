@@ -20,9 +20,10 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from melt_jax.cache import KVCache, init_cache, write_rows
+from melt_jax.cache import KVCache, init_cache
 from melt_jax.config import OuroConfig
 from melt_jax.exit import ExitPolicy, exit_distribution, select_hidden
+from melt_jax.kv_sources import KVSource, Rows, default_source
 from melt_jax.layers import (
     HIDDEN_AXES,
     MLP,
@@ -31,9 +32,6 @@ from melt_jax.layers import (
     Embedder,
     RMSNorm,
     apply_rope,
-    attention_over_cache_slots,
-    causal_mask,
-    dot_product_attention,
     rope_tables,
 )
 from melt_jax.sharding import constrain
@@ -90,7 +88,8 @@ class OuroDecoderLayer(nn.Module):
         a = Attention(N1(h));  h = h + N2(a)
         m = MLP(N3(h));        h = h + N4(m)
 
-    Called inside the layer scan as (carry=(h, cache), layer_index, ctx, loop_index) -> (carry, ys).
+    Called inside the layer scan as (carry=(h, cache), xs=(layer_index, layer_state), ctx, loop_index,
+    source) -> (carry, (layer_state, intermediates)).
     """
 
     config: OuroConfig
@@ -107,36 +106,31 @@ class OuroDecoderLayer(nn.Module):
         self.mlp_in_norm = RMSNorm(**norm_kw)
         self.mlp_out_norm = RMSNorm(**norm_kw)
 
-    def attend(self, q: Array, k: Array, v: Array, ctx: TokenContext, cache: KVCache | None, slot: tuple):
-        """Causal attention of queries q [B, S, N, D] (after RoPE) over keys k (after RoPE) and values
-        v [B, S, K, D]. Without a cache the tokens attend to each other; with one, k and v are written
-        into cache slot array `slot` at ctx.positions and the queries attend to that whole slot array.
-        Returns (output [B, S, H] after o_proj, cache)."""
-        if cache is None:
-            attended = dot_product_attention(q, k, v, causal_mask(ctx.positions, ctx.positions))
-        else:
-            k_all = write_rows(cache.k, slot, k, ctx.positions)
-            v_all = write_rows(cache.v, slot, v, ctx.positions)
-            cache = cache.replace(k=k_all, v=v_all)
-            attended = attention_over_cache_slots(q, k_all[slot], v_all[slot], ctx.positions)
-        return self.attn.output(attended), cache
-
-    def attention(self, u: Array, ctx: TokenContext, state, layer_index, loop_index):
-        """Ouro's attention sublayer on u = N1(h) [B, S, H]; `state` is the KV cache (or None), whose
-        slot array (loop, layer) holds this layer's keys/values at this loop."""
+    def attention(self, u: Array, ctx: TokenContext, cache, layer_state, source: KVSource, layer_index, loop_index):
+        """The attention sublayer on u = N1(h) [B, S, H]: queries, keys and values from u, attended
+        through `source` (see melt_jax.kv_sources), whose cache slot array of (loop, layer) holds this
+        layer's rows at this loop. Returns (output [B, S, H] after o_proj, cache, layer_state): Ouro
+        keeps no per-layer state across loops."""
         q = apply_rope(self.attn.queries(u), ctx.cos, ctx.sin)  # [B, S, N, D]
         k, v = self.attn.keys_values(u)  # [B, S, K, D]
-        k = apply_rope(k, ctx.cos, ctx.sin)
-        return self.attend(q, k, v, ctx, state, (loop_index, layer_index))
+        rows = Rows(k=apply_rope(k, ctx.cos, ctx.sin), v=v)
+        attended, cache = source.attend(q, rows, rows, cache, ctx.positions, layer_index, loop_index)
+        return self.attn.output(attended), cache, layer_state
 
-    def __call__(self, carry, layer_index, ctx: TokenContext, loop_index):
-        h, state = carry
+    def __call__(self, carry, xs, ctx: TokenContext, loop_index, source: KVSource):
+        """One layer at one loop: carry (h [B, S, H], cache), xs (layer_index, this layer's state from
+        the previous loop, see `OuroModel.initial_layer_state`). Returns ((h, cache), (layer state,
+        collected intermediates))."""
+        h, cache = carry
+        layer_index, layer_state = xs
         h = constrain(h, HIDDEN_AXES)  # [B, S, H]
-        a, state = self.attention(self.attn_in_norm(h), ctx, state, layer_index, loop_index)
+        a, cache, layer_state = self.attention(
+            self.attn_in_norm(h), ctx, cache, layer_state, source, layer_index, loop_index
+        )
         h = h + self.attn_out_norm(a)
         h = h + self.mlp_out_norm(self.mlp(self.mlp_in_norm(h)))
         found = {"layer_output": h, "attention_output": a}
-        return (h, state), {name: found[name] for name in self.collect}
+        return (h, cache), (layer_state, {name: found[name] for name in self.collect})
 
 
 def scan_layers(layer_cls, config: OuroConfig, **layer_attrs):
@@ -145,7 +139,7 @@ def scan_layers(layer_cls, config: OuroConfig, **layer_attrs):
         layer_cls,
         variable_axes={"params": 0},
         split_rngs={"params": True},
-        in_axes=(0, nn.broadcast, nn.broadcast),
+        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
         length=config.num_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )(config, **layer_attrs, name="layers")
@@ -203,58 +197,61 @@ class OuroModel(nn.Module):
         cos, sin = rope_tables(positions, self.config.head_dim, self.config.rope_theta, table_dtype)
         return TokenContext(positions=positions, cos=cos, sin=sin)
 
-    def initial_state(self, h: Array, cache: KVCache | None):
-        """What the layers carry through the loops besides h: for Ouro, the cache. Subclasses take
-        further keyword arguments of __call__ here."""
-        return cache
+    def initial_layer_state(self, h: Array):
+        """What each layer keeps from one loop to the next for the tokens in flight, stacked on a
+        leading [L] axis (None: nothing, as in Ouro). h [B, S, H] is the embedded input."""
+        return None
 
-    def final_cache(self, state) -> KVCache | None:
-        return state
-
-    def run_loops(self, h: Array, ctx: TokenContext, cache: KVCache | None, **state_args):
+    def run_loops(self, h: Array, ctx: TokenContext, cache, source: KVSource):
         """All T loops over the layer stack. Returns (hidden_steps [T, B, S, H], gate_logits
         [T, B, S], intermediates {name: [T, L, B, S, H]}, cache)."""
         c = self.config
 
-        def one_loop(model, carry, loop_index, ctx):
-            h, state = carry
+        def one_loop(model, carry, loop_index, ctx, source):
+            h, cache, layer_states = carry
             layer_indices = jnp.arange(c.num_layers)
-            (h, state), intermediates = model.layers((h, state), layer_indices, ctx, loop_index)
+            (h, cache), (layer_states, intermediates) = model.layers(
+                (h, cache), (layer_indices, layer_states), ctx, loop_index, source
+            )
             h = model.final_norm(h)
             gate_logit = model.exit_gate(h)[..., 0]  # [B, S]
-            return (h, state), (h, gate_logit, intermediates)
+            return (h, cache, layer_states), (h, gate_logit, intermediates)
 
         loops = nn.scan(
             one_loop,
             variable_broadcast="params",
             split_rngs={"params": False},
-            in_axes=(0, nn.broadcast),
+            in_axes=(0, nn.broadcast, nn.broadcast),
             length=c.num_loops,
         )
-        (_, state), (hidden_steps, gate_logits, intermediates) = loops(
-            self, (h, self.initial_state(h, cache, **state_args)), jnp.arange(c.num_loops), ctx
+        carry = (h, cache, self.initial_layer_state(h))
+        (_, cache, _), (hidden_steps, gate_logits, intermediates) = loops(
+            self, carry, jnp.arange(c.num_loops), ctx, source
         )
-        return hidden_steps, gate_logits, intermediates, self.final_cache(state)
+        return hidden_steps, gate_logits, intermediates, cache
 
     def __call__(
         self,
         tokens: Array,
         positions: Array | None = None,
-        cache: KVCache | None = None,
+        cache=None,
         *,
+        kv_source: KVSource | None = None,
         exit_policy: ExitPolicy | None = ExitPolicy(),
         return_step_logits: bool = False,
-        **state_args,
     ) -> OuroOutput:
         """Runs all loops on tokens [B, S].
 
         positions [B, S] default to end_index + arange(S) with a cache, arange(S) without. With a
-        cache, the tokens' keys/values are written at their positions in every (loop, layer) slot and
-        the returned cache has end_index advanced by S. `state_args` are model-specific (MELT's).
+        cache, the tokens' keys/values are written at their positions in the cache's slot arrays and
+        the returned cache has end_index advanced by S. `kv_source` says where attention reads keys
+        and values (melt_jax.kv_sources; default: the cache's slot arrays, or the tokens alone).
         """
+        source = default_source(cache) if kv_source is None else kv_source
+        source.check(cache)
         h = self.embedder(tokens)  # [B, S, H]
         ctx = self.token_context(tokens, positions, cache)
-        hidden_steps, gate_logits, intermediates, cache = self.run_loops(h, ctx, cache, **state_args)
+        hidden_steps, gate_logits, intermediates, cache = self.run_loops(h, ctx, cache, source)
         if cache is not None:
             cache = cache.advance(tokens.shape[1])
         exit_pdf = exit_distribution(gate_logits)  # [B, S, T]
