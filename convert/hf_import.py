@@ -206,9 +206,9 @@ def load_hf_checkpoint(
 ) -> tuple[OuroConfig, dict[str, Any]]:
     """Reads the HF Ouro checkpoint folder `path`: (config, params as a nested dict of numpy arrays).
 
-    The params are in `dtype` ('float32', 'bfloat16' or 'float16'), laid out as in convert/mapping.py;
-    the config gets `param_dtype = dtype = dtype`. Raises ConfigError for a bad config.json and
-    ConversionError for bad weights, both naming the file, field or tensor.
+    The params are in `dtype` ('float32', 'bfloat16' or 'float16'), laid out as in
+    melt_jax/param_table.py; the config gets `param_dtype = dtype = dtype`. Raises ConfigError for a
+    bad config.json and ConversionError for bad weights, both naming the file, field or tensor.
     """
     path = Path(path)
     if not path.is_dir():

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from melt_jax import param_table
 from melt_jax.cache import KVCache, init_ouro_cache
 from melt_jax.checkpoint import load_params
 from melt_jax.config import OuroConfig
@@ -371,12 +372,14 @@ def check_params(model: nn.Module, params) -> None:
     kind = model_kind(model)
     expected = _expected_leaves(model)
     try:
-        got = {jax.tree_util.keystr(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+        leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+        got = {jax.tree_util.keystr(p): tuple(np.shape(x)) for p, x in leaves}
     except Exception as e:  # not a pytree of arrays
         raise GenerationError(f"params are not a tree of arrays: {e}") from None
-    has_gates = any("kv_gate" in name for name in got)
-    if has_gates != (kind == "melt"):
-        found = "a MELT checkpoint (it has kv_gate weights)" if has_gates else "an Ouro checkpoint (no kv_gate weights)"
+    params_kind = param_table.model_type_of_params(param_table.path_of(p) for p, _ in leaves)
+    if params_kind != kind:
+        melt = params_kind == "melt"
+        found = "a MELT checkpoint (it has kv_gate weights)" if melt else "an Ouro checkpoint (no kv_gate weights)"
         raise GenerationError(f"the model is {kind!r} but the params are {found}; load it with the matching model")
     missing = sorted(set(expected) - set(got))
     extra = sorted(set(got) - set(expected))
