@@ -26,10 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-from melt_jax.checkpoint import NUMPY_DTYPES
+from melt_jax.checkpoint import numpy_dtype
 from melt_jax.config import OuroConfig
 from melt_jax.convert.hf_export import write_safetensors
 from melt_jax.convert.mapping import hf_tensor_plan
+from melt_jax.dtypes import STORABLE_NAMES
 
 GB = 1e9
 
@@ -61,7 +62,7 @@ def write_synthetic_checkpoint(folder: Path, config: OuroConfig) -> int:
     pool_size = 64 * 2**20
     pool = rng.integers(0x3C00, 0x3F80, size=pool_size, dtype=np.uint16)
     pool |= rng.integers(0, 2, size=pool_size, dtype=np.uint16) << 15  # random sign
-    pool = pool.view(NUMPY_DTYPES["bfloat16"])
+    pool = pool.view(numpy_dtype("bfloat16"))
     plan = hf_tensor_plan(config)
     shapes = {t.name: t.rule.hf_tensor_shape(config) for t in plan}
     offsets = iter(range(0, 10**12, 7919))
@@ -90,7 +91,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="ouro-2.6b", help="config preset with the real shapes (default ouro-2.6b)")
     parser.add_argument("--layers", type=int, default=None, help="override num_hidden_layers (smaller runs)")
-    parser.add_argument("--dtype", default="bfloat16", choices=sorted(NUMPY_DTYPES), help="import dtype")
+    parser.add_argument("--dtype", default="bfloat16", choices=sorted(STORABLE_NAMES), help="import dtype")
     parser.add_argument("--dir", default=tempfile.gettempdir(), help="where to write the files (default /tmp)")
     parser.add_argument("--keep", action="store_true", help="keep the files")
     args = parser.parse_args()
@@ -100,7 +101,7 @@ def main() -> None:
         overrides["num_hidden_layers"] = args.layers
     config = OuroConfig.preset(args.preset, **overrides)
     num_params = sum(math.prod(t.rule.hf_tensor_shape(config)) for t in hf_tensor_plan(config))
-    need = num_params * (2 + NUMPY_DTYPES[args.dtype].itemsize + 2) * 1.05
+    need = num_params * (2 + numpy_dtype(args.dtype).itemsize + 2) * 1.05
     free = shutil.disk_usage(args.dir).free
     if free < need:
         raise SystemExit(f"need {need / GB:.1f} GB free in {args.dir}, have {free / GB:.1f} GB; try --layers")
@@ -117,7 +118,7 @@ def main() -> None:
         base_rss, _ = run_child(["-c", "import melt_jax.convert.cli, melt_jax.checkpoint, orbax.checkpoint, jax"])
         print(f"baseline (python + jax + orbax + converter imported): peak RSS {base_rss / GB:.2f} GB")
 
-        params_bytes = num_params * NUMPY_DTYPES[args.dtype].itemsize
+        params_bytes = num_params * numpy_dtype(args.dtype).itemsize
         rss, seconds = run_child(
             ["-m", "melt_jax.convert", "import", str(work / "hf"), str(work / "ckpt"), "--dtype", args.dtype]
         )

@@ -17,7 +17,8 @@ import re
 import sys
 import time
 
-from melt_jax.checkpoint import NUMPY_DTYPES, check_destination, load_params, save_params
+from melt_jax.checkpoint import check_destination, load_params, numpy_dtype, save_params
+from melt_jax.dtypes import STORABLE_NAMES
 from melt_jax.errors import CheckpointError, ConfigError
 
 from .errors import ConversionError
@@ -61,7 +62,7 @@ def _summary(action: str, config, params, dtype: str, seconds: float, dest: str)
     """One line: tensors, parameters, bytes (in `dtype`), seconds."""
     leaves = flatten_params(params).values()
     num_params = sum(math.prod(leaf.shape) for leaf in leaves)
-    num_bytes = num_params * NUMPY_DTYPES[dtype].itemsize
+    num_bytes = num_params * numpy_dtype(dtype).itemsize
     return (
         f"{action}: {len(hf_tensor_plan(config))} tensors, {num_params:,} parameters, "
         f"{_format_bytes(num_bytes)} ({dtype}), {seconds:.1f} s -> {dest}"
@@ -77,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    dtypes = sorted(NUMPY_DTYPES)
+    dtypes = sorted(STORABLE_NAMES)
 
     p = sub.add_parser("import", help="Hugging Face folder -> melt_jax checkpoint directory")
     p.add_argument(

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from melt_jax import dtypes
 from melt_jax.checkpoint import atomic_directory, check_destination, numpy_dtype
 from melt_jax.config import OuroConfig
 
@@ -26,8 +27,6 @@ from .hf_import import CONFIG_FILE, SAFETENSORS_FILE, SAFETENSORS_INDEX
 from .mapping import HFTensor, flatten_params, hf_tensor_plan, param_shapes
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # 5 GB, the transformers default
-
-_SAFETENSORS_DTYPE_NAMES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 
 
 def write_safetensors(
@@ -50,7 +49,7 @@ def write_safetensors(
     for name, shape in entries:
         nbytes = math.prod(shape) * np_dtype.itemsize
         header[name] = {
-            "dtype": _SAFETENSORS_DTYPE_NAMES[dtype],
+            "dtype": dtypes.BY_NAME[dtype].safetensors,
             "shape": list(shape),
             "data_offsets": [offset, offset + nbytes],
         }
@@ -117,10 +116,10 @@ def save_hf_checkpoint(
     existing `path` raises an error unless `overwrite` is true.
     """
     dtype = config.torch_dtype if dtype is None else dtype
-    if dtype not in _SAFETENSORS_DTYPE_NAMES:
+    if dtype not in dtypes.STORABLE_NAMES:
         raise ConversionError(
             f"cannot export in dtype {dtype!r} (config field torch_dtype or --dtype); "
-            f"expected one of {', '.join(_SAFETENSORS_DTYPE_NAMES)}"
+            f"expected one of {', '.join(dtypes.STORABLE_NAMES)}"
         )
     if max_shard_bytes < 1:
         raise ConversionError(f"max_shard_bytes must be positive, got {max_shard_bytes}")

@@ -21,11 +21,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 from tqdm import tqdm
 
+from melt_jax import dtypes
 from melt_jax.checkpoint import numpy_dtype
 from melt_jax.config import OuroConfig
 from melt_jax.registry import config_from_json_file
@@ -39,8 +39,8 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_FILE = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
 
-# Floating-point dtypes a source tensor may have (safetensors header names).
-_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+# Floating-point dtypes a source tensor may have (safetensors header names); any is cast on import.
+_FLOAT_DTYPES = tuple(d.safetensors for d in dtypes.TABLE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,7 +135,8 @@ class TorchBinReader:
         import torch  # only for .bin checkpoints
 
         self._torch = torch
-        self._dtypes = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+        # torch dtype -> safetensors code
+        self._dtypes = {getattr(torch, d.name): d.safetensors for d in dtypes.TABLE}
         self._file: Path | None = None  # the file whose state dict is loaded (memory-mapped) now
         self._state_dict: dict = {}
         self.catalog: dict[str, TensorInfo] = {}
@@ -165,7 +166,7 @@ class TorchBinReader:
         """The tensor `name` as a numpy array (bf16 as ml_dtypes.bfloat16)."""
         tensor = self._load(self.catalog[name].file)[name].detach().contiguous()
         if tensor.dtype == self._torch.bfloat16:  # numpy has no bf16: reinterpret the bits
-            return tensor.view(self._torch.int16).numpy().view(ml_dtypes.bfloat16)
+            return tensor.view(self._torch.int16).numpy().view(dtypes.BY_NAME["bfloat16"].numpy)
         return tensor.numpy()
 
     def close(self) -> None:
@@ -206,9 +207,9 @@ def load_hf_checkpoint(
 ) -> tuple[OuroConfig, dict[str, Any]]:
     """Reads the HF Ouro checkpoint folder `path`: (config, params as a nested dict of numpy arrays).
 
-    The params are in `dtype` ('float32', 'bfloat16' or 'float16'), laid out as in convert/mapping.py;
-    the config gets `param_dtype = dtype = dtype`. Raises ConfigError for a bad config.json and
-    ConversionError for bad weights, both naming the file, field or tensor.
+    The params are in `dtype` ('float32', 'bfloat16' or 'float16'), laid out as in
+    melt_jax/param_table.py; the config gets `param_dtype = dtype = dtype`. Raises ConfigError for a
+    bad config.json and ConversionError for bad weights, both naming the file, field or tensor.
     """
     path = Path(path)
     if not path.is_dir():

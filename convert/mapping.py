@@ -1,83 +1,84 @@
-"""The one table that maps Hugging Face Ouro tensors to melt_jax params, used by import and export.
+"""How Hugging Face Ouro and MELT tensors map to melt_jax params, used by import and export.
 
-Every row (`TensorRule`) names a melt_jax parameter (a '/'-separated path in the params dict), the
-Hugging Face tensor it comes from, both shapes in symbolic dimensions, and whether the HF tensor is
-transposed. Import and export both apply the row, in opposite directions:
+The rows come from the parameter table (melt_jax/param_table.py): each param's row names the Hugging
+Face tensor it is stored as, both shapes in symbolic dimensions, and whether the HF tensor is
+transposed. A `TensorRule` applies one row, in either direction:
 
     import:  param[i] = reshape(transpose?(hf_tensor_i), shape)           # one layer's slice
     export:  hf_tensor_i = transpose?(reshape(param[i], transpose?(hf_shape)))
 
 A HF name containing "{i}" is a per-layer tensor: the melt_jax param stacks the L layers on a leading
-axis, `param[i]` holding layer i. Symbolic dimensions (see `model_dims`) are single letters, products
-are written "N*D":
-
-    L layers, H hidden, N query heads, K key/value heads, D head_dim, I intermediate, V vocab
-
-Adding a tensor (e.g. the MELT gate `layers/kv_gate/w_z`) is adding a row; a row with `when` set
-exists only for configs where `when(config)` is true (e.g. `lm_head` only with untied embeddings).
+axis, `param[i]` holding layer i. A row exists only for the configs whose models have the param (e.g.
+`lm_head` only with untied embeddings, the KV gate only for MELT). Adding a tensor is adding a row to
+the parameter table.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import numpy as np
 
-LAYER = "{i}"  # placeholder for the layer index in per-layer HF names
+from melt_jax.param_table import LAYER, PARAMS, ParamSpec, eval_shape, model_dims, param_shapes
 
-
-def model_dims(config: Any) -> dict[str, int]:
-    """The values of the symbolic dimension letters for `config`."""
-    return {
-        "L": config.num_hidden_layers,
-        "H": config.hidden_size,
-        "N": config.num_attention_heads,
-        "K": config.num_key_value_heads,
-        "D": config.head_dim,
-        "I": config.intermediate_size,
-        "V": config.vocab_size,
-    }
-
-
-def eval_shape(symbols: tuple[str, ...], dims: dict[str, int]) -> tuple[int, ...]:
-    """Evaluates a symbolic shape such as ("N*D", "H", "1") to integers (digits are literal sizes)."""
-    return tuple(math.prod(int(f) if f.isdigit() else dims[f] for f in symbol.split("*")) for symbol in symbols)
-
-
-def _always(config: Any) -> bool:
-    return True
-
-
-def _untied(config: Any) -> bool:
-    return not config.tie_word_embeddings
-
-
-def _melt(config: Any) -> bool:
-    return getattr(config, "model_type", None) == "melt"
+__all__ = [
+    "LAYER",
+    "OURO_RULES",
+    "HFTensor",
+    "TensorRule",
+    "eval_shape",
+    "flatten_params",
+    "hf_tensor_plan",
+    "is_ignored_hf_tensor",
+    "model_dims",
+    "param_shapes",
+    "rules_for",
+    "unflatten_params",
+]
 
 
 @dataclasses.dataclass(frozen=True)
 class TensorRule:
-    """How one melt_jax param is built from Hugging Face tensors (one, or one per layer)."""
+    """How one melt_jax param (its row of the parameter table) is built from Hugging Face tensors (one,
+    or one per layer)."""
 
-    param: str  # path in the params dict, e.g. "layers/attn/q_proj/kernel"
-    hf: str  # HF name, "{i}" standing for the layer index of a per-layer tensor
-    hf_shape: tuple[str, ...]  # symbolic shape of one HF tensor, e.g. ("N*D", "H")
-    shape: tuple[str, ...]  # symbolic shape of the param (one layer's slice of it if per layer)
-    transpose: bool = False  # transpose the (2-D) HF tensor before reshaping it to `shape`
-    when: Callable[[Any], bool] = _always  # the row exists only for configs where this is true
+    spec: ParamSpec
 
-    def __post_init__(self):
-        if self.transpose and len(self.hf_shape) != 2:
-            raise ValueError(f"{self.param}: only 2-D tensors can be transposed")
+    @property
+    def param(self) -> str:
+        """Path in the params dict, e.g. "layers/attn/q_proj/kernel"."""
+        return self.spec.path
+
+    @property
+    def hf(self) -> str:
+        """HF name, "{i}" standing for the layer index of a per-layer tensor."""
+        return self.spec.hf
+
+    @property
+    def hf_shape(self) -> tuple[str, ...]:
+        """Symbolic shape of one HF tensor, e.g. ("N*D", "H")."""
+        return self.spec.hf_shape
+
+    @property
+    def shape(self) -> tuple[str, ...]:
+        """Symbolic shape of one layer's slice of the param (the whole param if not per layer)."""
+        return self.spec.shape[1:] if self.per_layer else self.spec.shape
+
+    @property
+    def transpose(self) -> bool:
+        """Whether the (2-D) HF tensor is transposed before it is reshaped to `shape`."""
+        return self.spec.transpose
 
     @property
     def per_layer(self) -> bool:
-        return LAYER in self.hf
+        return self.spec.per_layer
+
+    def exists(self, config: Any) -> bool:
+        """Whether checkpoints of `config` hold this tensor."""
+        return self.spec.exists(config)
 
     def hf_name(self, layer: int | None = None) -> str:
         """The HF tensor name (of layer `layer` for a per-layer tensor)."""
@@ -93,8 +94,7 @@ class TensorRule:
 
     def param_shape(self, config: Any) -> tuple[int, ...]:
         """Shape of the param: the slice shape, with a leading L axis for per-layer tensors."""
-        leading = (config.num_hidden_layers,) if self.per_layer else ()
-        return leading + self.slice_shape(config)
+        return self.spec.param_shape(config)
 
     def to_param(self, tensor: np.ndarray, config: Any) -> np.ndarray:
         """HF tensor -> param slice (a view of `tensor` where numpy can make one)."""
@@ -109,62 +109,8 @@ class TensorRule:
         return param_slice.reshape(hf_shape)
 
 
-# The Ouro table, in the order of the HF state dict (per-layer rows: the order within a layer).
-# Kernels are [in, out]: a PyTorch Linear weight [out, in] is transposed; attention kernels are split
-# into heads (q: out = N*D -> [N, D]; o: in = N*D -> [N, D]).
-OURO_RULES: tuple[TensorRule, ...] = (
-    TensorRule("embedder/embedding", "model.embed_tokens.weight", ("V", "H"), ("V", "H")),
-    TensorRule(
-        "layers/attn/q_proj/kernel",
-        "model.layers.{i}.self_attn.q_proj.weight",
-        ("N*D", "H"),
-        ("H", "N", "D"),
-        transpose=True,
-    ),
-    TensorRule(
-        "layers/attn/k_proj/kernel",
-        "model.layers.{i}.self_attn.k_proj.weight",
-        ("K*D", "H"),
-        ("H", "K", "D"),
-        transpose=True,
-    ),
-    TensorRule(
-        "layers/attn/v_proj/kernel",
-        "model.layers.{i}.self_attn.v_proj.weight",
-        ("K*D", "H"),
-        ("H", "K", "D"),
-        transpose=True,
-    ),
-    TensorRule(
-        "layers/attn/o_proj/kernel",
-        "model.layers.{i}.self_attn.o_proj.weight",
-        ("H", "N*D"),
-        ("N", "D", "H"),
-        transpose=True,
-    ),
-    TensorRule(
-        "layers/mlp/gate_proj/kernel", "model.layers.{i}.mlp.gate_proj.weight", ("I", "H"), ("H", "I"), transpose=True
-    ),
-    TensorRule(
-        "layers/mlp/up_proj/kernel", "model.layers.{i}.mlp.up_proj.weight", ("I", "H"), ("H", "I"), transpose=True
-    ),
-    TensorRule(
-        "layers/mlp/down_proj/kernel", "model.layers.{i}.mlp.down_proj.weight", ("H", "I"), ("I", "H"), transpose=True
-    ),
-    TensorRule("layers/attn_in_norm/scale", "model.layers.{i}.input_layernorm.weight", ("H",), ("H",)),
-    TensorRule("layers/attn_out_norm/scale", "model.layers.{i}.input_layernorm_2.weight", ("H",), ("H",)),
-    TensorRule("layers/mlp_in_norm/scale", "model.layers.{i}.post_attention_layernorm.weight", ("H",), ("H",)),
-    TensorRule("layers/mlp_out_norm/scale", "model.layers.{i}.post_attention_layernorm_2.weight", ("H",), ("H",)),
-    TensorRule("final_norm/scale", "model.norm.weight", ("H",), ("H",)),
-    TensorRule("exit_gate/kernel", "model.early_exit_gate.weight", ("1", "H"), ("H", "1"), transpose=True),
-    TensorRule("exit_gate/bias", "model.early_exit_gate.bias", ("1",), ("1",)),
-    TensorRule("lm_head/kernel", "lm_head.weight", ("V", "H"), ("H", "V"), transpose=True, when=_untied),
-    # MELT's per-layer KV gate z = sigmoid(u W_z + s U_z + b_z): W_z and U_z are stored as they are
-    # used, [H_in, H_out] (row vectors times the matrix), not in nn.Linear's [out, in] layout.
-    TensorRule("layers/kv_gate/w_z", "model.layers.{i}.kv_gate.w_z.weight", ("H", "H"), ("H", "H"), when=_melt),
-    TensorRule("layers/kv_gate/u_z", "model.layers.{i}.kv_gate.u_z.weight", ("H", "H"), ("H", "H"), when=_melt),
-    TensorRule("layers/kv_gate/b_z", "model.layers.{i}.kv_gate.b_z", ("H",), ("H",), when=_melt),
-)
+# One rule per row of the parameter table, in its order (the order of the HF state dict).
+OURO_RULES: tuple[TensorRule, ...] = tuple(TensorRule(spec) for spec in PARAMS)
 
 # HF tensors that may be present in a checkpoint but carry nothing melt_jax needs (checked by name).
 _IGNORED_HF_PATTERNS = (
@@ -181,7 +127,7 @@ def is_ignored_hf_tensor(name: str, config: Any) -> bool:
 
 def rules_for(config: Any, rules: tuple[TensorRule, ...] = OURO_RULES) -> tuple[TensorRule, ...]:
     """The rows of `rules` that exist for `config`."""
-    return tuple(r for r in rules if r.when(config))
+    return tuple(r for r in rules if r.exists(config))
 
 
 class HFTensor(NamedTuple):
@@ -208,11 +154,6 @@ def hf_tensor_plan(config: Any, rules: tuple[TensorRule, ...] = OURO_RULES) -> l
             for i in range(config.num_hidden_layers):
                 plan.extend(HFTensor(r.hf_name(i), r, i) for r in layer_rules)
     return plan
-
-
-def param_shapes(config: Any, rules: tuple[TensorRule, ...] = OURO_RULES) -> dict[str, tuple[int, ...]]:
-    """The '/'-path -> shape of every melt_jax param of `config`."""
-    return {r.param: r.param_shape(config) for r in rules_for(config, rules)}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
 
+from melt_jax import dtypes
 from melt_jax.config import OuroConfig
 from melt_jax.errors import CheckpointError, ConfigError
 from melt_jax.registry import config_from_json_file
@@ -39,18 +39,11 @@ PARAMS_DIR = "params"
 _FORMAT = "melt_jax.params"
 _FORMAT_VERSION = 1
 
-NUMPY_DTYPES = {
-    "float32": np.dtype(np.float32),
-    "bfloat16": np.dtype(ml_dtypes.bfloat16),
-    "float16": np.dtype(np.float16),
-}
-
 
 def numpy_dtype(name: str) -> np.dtype:
-    """The numpy dtype of a dtype name of this library ('float32', 'bfloat16', 'float16')."""
-    if name not in NUMPY_DTYPES:
-        raise CheckpointError(f"unknown dtype {name!r}; expected one of {', '.join(NUMPY_DTYPES)}")
-    return NUMPY_DTYPES[name]
+    """The numpy dtype of a dtype name params can be stored in ('float32', 'bfloat16', 'float16');
+    CheckpointError for any other name."""
+    return dtypes.numpy_dtype(name, error=CheckpointError)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -16,16 +16,9 @@ from typing import Any, ClassVar
 
 import jax.numpy as jnp
 
+from melt_jax import dtypes
 from melt_jax.chunking import check_chunk_size
 from melt_jax.errors import ConfigError
-
-# float64 needs jax_enable_x64; it serves as a high-precision reference in tests.
-DTYPES = {
-    "float32": jnp.float32,
-    "bfloat16": jnp.bfloat16,
-    "float16": jnp.float16,
-    "float64": jnp.float64,
-}
 
 OURO_MODEL_TYPE = "ouro"
 
@@ -117,11 +110,11 @@ class OuroConfig:
 
     @property
     def jnp_dtype(self):
-        return DTYPES[self.dtype]
+        return dtypes.jnp_dtype(self.dtype)
 
     @property
     def jnp_param_dtype(self):
-        return DTYPES[self.param_dtype]
+        return dtypes.jnp_dtype(self.param_dtype)
 
     def replace(self, **changes) -> OuroConfig:
         return dataclasses.replace(self, **changes)
@@ -198,8 +191,7 @@ class OuroConfig:
                 f"config field early_exit_step ({self.early_exit_step}) must be in [0, {self.total_ut_steps})"
             )
         for name in ("dtype", "param_dtype"):
-            if getattr(self, name) not in DTYPES:
-                raise ConfigError(f"{name} must be one of {sorted(DTYPES)}, got {getattr(self, name)!r}")
+            dtypes.lookup(getattr(self, name), error=ConfigError, what=f"config field {name}")
         if self.rope_theta <= 0:
             raise ConfigError(f"config field rope_theta must be positive, got {self.rope_theta}")
 

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from melt_jax import param_table
 from melt_jax.cache import KVCache
 from melt_jax.chunking import check_chunk_size, padded_chunking, scan_chunks
 from melt_jax.config import MeltConfig, OuroConfig
@@ -152,19 +153,17 @@ def _chunked_prefill(model, params, tokens, cache, chunk_size, exit_policy):
 
 
 def melt_from_ouro(ouro_config: OuroConfig, ouro_params: dict, **melt_fields) -> tuple[MeltConfig, dict]:
-    """A MELT model initialised from an Ouro model: the same weights (not copied) plus per-layer gates
-    W_z = U_z = 0, b_z = gate_bias_init, in the params' dtype. `melt_fields` set MeltConfig fields
+    """A MELT model initialised from an Ouro model: the same weights (not copied) plus the params only
+    MELT has (the per-layer gates), each filled with the init of its row of the parameter table
+    (W_z = U_z = 0, b_z = gate_bias_init), in the params' dtype. `melt_fields` set MeltConfig fields
     (gate_bias_init, chunk_size)."""
     if ouro_config.model_type != "ouro":
         raise ConfigError(f"expected an Ouro checkpoint (model_type 'ouro'), got model_type {ouro_config.model_type!r}")
     config = MeltConfig.from_ouro(ouro_config, **melt_fields)
-    L, H = config.num_layers, config.hidden_size
     dtype = ouro_params["layers"]["attn_in_norm"]["scale"].dtype
-    kv_gate = {
-        "w_z": np.zeros((L, H, H), dtype),
-        "u_z": np.zeros((L, H, H), dtype),
-        "b_z": np.full((L, H), config.gate_bias_init, dtype),
+    new = {
+        spec.path: np.full(spec.param_shape(config), spec.initial_value(config), dtype)
+        for spec in param_table.PARAMS
+        if spec.when == param_table.MELT
     }
-    params = dict(ouro_params)
-    params["layers"] = dict(ouro_params["layers"], kv_gate=kv_gate)
-    return config, params
+    return config, param_table.with_params(ouro_params, new)

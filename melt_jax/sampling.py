@@ -38,13 +38,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from melt_jax import param_table
 from melt_jax.cache import KVCache
 from melt_jax.checkpoint import load_params
 from melt_jax.chunking import check_chunk_size, scan_chunks
 from melt_jax.config import OuroConfig
 from melt_jax.errors import ConfigError, GenerationError
 from melt_jax.exit import ExitPolicy, select_hidden
-from melt_jax.melt import MeltModel
 from melt_jax.ouro import OuroModel
 from melt_jax.params import abstract_params
 from melt_jax.registry import model_for
@@ -309,15 +309,6 @@ def vocab_limit_for(tokenizer, config: OuroConfig) -> int | None:
 # Host side: validation and the loop over segments
 
 
-def model_kind(model: nn.Module) -> str:
-    """'melt' or 'ouro'; GenerationError for anything else."""
-    if isinstance(model, MeltModel):
-        return "melt"
-    if isinstance(model, OuroModel):
-        return "ouro"
-    raise GenerationError(f"expected an OuroModel or a MeltModel, got {type(model).__name__}")
-
-
 def load_model(path, dtype: str | None = None) -> tuple[OuroModel, dict]:
     """(model, params on the default device) of a melt_jax checkpoint directory, Ouro or MELT.
     CheckpointError / ConfigError name what is wrong with the directory."""
@@ -358,15 +349,19 @@ def _expected_leaves(model: nn.Module) -> dict[str, tuple[int, ...]]:
 def check_params(model: nn.Module, params) -> None:
     """GenerationError unless params has exactly the tree and shapes `model` expects (a MELT checkpoint
     with an Ouro model or the reverse, or a config that does not match the weights)."""
-    kind = model_kind(model)
+    if not isinstance(getattr(model, "config", None), OuroConfig):
+        raise GenerationError(f"expected a melt_jax model (OuroModel, MeltModel), got {type(model).__name__}")
+    kind = model.config.model_type
     expected = _expected_leaves(model)
     try:
-        got = {jax.tree_util.keystr(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+        leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+        got = {jax.tree_util.keystr(p): tuple(np.shape(x)) for p, x in leaves}
     except Exception as e:  # not a pytree of arrays
         raise GenerationError(f"params are not a tree of arrays: {e}") from None
-    has_gates = any("kv_gate" in name for name in got)
-    if has_gates != (kind == "melt"):
-        found = "a MELT checkpoint (it has kv_gate weights)" if has_gates else "an Ouro checkpoint (no kv_gate weights)"
+    params_kind = param_table.model_type_of_params(param_table.path_of(p) for p, _ in leaves)
+    if params_kind != kind:
+        melt = params_kind == "melt"
+        found = "a MELT checkpoint (it has kv_gate weights)" if melt else "an Ouro checkpoint (no kv_gate weights)"
         raise GenerationError(f"the model is {kind!r} but the params are {found}; load it with the matching model")
     missing = sorted(set(expected) - set(got))
     extra = sorted(set(got) - set(expected))

@@ -1,9 +1,10 @@
 """Device meshes and the sharding of params and batches over them.
 
-A mesh has the axes ("data", "fsdp", "tensor"). Every parameter gets logical axis names from its path
-(`param_logical_axes`), and `LOGICAL_RULES` maps logical names to mesh axes: the embedding dimension is
-sharded over "fsdp" (ZeRO-3 style: each device holds a slice of every weight, gathered for the
-matmuls), heads / kv heads / MLP width / vocabulary over "tensor", the batch over ("data", "fsdp").
+A mesh has the axes ("data", "fsdp", "tensor"). Every parameter gets logical axis names from its row
+of the parameter table (melt_jax/param_table.py; `param_logical_axes`), and `LOGICAL_RULES` maps
+logical names to mesh axes: the embedding dimension is sharded over "fsdp" (ZeRO-3 style: each device
+holds a slice of every weight, gathered for the matmuls), heads / kv heads / MLP width / vocabulary
+over "tensor", the batch over ("data", "fsdp").
 A mesh axis that does not divide a dimension is left out for that array (the dimension is replicated
 over it), so tiny test models shard as far as their shapes allow.
 
@@ -26,6 +27,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from melt_jax.errors import ShardingError
+from melt_jax.param_table import find_param
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -44,26 +46,6 @@ LOGICAL_RULES: dict[str, tuple[str, ...]] = {
     "length": (),
     "act_embed": (),
 }
-
-# Param path (with "*" matching any one key) -> logical names of its axes.
-PARAM_AXES: tuple[tuple[tuple[str, ...], tuple[str | None, ...]], ...] = (
-    (("embedder", "embedding"), ("vocab", "embed")),
-    (("layers", "attn", "q_proj", "kernel"), ("layers", "embed", "heads", "head_dim")),
-    (("layers", "attn", "k_proj", "kernel"), ("layers", "embed", "kv_heads", "head_dim")),
-    (("layers", "attn", "v_proj", "kernel"), ("layers", "embed", "kv_heads", "head_dim")),
-    (("layers", "attn", "o_proj", "kernel"), ("layers", "heads", "head_dim", "embed")),
-    (("layers", "mlp", "gate_proj", "kernel"), ("layers", "embed", "mlp")),
-    (("layers", "mlp", "up_proj", "kernel"), ("layers", "embed", "mlp")),
-    (("layers", "mlp", "down_proj", "kernel"), ("layers", "mlp", "embed")),
-    (("layers", "*", "scale"), ("layers", "norm")),
-    (("layers", "kv_gate", "w_z"), ("layers", "embed", "gate_out")),
-    (("layers", "kv_gate", "u_z"), ("layers", "embed", "gate_out")),
-    (("layers", "kv_gate", "b_z"), ("layers", "norm")),
-    (("final_norm", "scale"), ("norm",)),
-    (("exit_gate", "kernel"), ("norm", None)),
-    (("exit_gate", "bias"), (None,)),
-    (("lm_head", "kernel"), ("embed", "vocab")),
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,18 +99,15 @@ def make_mesh(config: MeshConfig = MeshConfig(), devices: Sequence[jax.Device] |
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
-def _matches(pattern: tuple[str, ...], path: tuple[str, ...]) -> bool:
-    return len(pattern) == len(path) and all(p in ("*", k) for p, k in zip(pattern, path))
-
-
 def logical_axes_of(path: tuple[str, ...], ndim: int) -> tuple[str | None, ...]:
-    """Logical axis names of the param at `path`; ShardingError when no rule covers it."""
-    for pattern, names in PARAM_AXES:
-        if _matches(pattern, path):
-            if len(names) != ndim:
-                raise ShardingError(f"param {'/'.join(path)} has {ndim} axes, its sharding rule names {len(names)}")
-            return names
-    raise ShardingError(f"no sharding rule for param {'/'.join(path)}")
+    """Logical axis names of the param at `path` (its row of melt_jax.param_table); ShardingError when
+    the table has no row for it or the row names another number of axes."""
+    spec = find_param(path)
+    if spec is None:
+        raise ShardingError(f"no sharding rule for param {'/'.join(path)} (it has no row in melt_jax/param_table.py)")
+    if len(spec.axes) != ndim:
+        raise ShardingError(f"param {'/'.join(path)} has {ndim} axes, its sharding rule names {len(spec.axes)}")
+    return spec.axes
 
 
 def _key_path(path) -> tuple[str, ...]:

@@ -22,6 +22,7 @@ from melt_jax.losses import target_log_probs
 from melt_jax.melt import MeltModel
 from melt_jax.melt_training import sequential_forward, two_pass_forward
 from melt_jax.ouro import OuroModel
+from melt_jax.param_table import EXIT_GATE, param_spec, path_of
 
 Array = jax.Array
 Batch = dict[str, Array]
@@ -66,6 +67,15 @@ def exit_entropy(exit_pdf: Array) -> Array:
     return -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0), axis=-1)
 
 
+def train_only(params, role: str):
+    """`params` with the gradient stopped at every param whose role in the parameter table is not `role`."""
+
+    def keep_or_stop(key_path, x):
+        return x if param_spec(path_of(key_path)).role == role else jax.lax.stop_gradient(x)
+
+    return jax.tree_util.tree_map_with_path(keep_or_stop, params)
+
+
 # --------------------------------------------------------------------------------------------------
 # LoopLM
 
@@ -90,14 +100,15 @@ def looplm_loss(model: OuroModel, params, batch: Batch, beta: float) -> tuple[Ar
 
 
 def exit_gate_loss(model: OuroModel, params, batch: Batch) -> tuple[Array, dict]:
-    """Stage II: trains only params['exit_gate'] (all other params are held constant here).
+    """Stage II: trains only the exit gate (the params of role EXIT_GATE in the parameter table; all
+    other params are held constant here).
 
     With CE_t the detached per-loop losses, I_t = max(0, CE_{t-1} - CE_t) and w_t =
     sigmoid(50 (I_t - 0.005)); the loss is the mean over loops t >= 2 of BCE(1 - lambda_t, w_t),
     lambda_t = sigmoid(gate logit t): the gate learns to continue while a loop still helps.
     """
     frozen = jax.tree.map(jax.lax.stop_gradient, params)
-    params = {**frozen, "exit_gate": params["exit_gate"]}
+    params = train_only(params, EXIT_GATE)
     tokens = batch["tokens"]
     out = model.apply({"params": params}, tokens, exit_policy=None)
     ce = jax.lax.stop_gradient(loop_cross_entropies(model, frozen, out.hidden_steps, tokens))  # [T, B, S-1]
@@ -191,12 +202,3 @@ def phase2_loss(distillation: Distillation, params, teacher_params, batch: Batch
 def linear_alpha(step: Array, phase1_steps: int) -> Array:
     """Phase-1 interpolation weight at a step: 0 at the first step, rising linearly to 1 at the last."""
     return jnp.clip(jnp.asarray(step, jnp.float32) / max(phase1_steps - 1, 1), 0.0, 1.0)
-
-
-def is_gate_param(path: tuple[str, ...]) -> bool:
-    """Whether a param (by its key path) is one of MELT's new gate parameters (layers/kv_gate/...)."""
-    return "kv_gate" in path
-
-
-def is_exit_gate_param(path: tuple[str, ...]) -> bool:
-    return len(path) > 0 and path[0] == "exit_gate"

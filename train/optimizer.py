@@ -8,7 +8,7 @@ import dataclasses
 import jax
 import optax
 
-from melt_jax.train.objectives import is_exit_gate_param, is_gate_param
+from melt_jax.param_table import EXIT_GATE, KV_GATE, param_spec, path_of
 
 TRAINABLE = ("all", "exit_gate")
 
@@ -50,27 +50,24 @@ def learning_rate_schedule(config: OptimizerConfig, peak: float, total_steps: in
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
 
 
-def _path(key_path) -> tuple[str, ...]:
-    return tuple(str(getattr(k, "key", k)) for k in key_path)
-
-
 def param_groups(params, trainable: str = "all"):
-    """Per param: "gate" (MELT's kv_gate), "loop_lm" (everything else) or "frozen". With trainable
-    "exit_gate" (LoopLM Stage II) only the exit gate trains."""
+    """Per param, by its role in the parameter table: "gate" (MELT's KV gate), "loop_lm" (everything
+    else) or "frozen". With trainable "exit_gate" (LoopLM Stage II) only the exit gate trains."""
     if trainable not in TRAINABLE:
         raise ValueError(f"trainable must be one of {TRAINABLE}, got {trainable!r}")
 
     def group(key_path, _):
-        path = _path(key_path)
+        role = param_spec(path_of(key_path)).role
         if trainable == "exit_gate":
-            return "loop_lm" if is_exit_gate_param(path) else "frozen"
-        return "gate" if is_gate_param(path) else "loop_lm"
+            return "loop_lm" if role == EXIT_GATE else "frozen"
+        return "gate" if role == KV_GATE else "loop_lm"
 
     return jax.tree_util.tree_map_with_path(group, params)
 
 
 def _decay_mask(params):
-    return jax.tree_util.tree_map_with_path(lambda p, _: _path(p)[-1] not in ("scale", "bias", "b_z"), params)
+    """Per param: whether AdamW's weight decay applies (the `decay` of its row of the parameter table)."""
+    return jax.tree_util.tree_map_with_path(lambda key_path, _: param_spec(path_of(key_path)).decay, params)
 
 
 def build_optimizer(config: OptimizerConfig, params, total_steps: int, trainable: str = "all"):
