@@ -9,7 +9,7 @@ the references as a state dict), plus random MELT gates (W_z, U_z ~ 0.1 N(0, 1),
 Workload: greedy generation of N_NEW = 128 tokens after a prompt of N_PROMPT = 32 random tokens, at
 batch 1 and 8 (every row's prompt is 32 tokens). Both sides prefill the whole prompt as one chunk, then
 decode one token at a time (MELT: chunk size 1), computing all T loops and choosing from the last.
-  melt_jax   `sampling.generate` (jit prefill, then one `lax.while_loop` over the decode steps, cache of
+  melt_jax   `generation.generate` (jit prefill, then one `lax.while_loop` over the decode steps, cache of
              32 + 128 slots); compiled and warmed up first; the decode time is GenerationTiming.decode_s.
   PyTorch    a Python loop over the reference's cached forward (`OuroReference._run` with its list of
              T*L growing KV tensors; `MeltReference._run_chunk` with its per-layer cache), argmax on the
@@ -52,9 +52,10 @@ from torch_reference import OuroReference  # noqa: E402
 
 from melt_jax.config import MeltConfig, OuroConfig  # noqa: E402
 from melt_jax.convert import load_hf_checkpoint  # noqa: E402
+from melt_jax.generation import generate  # noqa: E402
 from melt_jax.melt import MeltModel  # noqa: E402
 from melt_jax.ouro import OuroModel  # noqa: E402
-from melt_jax.sampling import SamplingConfig, generate  # noqa: E402
+from melt_jax.sampling import SamplingConfig  # noqa: E402
 
 N_PROMPT = 32
 N_NEW = 128

@@ -7,7 +7,7 @@ FLOP/s and the fraction of the machine's measured matmul peak.
 
 Default size: H=256, L=4, T=4, 4 heads of 64 (MHA), I=688, V=1024, S=1024, C=128, batch 1, float32.
 
-What one step is (`train_step` of train/trainer.py, jitted without a mesh): the
+What one step is (`train_step` of train/steps.py, jitted without a mesh): the
 objective's loss and gradient (jax.value_and_grad with its metrics), the gradient's global norm,
 then the optimizer update of `build_optimizer` (global-norm clipping, AdamW with the LoopLM and gate
 groups) and `optax.apply_updates`. Params and optimizer state are donated and fed back, step after
@@ -56,8 +56,9 @@ import optax
 from machine_load import busy_report, cpu_times, machine_line
 
 from melt_jax.config import OuroConfig
-from melt_jax.melt import MeltModel, melt_from_ouro
+from melt_jax.melt import MeltModel
 from melt_jax.ouro import OuroModel
+from melt_jax.ouro_to_melt import melt_from_ouro
 from melt_jax.params import init_params
 from melt_jax.train.objectives import (
     Distillation,
@@ -67,7 +68,7 @@ from melt_jax.train.objectives import (
     phase2_loss,
 )
 from melt_jax.train.optimizer import OptimizerConfig, build_optimizer
-from melt_jax.train.trainer import TrainState, train_step
+from melt_jax.train.steps import TrainState, train_step
 
 BETA = 0.1  # looplm: weight of the exit entropy (TrainConfig.beta)
 ALIGN_BETA = 0.1  # phase 2: weight of the attention alignment (TrainConfig.align_beta)

@@ -29,7 +29,7 @@ import numpy as np
 from melt_jax.data import load_text_dataset, pack_documents, tokenize_dataset
 from melt_jax.errors import DataError, MeltJaxError
 from melt_jax.evaluation import evaluate_dataset
-from melt_jax.sampling import load_model, parse_exit_policy
+from melt_jax.model_loading import load_model, parse_exit_policy
 from melt_jax.synthetic import answer_batch
 from melt_jax.tokenizer import load_tokenizer
 

@@ -19,16 +19,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from melt_jax.errors import DataError, GenerationError, MeltJaxError
-from melt_jax.sampling import (
-    GenerationResult,
-    SamplingConfig,
-    cut_at_stops,
-    generate,
-    load_model,
-    parse_exit_policy,
-    stop_ids_for,
-    vocab_limit_for,
-)
+from melt_jax.generation import GenerationResult, generate
+from melt_jax.model_loading import load_model, parse_exit_policy
+from melt_jax.sampling import SamplingConfig
+from melt_jax.text_settings import cut_at_stops, stop_ids_for, vocab_limit_for
 from melt_jax.tokenizer import Tokenizer, load_tokenizer
 
 PROG = "melt-generate"

@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 
 from melt_jax.cache import KVCache
+from melt_jax.chunking import check_chunk_size, scan_chunks
 from melt_jax.exit import ExitPolicy
 
 Array = jax.Array
@@ -28,17 +29,40 @@ def check_tokens_fit(tokens: Array, cache: KVCache) -> None:
         raise ValueError(f"prompt of {tokens.shape[1]} tokens is longer than the cache ({cache.max_length} positions)")
 
 
-def prefill(model: nn.Module, params, tokens: Array, cache: KVCache, exit_policy: ExitPolicy = ExitPolicy()):
+def prefill(
+    model: nn.Module,
+    params,
+    tokens: Array,
+    cache: KVCache,
+    exit_policy: ExitPolicy = ExitPolicy(),
+    chunk_size: int | None = None,
+):
     """Runs the prompt tokens [B, S] through the model, writing them into the cache after its current
-    end. Returns (logits [B, S, V] chosen by `exit_policy`, updated cache)."""
+    end, in chunks of `chunk_size` tokens (the last chunk may be shorter), each chunk reading what the
+    earlier ones stored. chunk_size defaults to the config's `default_chunk_size`: MELT's chunk_size;
+    for Ouro, whose values do not depend on the chunking, the whole prompt at once. Returns (logits
+    [B, S, V] chosen by `exit_policy`, updated cache)."""
     check_tokens_fit(tokens, cache)
-    return _prefill(model, params, tokens, cache, exit_policy)
+    chunk_size = model.config.default_chunk_size if chunk_size is None else check_chunk_size(chunk_size)
+    if chunk_size is None:
+        return _prefill(model, params, tokens, cache, exit_policy)
+    return _chunked_prefill(model, params, tokens, cache, chunk_size, exit_policy)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "exit_policy"), donate_argnames=("cache",))
 def _prefill(model: nn.Module, params, tokens: Array, cache: KVCache, exit_policy: ExitPolicy):
     out = model.apply({"params": params}, tokens, cache=cache, exit_policy=exit_policy)
     return out.logits, out.cache
+
+
+@functools.partial(jax.jit, static_argnames=("model", "chunk_size", "exit_policy"), donate_argnames=("cache",))
+def _chunked_prefill(model, params, tokens, cache, chunk_size, exit_policy):
+    def run_chunk(cache, chunk, start):  # chunk [B, C]
+        out = model.apply({"params": params}, chunk, cache=cache, exit_policy=exit_policy)
+        return out.cache, out.logits
+
+    cache, logits = scan_chunks(run_chunk, cache, tokens, chunk_size)  # [B, S, V]
+    return logits, cache
 
 
 @functools.partial(jax.jit, static_argnames=("model", "exit_policy"), donate_argnames=("cache",))

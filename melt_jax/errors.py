@@ -27,3 +27,7 @@ class ShardingError(MeltJaxError, ValueError):
 
 class GenerationError(MeltJaxError, ValueError):
     """Generation cannot run on this input: a bad prompt, setting, model or checkpoint."""
+
+
+class TrainingError(MeltJaxError, RuntimeError):
+    """A training run that cannot go on: a non-finite loss, a teacher that does not fit the student."""

@@ -9,7 +9,7 @@
 `melt-lm-eval` is lm-eval's own command line with this model registered. Model arguments:
 checkpoint (a melt_jax checkpoint directory, Ouro or MELT), tokenizer ('byte' or a tokenizer.json or
 its folder), batch_size (default 8), exit (last | step:N | threshold:X | weighted | default, see
-sampling.parse_exit_policy), max_length (default the config's max_position_embeddings), max_gen_toks
+model_loading.parse_exit_policy), max_length (default the config's max_position_embeddings), max_gen_toks
 (default 256), chunk_size (MELT's scoring chunk, default config.chunk_size), prefill_chunk (MELT's
 prefill chunk when generating), dtype (float32 | bfloat16 | float16, default as saved).
 
@@ -19,7 +19,7 @@ prefill chunk when generating), dtype (float32 | bfloat16 | float16, default as 
   teacher-forced forward (`evaluation.token_log_probs`; MELT: chunked like inference).
 - loglikelihood_rolling: disjoint windows of max_length predictions (lm-eval's window helpers), the
   first conditioned on the eos token.
-- generate_until: `sampling.generate` with the eos token and single-token stop strings as stop
+- generate_until: `generation.generate` with the eos token and single-token stop strings as stop
   tokens, other stop strings checked between decode segments, the text cut at the first stop string.
 Batches are padded to `batch_size` rows and sequence lengths to sampling's buckets, so the number of
 compiled programs stays small.
@@ -39,18 +39,10 @@ import numpy as np
 from melt_jax.errors import GenerationError
 from melt_jax.evaluation import token_log_probs
 from melt_jax.exit import ExitPolicy
-from melt_jax.sampling import (
-    DEFAULT_BUCKETS,
-    SamplingConfig,
-    bucket_length,
-    check_params,
-    cut_at_stops,
-    generate,
-    load_model,
-    parse_exit_policy,
-    stop_ids_for,
-    vocab_limit_for,
-)
+from melt_jax.generation import DEFAULT_BUCKETS, bucket_length, generate
+from melt_jax.model_loading import check_params, load_model, parse_exit_policy
+from melt_jax.sampling import SamplingConfig
+from melt_jax.text_settings import cut_at_stops, stop_ids_for, vocab_limit_for
 from melt_jax.tokenizer import Tokenizer, load_tokenizer
 
 try:

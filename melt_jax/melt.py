@@ -14,20 +14,12 @@ The latent s is carried through the loop scan for the tokens in flight only: [L,
 
 from __future__ import annotations
 
-import functools
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from melt_jax import param_table
-from melt_jax.cache import KVCache
-from melt_jax.chunking import check_chunk_size, padded_chunking, scan_chunks
-from melt_jax.config import MeltConfig, OuroConfig
-from melt_jax.decoding import check_tokens_fit
-from melt_jax.errors import ConfigError
-from melt_jax.exit import ExitPolicy
+from melt_jax.chunking import padded_chunking
+from melt_jax.config import MeltConfig
 from melt_jax.kv_sources import KVSource, Rows
 from melt_jax.layers import HIDDEN_AXES, apply_rope
 from melt_jax.melt_training import sequential_forward
@@ -124,46 +116,3 @@ class MeltModel(OuroModel):
             intermediates={},
             cache=None,
         )
-
-
-def chunked_prefill(
-    model: MeltModel,
-    params,
-    tokens: Array,
-    cache: KVCache,
-    chunk_size: int | None = None,
-    exit_policy: ExitPolicy = ExitPolicy(),
-):
-    """Runs tokens [B, S] through MELT chunk after chunk (`chunk_size`, default config.chunk_size; the
-    last chunk may be shorter), each chunk reading the final rows the earlier ones stored. Returns
-    (logits [B, S, V] chosen by `exit_policy`, updated cache)."""
-    chunk_size = check_chunk_size(model.config.default_chunk_size if chunk_size is None else chunk_size)
-    check_tokens_fit(tokens, cache)
-    return _chunked_prefill(model, params, tokens, cache, chunk_size, exit_policy)
-
-
-@functools.partial(jax.jit, static_argnames=("model", "chunk_size", "exit_policy"), donate_argnames=("cache",))
-def _chunked_prefill(model, params, tokens, cache, chunk_size, exit_policy):
-    def run_chunk(cache, chunk, start):  # chunk [B, C]
-        out = model.apply({"params": params}, chunk, cache=cache, exit_policy=exit_policy)
-        return out.cache, out.logits
-
-    cache, logits = scan_chunks(run_chunk, cache, tokens, chunk_size)  # [B, S, V]
-    return logits, cache
-
-
-def melt_from_ouro(ouro_config: OuroConfig, ouro_params: dict, **melt_fields) -> tuple[MeltConfig, dict]:
-    """A MELT model initialised from an Ouro model: the same weights (not copied) plus the params only
-    MELT has (the per-layer gates), each filled with the init of its row of the parameter table
-    (W_z = U_z = 0, b_z = gate_bias_init), in the params' dtype. `melt_fields` set MeltConfig fields
-    (gate_bias_init, chunk_size)."""
-    if ouro_config.model_type != "ouro":
-        raise ConfigError(f"expected an Ouro checkpoint (model_type 'ouro'), got model_type {ouro_config.model_type!r}")
-    config = MeltConfig.from_ouro(ouro_config, **melt_fields)
-    dtype = ouro_params["layers"]["attn_in_norm"]["scale"].dtype
-    new = {
-        spec.path: np.full(spec.param_shape(config), spec.initial_value(config), dtype)
-        for spec in param_table.PARAMS
-        if spec.when == param_table.MELT
-    }
-    return config, param_table.with_params(ouro_params, new)

@@ -13,7 +13,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 from melt_jax import cli_eval, cli_generate
 from melt_jax.checkpoint import save_params
-from melt_jax.sampling import SamplingConfig, generate
+from melt_jax.generation import generate
+from melt_jax.sampling import SamplingConfig
 from melt_jax.tokenizer import ByteTokenizer, load_tokenizer
 
 TOKENIZER = ByteTokenizer()

@@ -90,8 +90,8 @@ def test_every_bad_input_error_derives_from_one_base():
     """The command lines catch MeltJaxError; every error melt_jax raises for bad input is one."""
     from melt_jax import errors
     from melt_jax.convert.errors import ConversionError
+    from melt_jax.errors import TrainingError
     from melt_jax.train.config import RunConfigError
-    from melt_jax.train.trainer import TrainingError
 
     for cls in (
         errors.ConfigError,

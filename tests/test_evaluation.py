@@ -8,7 +8,7 @@ import pytest
 from generation_fixtures import tiny_model
 
 from melt_jax.cache import init_cache
-from melt_jax.decoding import forward
+from melt_jax.decoding import forward, prefill
 from melt_jax.evaluation import (
     answer_accuracy,
     evaluate_dataset,
@@ -18,9 +18,9 @@ from melt_jax.evaluation import (
     step_logits,
 )
 from melt_jax.exit import ExitPolicy
+from melt_jax.generation import generate
 from melt_jax.losses import next_token_cross_entropy
-from melt_jax.melt import chunked_prefill
-from melt_jax.sampling import SamplingConfig, generate
+from melt_jax.sampling import SamplingConfig
 
 TOKENS = np.random.default_rng(0).integers(0, 258, size=(4, 14)).astype(np.int32)  # 14: not a multiple of 4
 MASK = (np.random.default_rng(1).random((4, 14)) < 0.7).astype(np.float32)
@@ -59,7 +59,7 @@ def test_melt_step_logits_are_the_chunked_inference_values(chunk_size):
     model, params = tiny_model("melt")
     chunk = chunk_size or model.config.chunk_size  # 4: the 14 tokens are padded to 16 inside
     cache = init_cache(model.config, TOKENS.shape[0], TOKENS.shape[1])
-    expected, _ = chunked_prefill(model, params, jnp.asarray(TOKENS), cache, chunk)  # last chunk shorter
+    expected, _ = prefill(model, params, jnp.asarray(TOKENS), cache, chunk_size=chunk)  # last chunk shorter
     logits = _step_logits(model, params, TOKENS, chunk_size=chunk_size)
     assert logits.shape == (model.config.num_loops, *TOKENS.shape, model.config.vocab_size)
     # Logits up to ~8: the padded and the shorter last chunk differ by reduction order (~2e-6 seen).

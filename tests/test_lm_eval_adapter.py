@@ -14,10 +14,11 @@ from lm_eval.api.instance import Instance
 
 from melt_jax.cache import init_cache
 from melt_jax.checkpoint import save_params
-from melt_jax.decoding import forward
+from melt_jax.decoding import forward, prefill
+from melt_jax.errors import GenerationError
+from melt_jax.generation import generate
 from melt_jax.lm_eval_adapter import MeltJaxLM
-from melt_jax.melt import chunked_prefill
-from melt_jax.sampling import GenerationError, SamplingConfig, generate
+from melt_jax.sampling import SamplingConfig
 from melt_jax.tokenizer import ByteTokenizer
 
 BATCH = 4
@@ -41,7 +42,7 @@ def _direct_scores(kind, rows):
         logits = forward(model, params, tokens).logits
     else:
         cache = init_cache(model.config, len(rows), width)
-        logits, _ = chunked_prefill(model, params, tokens, cache, model.config.chunk_size)
+        logits, _ = prefill(model, params, tokens, cache, chunk_size=model.config.chunk_size)
     log_probs = np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1))
     scores = []
     for b, (ids, n) in enumerate(rows):

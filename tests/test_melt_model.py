@@ -12,8 +12,8 @@ from torch_melt_reference import MeltReference, gate_names, ouro_last_loop_shari
 from melt_jax.cache import init_cache
 from melt_jax.config import MeltConfig, OuroConfig
 from melt_jax.convert import load_hf_checkpoint
-from melt_jax.decoding import decode_step
-from melt_jax.melt import MeltModel, chunked_prefill
+from melt_jax.decoding import decode_step, prefill
+from melt_jax.melt import MeltModel
 from melt_jax.params import abstract_params, count_params
 
 TOL = 1e-4  # JAX in fp32 against the reference in float64; logits are of magnitude ~10
@@ -66,7 +66,7 @@ def melt(tmp_path_factory):
 
 def _prefill(config, params, tokens, chunk_size, max_length=48):
     cache = init_cache(config, tokens.shape[0], max_length)
-    return chunked_prefill(MeltModel(config), params, jnp.asarray(tokens), cache, chunk_size)
+    return prefill(MeltModel(config), params, jnp.asarray(tokens), cache, chunk_size=chunk_size)
 
 
 @pytest.mark.parametrize("chunk_size", [1, 8, 12])

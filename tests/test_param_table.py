@@ -12,8 +12,9 @@ from melt_jax import param_table
 from melt_jax.config import MeltConfig, OuroConfig
 from melt_jax.convert.mapping import flatten_params
 from melt_jax.errors import ShardingError
-from melt_jax.melt import MeltModel, melt_from_ouro
+from melt_jax.melt import MeltModel
 from melt_jax.ouro import OuroModel
+from melt_jax.ouro_to_melt import melt_from_ouro
 from melt_jax.param_table import PARAMS, ParamSpec, model_type_of_params, param_shapes
 from melt_jax.params import abstract_params, init_params
 from melt_jax.sharding import LOGICAL_RULES, logical_axes_of

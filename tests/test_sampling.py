@@ -1,4 +1,4 @@
-"""Generation (melt_jax/sampling.py) against teacher-forced forwards and token-by-token decoding, on
+"""Generation (melt_jax/generation.py, sampling.py) against teacher-forced forwards and token-by-token decoding, on
 the tiny random Ouro and MELT models of generation_fixtures.py.
 
 Prompt lengths 7, 2, 5 and 13 cross MELT's chunk boundaries (chunk size 4) and all fall in the
@@ -16,20 +16,11 @@ from generation_fixtures import tiny_model
 
 from melt_jax.cache import init_cache
 from melt_jax.decoding import decode_step, forward
+from melt_jax.errors import GenerationError
 from melt_jax.evaluation import step_logits
 from melt_jax.exit import ExitPolicy
-from melt_jax.sampling import (
-    LENGTH,
-    STOP_TOKEN,
-    STOPPED,
-    GenerationError,
-    SamplingConfig,
-    TokenRule,
-    generate,
-    next_tokens,
-    top_k_filter,
-    top_p_filter,
-)
+from melt_jax.generation import LENGTH, STOP_TOKEN, STOPPED, generate
+from melt_jax.sampling import SamplingConfig, TokenRule, next_tokens, top_k_filter, top_p_filter
 
 PROMPTS = [[11, 200, 3, 45, 6, 78, 9], [250, 8], [100, 101, 102, 103, 104], list(range(30, 43))]
 MAX_NEW = 12

@@ -18,8 +18,10 @@ from jax.sharding import PartitionSpec as P
 
 from melt_jax.checkpoint import load_params, save_params
 from melt_jax.config import OuroConfig
-from melt_jax.melt import MeltModel, melt_from_ouro
+from melt_jax.errors import TrainingError
+from melt_jax.melt import MeltModel
 from melt_jax.ouro import OuroModel
+from melt_jax.ouro_to_melt import melt_from_ouro
 from melt_jax.params import init_params
 from melt_jax.sharding import MeshConfig, ShardingError, batch_sharding, constrain, make_mesh, param_shardings
 from melt_jax.train import metrics
@@ -28,7 +30,7 @@ from melt_jax.train.cli import main as train_main
 from melt_jax.train.config import RunConfigError, load_train_config
 from melt_jax.train.objectives import Distillation, exit_gate_loss, looplm_loss, phase1_loss
 from melt_jax.train.pipeline import load_pipeline_config
-from melt_jax.train.trainer import TrainingError, run_stage
+from melt_jax.train.trainer import run_stage
 
 SEQ, CHUNK, BATCH = 32, 8, 8
 MODEL = OuroConfig.preset("tiny", vocab_size=258, hidden_size=32, intermediate_size=64, total_ut_steps=3)

@@ -1,0 +1,280 @@
+"""jit-compiled generation for Ouro and MELT over a fixed-size KV cache.
+
+    result = generate(model, params, [[12, 7, 99], [5]], SamplingConfig(max_new_tokens=32))
+    result.tokens        # per prompt, the new tokens (without the prompt or the stop token)
+    result.stop_reasons  # per prompt: 'stop_token', 'length' or 'stopped' (asked by `on_segment`)
+
+How a batch of prompts of different lengths is run:
+1. Host: validate everything (`GenerationError`), right-pad the prompts with id 0 to a bucket length P
+   (the smallest of `buckets` that fits the longest prompt), so that the compiled programs depend on
+   (B, P, max_new_tokens) only.
+2. `start_generation` (one jit): prefill all P positions into an empty cache of P + max_new_tokens slots, in
+   chunks of `chunk_size` starting at position 0 (MELT: default config.chunk_size; Ouro: the
+   whole prompt at once, any chunking gives the same values); keep the hidden state at each row's last
+   real position, set the cache's end_index to the true lengths, and sample the first new token.
+   This is exact: a real token at position p only attends to slots <= p, which hold real tokens, and
+   for MELT the chunk boundaries are the ones the prompt alone would have. Pad slots at positions
+   >= length are never visible to real tokens and are overwritten by the decoded ones.
+3. `decode_until` (one jit): a `lax.while_loop` of one-token decode steps (MELT: chunk size 1), each row
+   fed its last token at its own position, with per-row done flags (a stop token, or max_new_tokens
+   reached), writing into a fixed [B, max_new_tokens] buffer. Finished rows keep running (fixed
+   shapes) but record nothing. With `segment_steps` the same loop is run segment by segment and
+   `on_segment` sees the tokens after each one: that is how the command line streams.
+
+Random draws: row b at new-token index i draws with fold_in(fold_in(key(seed), b), i), so a seed
+reproduces a batch exactly; greedy decoding does not depend on the batch at all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from melt_jax.chunking import check_chunk_size
+from melt_jax.decode_loop import DecodeState, decode_until, start_generation
+from melt_jax.errors import ConfigError, GenerationError
+from melt_jax.exit import ExitPolicy
+from melt_jax.model_loading import check_params
+from melt_jax.sampling import SamplingConfig
+
+Array = jax.Array
+
+
+DEFAULT_BUCKETS = tuple(2**i for i in range(4, 17))  # 16 .. 65536
+
+
+STOP_SLOTS = 8  # stop-token lists are padded to a multiple of this
+
+
+PAD_ID = 0  # prompt padding (any id works: pad positions are never seen by real tokens)
+
+
+STOP_TOKEN, LENGTH, STOPPED = "stop_token", "length", "stopped"
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationTiming:
+    """Wall-clock seconds of one `generate` call; compile times are separate from run times.
+
+    decode_tokens counts the tokens produced by decode steps (every row's new tokens after the first,
+    which comes from the prefill)."""
+
+    compile_s: float
+    prefill_s: float
+    decode_s: float
+    prompt_tokens: int
+    decode_tokens: int
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_tokens / self.decode_s if self.decode_s > 0 else float("nan")
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationResult:
+    tokens: list[list[int]]  # per prompt: new tokens, without the prompt and the stop token
+    stop_reasons: list[str]  # per prompt: STOP_TOKEN, LENGTH or STOPPED
+    timing: GenerationTiming
+
+
+def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> list[list[int]]:
+    """The prompts as lists of ints; GenerationError for no prompts, an empty prompt, or an id
+    outside [0, vocab_size)."""
+    if isinstance(prompts, (str, bytes)) or not len(prompts):
+        raise GenerationError("expected a non-empty list of prompts, each a list of token ids")
+    checked = []
+    for i, prompt in enumerate(prompts):
+        try:
+            ids = np.asarray(prompt)
+        except Exception:
+            raise GenerationError(f"prompt {i} is not a sequence of token ids") from None
+        if ids.ndim != 1 or not (ids.size == 0 or np.issubdtype(ids.dtype, np.integer)):
+            raise GenerationError(f"prompt {i} must be a flat list of integer token ids, got {str(prompt)[:60]}")
+        if ids.size == 0:
+            raise GenerationError(f"prompt {i} is empty; a prompt needs at least one token")
+        bad = ids[(ids < 0) | (ids >= vocab_size)]
+        if bad.size:
+            raise GenerationError(
+                f"prompt {i} has token ids {bad[:5].tolist()} outside the vocabulary [0, {vocab_size})"
+            )
+        checked.append(ids.astype(np.int64).tolist())
+    return checked
+
+
+def bucket_length(length: int, buckets: Sequence[int] | None) -> int:
+    """The smallest bucket >= length, or length rounded up to a multiple of the largest bucket when
+    none fits; `length` itself when buckets is None."""
+    if not buckets:
+        return length
+    fitting = [b for b in sorted(buckets) if b >= length]
+    if fitting:
+        return fitting[0]
+    largest = max(buckets)
+    return -(-length // largest) * largest
+
+
+def _positive_int_or_none(name: str, value) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise GenerationError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_setup(
+    model, sampling: SamplingConfig, exit_policy: ExitPolicy, chunk_size, segment_steps, longest: int
+) -> int | None:
+    """Validates the settings; returns the prefill chunk size (None: the whole prompt)."""
+    c = model.config
+    if not isinstance(exit_policy, ExitPolicy):
+        raise GenerationError(f"exit_policy must be an ExitPolicy, got {exit_policy!r}")
+    try:
+        exit_policy.validate(c.num_loops)
+    except ValueError as e:
+        raise GenerationError(str(e)) from None
+    if sampling.vocab_limit is not None and sampling.vocab_limit > c.vocab_size:
+        raise GenerationError(f"vocab_limit {sampling.vocab_limit} is above the model's vocabulary size {c.vocab_size}")
+    bad_stops = [i for i in sampling.stop_token_ids if not 0 <= i < c.vocab_size]
+    if bad_stops:
+        raise GenerationError(f"stop token ids {bad_stops} are outside the vocabulary [0, {c.vocab_size})")
+    total = longest + sampling.max_new_tokens
+    if total > c.max_position_embeddings:
+        raise GenerationError(
+            f"the longest prompt ({longest} tokens) plus max_new_tokens ({sampling.max_new_tokens}) is {total}, "
+            f"more than the model's max_position_embeddings ({c.max_position_embeddings})"
+        )
+    _positive_int_or_none("segment_steps", segment_steps)
+    if chunk_size is None:
+        return c.default_chunk_size
+    try:
+        return check_chunk_size(chunk_size)
+    except ConfigError as e:
+        raise GenerationError(str(e)) from None
+
+
+def _pad_prompts(prompts: list[list[int]], length: int) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens int32 [B, length] right-padded with PAD_ID, lengths int32 [B])."""
+    tokens = np.full((len(prompts), length), PAD_ID, np.int32)
+    for b, prompt in enumerate(prompts):
+        tokens[b, : len(prompt)] = prompt
+    return tokens, np.array([len(p) for p in prompts], np.int32)
+
+
+def _pad_stop_ids(stop_ids: tuple[int, ...]) -> np.ndarray:
+    """int32 [n] with n a multiple of STOP_SLOTS (at least one), padded with -1 (never produced), so
+    that lists of up to STOP_SLOTS stop tokens share one compiled program."""
+    size = max(-(-len(stop_ids) // STOP_SLOTS), 1) * STOP_SLOTS
+    return np.array(list(stop_ids) + [-1] * (size - len(stop_ids)), np.int32)
+
+
+def _timed(fn, *args):
+    """(fn(*args) with its outputs ready, seconds)."""
+    start = time.perf_counter()
+    out = jax.block_until_ready(fn(*args))
+    return out, time.perf_counter() - start
+
+
+def _compiled(jitted, *args, **static):
+    """(the jitted function lowered and compiled for these arguments, seconds). Compilations are
+    cached by JAX, so a second call with the same shapes and static arguments costs no time."""
+    start = time.perf_counter()
+    compiled = jitted.lower(*args, **static).compile()
+    return compiled, time.perf_counter() - start
+
+
+def _tokens_so_far(state: DecodeState) -> list[list[int]]:
+    out, num_new = jax.device_get((state.out, state.num_new))
+    return [out[b, : num_new[b]].tolist() for b in range(out.shape[0])]
+
+
+def _decode_in_segments(
+    decode, params, state: DecodeState, segment_steps: int | None, on_segment
+) -> tuple[DecodeState, float]:
+    """Runs the compiled decode loop to the end, in segments of `segment_steps` with `on_segment`
+    called before each (see `generate`). Returns (final state, seconds spent decoding)."""
+    batch, max_new = state.out.shape
+    seconds = 0.0
+    while True:
+        if on_segment is not None:
+            stop_rows = on_segment(_tokens_so_far(state))
+            if stop_rows is not None:
+                stop_rows = np.asarray(stop_rows, bool)
+                if stop_rows.shape != (batch,):
+                    raise GenerationError(f"on_segment returned {stop_rows.size} flags for {batch} rows")
+                state = state.replace(done=state.done | stop_rows)
+        step, all_done = jax.device_get((state.step, jnp.all(state.done)))
+        if step >= max_new or all_done:
+            return state, seconds
+        until = max_new if segment_steps is None else min(int(step) + segment_steps, max_new)
+        state, segment_s = _timed(decode, params, state, np.int32(until))
+        seconds += segment_s
+
+
+def _outputs(state: DecodeState) -> tuple[list[list[int]], list[str]]:
+    """Per row: the new tokens without the stop token, and why the row ended."""
+    rows, hit_stop = _tokens_so_far(state), jax.device_get(state.hit_stop)
+    max_new = state.out.shape[1]
+    tokens, reasons = [], []
+    for row, stopped in zip(rows, hit_stop):
+        tokens.append(row[:-1] if stopped else row)
+        reasons.append(STOP_TOKEN if stopped else LENGTH if len(row) >= max_new else STOPPED)
+    return tokens, reasons
+
+
+def generate(
+    model: nn.Module,
+    params,
+    prompts: Sequence[Sequence[int]],
+    sampling: SamplingConfig = SamplingConfig(),
+    *,
+    exit_policy: ExitPolicy = ExitPolicy(),
+    chunk_size: int | None = None,
+    buckets: Sequence[int] | None = DEFAULT_BUCKETS,
+    segment_steps: int | None = None,
+    on_segment: Callable[[list[list[int]]], Sequence[bool] | None] | None = None,
+) -> GenerationResult:
+    """Generates up to sampling.max_new_tokens tokens after each prompt (lists of token ids).
+
+    exit_policy         which loop's logits choose the tokens (Ouro and MELT run all loops)
+    chunk_size          chunk of the prompt prefill (default config.default_chunk_size: MELT's
+                        chunk_size, 1 = exactly token-by-token decoding; Ouro: the whole prompt, its
+                        values do not depend on it)
+    buckets             prompt lengths are padded up to one of these to bound recompiles
+                        (None: no padding)
+    segment_steps       run the decode loop this many steps at a time, calling on_segment(tokens per
+                        row so far, stop tokens included) after the prefill and after every segment;
+                        on_segment may return a list of bools, the rows to finish now (e.g. on a stop
+                        string). Without segment_steps the loop runs to the end in one call.
+    Raises GenerationError on bad input before anything is compiled.
+    """
+    check_params(model, params)
+    prompts = check_prompts(prompts, model.config.vocab_size)
+    longest = max(len(p) for p in prompts)
+    chunk_size = _check_setup(model, sampling, exit_policy, chunk_size, segment_steps, longest)
+
+    max_new = sampling.max_new_tokens
+    padded = min(bucket_length(longest, buckets), max(longest, model.config.max_position_embeddings - max_new))
+    tokens, lengths = _pad_prompts(prompts, padded)
+    params = jax.tree.map(jnp.asarray, params)
+    static = dict(exit_policy=exit_policy, rule=sampling.token_rule)
+    start_args = (params, tokens, lengths, np.int32(sampling.seed), _pad_stop_ids(sampling.stop_token_ids))
+    chunk = padded if chunk_size is None else min(chunk_size, padded)
+
+    start, start_compile_s = _compiled(
+        start_generation, model, *start_args, **static, chunk_size=chunk, max_new=max_new
+    )
+    state, prefill_s = _timed(start, *start_args)
+    decode, decode_compile_s = _compiled(decode_until, model, params, state, np.int32(0), **static)
+    state, decode_s = _decode_in_segments(decode, params, state, segment_steps, on_segment)
+    results, reasons = _outputs(state)
+    timing = GenerationTiming(
+        compile_s=start_compile_s + decode_compile_s,
+        prefill_s=prefill_s,
+        decode_s=decode_s,
+        prompt_tokens=int(lengths.sum()),
+        decode_tokens=int(np.maximum(jax.device_get(state.num_new) - 1, 0).sum()),
+    )
+    return GenerationResult(tokens=results, stop_reasons=reasons, timing=timing)

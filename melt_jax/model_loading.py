@@ -1,0 +1,84 @@
+"""Loading a model for inference from a checkpoint directory, checking that params fit a model, and
+reading an exit policy from its command-line form."""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from melt_jax import param_table
+from melt_jax.checkpoint import load_params
+from melt_jax.config import OuroConfig
+from melt_jax.errors import GenerationError
+from melt_jax.exit import ExitPolicy
+from melt_jax.ouro import OuroModel
+from melt_jax.params import abstract_params
+from melt_jax.registry import model_for
+
+Array = jax.Array
+
+
+def load_model(path, dtype: str | None = None) -> tuple[OuroModel, dict]:
+    """(model, params on the default device) of a melt_jax checkpoint directory, Ouro or MELT.
+    CheckpointError / ConfigError name what is wrong with the directory."""
+    config, params = load_params(path, dtype)
+    return model_for(config), jax.device_put(params)
+
+
+def parse_exit_policy(text: str, config: OuroConfig) -> ExitPolicy:
+    """An exit policy from its command-line form: 'last', 'step:N' (0-based loop), 'threshold:X',
+    'weighted', or 'default' (what upstream Ouro returns: config.early_exit_step / _threshold)."""
+    name, _, value = text.partition(":")
+    try:
+        if name in ("last", "weighted") and not value:
+            policy = ExitPolicy(name)
+        elif name == "default" and not value:
+            policy = ExitPolicy.upstream_default(config)
+        elif name == "step" and value:
+            policy = ExitPolicy.at_step(int(value))
+        elif name == "threshold" and value:
+            policy = ExitPolicy.at_threshold(float(value))
+        else:
+            raise ValueError("unknown form")
+        policy.validate(config.num_loops)
+    except ValueError as e:
+        raise GenerationError(
+            f"bad exit policy {text!r} ({e}); expected last, step:N (0 <= N < {config.num_loops}), "
+            "threshold:X, weighted or default"
+        ) from None
+    return policy
+
+
+@functools.lru_cache(maxsize=8)
+def _expected_leaves(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    tree = jax.tree_util.tree_flatten_with_path(abstract_params(model))[0]
+    return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in tree}
+
+
+def check_params(model: nn.Module, params) -> None:
+    """GenerationError unless params has exactly the tree and shapes `model` expects (a MELT checkpoint
+    with an Ouro model or the reverse, or a config that does not match the weights)."""
+    if not isinstance(getattr(model, "config", None), OuroConfig):
+        raise GenerationError(f"expected a melt_jax model (OuroModel, MeltModel), got {type(model).__name__}")
+    kind = model.config.model_type
+    expected = _expected_leaves(model)
+    try:
+        leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+        got = {jax.tree_util.keystr(p): tuple(np.shape(x)) for p, x in leaves}
+    except Exception as e:  # not a pytree of arrays
+        raise GenerationError(f"params are not a tree of arrays: {e}") from None
+    params_kind = param_table.model_type_of_params(param_table.path_of(p) for p, _ in leaves)
+    if params_kind != kind:
+        melt = params_kind == "melt"
+        found = "a MELT checkpoint (it has kv_gate weights)" if melt else "an Ouro checkpoint (no kv_gate weights)"
+        raise GenerationError(f"the model is {kind!r} but the params are {found}; load it with the matching model")
+    missing = sorted(set(expected) - set(got))
+    extra = sorted(set(got) - set(expected))
+    if missing or extra:
+        raise GenerationError(f"params do not match the {kind} model: missing {missing[:3]}, unexpected {extra[:3]}")
+    for name, shape in expected.items():
+        if got[name] != shape:
+            raise GenerationError(f"params{name} has shape {got[name]}, the model's config expects {shape}")

@@ -1,0 +1,26 @@
+"""A MELT model from an Ouro model: the same weights plus MELT's new gate parameters, initialised as
+the parameter table says (docs/melt.md, 'The gate')."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from melt_jax import param_table
+from melt_jax.config import MeltConfig, OuroConfig
+from melt_jax.registry import require_model_type
+
+
+def melt_from_ouro(ouro_config: OuroConfig, ouro_params: dict, **melt_fields) -> tuple[MeltConfig, dict]:
+    """A MELT model initialised from an Ouro model: the same weights (not copied) plus the params only
+    MELT has (the per-layer gates), each filled with the init of its row of the parameter table
+    (W_z = U_z = 0, b_z = gate_bias_init), in the params' dtype. `melt_fields` set MeltConfig fields
+    (gate_bias_init, chunk_size)."""
+    require_model_type(ouro_config, "ouro", "the model to build MELT from")
+    config = MeltConfig.from_ouro(ouro_config, **melt_fields)
+    dtype = ouro_params["layers"]["attn_in_norm"]["scale"].dtype
+    new = {
+        spec.path: np.full(spec.param_shape(config), spec.initial_value(config), dtype)
+        for spec in param_table.PARAMS
+        if spec.when == param_table.MELT
+    }
+    return config, param_table.with_params(ouro_params, new)

@@ -1,0 +1,53 @@
+"""The data of a stage: packed training rows, held-out rows and, for the synthetic task, held-out
+examples for exact-match accuracy."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import numpy as np
+
+from melt_jax.data import PackedData, build_train_data, pack_documents, tokenize_dataset
+from melt_jax.synthetic import answer_batch, pack_answer_examples, synthetic_reasoning_dataset
+from melt_jax.tokenizer import Tokenizer, load_tokenizer
+from melt_jax.train.config import TrainConfig
+
+
+@dataclasses.dataclass
+class StageData:
+    tokenizer: Tokenizer
+    train: PackedData
+    held_out: PackedData
+    answers: dict[str, np.ndarray] | None  # synthetic task: tokens / answer_mask of eval examples
+
+
+def build_data(cfg: TrainConfig) -> StageData:
+    """Packed training rows, held-out rows for the per-loop loss and, for the synthetic task, the
+    held-out examples for exact-match accuracy."""
+    d = cfg.data
+    tokenizer = load_tokenizer(d.tokenizer)
+    if d.source == "synthetic":
+        train = synthetic_reasoning_dataset(d.synthetic_task(d.num_examples, seed=cfg.seed))
+        held = synthetic_reasoning_dataset(d.synthetic_task(d.eval_examples, seed=cfg.seed + 10_000))
+        if d.loss == "answer":
+            packed = pack_answer_examples(tokenizer, train["prompt"], train["answer"], d.seq_len)
+            held_out = pack_answer_examples(tokenizer, held["prompt"], held["answer"], d.seq_len)
+        else:
+            packed = pack_documents(tokenize_dataset(train, tokenizer, "text"), d.seq_len, tokenizer.pad_id)
+            held_out = pack_documents(tokenize_dataset(held, tokenizer, "text"), d.seq_len, tokenizer.pad_id)
+        answers = answer_batch(tokenizer, held["prompt"], held["answer"], d.seq_len)
+        return StageData(tokenizer, packed, held_out, answers)
+    packed = build_train_data(d.source, tokenizer, d.seq_len, text_field=d.text_field)
+    n_held = min(cfg.eval_batches * cfg.batch_size, packed.num_rows // 10)
+    if n_held == 0:  # too little data to hold some out: evaluate on training rows
+        return StageData(tokenizer, packed, packed, None)
+    rows = packed.as_dict()
+    train = {k: v[:-n_held] for k, v in rows.items()}
+    held = {k: v[-n_held:] for k, v in rows.items()}
+    return StageData(tokenizer, PackedData(**train), PackedData(**held), None)
+
+
+def batch_digest(batch: dict[str, np.ndarray], previous: str) -> str:
+    """A running hash of the token batches a run has trained on (to check resumption)."""
+    return hashlib.sha256(previous.encode() + np.ascontiguousarray(batch["tokens"]).tobytes()).hexdigest()

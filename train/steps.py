@@ -1,0 +1,110 @@
+"""The sharded training state and the jitted optimizer step."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from melt_jax.params import abstract_params
+from melt_jax.sharding import (
+    batch_sharding,
+    param_shardings,
+    replicated,
+    shardings_following_params,
+)
+from melt_jax.train.config import TrainConfig
+from melt_jax.train.tasks import Task
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: Array  # int32 scalar: optimizer steps taken
+    params: Any
+    opt_state: Any
+    rng: Array  # uint32 [2]
+
+
+def _place(tree: dict, shardings: Any) -> Any:
+    """New global arrays with `shardings` holding the values of `tree`: jax.Arrays are copied on the
+    devices (the trained params are donated, so they must not share buffers with the teacher); host
+    arrays (the same full value on every process) are sliced, each device taking its shard."""
+
+    def on_devices(x, sharding):
+        if isinstance(x, jax.Array):
+            return jax.device_put(x, sharding, may_alias=False)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: np.asarray(x[index]))
+
+    return jax.tree.map(on_devices, tree, shardings)
+
+
+def init_state(task: Task, cfg: TrainConfig, mesh, optimizer) -> TrainState:
+    """The initial TrainState, sharded on `mesh`: params initialised in place from their shapes (each
+    device computes only its shards) or placed from the starting checkpoint."""
+    shapes = abstract_params(task.model)
+    shardings = param_shardings(shapes, mesh)
+    if task.init_params is None:
+        init = jax.jit(
+            lambda rng: task.model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"], out_shardings=shardings
+        )
+        params = init(jax.random.PRNGKey(cfg.seed))
+    else:
+        params = _place(task.init_params, shardings)
+    opt_shardings = shardings_following_params(jax.eval_shape(optimizer.init, shapes), shapes, shardings, mesh)
+    opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
+    rng = jax.device_put(jax.random.PRNGKey(cfg.seed + 1), replicated(mesh))
+    step = jax.device_put(jnp.zeros((), jnp.int32), replicated(mesh))
+    return TrainState(step=step, params=params, opt_state=opt_state, rng=rng)
+
+
+def shardings_of(tree: Any) -> Any:
+    return jax.tree.map(lambda x: x.sharding, tree)
+
+
+def under_mesh(fn: Callable, mesh) -> Callable:
+    """fn called (and so traced) with `mesh` set by jax.set_mesh, which turns on the models'
+    activation sharding constraints (melt_jax.sharding.constrain)."""
+
+    @functools.wraps(fn)
+    def call(*args):
+        with jax.set_mesh(mesh):
+            return fn(*args)
+
+    return call
+
+
+def train_step(loss: Callable, optimizer, state: TrainState, teacher_params, batch) -> tuple[TrainState, dict]:
+    """One optimizer step: the gradient of loss(params, teacher_params, batch, state.step) -> (loss,
+    metrics), the optimizer update, the step count and RNG advanced; metrics gain the grad norm."""
+
+    def loss_of(params):
+        return loss(params, teacher_params, batch, state.step)
+
+    (_, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
+    rng = jax.random.split(state.rng)[0]
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), metrics
+
+
+def make_train_step(task: Task, optimizer, state_shardings, teacher_shardings, mesh):
+    """The jitted `train_step` (state, teacher_params, batch) -> (state, metrics); the state is donated
+    and the activations are sharded by the logical rules."""
+    step = functools.partial(train_step, task.loss, optimizer)
+    batch_shardings = {"tokens": batch_sharding(mesh), "loss_mask": batch_sharding(mesh)}
+    jitted = jax.jit(
+        step,
+        in_shardings=(state_shardings, teacher_shardings, batch_shardings),
+        out_shardings=(state_shardings, replicated(mesh)),
+        donate_argnums=0,
+    )
+    return under_mesh(jitted, mesh)

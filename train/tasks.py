@@ -1,0 +1,119 @@
+"""What a stage trains: the model, its starting params, its loss and the frozen teacher, built from
+the run config and the checkpoints it names."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+
+from melt_jax.checkpoint import load_config, load_params
+from melt_jax.config import OuroConfig
+from melt_jax.errors import ConfigError, TrainingError
+from melt_jax.ouro import OuroModel
+from melt_jax.ouro_to_melt import melt_from_ouro
+from melt_jax.registry import config_from_json_file, model_for, require_model_type
+from melt_jax.train.config import TrainConfig
+from melt_jax.train.objectives import (
+    Distillation,
+    exit_gate_loss,
+    linear_alpha,
+    looplm_loss,
+    phase1_loss,
+    phase2_loss,
+)
+
+
+@dataclasses.dataclass
+class Task:
+    """The trained model, its starting params (None for a fresh init; arrays read sharded from a
+    checkpoint, or host arrays for new MELT gates), its loss `loss(params, teacher_params, batch,
+    step) -> (loss, metrics)` and the frozen teacher if any (sharded on the mesh)."""
+
+    config: OuroConfig
+    model: OuroModel
+    init_params: dict | None
+    loss: Callable
+    trainable: str = "all"
+    teacher_params: dict | None = None
+
+
+def _model_config(cfg: TrainConfig) -> OuroConfig:
+    """The config of a LoopLM trained from scratch: a preset or config.json, with cfg's overrides."""
+    if Path(cfg.model).is_file() or cfg.model.endswith(".json"):
+        config = config_from_json_file(cfg.model)
+    else:
+        config = OuroConfig.preset(cfg.model)
+    config = config.replace(dtype=cfg.dtype, param_dtype=cfg.dtype)
+    if cfg.vocab_size > 0:
+        config = config.replace(vocab_size=cfg.vocab_size)
+    if cfg.num_layers > 0:
+        config = config.replace(num_hidden_layers=cfg.num_layers)
+    config.validate()
+    return config
+
+
+def _check_same_shapes(student: dict, teacher: dict, what: str) -> None:
+    """TrainingError naming the first teacher param whose shape differs from the student's."""
+    flat_teacher = {tuple(str(k.key) for k in path): x for path, x in jax.tree_util.tree_leaves_with_path(teacher)}
+    flat_student = {tuple(str(k.key) for k in path): x for path, x in jax.tree_util.tree_leaves_with_path(student)}
+    for path, x in flat_teacher.items():
+        name = "/".join(path)
+        if path not in flat_student:
+            raise TrainingError(f"{what}: the student has no param {name}")
+        if tuple(flat_student[path].shape) != tuple(x.shape):
+            raise TrainingError(
+                f"{what}: param {name} has shape {tuple(x.shape)} in the teacher "
+                f"but {tuple(flat_student[path].shape)} in the student"
+            )
+
+
+def _load_checkpoint(path: str, model_type: str, field: str, dtype: str, mesh) -> tuple[OuroConfig, dict]:
+    """(config, params in `dtype` sharded on `mesh`, each process reading only its shards) of the
+    checkpoint at `path`, which must hold a `model_type` model; TrainingError naming the config field
+    otherwise (checked before any param is read)."""
+    config = load_config(path, dtype=dtype)
+    try:
+        require_model_type(config, model_type, f"{field}={path}")
+    except ConfigError as e:
+        raise TrainingError(str(e)) from None
+    return load_params(path, dtype=dtype, mesh=mesh)
+
+
+def build_task(cfg: TrainConfig, mesh) -> Task:
+    """The model, starting params and loss of the stage `cfg.stage`; checkpoints are read sharded on
+    `mesh`."""
+    dtype = cfg.dtype
+    if cfg.stage in ("looplm", "exit_gate"):
+        if cfg.init_from:
+            config, params = _load_checkpoint(cfg.init_from, "ouro", "init_from", dtype, mesh)
+        else:
+            config, params = _model_config(cfg), None
+        model = model_for(config)
+        if cfg.stage == "looplm":
+            loss = lambda p, t, batch, step: looplm_loss(model, p, batch, cfg.beta)  # noqa: E731
+            return Task(config, model, params, loss)
+        loss = lambda p, t, batch, step: exit_gate_loss(model, p, batch)  # noqa: E731
+        return Task(config, model, params, loss, trainable="exit_gate")
+
+    teacher_config, teacher_params = _load_checkpoint(cfg.teacher, "ouro", "teacher", dtype, mesh)
+    if cfg.init_from:
+        config, params = _load_checkpoint(cfg.init_from, "melt", "init_from", dtype, mesh)
+    else:
+        config, params = melt_from_ouro(teacher_config, teacher_params, gate_bias_init=cfg.gate_bias_init)
+    config = config.replace(chunk_size=cfg.chunk_size)
+    _check_same_shapes(params, teacher_params, f"teacher {cfg.teacher}")
+    distillation = Distillation(model_for(config), model_for(teacher_config), cfg.forward)
+    if cfg.stage == "melt_phase1":
+
+        def loss(p, t, batch, step):
+            return phase1_loss(distillation, p, t, batch, linear_alpha(step, cfg.steps))
+
+    else:
+
+        def loss(p, t, batch, step):
+            return phase2_loss(distillation, p, t, batch, cfg.align_beta)
+
+    return Task(config, distillation.student, params, loss, teacher_params=teacher_params)
