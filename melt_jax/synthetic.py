@@ -34,8 +34,8 @@ from collections.abc import Sequence
 import datasets
 import numpy as np
 
-from melt_jax.data import PackedData
 from melt_jax.errors import DataError
+from melt_jax.packing import PackedData
 from melt_jax.tokenizer import Tokenizer
 
 OPERATIONS = {

@@ -11,7 +11,8 @@ import tokenizers
 
 from melt_jax import data as data_lib
 from melt_jax import evaluation, synthetic
-from melt_jax.data import BatchIterator, DataError, PackedData, pack_documents
+from melt_jax.data import BatchIterator, DataError
+from melt_jax.packing import PackedData, pack_documents
 from melt_jax.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 
 # --------------------------------------------------------------------------------------------------

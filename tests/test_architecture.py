@@ -1,0 +1,110 @@
+"""The package's structure: no import circle among modules, no branch on the model's kind outside
+the registry and the model files, and the library never imports the training program or the
+converter."""
+
+import ast
+import pathlib
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+# Checkout folder -> installed package (pyproject.toml maps train/ and convert/ under melt_jax).
+PACKAGES = {"melt_jax": "melt_jax", "train": "melt_jax.train", "convert": "melt_jax.convert"}
+# The files that may ask which kind of model they hold: the models, their configs and tables.
+MODEL_FILES = {
+    "melt_jax.registry",
+    "melt_jax.config",
+    "melt_jax.ouro",
+    "melt_jax.melt",
+    "melt_jax.ouro_to_melt",
+    "melt_jax.param_table",
+}
+MODEL_CLASSES = {"OuroModel", "MeltModel", "OuroConfig", "MeltConfig"}
+
+
+def _modules() -> dict[str, ast.Module]:
+    modules = {}
+    for folder, package in PACKAGES.items():
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            parts = path.relative_to(ROOT / folder).with_suffix("").parts
+            name = ".".join((package, *parts)).removesuffix(".__init__")
+            modules[name] = ast.parse(path.read_text(), str(path))
+    return modules
+
+
+MODULES = _modules()
+
+
+def _imports(name: str, tree: ast.Module) -> set[str]:
+    """The project modules `name` imports anywhere in its file (function-level imports included)."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: from .mapping import ...
+                base = name.rsplit(".", node.level)[0]
+                module = f"{base}.{node.module}" if node.module else base
+            else:
+                module = node.module
+            # `from package import module` imports that module; `from module import name`, the module.
+            submodules = [f"{module}.{alias.name}" for alias in node.names if f"{module}.{alias.name}" in MODULES]
+            targets = submodules or [module]
+        else:
+            continue
+        found.update(t for t in targets if t in MODULES and t != name)
+    return found
+
+
+def test_no_import_circle():
+    graph = {name: _imports(name, tree) for name, tree in MODULES.items()}
+    state: dict[str, str] = {}
+
+    def visit(name: str, path: list[str]) -> None:
+        state[name] = "open"
+        for dep in sorted(graph[name]):
+            if state.get(dep) == "open":
+                circle = path[path.index(dep) :] + [dep]
+                raise AssertionError("import circle: " + " -> ".join(circle))
+            if dep not in state:
+                visit(dep, path + [dep])
+        state[name] = "done"
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+    assert graph["melt_jax.data"] and graph["melt_jax.synthetic"]  # the walk sees real edges
+
+
+def test_the_library_does_not_import_training_or_conversion():
+    for name, tree in MODULES.items():
+        if name.startswith(("melt_jax.train", "melt_jax.convert")):
+            continue
+        bad = sorted(d for d in _imports(name, tree) if d.startswith(("melt_jax.train", "melt_jax.convert")))
+        assert not bad, f"{name} imports {bad}"
+
+
+def _kind_branches(tree: ast.Module) -> list[int]:
+    """Lines that test a model's kind: isinstance against a model or config class, or a comparison
+    involving `.model_type`."""
+    lines = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "isinstance" and len(node.args) == 2:
+            classes = node.args[1].elts if isinstance(node.args[1], ast.Tuple) else [node.args[1]]
+            if any(getattr(c, "id", None) in MODEL_CLASSES for c in classes):
+                lines.append(node.lineno)
+        if isinstance(node, ast.Compare):
+            operands = [node.left, *node.comparators]
+            if any(isinstance(o, ast.Attribute) and o.attr == "model_type" for o in operands):
+                lines.append(node.lineno)
+    return lines
+
+
+def test_no_branch_on_the_model_kind_outside_the_model_files():
+    found = {
+        name: lines for name, tree in MODULES.items() if name not in MODEL_FILES and (lines := _kind_branches(tree))
+    }
+    # The sampler checks that it was given a melt_jax model at all (any config class passes).
+    assert found == {"melt_jax.model_loading": found.get("melt_jax.model_loading", [])}, found
+    assert len(found.get("melt_jax.model_loading", [])) <= 1
+    # The check must be able to fail: a branch written into a module is found.
+    assert _kind_branches(ast.parse("if config.model_type == 'melt':\n    pass\n")) == [1]
+    assert _kind_branches(ast.parse("isinstance(model, (OuroModel, MeltModel))")) == [1]
