@@ -1,7 +1,9 @@
 """Building blocks shared by Ouro and MELT: RMSNorm, rotary embeddings, attention and the SwiGLU MLP.
 
-Letters in shape comments: B batch, S query tokens, T key/value tokens, H hidden, N query heads,
-K key/value heads, G query heads per kv head (N = K * G), D head dim, I MLP width, V vocabulary.
+Letters in shape comments and einsum strings: B batch, S query tokens, M key/value tokens (the keys a
+query may attend to), H hidden, N query heads, K key/value heads, G query heads per kv head
+(N = K * G), D head dim, I MLP width, V vocabulary; in chunked attention n chunks of C query and E
+key tokens. T is kept for the loop count, as everywhere else in melt_jax.
 """
 
 from __future__ import annotations
@@ -78,27 +80,27 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
 
 
 def causal_mask(q_positions: Array, kv_positions: Array) -> Array:
-    """True where a query may see a key: key position <= query position. [B, S, T]."""
+    """True where a query may see a key: key position <= query position. [B, S, M]."""
     return kv_positions[:, None, :] <= q_positions[:, :, None]
 
 
 def dot_product_attention(q: Array, k: Array, v: Array, mask: Array, *, kv_heads_first: bool = False) -> Array:
     """softmax(q k^T / sqrt(D)) v with grouped kv heads; logits and softmax in float32.
 
-    q [B, S, N, D], k and v [B, T, K, D] (or [B, K, T, D] with kv_heads_first, the cache layout),
-    mask [B, S, T] (True = attend). Query head n reads kv head n // (N / K). Returns [B, S, N, D] in
+    q [B, S, N, D], k and v [B, M, K, D] (or [B, K, M, D] with kv_heads_first, the cache layout),
+    mask [B, S, M] (True = attend). Query head n reads kv head n // (N / K). Returns [B, S, N, D] in
     q's dtype.
     """
     batch, seq, num_heads, head_dim = q.shape
-    kv_spec = "BKTD" if kv_heads_first else "BTKD"
+    kv_spec = "BKMD" if kv_heads_first else "BMKD"
     num_kv_heads = k.shape[1] if kv_heads_first else k.shape[2]
     group = num_heads // num_kv_heads
     q = q.reshape(batch, seq, num_kv_heads, group, head_dim)  # [B, S, K, G, D]
-    logits = jnp.einsum(f"BSKGD,{kv_spec}->BKGST", q, k, preferred_element_type=_at_least_float32(q.dtype))
+    logits = jnp.einsum(f"BSKGD,{kv_spec}->BKGSM", q, k, preferred_element_type=_at_least_float32(q.dtype))
     logits = logits * (head_dim**-0.5)
     logits = jnp.where(mask[:, None, None, :, :], logits, _MASKED_LOGIT)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)  # [B, K, G, S, T]
-    out = jnp.einsum(f"BKGST,{kv_spec}->BSKGD", probs, v)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)  # [B, K, G, S, M]
+    out = jnp.einsum(f"BKGSM,{kv_spec}->BSKGD", probs, v)
     return out.reshape(batch, seq, num_heads, head_dim)
 
 
@@ -229,16 +231,16 @@ def chunked_attention_over_earlier_rows(
     k_blocks = k.reshape(batch, num_chunks, chunk_size, num_kv_heads, head_dim)  # [B, n, E, K, D]
     v_blocks = v.reshape(batch, num_chunks, chunk_size, num_kv_heads, head_dim)
     scale = head_dim**-0.5
-    earlier_logits = jnp.einsum("BnCKGD,BKTD->BKGnCT", q, earlier_k, preferred_element_type=compute) * scale
+    earlier_logits = jnp.einsum("BnCKGD,BKMD->BKGnCM", q, earlier_k, preferred_element_type=compute) * scale
     own_logits = jnp.einsum("BnCKGD,BnEKD->BKGnCE", q, k_blocks, preferred_element_type=compute) * scale
-    key_chunk = jnp.arange(seq) // chunk_size  # [T]
-    earlier_mask = key_chunk[None, :] < jnp.arange(num_chunks)[:, None]  # [n, T]
+    key_chunk = jnp.arange(seq) // chunk_size  # [M]
+    earlier_mask = key_chunk[None, :] < jnp.arange(num_chunks)[:, None]  # [n, M]
     own_mask = jnp.arange(chunk_size)[None, :] <= jnp.arange(chunk_size)[:, None]  # [C, E]
     earlier_logits = jnp.where(earlier_mask[:, None, :], earlier_logits, _MASKED_LOGIT)
     own_logits = jnp.where(own_mask, own_logits, _MASKED_LOGIT)
     probs = jax.nn.softmax(jnp.concatenate([earlier_logits, own_logits], axis=-1), axis=-1).astype(v.dtype)
     earlier_probs, own_probs = probs[..., :seq], probs[..., seq:]
-    out = jnp.einsum("BKGnCT,BKTD->BnCKGD", earlier_probs, earlier_v) + jnp.einsum(
+    out = jnp.einsum("BKGnCM,BKMD->BnCKGD", earlier_probs, earlier_v) + jnp.einsum(
         "BKGnCE,BnEKD->BnCKGD", own_probs, v_blocks
     )
     return out.reshape(batch, seq, num_heads, head_dim)
