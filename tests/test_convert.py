@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
+import re
 import struct
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -329,20 +332,6 @@ def test_export_of_jax_arrays(tmp_path, imported, state_dict):
     assert_same_tensors(read_hf_tensors(tmp_path / "out"), state_dict)
 
 
-def test_export_rejects_bad_params(tmp_path, imported):
-    config, params = imported
-    flat = flatten_params(params)
-    cases = [
-        ({k: v for k, v in flat.items() if k != "layers/mlp/up_proj/kernel"}, "layers/mlp/up_proj/kernel"),
-        (dict(flat, **{"layers/extra/kernel": np.zeros(3)}), "layers/extra/kernel"),
-        (dict(flat, **{"exit_gate/kernel": np.zeros((1, 64))}), "exit_gate/kernel"),
-    ]
-    for bad, needle in cases:
-        with pytest.raises(ConversionError, match=needle):
-            save_hf_checkpoint(config, unflatten_params(bad), tmp_path / "out")
-        assert not (tmp_path / "out").exists() and not leftovers(tmp_path / "out")
-
-
 def test_export_failure_midway_leaves_nothing(tmp_path, imported, monkeypatch):
     config, params = imported
     calls = []
@@ -389,14 +378,11 @@ def test_orbax_load_with_cast_and_jax_arrays(tmp_path, imported):
     )
 
 
-def test_save_params_refuses_existing_destination_and_overwrites(tmp_path, imported):
+def test_save_params_overwrites_when_asked(tmp_path, imported):
     config, params = imported
     dest = tmp_path / "ckpt"
     dest.mkdir()
     (dest / "keep.txt").write_text("old")
-    with pytest.raises(CheckpointError, match="already exists"):
-        save_params(dest, config, params)
-    assert os.listdir(dest) == ["keep.txt"]
     save_params(dest, config, params, overwrite=True)
     assert "keep.txt" not in os.listdir(dest) and not leftovers(dest)
     assert_same_params(load_params(dest)[1], params)
@@ -413,15 +399,6 @@ def test_save_params_failure_leaves_nothing(tmp_path, imported, monkeypatch):
     with pytest.raises(RuntimeError):
         save_params(tmp_path / "ckpt", config, params)
     assert not (tmp_path / "ckpt").exists() and not leftovers(tmp_path / "ckpt")
-
-
-def test_load_params_errors(tmp_path):
-    with pytest.raises(CheckpointError, match="not found"):
-        load_params(tmp_path / "nothing")
-    (tmp_path / "half").mkdir()
-    (tmp_path / "half" / "config.json").write_text(json.dumps(tiny_hf_config()))
-    with pytest.raises(CheckpointError, match="params"):
-        load_params(tmp_path / "half")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -448,15 +425,11 @@ def test_cli_import_export_end_to_end(tmp_path, hf_config, state_dict, capsys):
     assert json.loads((tmp_path / "hf32" / "config.json").read_text())["torch_dtype"] == "float32"
 
 
-def test_cli_overwrite(tmp_path, hf_dir, capsys):
+def test_cli_overwrite(tmp_path, hf_dir):
     dest = tmp_path / "ckpt"
     dest.mkdir()
-    assert main(["import", str(hf_dir), str(dest)]) == 1
-    assert "already exists" in capsys.readouterr().err and os.listdir(dest) == []
     assert main(["import", str(hf_dir), str(dest), "--overwrite"]) == 0
     assert (dest / "params").is_dir()
-    assert main(["export", str(dest), str(dest)]) == 1  # the export destination exists too
-    assert "already exists" in capsys.readouterr().err
 
 
 def test_module_help_runs_as_a_program():
@@ -472,121 +445,267 @@ def test_parse_size():
     assert parse_size("500MB") == 500 * 10**6
     assert parse_size("2GiB") == 2 * 2**30
     assert parse_size("1024") == 1024
-    with pytest.raises(argparse.ArgumentTypeError, match="invalid size"):
-        parse_size("five")
 
 
 # --------------------------------------------------------------------------------------------------
-# Bad input: a clear error naming the thing, exit status 1, no output left behind
+# Bad input: a clear error naming the thing, exit status 1 from the command line, and the destination
+# left as it was (nothing half-written, no temporary siblings)
 
 
-def _truncate(path: Path) -> None:
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    """What a case damages: the module's good fixtures, and a fresh folder for the case."""
+
+    tmp_path: Path
+    hf_config: dict
+    state_dict: dict[str, np.ndarray]
+    hf_dir: Path
+    imported: tuple
 
 
-def _corrupt_header(path: Path) -> None:
-    data = bytearray(path.read_bytes())
-    (n,) = struct.unpack("<Q", data[:8])
-    data[8 : 8 + n] = b"{" * n  # same length, not JSON
-    path.write_bytes(bytes(data))
+@dataclasses.dataclass(frozen=True)
+class Attempt:
+    call: Callable[[], object]  # must raise
+    dest: Path  # where output would go: must be as it was before
+    src: Path  # the input, for `{src}` in a case's match
+    argv: list[str] | None = None  # the same through melt-convert: exit status 1
 
 
-def _setup_bad_input(case: str, folder: Path, hf_config: dict, state_dict: dict) -> str:
-    """Writes a broken HF folder for `case`; returns a string the error message must contain."""
-    cfg, sd, layout = dict(hf_config), dict(state_dict), "safetensors"
-    needle = None
-    if case == "missing tensor":
-        needle = "model.layers.1.mlp.up_proj.weight"
-        del sd[needle]
-    elif case == "unexpected tensor":
-        needle = "model.layers.0.mlp.extra_proj.weight"
-        sd[needle] = np.zeros((4, 4), np.float32)
-    elif case == "wrong shape":
-        needle = "model.layers.0.self_attn.k_proj.weight"
-        sd[needle] = np.zeros((64, 64), np.float32)  # MHA-sized, but the config says 2 kv heads
-    elif case == "integer tensor":
-        needle = "model.norm.weight"
-        sd[needle] = np.ones(64, np.int32)
-    elif case == "unknown model_type":
-        cfg["model_type"], needle = "llama", "model_type"
-    elif case == "missing config field":
-        del cfg["hidden_size"]
-        needle = "hidden_size"
-    elif case in ("missing shard", "tensor not in its shard"):
-        layout = "sharded"
-    elif case == "corrupt bin":
-        layout = "bin"
-    write_hf_checkpoint(folder, cfg, sd, layout)
-    if case == "missing config.json":
-        (folder / "config.json").unlink()
-        needle = str(folder / "config.json")
-    elif case == "no weights file":
-        (folder / "model.safetensors").unlink()
-        needle = "no weights file"
-    elif case == "truncated safetensors":
-        _truncate(folder / "model.safetensors")
-        needle = str(folder / "model.safetensors")
-    elif case == "corrupt safetensors":
-        _corrupt_header(folder / "model.safetensors")
-        needle = str(folder / "model.safetensors")
-    elif case == "corrupt bin":
-        _truncate(folder / "pytorch_model.bin")
-        needle = str(folder / "pytorch_model.bin")
-    elif case == "missing shard":
-        (folder / "model-00002-of-00003.safetensors").unlink()
-        needle = "model-00002-of-00003.safetensors"
-    elif case == "tensor not in its shard":
+@dataclasses.dataclass(frozen=True)
+class BadInput:
+    name: str
+    setup: Callable[[Inputs], Attempt]
+    error: type[Exception]
+    match: str  # a regex for the message; `{src}` stands for the escaped input path
+
+
+def _without(key):
+    def edit(mapping: dict) -> None:
+        del mapping[key]
+
+    return edit
+
+
+def _with(key, value):
+    def edit(mapping: dict) -> None:
+        mapping[key] = value
+
+    return edit
+
+
+def importing(tensors=None, config=None, layout="safetensors", damage=None, write=True):
+    """The fixture checkpoint with `tensors(state_dict)` and `config(hf_config)` applied, written in
+    `layout` (unless not `write`), then `damage(folder)`; read by load_hf_checkpoint and by
+    `melt-convert import`."""
+
+    def setup(inputs: Inputs) -> Attempt:
+        folder, dest = inputs.tmp_path / "hf", inputs.tmp_path / "ckpt"
+        if write:
+            hf_config, state_dict = dict(inputs.hf_config), dict(inputs.state_dict)
+            for edit, target in ((config, hf_config), (tensors, state_dict)):
+                if edit is not None:
+                    edit(target)
+            write_hf_checkpoint(folder, hf_config, state_dict, layout)
+        if damage is not None:
+            damage(folder)
+        return Attempt(lambda: load_hf_checkpoint(folder), dest, folder, ["import", str(folder), str(dest)])
+
+    return setup
+
+
+def exporting(params):
+    """The imported params with `params(flat params)` applied, written by save_hf_checkpoint."""
+
+    def setup(inputs: Inputs) -> Attempt:
+        config, good = inputs.imported
+        flat = dict(flatten_params(good))
+        params(flat)
+        dest = inputs.tmp_path / "out"
+        return Attempt(lambda: save_hf_checkpoint(config, unflatten_params(flat), dest), dest, dest)
+
+    return setup
+
+
+def _unlink(name: str):
+    return lambda folder: (folder / name).unlink()
+
+
+def _truncate(name: str):
+    def damage(folder: Path) -> None:
+        data = (folder / name).read_bytes()
+        (folder / name).write_bytes(data[: len(data) // 2])
+
+    return damage
+
+
+def _corrupt_header(name: str):
+    def damage(folder: Path) -> None:
+        data = bytearray((folder / name).read_bytes())
+        (n,) = struct.unpack("<Q", data[:8])
+        data[8 : 8 + n] = b"{" * n  # same length, not JSON
+        (folder / name).write_bytes(bytes(data))
+
+    return damage
+
+
+def _move_in_index(tensor: str, shard: str):
+    def damage(folder: Path) -> None:
         index_file = folder / "model.safetensors.index.json"
         index = json.loads(index_file.read_text())
-        index["weight_map"]["model.norm.weight"] = "model-00001-of-00003.safetensors"
+        index["weight_map"][tensor] = shard
         index_file.write_text(json.dumps(index))
-        needle = "model.norm.weight"
-    return needle
+
+    return damage
+
+
+def _import_into_existing_checkpoint(inputs: Inputs) -> Attempt:
+    dest = inputs.tmp_path / "ckpt"
+    dest.mkdir()
+    (dest / "keep.txt").write_text("old")
+    return Attempt(lambda: save_params(dest, *inputs.imported), dest, dest, ["import", str(inputs.hf_dir), str(dest)])
+
+
+def _export_onto_its_own_checkpoint(inputs: Inputs) -> Attempt:
+    ckpt = inputs.tmp_path / "ckpt"
+    save_params(ckpt, *inputs.imported)
+    return Attempt(lambda: save_hf_checkpoint(*inputs.imported, ckpt), ckpt, ckpt, ["export", str(ckpt), str(ckpt)])
+
+
+def exporting_checkpoint(prepare=None):
+    """load_params and `melt-convert export` of a melt_jax checkpoint folder made by `prepare(folder)`
+    (none without)."""
+
+    def setup(inputs: Inputs) -> Attempt:
+        folder, dest = inputs.tmp_path / "ckpt", inputs.tmp_path / "hf"
+        if prepare is not None:
+            prepare(folder)
+        return Attempt(lambda: load_params(folder), dest, folder, ["export", str(folder), str(dest)])
+
+    return setup
+
+
+def _config_only(folder: Path) -> None:
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(tiny_hf_config()))
+
+
+def _shard_size(text: str):
+    return lambda inputs: Attempt(lambda: parse_size(text), inputs.tmp_path / "hf", inputs.tmp_path)
 
 
 BAD_INPUTS = [
-    "missing tensor",
-    "unexpected tensor",
-    "wrong shape",
-    "integer tensor",
-    "unknown model_type",
-    "missing config field",
-    "missing config.json",
-    "no weights file",
-    "truncated safetensors",
-    "corrupt safetensors",
-    "corrupt bin",
-    "missing shard",
-    "tensor not in its shard",
+    # import: the tensors
+    BadInput(
+        "missing-tensor",
+        importing(tensors=_without("model.layers.1.mlp.up_proj.weight")),
+        ConversionError,
+        r"model\.layers\.1\.mlp\.up_proj\.weight",
+    ),
+    BadInput(
+        "unexpected-tensor",
+        importing(tensors=_with("model.layers.0.mlp.extra_proj.weight", np.zeros((4, 4), np.float32))),
+        ConversionError,
+        r"model\.layers\.0\.mlp\.extra_proj\.weight",
+    ),
+    BadInput(  # MHA-sized, but the config says 2 kv heads
+        "wrong-shape",
+        importing(tensors=_with("model.layers.0.self_attn.k_proj.weight", np.zeros((64, 64), np.float32))),
+        ConversionError,
+        r"model\.layers\.0\.self_attn\.k_proj\.weight.*shape \[64, 64\], expected \[32, 64\]",
+    ),
+    BadInput(
+        "integer-tensor",
+        importing(tensors=_with("model.norm.weight", np.ones(64, np.int32))),
+        ConversionError,
+        r"model\.norm\.weight",
+    ),
+    # import: the config
+    BadInput("unknown-model-type", importing(config=_with("model_type", "llama")), ConfigError, "model_type"),
+    BadInput("missing-config-field", importing(config=_without("hidden_size")), ConfigError, "hidden_size"),
+    BadInput("missing-config-json", importing(damage=_unlink("config.json")), ConfigError, r"{src}/config\.json"),
+    # import: the files
+    BadInput("missing-folder", importing(write=False), ConversionError, "{src}"),
+    BadInput("no-weights-file", importing(damage=_unlink("model.safetensors")), ConversionError, "no weights file"),
+    BadInput(
+        "truncated-safetensors",
+        importing(damage=_truncate("model.safetensors")),
+        ConversionError,
+        r"{src}/model\.safetensors",
+    ),
+    BadInput(
+        "corrupt-safetensors",
+        importing(damage=_corrupt_header("model.safetensors")),
+        ConversionError,
+        r"{src}/model\.safetensors",
+    ),
+    BadInput(
+        "corrupt-bin",
+        importing(layout="bin", damage=_truncate("pytorch_model.bin")),
+        ConversionError,
+        r"{src}/pytorch_model\.bin",
+    ),
+    BadInput(
+        "missing-shard",
+        importing(layout="sharded", damage=_unlink("model-00002-of-00003.safetensors")),
+        ConversionError,
+        r"model-00002-of-00003\.safetensors",
+    ),
+    BadInput(
+        "tensor-not-in-its-shard",
+        importing(layout="sharded", damage=_move_in_index("model.norm.weight", "model-00001-of-00003.safetensors")),
+        ConversionError,
+        r"model\.norm\.weight",
+    ),
+    # export: the params
+    BadInput(
+        "export-missing-param",
+        exporting(_without("layers/mlp/up_proj/kernel")),
+        ConversionError,
+        "layers/mlp/up_proj/kernel",
+    ),
+    BadInput(
+        "export-unknown-param",
+        exporting(_with("layers/extra/kernel", np.zeros(3))),
+        ConversionError,
+        "layers/extra/kernel",
+    ),
+    BadInput(
+        "export-wrong-shape",
+        exporting(_with("exit_gate/kernel", np.zeros((1, 64)))),
+        ConversionError,
+        "exit_gate/kernel",
+    ),
+    # melt_jax checkpoints
+    BadInput("import-into-existing-destination", _import_into_existing_checkpoint, CheckpointError, "already exists"),
+    BadInput("export-into-existing-destination", _export_onto_its_own_checkpoint, CheckpointError, "already exists"),
+    BadInput("missing-checkpoint", exporting_checkpoint(), CheckpointError, "not found: {src}"),
+    BadInput("checkpoint-without-params", exporting_checkpoint(_config_only), CheckpointError, "params"),
+    # arguments
+    BadInput("shard-size-not-a-size", _shard_size("five"), argparse.ArgumentTypeError, "invalid size"),
 ]
 
 
-@pytest.mark.parametrize("case", BAD_INPUTS)
-def test_bad_input_fails_cleanly(tmp_path, hf_config, state_dict, capsys, case):
-    folder = tmp_path / "hf"
-    needle = _setup_bad_input(case, folder, hf_config, state_dict)
-    with pytest.raises((ConversionError, ConfigError)) as info:
-        load_hf_checkpoint(folder)
-    assert needle in str(info.value)
-
-    dest = tmp_path / "ckpt"
-    assert main(["import", str(folder), str(dest)]) == 1
-    err = capsys.readouterr().err
-    assert err.strip().splitlines()[-1].startswith("error: ") and needle in err
-    assert "Traceback" not in err
-    assert not dest.exists() and not leftovers(dest)
+def snapshot(path: Path):
+    """What is at `path`: None, a file's bytes, or a folder's {relative path: bytes (None for a folder)}."""
+    if not os.path.lexists(path):
+        return None
+    if path.is_file():
+        return path.read_bytes()
+    return {str(p.relative_to(path)): p.read_bytes() if p.is_file() else None for p in sorted(path.rglob("*"))}
 
 
-def test_missing_hf_folder_and_checkpoint(tmp_path, capsys):
-    assert main(["import", str(tmp_path / "nope"), str(tmp_path / "ckpt")]) == 1
-    assert str(tmp_path / "nope") in capsys.readouterr().err
-    assert main(["export", str(tmp_path / "nope"), str(tmp_path / "hf")]) == 1
-    assert str(tmp_path / "nope") in capsys.readouterr().err
-    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "hf").exists()
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=lambda case: case.name)
+def test_bad_input_fails_cleanly(tmp_path, hf_config, state_dict, hf_dir, imported, capsys, case):
+    attempt = case.setup(Inputs(tmp_path, hf_config, state_dict, hf_dir, imported))
+    match = case.match.replace("{src}", re.escape(str(attempt.src)))
+    before = snapshot(attempt.dest)
+    with pytest.raises(case.error, match=match):
+        attempt.call()
+    assert snapshot(attempt.dest) == before and not leftovers(attempt.dest)
 
-
-def test_wrong_shape_message_names_the_shapes(tmp_path, hf_config, state_dict):
-    _setup_bad_input("wrong shape", tmp_path / "hf", hf_config, state_dict)
-    with pytest.raises(ConversionError, match=r"shape \[64, 64\], expected \[32, 64\]"):
-        load_hf_checkpoint(tmp_path / "hf")
+    if attempt.argv is not None:
+        assert main(attempt.argv) == 1
+        err = capsys.readouterr().err
+        assert err.strip().splitlines()[-1].startswith("error: ") and re.search(match, err)
+        assert "Traceback" not in err
+        assert snapshot(attempt.dest) == before and not leftovers(attempt.dest)

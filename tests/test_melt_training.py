@@ -1,41 +1,38 @@
 """MELT's chunk-wise training forwards: sequential and two-pass against the PyTorch MELT reference,
-against each other (values and, for one chunk, gradients), and the interpolation end points."""
+against each other (values and, for one chunk, gradients) and against the chunked prefill, and the
+interpolation end points; on the tiny models of each structure (tests/tiny_models.py)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-from hf_fixtures import random_ouro_state_dict, tiny_hf_config, write_hf_checkpoint
-from test_melt_model import _with_gates
-from torch_melt_reference import MeltReference, random_melt_gates
+from tiny_models import DEFAULT, Structure
 
-from melt_jax.config import MeltConfig
-from melt_jax.convert import load_hf_checkpoint
-from melt_jax.decoding import forward
+from melt_jax.cache import init_cache
+from melt_jax.decoding import forward, prefill
 from melt_jax.losses import mean_next_token_loss
 from melt_jax.melt import MeltModel
 from melt_jax.melt_training import sequential_forward, two_pass_forward
 from melt_jax.ouro import OuroModel
 
 TOL = 1e-4  # JAX in fp32 against the reference in float64; logits of magnitude ~10
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 FORWARDS = {"sequential": sequential_forward, "two_pass": two_pass_forward}
 
 
+def _setup(melt):
+    """(model, params, reference, tokens, (ouro config, ouro params)) of a TinyMelt."""
+    model = MeltModel(melt.config, collect=("attention_output",))
+    params = jax.tree.map(jnp.asarray, melt.params)
+    tokens = jnp.asarray(np.random.default_rng(2).integers(0, melt.config.vocab_size, size=(2, 24)))
+    return model, params, melt.reference, tokens, (melt.ouro.config, melt.ouro.params)
+
+
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    hf_config = tiny_hf_config(total_ut_steps=3, rope_theta=50.0)  # GQA
-    state_dict = random_ouro_state_dict(hf_config, seed=5)
-    path = write_hf_checkpoint(tmp_path_factory.mktemp("melt"), hf_config, state_dict)
-    ouro_config, ouro_params = load_hf_checkpoint(path)
-    gates = random_melt_gates(hf_config, seed=6, scale=0.1, bias=-1.0)
-    config = MeltConfig.from_ouro(ouro_config)
-    params = jax.tree.map(jnp.asarray, _with_gates(ouro_params, hf_config, gates))
-    reference = MeltReference(hf_config, state_dict, gates, dtype=torch.float64)
-    tokens = jnp.asarray(np.random.default_rng(2).integers(0, config.vocab_size, size=(2, 24)))
-    model = MeltModel(config, collect=("attention_output",))
-    return model, params, reference, tokens, (ouro_config, ouro_params)
+def setup(melt_of):
+    """The GQA, 3-loop tiny MELT model, for the checks that run on one structure."""
+    return _setup(melt_of(DEFAULT))
 
 
 _jitted = {name: jax.jit(f, static_argnums=(0, 3)) for name, f in FORWARDS.items()}
@@ -45,10 +42,24 @@ def _step_logits(model, params, out):
     return model.apply({"params": params}, out.hidden_steps, method=MeltModel.logits)
 
 
-@pytest.mark.parametrize("chunk_size, alpha", [(8, None), (4, 0.4), (8, 0.4)])
+# Every (chunk size, alpha) on one structure. On the others, chunk sizes that the loss test below
+# compiles anyway, and the interpolation where a second loop makes it matter (with one loop a token's
+# Ouro and MELT rows are the same).
+@pytest.mark.parametrize(
+    "structure, chunk_size, alpha",
+    [
+        (DEFAULT, 8, None),
+        (DEFAULT, 4, 0.4),
+        (DEFAULT, 8, 0.4),
+        (Structure(1, 1), 12, None),
+        (Structure(4, 4), 3, None),
+        (Structure(4, 4), 4, 0.4),
+    ],
+    ids=lambda x: str(x) if isinstance(x, Structure) else None,
+)
 @pytest.mark.parametrize("name", ["sequential", "two_pass"])
-def test_training_forward_matches_reference(setup, name, chunk_size, alpha):
-    model, params, reference, tokens, _ = setup
+def test_training_forward_matches_reference(melt_of, structure, name, chunk_size, alpha):
+    model, params, reference, tokens, _ = _setup(melt_of(structure))
     out = _jitted[name](model, params, tokens, chunk_size, alpha)
     expected = reference.forward_chunked(np.asarray(tokens), chunk_size, alpha=1.0 if alpha is None else alpha)
     np.testing.assert_allclose(_step_logits(model, params, out), expected["step_logits"], atol=TOL, rtol=0)
@@ -56,15 +67,40 @@ def test_training_forward_matches_reference(setup, name, chunk_size, alpha):
     np.testing.assert_allclose(out.intermediates["attention_output"], expected["attn_outputs"], atol=TOL, rtol=0)
 
 
-def test_two_pass_loss_equals_sequential_for_several_chunk_sizes(setup):
-    model, params, _, tokens, _ = setup
+# Each chunk size is a compiled program per forward: three on one structure, the two that show
+# whether chunking matters on the others.
+@pytest.mark.parametrize(
+    "structure, chunk_sizes",
+    [(DEFAULT, (3, 6, 12)), (Structure(1, 1), (3, 12)), (Structure(4, 4), (3, 12))],
+    ids=lambda x: str(x) if isinstance(x, Structure) else "chunks" + "-".join(map(str, x)),
+)
+def test_two_pass_loss_equals_sequential_for_several_chunk_sizes(melt_of, structure, chunk_sizes):
+    model, params, _, tokens, _ = _setup(melt_of(structure))
     losses = {}
-    for chunk_size in (3, 6, 12):
+    for chunk_size in chunk_sizes:
         for name in FORWARDS:
             out = _jitted[name](model, params, tokens, chunk_size, None)
             losses[name, chunk_size] = float(mean_next_token_loss(_step_logits(model, params, out)[-1], tokens))
         np.testing.assert_allclose(losses["two_pass", chunk_size], losses["sequential", chunk_size], rtol=1e-5)
-    assert abs(losses["sequential", 3] - losses["sequential", 12]) > 1e-4  # chunking matters
+    if structure.loops > 1:
+        assert abs(losses["sequential", 3] - losses["sequential", 12]) > 1e-4  # chunking matters
+    else:  # one loop: the rows a chunk reads from its own tokens are already their final ones
+        np.testing.assert_allclose(losses["sequential", 3], losses["sequential", 12], rtol=1e-5)
+
+
+# A chunk size per structure whose sequential forward the tests above compile already.
+@pytest.mark.parametrize(
+    "structure, chunk_size",
+    [(DEFAULT, 8), (Structure(1, 1), 12), (Structure(4, 4), 3)],
+    ids=lambda x: str(x) if isinstance(x, Structure) else f"chunk{x}",
+)
+def test_chunked_prefill_equals_sequential_forward(melt_of, structure, chunk_size):
+    model, params, _, tokens, _ = _setup(melt_of(structure))
+    cache = init_cache(model.config, *tokens.shape)
+    prefilled, _ = prefill(MeltModel(model.config), params, tokens, cache, chunk_size=chunk_size)
+    out = _jitted["sequential"](model, params, tokens, chunk_size, None)
+    logits = model.apply({"params": params}, out.hidden_steps[-1], method=MeltModel.logits)
+    np.testing.assert_allclose(prefilled, logits, atol=1e-5, rtol=0)
 
 
 def test_single_chunk_gradients_agree(setup):

@@ -1,26 +1,19 @@
 """Ouro model invariants that need no reference implementation: parameter counts of the real configs,
-cached decoding against the full forward, and a compiled program that does not grow with L or T."""
+cached decoding against the full forward (on the tiny models of each structure, tests/tiny_models.py),
+and a compiled program that does not grow with L or T."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny_models import DEFAULT, DIAGONAL, Structure
 
 from melt_jax.cache import init_cache
 from melt_jax.config import OuroConfig
 from melt_jax.decoding import decode_step, forward, prefill
 from melt_jax.exit import ExitPolicy
 from melt_jax.ouro import OuroModel
-from melt_jax.params import abstract_params, count_params, init_params
-
-
-def _random_params(model, seed=0, scale=0.3):
-    """Initialised params plus noise, so norms, gate and every projection are far from their init."""
-    params = init_params(model, jax.random.key(seed))
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    noisy = [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
-    return jax.tree.unflatten(tree, noisy)
+from melt_jax.params import abstract_params, count_params
 
 
 @pytest.mark.parametrize("name, expected", [("ouro-1.4b", 1_434_652_673), ("ouro-2.6b", 2_667_974_657)])
@@ -35,13 +28,12 @@ def test_cache_bytes_per_token_matches_spec():
     assert OuroConfig.preset("ouro-1.4b").kv_bytes_per_token() == 786_432
 
 
-def _decode_against_full_forward(config, policies, seq=64, scale=0.3):
+def _decode_against_full_forward(config, params, policies, seq=64):
     """Max |cached decode - full forward| over `policies`, relative to the largest logit.
 
     The prompt's first half is prefilled in one call, the rest fed one token at a time.
     """
     model = OuroModel(config)
-    params = _random_params(model, scale=scale)
     batch = 2
     tokens = jax.random.randint(jax.random.key(7), (batch, seq), 0, config.vocab_size)
     worst = 0.0
@@ -59,31 +51,32 @@ def _decode_against_full_forward(config, policies, seq=64, scale=0.3):
     return worst
 
 
-@pytest.mark.parametrize("kv_heads", [4, 2])
-def test_cached_decode_equals_full_forward(kv_heads):
+@pytest.mark.parametrize("structure", DIAGONAL, ids=str)
+def test_cached_decode_equals_full_forward(ouro_of, structure):
     # Threshold policies are left out here: a token whose exit mass sits at the threshold may flip
     # loops under float32 rounding noise. They are covered in float64 below.
-    config = OuroConfig.preset("tiny", num_key_value_heads=kv_heads, rope_theta=100.0)
+    ouro = ouro_of(structure)
     # The cached path sums softmax over S_max keys (masked ones included) instead of S; the float32
-    # rounding differences this makes grow through 2 layers x 4 loops of these perturbed weights to
-    # ~1e-5 of the logit scale (the float64 test shows they are rounding, not a bug).
-    policies = [ExitPolicy.last(), ExitPolicy.at_step(1)]
-    assert _decode_against_full_forward(config, policies, scale=0.2) < 1e-4
+    # rounding differences this makes grow through 2 layers and up to 4 loops to ~1e-5 of the logit
+    # scale (the float64 test shows they are rounding, not a bug). An early exit is a second program;
+    # with one loop it would be the last loop's again.
+    policies = [ExitPolicy.last()] + [ExitPolicy.at_step(1)] * (structure.loops > 1)
+    assert _decode_against_full_forward(ouro.config, ouro.params, policies) < 1e-4
 
 
-def test_cached_decode_equals_full_forward_float64():
+def test_cached_decode_equals_full_forward_float64(ouro_of):
+    ouro = ouro_of(DEFAULT)
     with jax.enable_x64(True):
-        config = OuroConfig.preset(
-            "tiny", num_key_value_heads=2, rope_theta=100.0, dtype="float64", param_dtype="float64"
-        )
+        config = ouro.config.replace(dtype="float64", param_dtype="float64")
+        params = jax.tree.map(lambda x: np.asarray(x, np.float64), ouro.params)
         policies = [ExitPolicy.last(), ExitPolicy.upstream_default(config), ExitPolicy.weighted()]
-        assert _decode_against_full_forward(config, policies) < 1e-11
+        assert _decode_against_full_forward(config, params, policies) < 1e-11
 
 
-def test_step_logits_only_when_asked():
-    config = OuroConfig.preset("tiny")
+def test_step_logits_only_when_asked(ouro_of):
+    ouro = ouro_of(Structure(4, 4))
+    config, params = ouro.config, ouro.params
     model = OuroModel(config)
-    params = init_params(model, jax.random.key(0))
     tokens = jnp.ones((1, 5), jnp.int32)
     out = forward(model, params, tokens)
     assert out.step_logits is None and out.logits.shape == (1, 5, config.vocab_size)
@@ -109,10 +102,10 @@ def test_compiled_program_does_not_grow_with_layers_or_loops():
         assert abs(_program_size(layers, loops) - base) < 0.02 * base
 
 
-def test_bfloat16_policy_tracks_float32():
-    config = OuroConfig.preset("tiny")
+def test_bfloat16_policy_tracks_float32(ouro_of):
+    ouro = ouro_of(Structure(4, 4))
+    config, params = ouro.config, ouro.params
     model32 = OuroModel(config)
-    params = _random_params(model32, scale=0.1)
     tokens = jax.random.randint(jax.random.key(3), (2, 32), 0, config.vocab_size)
     ref = forward(model32, params, tokens).logits
     config16 = config.replace(dtype="bfloat16", param_dtype="bfloat16")

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from hf_fixtures import random_ouro_state_dict, tiny_hf_config, write_hf_checkpoint
+from tiny_models import DIAGONAL
 from torch_reference import OuroReference
 
 from melt_jax.convert import load_hf_checkpoint
@@ -19,6 +19,7 @@ from melt_jax.ouro import OuroModel
 
 GOLDEN = Path(__file__).parent / "data" / "ouro-tiny"
 TOL = 1e-4  # fp32 on both sides; observed differences are ~1e-6 of logits of magnitude ~10.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _policies(num_loops):
@@ -38,17 +39,13 @@ def _select(model, params, out, policy):
     return model.apply({"params": params}, chosen, method=OuroModel.logits), steps
 
 
-@pytest.fixture(scope="module", params=["mha", "gqa"])
-def checkpoint(request, tmp_path_factory):
+@pytest.fixture(scope="module", params=DIAGONAL, ids=str)
+def checkpoint(request, ouro_of):
     """A tiny random Ouro checkpoint in HF layout, its reference model, its JAX params."""
-    kv_heads = 4 if request.param == "mha" else 2
-    hf_config = tiny_hf_config(num_key_value_heads=kv_heads, rope_theta=50.0)
-    state_dict = random_ouro_state_dict(hf_config, seed=kv_heads)
-    path = write_hf_checkpoint(tmp_path_factory.mktemp(request.param), hf_config, state_dict)
-    config, params = load_hf_checkpoint(path, dtype="float32")
-    reference = OuroReference(hf_config, state_dict, dtype=torch.float32)
-    tokens = np.random.default_rng(1).integers(0, config.vocab_size, size=(2, 160))
-    return config, params, reference, tokens
+    ouro = ouro_of(request.param)
+    reference = OuroReference(ouro.hf_config, ouro.state_dict, dtype=torch.float32)
+    tokens = np.random.default_rng(1).integers(0, ouro.config.vocab_size, size=(2, 160))
+    return ouro.config, ouro.params, reference, tokens
 
 
 def test_every_loop_gate_and_exit_distribution(checkpoint):

@@ -2,7 +2,8 @@
 
 Invariants (docs/melt.md): decode == chunk-1 prefill; chunked decode == the forward with the
 same chunks; two-pass == sequential; alpha 0 == Ouro; z == 0 == Ouro with last-loop cache sharing; the
-stored rows are the last loop's keys; one chunk differs from chunk 1.
+stored rows are the last loop's keys; one chunk differs from chunk 1. Each on the shared tiny models of
+every structure (tests/tiny_models.py); the checks that need a second loop on those with more than one.
 """
 
 from __future__ import annotations
@@ -10,37 +11,24 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torch_melt_reference import MeltReference, gate_names, ouro_last_loop_sharing_decode, random_melt_gates
-from torch_reference import OuroReference, apply_rope, random_ouro, rms_norm, rope_cos_sin
+from tiny_models import DIAGONAL, LOOPED
+from torch_melt_reference import MeltReference, gate_names, ouro_last_loop_sharing_decode
+from torch_reference import OuroReference, apply_rope, rms_norm, rope_cos_sin
 
 TOL = 1e-10
 S = 12
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+@pytest.fixture(scope="module", params=DIAGONAL, ids=str)
+def model(request, checkpoint_of):
+    """(HF config, state dict, gates, float64 MeltReference) of the shared tiny checkpoint."""
+    checkpoint = checkpoint_of(request.param)
+    return checkpoint.hf_config, checkpoint.state_dict, checkpoint.gates, checkpoint.melt_reference
 
 
-@pytest.fixture(scope="module")
-def model():
-    cfg, sd = random_ouro(
-        seed=3,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        intermediate_size=48,
-        vocab_size=64,
-        total_ut_steps=3,
-        rope_theta=100.0,
-    )
-    gates = random_melt_gates(cfg, seed=5, scale=0.2, bias=-0.5)
-    return cfg, sd, gates, MeltReference(cfg, sd, gates)
+# For checks that need a second loop, one that reads rows another loop wrote.
+needs_loops = pytest.mark.parametrize("model", LOOPED, ids=str, indirect=True)
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +68,7 @@ def test_shapes_and_gate_convention(model, ids):
     assert o["k_steps"].shape == (T, L, B, S, K, D)
 
 
-@pytest.mark.parametrize("chunk", [1, 3, 5, [2, 7, 3]])
+@pytest.mark.parametrize("chunk", [1, 3, 5, [2, 7, 3]], ids=["chunk1", "chunk3", "chunk5", "chunks2-7-3"])
 @pytest.mark.parametrize("alpha", [1.0, 0.4])
 def test_two_pass_equals_sequential(model, ids, chunk, alpha):
     m = model[3]
@@ -99,6 +87,7 @@ def test_decode_equals_chunk1(model, ids):
         _close(dec, last[:, n - 1 : S - 1])
 
 
+@needs_loops
 @pytest.mark.parametrize("C,n", [(3, 6), (4, 7), (8, 8)])
 def test_chunked_prefill_then_decode(model, ids, C, n):
     m = model[3]
@@ -121,6 +110,7 @@ def test_alpha0_is_ouro(model, ids, chunk):
         _close(o[k], ouro[k])
 
 
+@needs_loops
 def test_zero_gate_is_last_loop_sharing(model, ids):
     cfg, sd, _, _ = model
     m0 = MeltReference(cfg, sd, _zero_gates(cfg))
@@ -134,6 +124,7 @@ def test_zero_gate_is_last_loop_sharing(model, ids):
     _close(ref[:, 0], ouro_last[:, 0])
 
 
+@needs_loops
 def test_alpha_changes_and_one_chunk_differs(model, ids):
     m = model[3]
     one = m.forward_chunked(ids, S)["step_logits"]
@@ -148,6 +139,7 @@ def test_alpha_changes_and_one_chunk_differs(model, ids):
     )
 
 
+@needs_loops
 @pytest.mark.parametrize("chunk", [1, 5])
 def test_final_rows_are_last_loop_keys(model, ids, chunk):
     cfg, sd, gates, m = model

@@ -1,8 +1,9 @@
 """Checks of the independent PyTorch reference (tests/torch_reference.py).
 
 1. Against the golden outputs of the upstream code on the tiny checkpoint (tests/data/ouro-tiny).
-2. Self-consistency that the golden cannot see: cached decoding == full forward on a longer GQA
-   model with a small rope_theta, RoPE against a complex-number formulation, float64 vs float32.
+2. Self-consistency that the golden cannot see: cached decoding == full forward over longer prompts
+   with a small rope_theta, on the shared tiny models of each structure (MQA, GQA, MHA; 1, 3 and 4
+   loops), RoPE against a complex-number formulation, float64 vs float32.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_models import DIAGONAL, GROUPED
 from torch_reference import (
     OuroReference,
     apply_rope,
@@ -26,15 +28,7 @@ from torch_reference import (
 
 GOLDEN = Path(__file__).resolve().parent / "data" / "ouro-tiny"
 ATOL = 1e-5
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """The models here are tiny: intra-op threads only add overhead (7x slower on a busy 2-core box)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -156,24 +150,15 @@ def test_float64_close_to_golden(tiny_parts, golden):
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def gqa():
-    cfg, sd = random_ouro(
-        seed=1,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=48,
-        vocab_size=64,
-        total_ut_steps=3,
-        rope_theta=100.0,
-    )
-    return cfg, sd
+def _parts(checkpoint_of, structure):
+    """(HF config, float32 torch state dict) of the shared tiny checkpoint of `structure`."""
+    checkpoint = checkpoint_of(structure)
+    return checkpoint.hf_config, {k: torch.from_numpy(v) for k, v in checkpoint.state_dict.items()}
 
 
-def test_decode_equals_forward_gqa(gqa):
-    cfg, sd = gqa
+@pytest.mark.parametrize("structure", DIAGONAL, ids=str)
+def test_decode_equals_forward(checkpoint_of, structure):
+    cfg, sd = _parts(checkpoint_of, structure)
     r = OuroReference(cfg, sd, dtype=torch.float64)
     ids = np.random.default_rng(0).integers(0, cfg["vocab_size"], size=(2, 40))
     full = r.forward(ids)["step_logits"][-1]  # [B, S, V]
@@ -186,20 +171,23 @@ def test_decode_equals_forward_gqa(gqa):
     _close(r32.decode(ids, 9, mode="last"), r32.forward(ids)["step_logits"][-1][:, 8:39], atol=1e-5)
 
 
-def test_decode_default_mode_matches_forward_selection(gqa):
-    cfg, sd = gqa
+@pytest.mark.parametrize("structure", DIAGONAL, ids=str)
+def test_decode_default_mode_matches_forward_selection(checkpoint_of, structure):
+    cfg, sd = _parts(checkpoint_of, structure)
     r = OuroReference(cfg, sd, dtype=torch.float64)
     ids = np.random.default_rng(1).integers(0, cfg["vocab_size"], size=(2, 24))
     out = r.forward(ids)
-    for mode, kw in [("threshold", {"threshold": 0.5}), ("weighted", {}), ("step", {"step": 1})]:
+    middle = structure.loops // 2
+    for mode, kw in [("threshold", {"threshold": 0.5}), ("weighted", {}), ("step", {"step": middle})]:
         sel, _ = r.select_logits(out, mode, **kw)
         _close(r.decode(ids, 5, mode=mode, **kw), sel[:, 4:23], atol=1e-10)
 
 
-def test_gqa_head_mapping(gqa):
+@pytest.mark.parametrize("structure", GROUPED, ids=str)
+def test_gqa_head_mapping(checkpoint_of, structure):
     """Query head h must read kv head h // (heads / kv_heads): duplicating the kv weights into an
     MHA model with that mapping must give the same outputs."""
-    cfg, sd = gqa
+    cfg, sd = _parts(checkpoint_of, structure)
     hd, nh, nkv = cfg["head_dim"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
     rep = nh // nkv
     sd_mha = dict(sd)
