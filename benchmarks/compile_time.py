@@ -69,7 +69,7 @@ def compile_seconds(kind: str, config: OuroConfig) -> tuple[float, float, float,
     model = OuroModel(config)
     params = abstract_params(model)
     if kind == "forward":
-        fn = jax.jit(forward.__wrapped__, static_argnames=("model", "exit_policy", "return_step_logits"))
+        fn = jax.jit(forward.__wrapped__, static_argnames=("model", "exit_policy", "return_loop_logits"))
         args = (model, params, jax.ShapeDtypeStruct((BATCH, FORWARD_LEN), jnp.int32))
         kwargs = dict(exit_policy=POLICY)
     else:

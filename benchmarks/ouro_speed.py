@@ -6,7 +6,7 @@ melt_jax reads with `load_hf_checkpoint` and the reference gets as a state dict.
 
   forward   full forward without a cache on [B, 256] tokens, B = 1 and 4. Both sides compute every
             loop's logits ([T, B, S, V]): the reference always does, melt_jax with
-            `forward(..., exit_policy=None, return_step_logits=True)`.
+            `forward(..., exit_policy=None, return_loop_logits=True)`.
   decode    prefill 32 tokens, then 128 one-token cached decode steps (teacher-forced tokens), B = 1
             and 8; only the 128 steps are timed. melt_jax: `prefill` + a Python loop of jitted
             `decode_step` over a cache of exactly 32 + 128 positions. Reference: the body of
@@ -101,9 +101,9 @@ class Jax:
         tokens = jnp.asarray(tokens, jnp.int32)
         jax.block_until_ready(tokens)
         start = time.perf_counter()
-        out = forward(self.model, self.params, tokens, exit_policy=None, return_step_logits=True)
-        out.step_logits.block_until_ready()
-        return time.perf_counter() - start, out.step_logits
+        out = forward(self.model, self.params, tokens, exit_policy=None, return_loop_logits=True)
+        out.loop_logits.block_until_ready()
+        return time.perf_counter() - start, out.loop_logits
 
     def decode(self, tokens: np.ndarray, max_length: int | None = None, n_decode: int = N_DECODE):
         """Prefill tokens[:, :N_PREFILL], then feed tokens[:, N_PREFILL + i] for i < n_decode.

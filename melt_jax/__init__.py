@@ -3,7 +3,7 @@
 from melt_jax.cache import KVCache, init_cache
 from melt_jax.config import MeltConfig, OuroConfig
 from melt_jax.errors import ConfigError, MeltJaxError
-from melt_jax.exit import ExitPolicy, exit_distribution, threshold_exit_steps
+from melt_jax.exit import ExitPolicy, exit_distribution, threshold_exit_loops
 from melt_jax.melt import MeltModel
 from melt_jax.ouro import OuroModel, OuroOutput
 from melt_jax.registry import MODEL_TYPES, config_from_json_file, model_for
@@ -23,5 +23,5 @@ __all__ = [
     "exit_distribution",
     "init_cache",
     "model_for",
-    "threshold_exit_steps",
+    "threshold_exit_loops",
 ]

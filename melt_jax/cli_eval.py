@@ -68,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=128, help="tokens per row")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-batches", type=int, default=None, help="evaluate at most this many batches of each kind")
-    p.add_argument("--exit", default="last", help="last | step:N (0-based loop) | threshold:X | weighted | default")
+    p.add_argument(
+        "--exit", default="last", help="last | loop:N (0-based; step:N also read) | threshold:X | weighted | default"
+    )
     p.add_argument("--chunk-size", type=int, default=None, help="MELT's evaluation chunk (default: config.chunk_size)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")

@@ -67,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--exit", default="last", help="last | step:N (0-based loop) | threshold:X | weighted | default")
+    p.add_argument(
+        "--exit", default="last", help="last | loop:N (0-based; step:N also read) | threshold:X | weighted | default"
+    )
     p.add_argument("--prefill-chunk", type=int, default=None, help="prefill chunk (MELT default: config.chunk_size)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None, help="cast the weights")
     return p

@@ -51,7 +51,7 @@ def _prefill_last_hidden(model: nn.Module, params, tokens: Array, lengths: Array
         out = model.apply({"params": params}, chunk, cache=cache, exit_policy=None)
         offset = jnp.clip(last - start, 0, chunk.shape[1] - 1)  # [B]
         here = (last >= start) & (last < start + chunk.shape[1])  # [B]
-        new_hidden = jnp.take_along_axis(out.hidden_steps, offset[None, :, None, None], axis=2)[:, :, 0]  # [T, B, H]
+        new_hidden = jnp.take_along_axis(out.loop_hidden, offset[None, :, None, None], axis=2)[:, :, 0]  # [T, B, H]
         new_pdf = jnp.take_along_axis(out.exit_pdf, offset[:, None, None], axis=1)[:, 0]  # [B, T]
         hidden = jnp.where(here[None, :, None], new_hidden, hidden)
         pdf = jnp.where(here[:, None], new_pdf, pdf)

@@ -73,13 +73,13 @@ def decode_step(model: nn.Module, params, token: Array, cache: KVCache, exit_pol
     return out.logits[:, 0], out.cache
 
 
-@functools.partial(jax.jit, static_argnames=("model", "exit_policy", "return_step_logits"))
+@functools.partial(jax.jit, static_argnames=("model", "exit_policy", "return_loop_logits"))
 def forward(
     model: nn.Module,
     params,
     tokens: Array,
     exit_policy: ExitPolicy | None = ExitPolicy(),
-    return_step_logits: bool = False,
+    return_loop_logits: bool = False,
 ):
     """Full forward without a cache on tokens [B, S]; returns the model's output struct."""
-    return model.apply({"params": params}, tokens, exit_policy=exit_policy, return_step_logits=return_step_logits)
+    return model.apply({"params": params}, tokens, exit_policy=exit_policy, return_loop_logits=return_loop_logits)

@@ -53,7 +53,7 @@ def hidden_states(model: nn.Module, params, tokens: Array, chunk_size: int | Non
     teacher-forced forward on tokens [B, S] (`scoring_forward`: MELT chunked with `chunk_size`, default
     config.chunk_size; Ouro does not depend on it)."""
     out = model.scoring_forward(params, tokens, chunk_size)
-    return out.hidden_steps, out.exit_pdf
+    return out.loop_hidden, out.exit_pdf
 
 
 def project(model: nn.Module, params, hidden: Array) -> Array:
@@ -61,7 +61,7 @@ def project(model: nn.Module, params, hidden: Array) -> Array:
     return model.apply({"params": params}, hidden, method="logits")
 
 
-def step_logits(model: nn.Module, params, tokens: Array, chunk_size: int | None = None) -> Array:
+def loop_logits(model: nn.Module, params, tokens: Array, chunk_size: int | None = None) -> Array:
     """Every loop's logits [T, B, S, V] of a teacher-forced forward on tokens [B, S] (see the module
     docstring for MELT's chunking). Memory grows with T * V; `loss_sums` avoids it."""
     hidden, _ = hidden_states(model, params, tokens, chunk_size)

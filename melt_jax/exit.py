@@ -87,7 +87,7 @@ def cumulative_exit_probs(exit_pdf: Array) -> Array:
     return jnp.stack(outputs, axis=-1)
 
 
-def threshold_exit_steps(exit_pdf: Array, threshold: float) -> Array:
+def threshold_exit_loops(exit_pdf: Array, threshold: float) -> Array:
     """Per token, the first loop t with cumsum(p)_t >= `threshold`, else the last loop.
     exit_pdf [B, S, T] -> int32 [B, S].
 
@@ -109,20 +109,20 @@ class ExitPolicy:
 
     kind:
       'last'      the last loop (T-1);
-      'step'      loop `step` for every token (0-based);
+      'loop'      loop `loop` for every token (0-based);
       'threshold' per token, the first loop whose cumulative exit probability >= `threshold`;
       'weighted'  sum_t p_t * output_t (the mixture used by Ouro's training loss).
     """
 
-    kind: Literal["last", "step", "threshold", "weighted"] = "last"
-    step: int | None = None
+    kind: Literal["last", "loop", "threshold", "weighted"] = "last"
+    loop: int | None = None
     threshold: float | None = None
 
     def __post_init__(self):
-        if self.kind not in ("last", "step", "threshold", "weighted"):
+        if self.kind not in ("last", "loop", "threshold", "weighted"):
             raise ValueError(f"unknown exit policy kind {self.kind!r}")
-        if self.kind == "step" and (self.step is None or self.step < 0):
-            raise ValueError(f"exit policy 'step' needs a loop index >= 0, got {self.step!r}")
+        if self.kind == "loop" and (self.loop is None or self.loop < 0):
+            raise ValueError(f"exit policy 'loop' needs a loop index >= 0, got {self.loop!r}")
         if self.kind == "threshold" and self.threshold is None:
             raise ValueError("exit policy 'threshold' needs a threshold")
 
@@ -131,8 +131,8 @@ class ExitPolicy:
         return cls("last")
 
     @classmethod
-    def at_step(cls, step: int) -> ExitPolicy:
-        return cls("step", step=step)
+    def at_loop(cls, loop: int) -> ExitPolicy:
+        return cls("loop", loop=loop)
 
     @classmethod
     def at_threshold(cls, threshold: float) -> ExitPolicy:
@@ -148,39 +148,39 @@ class ExitPolicy:
         config.early_exit_step if set, else the threshold config.early_exit_threshold (1.0 in the
         released configs), else the last loop."""
         if config.early_exit_step is not None:
-            return cls.at_step(config.early_exit_step)
+            return cls.at_loop(config.early_exit_step)
         if config.early_exit_threshold is not None:
             return cls.at_threshold(config.early_exit_threshold)
         return cls.last()
 
     def fixed_loop(self, num_loops: int) -> int | None:
-        """The loop every token exits at ('last', 'step'), or None when it depends on the token."""
+        """The loop every token exits at ('last', 'loop'), or None when it depends on the token."""
         if self.kind == "last":
             return num_loops - 1
-        if self.kind == "step":
-            return self.step
+        if self.kind == "loop":
+            return self.loop
         return None
 
     def validate(self, num_loops: int) -> None:
-        if self.kind == "step" and self.step >= num_loops:
-            raise ValueError(f"exit step {self.step} is out of range for {num_loops} loops")
+        if self.kind == "loop" and self.loop >= num_loops:
+            raise ValueError(f"exit loop {self.loop} is out of range for {num_loops} loops")
 
 
-def select_hidden(hidden_steps: Array, exit_pdf: Array, policy: ExitPolicy) -> tuple[Array, Array | None]:
+def select_hidden(loop_hidden: Array, exit_pdf: Array, policy: ExitPolicy) -> tuple[Array, Array | None]:
     """The per-token hidden state chosen by `policy`, from every loop's normed hidden state.
 
-    hidden_steps [T, B, S, H], exit_pdf [B, S, T] -> ([B, S, H], exit steps int32 [B, S] or None).
+    loop_hidden [T, B, S, H], exit_pdf [B, S, T] -> ([B, S, H], exit loops int32 [B, S] or None).
     The LM head is linear, so selecting (or mixing) hidden states and projecting once gives the same
     logits as projecting every loop and selecting (or mixing) logits, without a [T, B, S, V] tensor.
     """
-    num_loops = hidden_steps.shape[0]
+    num_loops = loop_hidden.shape[0]
     policy.validate(num_loops)
     loop = policy.fixed_loop(num_loops)
     if loop is not None:
-        return hidden_steps[loop], None
+        return loop_hidden[loop], None
     if policy.kind == "weighted":
-        weights = exit_pdf.astype(hidden_steps.dtype)
-        return jnp.einsum("BST,TBSH->BSH", weights, hidden_steps), None
-    steps = threshold_exit_steps(exit_pdf, policy.threshold)  # [B, S]
-    chosen = jnp.take_along_axis(hidden_steps, steps[None, :, :, None], axis=0)[0]
-    return chosen, steps
+        weights = exit_pdf.astype(loop_hidden.dtype)
+        return jnp.einsum("BST,TBSH->BSH", weights, loop_hidden), None
+    loops = threshold_exit_loops(exit_pdf, policy.threshold)  # [B, S]
+    chosen = jnp.take_along_axis(loop_hidden, loops[None, :, :, None], axis=0)[0]
+    return chosen, loops

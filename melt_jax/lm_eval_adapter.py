@@ -8,7 +8,7 @@
 
 `melt-lm-eval` is lm-eval's own command line with this model registered. Model arguments:
 checkpoint (a melt_jax checkpoint directory, Ouro or MELT), tokenizer ('byte' or a tokenizer.json or
-its folder), batch_size (default 8), exit (last | step:N | threshold:X | weighted | default, see
+its folder), batch_size (default 8), exit (last | loop:N | threshold:X | weighted | default, see
 model_loading.parse_exit_policy), max_length (default the config's max_position_embeddings), max_gen_toks
 (default 256), chunk_size (MELT's scoring chunk, default config.chunk_size), prefill_chunk (MELT's
 prefill chunk when generating), dtype (float32 | bfloat16 | float16, default as saved).

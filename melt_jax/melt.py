@@ -104,13 +104,13 @@ class MeltModel(OuroModel):
         rows of the earlier chunks (the one-pass `sequential_forward`: no gradient is needed, so the
         two-pass form would compute the same values twice). A sequence that is not a whole number of
         chunks is right-padded with token 0, which changes nothing at the real positions of a causal
-        forward. Returns hidden_steps [T, B, S, H] and exit_pdf [B, S, T] (no logits)."""
+        forward. Returns loop_hidden [T, B, S, H] and exit_pdf [B, S, T] (no logits)."""
         seq = tokens.shape[1]
         chunk, padded = padded_chunking(seq, self.config.default_chunk_size if chunk_size is None else chunk_size)
         tokens = jnp.pad(tokens, ((0, 0), (0, padded - seq)))  # [B, S'] right-padded with id 0
         out = sequential_forward(self.clone(collect=()), params, tokens, chunk)
         return out.replace(
-            hidden_steps=out.hidden_steps[:, :, :seq],
+            loop_hidden=out.loop_hidden[:, :, :seq],
             gate_logits=out.gate_logits[:, :, :seq],
             exit_pdf=out.exit_pdf[:, :seq],
             intermediates={},

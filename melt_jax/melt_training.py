@@ -30,9 +30,9 @@ Array = jax.Array
 def sequential_forward(model: nn.Module, params, tokens: Array, chunk_size: int, alpha=None) -> OuroOutput:
     """All loops of MELT on tokens [B, S], chunk after chunk with a cache; full gradient.
 
-    Returns an OuroOutput with hidden_steps [T, B, S, H], gate_logits [T, B, S], exit_pdf, the
+    Returns an OuroOutput with loop_hidden [T, B, S, H], gate_logits [T, B, S], exit_pdf, the
     intermediates the model collects ([T, L, B, S, H]) and the final cache; no logits (project
-    hidden_steps with `model.logits` as needed).
+    loop_hidden with `model.logits` as needed).
     """
     batch, seq = tokens.shape
     num_chunks(seq, chunk_size)
@@ -41,16 +41,16 @@ def sequential_forward(model: nn.Module, params, tokens: Array, chunk_size: int,
 
     def one_chunk(cache, chunk, start):  # chunk [B, C]
         out = model.apply({"params": params}, chunk, cache=cache, kv_source=source, exit_policy=None)
-        return out.cache, (out.hidden_steps, out.gate_logits, out.intermediates)
+        return out.cache, (out.loop_hidden, out.gate_logits, out.intermediates)
 
     # Token axes of the outputs: [T, B, C, H], [T, B, C], {name: [T, L, B, C, H]}.
     token_axes = (2, 2, {name: 3 for name in model.collect})
-    cache, (hidden_steps, gate_logits, intermediates) = scan_chunks(one_chunk, cache, tokens, chunk_size, token_axes)
+    cache, (loop_hidden, gate_logits, intermediates) = scan_chunks(one_chunk, cache, tokens, chunk_size, token_axes)
     return OuroOutput(
         logits=None,
-        exit_steps=None,
-        step_logits=None,
-        hidden_steps=hidden_steps,
+        exit_loops=None,
+        loop_logits=None,
+        loop_hidden=loop_hidden,
         gate_logits=gate_logits,
         exit_pdf=exit_distribution(gate_logits),
         intermediates=intermediates,

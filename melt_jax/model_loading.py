@@ -29,7 +29,7 @@ def load_model(path, dtype: str | None = None) -> tuple[OuroModel, dict]:
 
 
 def parse_exit_policy(text: str, config: OuroConfig) -> ExitPolicy:
-    """An exit policy from its command-line form: 'last', 'step:N' (0-based loop), 'threshold:X',
+    """An exit policy from its command-line form: 'last', 'loop:N' (0-based; 'step:N' is read the same), 'threshold:X',
     'weighted', or 'default' (what upstream Ouro returns: config.early_exit_step / _threshold)."""
     name, _, value = text.partition(":")
     try:
@@ -37,8 +37,8 @@ def parse_exit_policy(text: str, config: OuroConfig) -> ExitPolicy:
             policy = ExitPolicy(name)
         elif name == "default" and not value:
             policy = ExitPolicy.upstream_default(config)
-        elif name == "step" and value:
-            policy = ExitPolicy.at_step(int(value))
+        elif name in ("loop", "step") and value:
+            policy = ExitPolicy.at_loop(int(value))
         elif name == "threshold" and value:
             policy = ExitPolicy.at_threshold(float(value))
         else:
@@ -46,7 +46,7 @@ def parse_exit_policy(text: str, config: OuroConfig) -> ExitPolicy:
         policy.validate(config.num_loops)
     except ValueError as e:
         raise GenerationError(
-            f"bad exit policy {text!r} ({e}); expected last, step:N (0 <= N < {config.num_loops}), "
+            f"bad exit policy {text!r} ({e}); expected last, loop:N (0 <= N < {config.num_loops}), "
             "threshold:X, weighted or default"
         ) from None
     return policy

@@ -56,18 +56,18 @@ class OuroOutput:
     """Outputs of one forward call.
 
     logits: [B, S, V] chosen by the exit policy (None when no policy was given).
-    exit_steps: [B, S] int32 loop chosen per token under a threshold policy, else None.
-    step_logits: [T, B, S, V] every loop's logits, only when asked for.
-    hidden_steps: [T, B, S, H] every loop's hidden state after the final norm.
+    exit_loops: [B, S] int32 loop chosen per token under a threshold policy, else None.
+    loop_logits: [T, B, S, V] every loop's logits, only when asked for.
+    loop_hidden: [T, B, S, H] every loop's hidden state after the final norm.
     gate_logits: [T, B, S] exit gate logits; exit_pdf: [B, S, T] exit probabilities.
     intermediates: name -> [T, L, B, S, H], only the names asked for (see INTERMEDIATES).
     cache: the updated cache, or None when called without one.
     """
 
     logits: Array | None
-    exit_steps: Array | None
-    step_logits: Array | None
-    hidden_steps: Array
+    exit_loops: Array | None
+    loop_logits: Array | None
+    loop_hidden: Array
     gate_logits: Array
     exit_pdf: Array
     intermediates: dict[str, Array]
@@ -173,7 +173,7 @@ class OuroModel(nn.Module):
 
     def scoring_forward(self, params, tokens: Array, chunk_size: int | None = None) -> OuroOutput:
         """The teacher-forced forward of evaluation on tokens [B, S]: every loop's hidden states and
-        the exit distribution of the values inference computes (no logits: project hidden_steps with
+        the exit distribution of the values inference computes (no logits: project loop_hidden with
         `logits`). Ouro runs the whole sequence at once: its values do not depend on `chunk_size`."""
         return self.apply({"params": params}, tokens, exit_policy=None)
 
@@ -203,7 +203,7 @@ class OuroModel(nn.Module):
         return None
 
     def run_loops(self, h: Array, ctx: TokenContext, cache, source: KVSource):
-        """All T loops over the layer stack. Returns (hidden_steps [T, B, S, H], gate_logits
+        """All T loops over the layer stack. Returns (loop_hidden [T, B, S, H], gate_logits
         [T, B, S], intermediates {name: [T, L, B, S, H]}, cache)."""
         c = self.config
 
@@ -225,10 +225,10 @@ class OuroModel(nn.Module):
             length=c.num_loops,
         )
         carry = (h, cache, self.initial_layer_state(h))
-        (_, cache, _), (hidden_steps, gate_logits, intermediates) = loops(
+        (_, cache, _), (loop_hidden, gate_logits, intermediates) = loops(
             self, carry, jnp.arange(c.num_loops), ctx, source
         )
-        return hidden_steps, gate_logits, intermediates, cache
+        return loop_hidden, gate_logits, intermediates, cache
 
     def __call__(
         self,
@@ -238,7 +238,7 @@ class OuroModel(nn.Module):
         *,
         kv_source: KVSource | None = None,
         exit_policy: ExitPolicy | None = ExitPolicy(),
-        return_step_logits: bool = False,
+        return_loop_logits: bool = False,
     ) -> OuroOutput:
         """Runs all loops on tokens [B, S].
 
@@ -251,21 +251,21 @@ class OuroModel(nn.Module):
         source.check(cache)
         h = self.embedder(tokens)  # [B, S, H]
         ctx = self.token_context(tokens, positions, cache)
-        hidden_steps, gate_logits, intermediates, cache = self.run_loops(h, ctx, cache, source)
+        loop_hidden, gate_logits, intermediates, cache = self.run_loops(h, ctx, cache, source)
         if cache is not None:
             cache = cache.advance(tokens.shape[1])
         exit_pdf = exit_distribution(gate_logits)  # [B, S, T]
-        logits = exit_steps = step_logits = None
+        logits = exit_loops = loop_logits = None
         if exit_policy is not None:
-            chosen, exit_steps = select_hidden(hidden_steps, exit_pdf, exit_policy)
+            chosen, exit_loops = select_hidden(loop_hidden, exit_pdf, exit_policy)
             logits = self.logits(chosen)
-        if return_step_logits:
-            step_logits = self.logits(hidden_steps)
+        if return_loop_logits:
+            loop_logits = self.logits(loop_hidden)
         return OuroOutput(
             logits=logits,
-            exit_steps=exit_steps,
-            step_logits=step_logits,
-            hidden_steps=hidden_steps,
+            exit_loops=exit_loops,
+            loop_logits=loop_logits,
+            loop_hidden=loop_hidden,
             gate_logits=gate_logits,
             exit_pdf=exit_pdf,
             intermediates=intermediates,

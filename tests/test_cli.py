@@ -103,7 +103,7 @@ def test_bad_input_exits_with_status_2_and_a_message(checkpoint, tmp_path, capsy
     (tmp_path / "hf" / "config.json").write_text("{}")
     cases = [
         (["--prompt", ""], "prompt 0 is empty"),
-        (["--prompt", "a", "--exit", "step:7"], "bad exit policy"),
+        (["--prompt", "a", "--exit", "loop:7"], "bad exit policy"),
         (["--prompt", "a", "--max-new-tokens", "500"], "max_position_embeddings"),
         (["--prompt", "a", "--temperature", "-1"], "temperature"),
         (["--prompt-file", str(tmp_path / "missing.txt")], "cannot read --prompt-file"),

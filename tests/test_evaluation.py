@@ -15,7 +15,7 @@ from melt_jax.evaluation import (
     loop_answer_matches,
     loss_sums,
     per_loop_losses,
-    step_logits,
+    loop_logits,
 )
 from melt_jax.exit import ExitPolicy
 from melt_jax.generation import generate
@@ -25,7 +25,7 @@ from melt_jax.sampling import SamplingConfig
 TOKENS = np.random.default_rng(0).integers(0, 258, size=(4, 14)).astype(np.int32)  # 14: not a multiple of 4
 MASK = (np.random.default_rng(1).random((4, 14)) < 0.7).astype(np.float32)
 
-_step_logits = jax.jit(step_logits, static_argnames=("model", "chunk_size"))
+_step_logits = jax.jit(loop_logits, static_argnames=("model", "chunk_size"))
 _loss_sums = jax.jit(loss_sums, static_argnames=("model", "exit_policy", "chunk_size"))
 _per_loop = jax.jit(per_loop_losses, static_argnames=("model", "chunk_size"))
 
@@ -38,20 +38,20 @@ def _masked_mean_ce(logits, tokens, mask):
 
 def test_ouro_step_logits_and_per_loop_losses_match_the_forward():
     model, params = tiny_model("ouro")
-    expected = forward(model, params, jnp.asarray(TOKENS), exit_policy=None, return_step_logits=True).step_logits
+    expected = forward(model, params, jnp.asarray(TOKENS), exit_policy=None, return_loop_logits=True).loop_logits
     np.testing.assert_allclose(_step_logits(model, params, TOKENS), expected, atol=1e-5, rtol=0)
     losses = _per_loop(model, params, TOKENS, MASK)
     assert losses.shape == (model.config.num_loops,)
     np.testing.assert_allclose(losses, [_masked_mean_ce(x, TOKENS, MASK) for x in expected], rtol=1e-5)
 
     # A per-token policy (projected separately) and a fixed-loop one (read from the per-loop sums).
-    for policy in (ExitPolicy.at_threshold(0.5), ExitPolicy.at_step(1)):
+    for policy in (ExitPolicy.at_threshold(0.5), ExitPolicy.at_loop(1)):
         sums = _loss_sums(model, params, TOKENS, MASK, policy)
         chosen = forward(model, params, jnp.asarray(TOKENS), exit_policy=policy).logits
         np.testing.assert_allclose(sums.policy / sums.weight, _masked_mean_ce(chosen, TOKENS, MASK), rtol=1e-5)
         assert float(sums.weight) == MASK[:, 1:].sum()
-    with pytest.raises(ValueError, match="exit step 9 is out of range"):
-        _loss_sums(model, params, TOKENS, MASK, ExitPolicy.at_step(9))
+    with pytest.raises(ValueError, match="exit loop 9 is out of range"):
+        _loss_sums(model, params, TOKENS, MASK, ExitPolicy.at_loop(9))
 
 
 @pytest.mark.parametrize("chunk_size", [None, 1])
@@ -87,7 +87,7 @@ def test_answer_accuracy_is_greedy_exact_match(kind):
     assert per_loop.shape == (model.config.num_loops, 4) and per_loop[-1].tolist() == correct.tolist()
     for t in range(model.config.num_loops):
         at_t = jax.jit(answer_accuracy, static_argnames=("model", "exit_policy"))
-        assert per_loop[t].tolist() == at_t(model, params, tokens, answer_mask, ExitPolicy.at_step(t)).tolist()
+        assert per_loop[t].tolist() == at_t(model, params, tokens, answer_mask, ExitPolicy.at_loop(t)).tolist()
 
 
 def test_evaluate_dataset_combines_batches():

@@ -7,7 +7,10 @@ import pytest
 import torch
 from torch_reference import exit_pdf_from_gate_logits
 
-from melt_jax.exit import ExitPolicy, cumulative_exit_probs, exit_distribution, threshold_exit_steps
+from melt_jax.config import OuroConfig
+from melt_jax.errors import GenerationError
+from melt_jax.exit import ExitPolicy, cumulative_exit_probs, exit_distribution, threshold_exit_loops
+from melt_jax.model_loading import parse_exit_policy
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -50,7 +53,7 @@ def test_exit_pdf_cumsum_and_threshold_match_torch_bitwise(dtype, num_loops):
     for threshold in (0.25, 0.5, 0.9, 0.99, 1.0):
         mask = torch_cum >= torch.tensor(threshold, dtype=torch_pdf.dtype)
         expected = torch.where(mask.any(-1), mask.int().argmax(-1), num_loops - 1).numpy()
-        steps = np.asarray(threshold_exit_steps(pdf, threshold))
+        steps = np.asarray(threshold_exit_loops(pdf, threshold))
         np.testing.assert_array_equal(steps, expected)
         if threshold == 1.0:
             early_at_one = int((steps < num_loops - 1).sum())
@@ -65,8 +68,20 @@ def test_exit_pdf_sums_to_one():
 
 def test_exit_policy_validation():
     with pytest.raises(ValueError, match="needs a loop index"):
-        ExitPolicy("step")
+        ExitPolicy("loop")
     with pytest.raises(ValueError, match="needs a threshold"):
         ExitPolicy("threshold")
     with pytest.raises(ValueError, match="unknown exit policy"):
         ExitPolicy("first")
+
+
+def test_exit_policy_command_line_forms():
+    config = OuroConfig.preset("tiny", total_ut_steps=4)
+    assert parse_exit_policy("last", config) == ExitPolicy.last()
+    assert parse_exit_policy("loop:2", config) == ExitPolicy.at_loop(2)
+    assert parse_exit_policy("step:2", config) == ExitPolicy.at_loop(2)  # the older spelling
+    assert parse_exit_policy("threshold:0.5", config) == ExitPolicy.at_threshold(0.5)
+    assert parse_exit_policy("weighted", config) == ExitPolicy.weighted()
+    for bad in ("loop:4", "loop:x", "first", "threshold"):
+        with pytest.raises(GenerationError, match="bad exit policy"):
+            parse_exit_policy(bad, config)

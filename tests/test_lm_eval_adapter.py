@@ -110,7 +110,7 @@ def test_bad_model_arguments(tmp_path):
     with pytest.raises(GenerationError, match="batch_size"):
         MeltJaxLM.from_model(model, params, TOKENIZER, batch_size=0)
     with pytest.raises(GenerationError, match="bad exit policy"):
-        MeltJaxLM(checkpoint=str(_checkpoint(tmp_path)), exit="step:9")
+        MeltJaxLM(checkpoint=str(_checkpoint(tmp_path)), exit="loop:9")
 
 
 def _checkpoint(path):

@@ -39,7 +39,7 @@ _jitted = {name: jax.jit(f, static_argnums=(0, 3)) for name, f in FORWARDS.items
 
 
 def _step_logits(model, params, out):
-    return model.apply({"params": params}, out.hidden_steps, method=MeltModel.logits)
+    return model.apply({"params": params}, out.loop_hidden, method=MeltModel.logits)
 
 
 # Every (chunk size, alpha) on one structure. On the others, chunk sizes that the loss test below
@@ -99,7 +99,7 @@ def test_chunked_prefill_equals_sequential_forward(melt_of, structure, chunk_siz
     cache = init_cache(model.config, *tokens.shape)
     prefilled, _ = prefill(MeltModel(model.config), params, tokens, cache, chunk_size=chunk_size)
     out = _jitted["sequential"](model, params, tokens, chunk_size, None)
-    logits = model.apply({"params": params}, out.hidden_steps[-1], method=MeltModel.logits)
+    logits = model.apply({"params": params}, out.loop_hidden[-1], method=MeltModel.logits)
     np.testing.assert_allclose(prefilled, logits, atol=1e-5, rtol=0)
 
 
@@ -119,13 +119,13 @@ def test_single_chunk_gradients_agree(setup):
 
 def test_alpha_zero_is_ouro_and_alpha_one_is_melt(setup):
     model, params, _, tokens, (ouro_config, ouro_params) = setup
-    ouro = forward(OuroModel(ouro_config), ouro_params, tokens, exit_policy=None, return_step_logits=True)
+    ouro = forward(OuroModel(ouro_config), ouro_params, tokens, exit_policy=None, return_loop_logits=True)
     for name in FORWARDS:
         out = _jitted[name](model, params, tokens, 8, 0.0)
-        np.testing.assert_allclose(_step_logits(model, params, out), ouro.step_logits, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(_step_logits(model, params, out), ouro.loop_logits, atol=1e-5, rtol=0)
         melt = _jitted[name](model, params, tokens, 8, None)
         at_one = _jitted[name](model, params, tokens, 8, 1.0)
-        np.testing.assert_allclose(at_one.hidden_steps, melt.hidden_steps, atol=1e-6, rtol=0)
+        np.testing.assert_allclose(at_one.loop_hidden, melt.loop_hidden, atol=1e-6, rtol=0)
 
     def loss(params):
         out = two_pass_forward(model, params, tokens, 8, 0.0)

@@ -60,7 +60,7 @@ def test_cached_decode_equals_full_forward(ouro_of, structure):
     # rounding differences this makes grow through 2 layers and up to 4 loops to ~1e-5 of the logit
     # scale (the float64 test shows they are rounding, not a bug). An early exit is a second program;
     # with one loop it would be the last loop's again.
-    policies = [ExitPolicy.last()] + [ExitPolicy.at_step(1)] * (structure.loops > 1)
+    policies = [ExitPolicy.last()] + [ExitPolicy.at_loop(1)] * (structure.loops > 1)
     assert _decode_against_full_forward(ouro.config, ouro.params, policies) < 1e-4
 
 
@@ -79,10 +79,10 @@ def test_step_logits_only_when_asked(ouro_of):
     model = OuroModel(config)
     tokens = jnp.ones((1, 5), jnp.int32)
     out = forward(model, params, tokens)
-    assert out.step_logits is None and out.logits.shape == (1, 5, config.vocab_size)
-    steps = forward(model, params, tokens, exit_policy=None, return_step_logits=True)
-    assert steps.logits is None and steps.step_logits.shape == (4, 1, 5, config.vocab_size)
-    np.testing.assert_allclose(steps.step_logits[-1], out.logits, atol=1e-6)
+    assert out.loop_logits is None and out.logits.shape == (1, 5, config.vocab_size)
+    steps = forward(model, params, tokens, exit_policy=None, return_loop_logits=True)
+    assert steps.logits is None and steps.loop_logits.shape == (4, 1, 5, config.vocab_size)
+    np.testing.assert_allclose(steps.loop_logits[-1], out.logits, atol=1e-6)
 
 
 def _program_size(num_layers, num_loops):
@@ -111,7 +111,7 @@ def test_bfloat16_policy_tracks_float32(ouro_of):
     config16 = config.replace(dtype="bfloat16", param_dtype="bfloat16")
     params16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
     out = forward(OuroModel(config16), params16, tokens)
-    assert out.logits.dtype == jnp.bfloat16 and out.hidden_steps.dtype == jnp.bfloat16
+    assert out.logits.dtype == jnp.bfloat16 and out.loop_hidden.dtype == jnp.bfloat16
     err = float(jnp.abs(out.logits.astype(jnp.float32) - ref).max())
     assert err < 0.05 * float(jnp.abs(ref).max())
 

@@ -27,7 +27,7 @@ def _policies(num_loops):
     yield ExitPolicy.last(), dict(mode="last")
     yield ExitPolicy.weighted(), dict(mode="weighted")
     for t in range(num_loops):
-        yield ExitPolicy.at_step(t), dict(mode="step", step=t)
+        yield ExitPolicy.at_loop(t), dict(mode="step", step=t)
     for q in (0.3, 0.6, 0.9, 1.0):
         yield ExitPolicy.at_threshold(q), dict(mode="threshold", threshold=q)
 
@@ -35,7 +35,7 @@ def _policies(num_loops):
 def _select(model, params, out, policy):
     """Logits and exit steps under `policy` from a forward's per-loop hidden states: the same
     selection the model's __call__ makes, without compiling a forward per policy."""
-    chosen, steps = select_hidden(out.hidden_steps, out.exit_pdf, policy)
+    chosen, steps = select_hidden(out.loop_hidden, out.exit_pdf, policy)
     return model.apply({"params": params}, chosen, method=OuroModel.logits), steps
 
 
@@ -51,9 +51,9 @@ def checkpoint(request, ouro_of):
 def test_every_loop_gate_and_exit_distribution(checkpoint):
     config, params, reference, tokens = checkpoint
     expected = reference.forward(tokens)
-    out = forward(OuroModel(config), params, jnp.asarray(tokens), exit_policy=None, return_step_logits=True)
-    np.testing.assert_allclose(out.step_logits, expected["step_logits"], atol=TOL, rtol=0)
-    np.testing.assert_allclose(out.hidden_steps, expected["hidden_steps"], atol=TOL, rtol=0)
+    out = forward(OuroModel(config), params, jnp.asarray(tokens), exit_policy=None, return_loop_logits=True)
+    np.testing.assert_allclose(out.loop_logits, expected["step_logits"], atol=TOL, rtol=0)
+    np.testing.assert_allclose(out.loop_hidden, expected["hidden_steps"], atol=TOL, rtol=0)
     np.testing.assert_allclose(out.gate_logits, expected["gate_logits"], atol=TOL, rtol=0)
     np.testing.assert_allclose(out.exit_pdf, expected["exit_pdf"], atol=TOL, rtol=0)
 
@@ -78,10 +78,10 @@ def test_training_loss_and_per_loop_cross_entropy(checkpoint):
     model = OuroModel(config)
     labels = tokens.copy()
     labels[:, :7] = -100  # ignored positions must not count
-    out = forward(model, params, jnp.asarray(tokens), exit_policy=ExitPolicy.weighted(), return_step_logits=True)
+    out = forward(model, params, jnp.asarray(tokens), exit_policy=ExitPolicy.weighted(), return_loop_logits=True)
     loss = mean_next_token_loss(out.logits, jnp.asarray(labels))
     np.testing.assert_allclose(loss, reference.loss(tokens, labels), atol=TOL, rtol=0)
-    per_loop = [next_token_cross_entropy(out.step_logits[t], jnp.asarray(tokens)) for t in range(config.num_loops)]
+    per_loop = [next_token_cross_entropy(out.loop_logits[t], jnp.asarray(tokens)) for t in range(config.num_loops)]
     np.testing.assert_allclose(np.stack(per_loop), reference.per_step_ce(tokens), atol=TOL, rtol=0)
 
 
@@ -98,19 +98,19 @@ def test_golden_upstream_outputs(golden):
     model = OuroModel(config, collect=("layer_output",))
     tokens = jnp.asarray(ref["input_ids"])
     out = model.apply(
-        {"params": params}, tokens, exit_policy=ExitPolicy.upstream_default(config), return_step_logits=True
+        {"params": params}, tokens, exit_policy=ExitPolicy.upstream_default(config), return_loop_logits=True
     )
     T, L = config.num_loops, config.num_layers
     np.testing.assert_allclose(
         out.intermediates["layer_output"].reshape(T * L, *tokens.shape, -1), ref["layer_outputs"], atol=TOL
     )
-    np.testing.assert_allclose(out.hidden_steps, ref["hidden_steps"], atol=TOL)
+    np.testing.assert_allclose(out.loop_hidden, ref["hidden_steps"], atol=TOL)
     np.testing.assert_allclose(out.gate_logits, ref["gate_logits"], atol=TOL)
     np.testing.assert_allclose(out.exit_pdf, ref["exit_pdf"], atol=TOL)
-    np.testing.assert_allclose(out.step_logits, ref["step_logits"], atol=TOL)
+    np.testing.assert_allclose(out.loop_logits, ref["step_logits"], atol=TOL)
     np.testing.assert_allclose(out.logits, ref["logits_default"], atol=TOL)
     for t in range(T):
-        logits, _ = _select(model, params, out, ExitPolicy.at_step(t))
+        logits, _ = _select(model, params, out, ExitPolicy.at_loop(t))
         np.testing.assert_allclose(logits, ref["logits_exit_at"][t], atol=TOL)
     for q, expected, expected_steps in zip(ref["thresholds"], ref["logits_thr"], ref["exit_steps_thr"]):
         logits, steps = _select(model, params, out, ExitPolicy.at_threshold(float(q)))
@@ -121,7 +121,7 @@ def test_golden_upstream_outputs(golden):
     last, _ = _select(model, params, out, ExitPolicy.last())
     np.testing.assert_allclose(last, ref["logits_last_nothr"], atol=TOL)
     np.testing.assert_allclose(mean_next_token_loss(weighted, tokens), ref["loss_hf"], atol=TOL)
-    per_loop = np.stack([next_token_cross_entropy(s, tokens) for s in out.step_logits])
+    per_loop = np.stack([next_token_cross_entropy(s, tokens) for s in out.loop_logits])
     np.testing.assert_allclose(per_loop, ref["per_step_ce"], atol=TOL)
 
 

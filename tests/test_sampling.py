@@ -17,7 +17,7 @@ from generation_fixtures import tiny_model
 from melt_jax.cache import init_cache
 from melt_jax.decoding import decode_step, forward
 from melt_jax.errors import GenerationError
-from melt_jax.evaluation import step_logits
+from melt_jax.evaluation import loop_logits
 from melt_jax.exit import ExitPolicy
 from melt_jax.generation import LENGTH, STOP_TOKEN, STOPPED, generate
 from melt_jax.sampling import SamplingConfig, TokenRule, next_tokens, top_k_filter, top_p_filter
@@ -26,7 +26,7 @@ PROMPTS = [[11, 200, 3, 45, 6, 78, 9], [250, 8], [100, 101, 102, 103, 104], list
 MAX_NEW = 12
 GREEDY = SamplingConfig(max_new_tokens=MAX_NEW)
 # Every prediction of a generated token: the argmax of the logits at the position before it.
-_teacher_forced = jax.jit(step_logits, static_argnames=("model", "chunk_size"))
+_teacher_forced = jax.jit(loop_logits, static_argnames=("model", "chunk_size"))
 
 
 def _padded(rows: list[list[int]]) -> jnp.ndarray:
@@ -93,7 +93,7 @@ def test_padded_batch_gives_each_prompt_what_it_gives_alone(kind):
 
 def test_ouro_exit_choice_at_generation_time():
     model, params = tiny_model("ouro")
-    at_first = _greedy("ouro", exit_policy=ExitPolicy.at_step(0))
+    at_first = _greedy("ouro", exit_policy=ExitPolicy.at_loop(0))
     sequences = _padded([p + t for p, t in zip(PROMPTS, at_first.tokens)])
     logits = _teacher_forced(model, params, sequences)[0]
     assert _argmax_continuations(logits, PROMPTS, at_first.tokens) == at_first.tokens
@@ -103,7 +103,7 @@ def test_ouro_exit_choice_at_generation_time():
     by_threshold = _greedy("ouro", exit_policy=policy)
     sequences = _padded([p + t for p, t in zip(PROMPTS, by_threshold.tokens)])
     out = forward(model, params, sequences, policy)
-    assert len(np.unique(np.asarray(out.exit_steps))) > 1  # tokens do exit at different loops
+    assert len(np.unique(np.asarray(out.exit_loops))) > 1  # tokens do exit at different loops
     assert _argmax_continuations(out.logits, PROMPTS, by_threshold.tokens) == by_threshold.tokens
 
 
@@ -177,7 +177,7 @@ def test_bad_input_is_refused_before_compiling():
         ((ouro, ouro_params, [[1] * (limit - 4)]), {}, "max_position_embeddings"),
         ((ouro, melt_params, [[1, 2]]), {}, "params are a MELT checkpoint"),
         ((melt, ouro_params, [[1, 2]]), {}, "params are an Ouro checkpoint"),
-        ((ouro, ouro_params, [[1, 2]]), {"exit_policy": ExitPolicy.at_step(5)}, "exit step 5 is out of range"),
+        ((ouro, ouro_params, [[1, 2]]), {"exit_policy": ExitPolicy.at_loop(5)}, "exit loop 5 is out of range"),
         ((melt, melt_params, [[1, 2]]), {"chunk_size": 0}, "chunk_size must be a positive integer"),
         ((ouro, ouro_params, [[1, 2]]), {"sampling": SamplingConfig(stop_token_ids=(vocab,))}, "stop token ids"),
     ]

@@ -23,7 +23,7 @@ from torch_reference import (
     exit_pdf_from_gate_logits,
     random_ouro,
     rope_cos_sin,
-    threshold_exit_steps,
+    threshold_exit_loops,
 )
 
 GOLDEN = Path(__file__).resolve().parent / "data" / "ouro-tiny"
@@ -227,11 +227,11 @@ def test_exit_rule_small_cases():
     g = torch.tensor([[0.0], [0.0], [0.0], [5.0]])  # [T=4, 1]
     pdf = exit_pdf_from_gate_logits(g)  # [1, 4]
     torch.testing.assert_close(pdf, torch.tensor([[0.5, 0.25, 0.125, 0.125]]))
-    assert threshold_exit_steps(pdf, 0.5).item() == 0
-    assert threshold_exit_steps(pdf, 0.6).item() == 1
-    assert threshold_exit_steps(pdf, 0.875).item() == 2
-    assert threshold_exit_steps(pdf, 1.0).item() == 3
-    assert threshold_exit_steps(pdf, 2.0).item() == 3  # never reached -> last loop
+    assert threshold_exit_loops(pdf, 0.5).item() == 0
+    assert threshold_exit_loops(pdf, 0.6).item() == 1
+    assert threshold_exit_loops(pdf, 0.875).item() == 2
+    assert threshold_exit_loops(pdf, 1.0).item() == 3
+    assert threshold_exit_loops(pdf, 2.0).item() == 3  # never reached -> last loop
 
 
 def test_tied_embeddings_and_bf16_runs():

@@ -127,8 +127,8 @@ def test_looplm_loss_is_expected_ce_minus_entropy(teacher_dir):
     tokens = jax.random.randint(jax.random.key(1), (2, SEQ), 0, config.vocab_size)
     mask = jnp.ones((2, SEQ), jnp.float32).at[:, :5].set(0.0)
     loss, metrics = looplm_loss(model, params, {"tokens": tokens, "loss_mask": mask}, beta=0.1)
-    out = model.apply({"params": params}, tokens, exit_policy=None, return_step_logits=True)
-    log_probs = jax.nn.log_softmax(out.step_logits[:, :, :-1], axis=-1)  # [T, B, S-1, V]
+    out = model.apply({"params": params}, tokens, exit_policy=None, return_loop_logits=True)
+    log_probs = jax.nn.log_softmax(out.loop_logits[:, :, :-1], axis=-1)  # [T, B, S-1, V]
     ce = -np.take_along_axis(np.asarray(log_probs), np.asarray(tokens)[None, :, 1:, None], axis=-1)[..., 0]
     p = np.moveaxis(np.asarray(out.exit_pdf[:, :-1]), -1, 0)  # [T, B, S-1]
     per_token = (p * ce).sum(0) + 0.1 * (p * np.log(p)).sum(0)
@@ -144,8 +144,8 @@ def test_exit_gate_stage_trains_only_the_exit_gate(teacher_dir):
     tokens = jax.random.randint(jax.random.key(2), (2, SEQ), 0, config.vocab_size)
     batch = {"tokens": tokens, "loss_mask": jnp.ones((2, SEQ), jnp.float32)}
     (loss, _), grads = jax.value_and_grad(lambda p: exit_gate_loss(model, p, batch), has_aux=True)(params)
-    out = model.apply({"params": params}, tokens, exit_policy=None, return_step_logits=True)
-    log_probs = np.asarray(jax.nn.log_softmax(out.step_logits[:, :, :-1], axis=-1), np.float64)
+    out = model.apply({"params": params}, tokens, exit_policy=None, return_loop_logits=True)
+    log_probs = np.asarray(jax.nn.log_softmax(out.loop_logits[:, :, :-1], axis=-1), np.float64)
     ce = -np.take_along_axis(log_probs, np.asarray(tokens)[None, :, 1:, None], axis=-1)[..., 0]  # [T, B, S-1]
     target = 1 / (1 + np.exp(-50 * (np.maximum(0, ce[:-1] - ce[1:]) - 0.005)))
     lam = 1 / (1 + np.exp(-np.asarray(out.gate_logits[1:, :, :-1], np.float64)))
@@ -295,7 +295,7 @@ def test_activation_constraints_under_a_mesh():
     # device, with the hidden states split over the batch axes.
     params = init_params(OuroModel(MODEL), jax.random.key(0))
     tokens = jax.random.randint(jax.random.key(1), (8, 16), 0, MODEL.vocab_size)
-    forward = jax.jit(lambda p, t: OuroModel(MODEL).apply({"params": p}, t, exit_policy=None).hidden_steps)
+    forward = jax.jit(lambda p, t: OuroModel(MODEL).apply({"params": p}, t, exit_policy=None).loop_hidden)
     expected = forward(params, tokens)
     sharded_tokens = jax.device_put(tokens, batch_sharding(mesh))
     sharded_params = jax.device_put(params, param_shardings(params, mesh))

@@ -18,7 +18,7 @@ anything that depends on rounding (the exit cumsum), so the round trip is lossle
 
 Public API: :class:`OuroReference` (``forward``, ``select_logits``, ``loss``, ``per_step_ce``,
 ``decode``, ``from_pretrained``), plus :func:`random_ouro` to build small random checkpoints and
-:func:`exit_pdf_from_gate_logits` / :func:`threshold_exit_steps` for the exit rule alone.
+:func:`exit_pdf_from_gate_logits` / :func:`threshold_exit_loops` for the exit rule alone.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ __all__ = [
     "OuroReference",
     "random_ouro",
     "exit_pdf_from_gate_logits",
-    "threshold_exit_steps",
+    "threshold_exit_loops",
     "rope_cos_sin",
     "apply_rope",
 ]
@@ -142,7 +142,7 @@ def exit_cumsum(pdf: torch.Tensor, how: str = "torch") -> torch.Tensor:
     return torch.stack(out, dim=-1)
 
 
-def threshold_exit_steps(pdf: torch.Tensor, threshold: float, cumsum: str = "torch") -> torch.Tensor:
+def threshold_exit_loops(pdf: torch.Tensor, threshold: float, cumsum: str = "torch") -> torch.Tensor:
     """Per token the first t with cumsum(p)_t >= threshold (compared in the model dtype), else T-1.
     pdf: [..., T] -> int64 [...]."""
     T = pdf.shape[-1]
@@ -375,7 +375,7 @@ class OuroReference:
         if mode == "threshold":
             if threshold is None:
                 threshold = self.early_exit_threshold if self.early_exit_threshold is not None else 1.0
-            steps = threshold_exit_steps(pdf, threshold, cumsum)  # [B, S]
+            steps = threshold_exit_loops(pdf, threshold, cumsum)  # [B, S]
             idx = steps[None, :, :, None].expand(1, B, S, step_logits.shape[-1])
             return torch.gather(step_logits, 0, idx)[0], steps
         if mode == "weighted":

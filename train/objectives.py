@@ -51,14 +51,14 @@ def kl_divergence(teacher_logits: Array, student_logits: Array) -> Array:
     return jnp.sum(jnp.exp(teacher_log_probs) * (teacher_log_probs - student_log_probs), axis=-1)
 
 
-def loop_cross_entropies(model: OuroModel, params, hidden_steps: Array, tokens: Array) -> Array:
-    """Next-token loss of every loop: hidden_steps [T, B, S, H] -> float32 [T, B, S-1]."""
+def loop_cross_entropies(model: OuroModel, params, loop_hidden: Array, tokens: Array) -> Array:
+    """Next-token loss of every loop: loop_hidden [T, B, S, H] -> float32 [T, B, S-1]."""
 
     def one_loop(hidden):  # [B, S, H]
         logits = model.apply({"params": params}, hidden[:, :-1], method=OuroModel.logits)
         return -target_log_probs(logits, tokens[:, 1:])
 
-    return map_loops(one_loop, hidden_steps)
+    return map_loops(one_loop, loop_hidden)
 
 
 def exit_entropy(exit_pdf: Array) -> Array:
@@ -84,7 +84,7 @@ def looplm_loss(model: OuroModel, params, batch: Batch, beta: float) -> tuple[Ar
     """Stage I: per token sum_t p_t * CE_t - beta * H(p), averaged over the weighted predictions."""
     tokens = batch["tokens"]
     out = model.apply({"params": params}, tokens, exit_policy=None)
-    ce = loop_cross_entropies(model, params, out.hidden_steps, tokens)  # [T, B, S-1]
+    ce = loop_cross_entropies(model, params, out.loop_hidden, tokens)  # [T, B, S-1]
     exit_pdf = out.exit_pdf[:, :-1].astype(jnp.float32)  # [B, S-1, T]
     expected_ce = jnp.einsum("BST,TBS->BS", exit_pdf, ce)
     entropy = exit_entropy(exit_pdf)  # [B, S-1]
@@ -111,7 +111,7 @@ def exit_gate_loss(model: OuroModel, params, batch: Batch) -> tuple[Array, dict]
     params = train_only(params, EXIT_GATE)
     tokens = batch["tokens"]
     out = model.apply({"params": params}, tokens, exit_policy=None)
-    ce = jax.lax.stop_gradient(loop_cross_entropies(model, frozen, out.hidden_steps, tokens))  # [T, B, S-1]
+    ce = jax.lax.stop_gradient(loop_cross_entropies(model, frozen, out.loop_hidden, tokens))  # [T, B, S-1]
     improvement = jnp.maximum(0.0, ce[:-1] - ce[1:])  # [T-1, B, S-1]: loops 2..T
     target = jax.nn.sigmoid(50.0 * (improvement - 0.005))  # w_t: probability of continuing
     gate_logits = out.gate_logits[1:, :, :-1].astype(jnp.float32)  # [T-1, B, S-1]
@@ -174,7 +174,7 @@ def phase1_loss(distillation: Distillation, params, teacher_params, batch: Batch
     tokens = batch["tokens"]
     student = distillation.student_forward(params, tokens, alpha)
     teacher = distillation.teacher_forward(teacher_params, tokens)
-    kl = distillation.loop_kl(params, teacher_params, student.hidden_steps, teacher.hidden_steps)
+    kl = distillation.loop_kl(params, teacher_params, student.loop_hidden, teacher.loop_hidden)
     loop_kd = weighted_mean(kl, token_weights(batch))  # [T]
     loss = jnp.mean(loop_kd)
     return loss, {"loss": loss, "kd": loss, "loop_kd": loop_kd, "alpha": jnp.asarray(alpha, jnp.float32)}
@@ -188,7 +188,7 @@ def phase2_loss(distillation: Distillation, params, teacher_params, batch: Batch
     collect = ("attention_output",)
     student = distillation.student_forward(params, tokens, None, collect)
     teacher = distillation.teacher_forward(teacher_params, tokens, collect)
-    kl = distillation.loop_kl(params, teacher_params, student.hidden_steps, teacher.hidden_steps)
+    kl = distillation.loop_kl(params, teacher_params, student.loop_hidden, teacher.loop_hidden)
     loop_kd = weighted_mean(kl, token_weights(batch))  # [T]
     kd = jnp.mean(loop_kd)
     difference = student.intermediates["attention_output"].astype(jnp.float32) - jax.lax.stop_gradient(

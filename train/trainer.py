@@ -121,12 +121,12 @@ def run_stage(cfg: TrainConfig, *, stop_after: int | None = None, log: Callable[
 
         progress = tqdm(total=cfg.steps, initial=step, desc=cfg.stage, unit="step", dynamic_ncols=True)
 
-    def check_finite(metrics, at_step):
+    def check_finite(metrics, at_loop):
         loss = float(metrics["loss"])
         if not math.isfinite(loss):
             where = f"step {last_saved}" if last_saved is not None else "none yet"
             raise TrainingError(
-                f"[{cfg.stage}] loss is {loss} at step {at_step}: stopping. "
+                f"[{cfg.stage}] loss is {loss} at step {at_loop}: stopping. "
                 f"Last good checkpoint: {where} in {checkpoints.directory}"
             )
         return loss
