@@ -3,8 +3,8 @@
 Ouro scans over its layers (stacked parameters) and over its loops, so the compiled program should
 not grow with L or T. This script measures, on abstract inputs (nothing is allocated or run):
 
-  forward      melt_jax.decoding.forward on tokens [1, 128] (exit policy: last loop)
-  decode step  melt_jax.decoding.decode_step on token [1] with a cache of 256 positions
+  forward      melt_jax.inference.decoding.forward on tokens [1, 128] (exit policy: last loop)
+  decode step  melt_jax.inference.decoding.decode_step on token [1] with a cache of 256 positions
 
 for T = 1, 2, 4, 8 at L = 4 and for L = 1, 4, 16 at T = 4 (H=256, 4 heads of 64, I=688, V=1024,
 float32). Each measurement is fresh: jax.clear_caches(), a new jax.jit of the function, then the
@@ -32,12 +32,12 @@ import jax
 import jax.numpy as jnp
 from machine_load import busy_report, cpu_times, machine_line  # noqa: E402
 
-from melt_jax.cache import init_cache
-from melt_jax.config import OuroConfig
-from melt_jax.decoding import decode_step, forward
-from melt_jax.exit import ExitPolicy
-from melt_jax.ouro import OuroModel
-from melt_jax.params import abstract_params
+from melt_jax.inference.decoding import decode_step, forward
+from melt_jax.model.cache import init_cache
+from melt_jax.model.config import OuroConfig
+from melt_jax.model.exit import ExitPolicy
+from melt_jax.model.ouro import OuroModel
+from melt_jax.model.params import abstract_params
 
 BASE = dict(
     vocab_size=1024,

@@ -50,12 +50,12 @@ from ouro_speed import HF_CONFIG  # noqa: E402  (the same model as the Ouro spee
 from torch_melt_reference import MeltReference, gate_names, random_melt_gates  # noqa: E402
 from torch_reference import OuroReference  # noqa: E402
 
-from melt_jax.config import MeltConfig, OuroConfig  # noqa: E402
 from melt_jax.convert import load_hf_checkpoint  # noqa: E402
-from melt_jax.generation import generate  # noqa: E402
-from melt_jax.melt import MeltModel  # noqa: E402
-from melt_jax.ouro import OuroModel  # noqa: E402
-from melt_jax.sampling import SamplingConfig  # noqa: E402
+from melt_jax.inference.generation import generate  # noqa: E402
+from melt_jax.inference.sampling import SamplingConfig  # noqa: E402
+from melt_jax.model.config import MeltConfig, OuroConfig  # noqa: E402
+from melt_jax.model.melt import MeltModel  # noqa: E402
+from melt_jax.model.ouro import OuroModel  # noqa: E402
 
 N_PROMPT = 32
 N_NEW = 128

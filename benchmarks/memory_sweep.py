@@ -21,11 +21,11 @@ import time
 import jax
 import jax.numpy as jnp
 
-from melt_jax.config import MeltConfig, OuroConfig
-from melt_jax.decoding import decode_step
-from melt_jax.melt import MeltModel
-from melt_jax.ouro import OuroModel
-from melt_jax.params import abstract_params
+from melt_jax.inference.decoding import decode_step
+from melt_jax.model.config import MeltConfig, OuroConfig
+from melt_jax.model.melt import MeltModel
+from melt_jax.model.ouro import OuroModel
+from melt_jax.model.params import abstract_params
 
 GB = 1e9
 LENGTHS = [1000, 2000, 4000, 8000, 16000, 32000]

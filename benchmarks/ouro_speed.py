@@ -50,11 +50,11 @@ from hf_fixtures import random_ouro_state_dict, tiny_hf_config, write_hf_checkpo
 from machine_load import busy_report, cpu_times, machine_line, usable_cores  # noqa: E402
 from torch_reference import OuroReference  # noqa: E402
 
-from melt_jax.cache import init_cache  # noqa: E402
 from melt_jax.convert import load_hf_checkpoint  # noqa: E402
-from melt_jax.decoding import decode_step, forward, prefill  # noqa: E402
-from melt_jax.exit import ExitPolicy  # noqa: E402
-from melt_jax.ouro import OuroModel  # noqa: E402
+from melt_jax.inference.decoding import decode_step, forward, prefill  # noqa: E402
+from melt_jax.model.cache import init_cache  # noqa: E402
+from melt_jax.model.exit import ExitPolicy  # noqa: E402
+from melt_jax.model.ouro import OuroModel  # noqa: E402
 
 HF_CONFIG = tiny_hf_config(
     vocab_size=1024,

@@ -1,7 +1,7 @@
 """Weight conversion between Hugging Face Ouro checkpoints and melt_jax params.
 
 Installed as `melt_jax.convert` (the folder convert/ of the checkout). The name mapping comes from one
-table, the parameter table of melt_jax/param_table.py, applied by convert/mapping.py in both directions.
+table, the parameter table of melt_jax/model/param_table.py, applied by convert/mapping.py in both directions.
 
     load_hf_checkpoint(path, dtype="float32") -> (OuroConfig, params)     HF folder -> params
     save_hf_checkpoint(config, params, path, dtype=None, max_shard_bytes=5e9)  params -> HF folder

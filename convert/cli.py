@@ -130,7 +130,7 @@ def run_export(args: argparse.Namespace) -> str:
 
 
 def run_to_melt(args: argparse.Namespace) -> str:
-    from melt_jax.ouro_to_melt import melt_from_ouro
+    from melt_jax.model.ouro_to_melt import melt_from_ouro
 
     start = time.perf_counter()
     check_destination(args.out_dir, args.overwrite)

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from melt_jax import dtypes
 from melt_jax.checkpoint import atomic_directory, check_destination, numpy_dtype
-from melt_jax.config import OuroConfig
+from melt_jax.model.config import OuroConfig
 
 from .errors import ConversionError
 from .hf_import import CONFIG_FILE, SAFETENSORS_FILE, SAFETENSORS_INDEX

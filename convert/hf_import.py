@@ -27,8 +27,8 @@ from tqdm import tqdm
 
 from melt_jax import dtypes
 from melt_jax.checkpoint import numpy_dtype
-from melt_jax.config import OuroConfig
-from melt_jax.registry import config_from_json_file
+from melt_jax.model.config import OuroConfig
+from melt_jax.model.registry import config_from_json_file
 
 from .errors import ConversionError
 from .mapping import hf_tensor_plan, is_ignored_hf_tensor, rules_for, unflatten_params
@@ -208,7 +208,7 @@ def load_hf_checkpoint(
     """Reads the HF Ouro checkpoint folder `path`: (config, params as a nested dict of numpy arrays).
 
     The params are in `dtype` ('float32', 'bfloat16' or 'float16'), laid out as in
-    melt_jax/param_table.py; the config gets `param_dtype = dtype = dtype`. Raises ConfigError for a
+    melt_jax/model/param_table.py; the config gets `param_dtype = dtype = dtype`. Raises ConfigError for a
     bad config.json and ConversionError for bad weights, both naming the file, field or tensor.
     """
     path = Path(path)

@@ -1,6 +1,6 @@
 """How Hugging Face Ouro and MELT tensors map to melt_jax params, used by import and export.
 
-The rows come from the parameter table (melt_jax/param_table.py): each param's row names the Hugging
+The rows come from the parameter table (melt_jax/model/param_table.py): each param's row names the Hugging
 Face tensor it is stored as, both shapes in symbolic dimensions, and whether the HF tensor is
 transposed. A `TensorRule` applies one row, in either direction:
 
@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from melt_jax.param_table import LAYER, PARAMS, ParamSpec, eval_shape, model_dims, param_shapes
+from melt_jax.model.param_table import LAYER, PARAMS, ParamSpec, eval_shape, model_dims, param_shapes
 
 __all__ = [
     "LAYER",

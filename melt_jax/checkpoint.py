@@ -28,15 +28,15 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from melt_jax import dtypes
-from melt_jax.config import OuroConfig
 from melt_jax.errors import CheckpointError, ConfigError
-from melt_jax.registry import config_from_json_file
+from melt_jax.model.config import OuroConfig
+from melt_jax.model.registry import config_from_json_file
 from melt_jax.sharding import param_sharding
 
 CONFIG_FILE = "config.json"
 RUNTIME_FILE = "melt_jax.json"
 PARAMS_DIR = "params"
-_FORMAT = "melt_jax.params"
+_FORMAT = "melt_jax.model.params"
 _FORMAT_VERSION = 1
 
 

@@ -1,7 +1,7 @@
 """Device meshes and the sharding of params and batches over them.
 
 A mesh has the axes ("data", "fsdp", "tensor"). Every parameter gets logical axis names from its row
-of the parameter table (melt_jax/param_table.py; `param_logical_axes`), and `LOGICAL_RULES` maps
+of the parameter table (melt_jax/model/param_table.py; `param_logical_axes`), and `LOGICAL_RULES` maps
 logical names to mesh axes: the embedding dimension is sharded over "fsdp" (ZeRO-3 style: each device
 holds a slice of every weight, gathered for the matmuls), heads / kv heads / MLP width / vocabulary
 over "tensor", the batch over ("data", "fsdp").
@@ -27,7 +27,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from melt_jax.errors import ShardingError
-from melt_jax.param_table import find_param
+from melt_jax.model.param_table import find_param
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -100,11 +100,13 @@ def make_mesh(config: MeshConfig = MeshConfig(), devices: Sequence[jax.Device] |
 
 
 def logical_axes_of(path: tuple[str, ...], ndim: int) -> tuple[str | None, ...]:
-    """Logical axis names of the param at `path` (its row of melt_jax.param_table); ShardingError when
+    """Logical axis names of the param at `path` (its row of melt_jax.model.param_table); ShardingError when
     the table has no row for it or the row names another number of axes."""
     spec = find_param(path)
     if spec is None:
-        raise ShardingError(f"no sharding rule for param {'/'.join(path)} (it has no row in melt_jax/param_table.py)")
+        raise ShardingError(
+            f"no sharding rule for param {'/'.join(path)} (it has no row in melt_jax/model/param_table.py)"
+        )
     if len(spec.axes) != ndim:
         raise ShardingError(f"param {'/'.join(path)} has {ndim} axes, its sharding rule names {len(spec.axes)}")
     return spec.axes

@@ -11,11 +11,11 @@ import pytest
 from generation_fixtures import tiny_model
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from melt_jax import cli_eval, cli_generate
 from melt_jax.checkpoint import save_params
-from melt_jax.generation import generate
-from melt_jax.sampling import SamplingConfig
-from melt_jax.tokenizer import ByteTokenizer, load_tokenizer
+from melt_jax.data.tokenizer import ByteTokenizer, load_tokenizer
+from melt_jax.inference import cli_eval, cli_generate
+from melt_jax.inference.generation import generate
+from melt_jax.inference.sampling import SamplingConfig
 
 TOKENIZER = ByteTokenizer()
 PROMPTS = ["k=3,q=k+4;q?", "hello", "abc", "x=1;x?"]
@@ -122,7 +122,7 @@ def test_console_script_reports_without_a_traceback(tmp_path):
         [
             sys.executable,
             "-m",
-            "melt_jax.cli_generate",
+            "melt_jax.inference.cli_generate",
             "--checkpoint",
             str(tmp_path),
             "--tokenizer",

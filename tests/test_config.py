@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from melt_jax.config import ConfigError, OuroConfig
+from melt_jax.model.config import ConfigError, OuroConfig
 
 
 def _hf(**overrides):

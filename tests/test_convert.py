@@ -24,10 +24,10 @@ from safetensors.numpy import load_file
 
 from melt_jax import checkpoint
 from melt_jax.checkpoint import CheckpointError, load_params, save_params
-from melt_jax.config import ConfigError, OuroConfig
 from melt_jax.convert import ConversionError, hf_export, load_hf_checkpoint, save_hf_checkpoint
 from melt_jax.convert.cli import main, parse_size
 from melt_jax.convert.mapping import OURO_RULES, flatten_params, hf_tensor_plan, param_shapes, unflatten_params
+from melt_jax.model.config import ConfigError, OuroConfig
 
 GOLDEN_DIR = Path(__file__).parent / "data" / "ouro-tiny"
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -109,7 +109,7 @@ def test_table_parameter_counts_of_real_models(preset, count):
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_table_matches_the_model_params(tied):
-    params_module = pytest.importorskip("melt_jax.params")
+    params_module = pytest.importorskip("melt_jax.model.params")
     config = OuroConfig.from_hf_config(tiny_hf_config(tie_word_embeddings=tied))
     abstract = params_module.abstract_params(params_module.OuroModel(config))
     assert {k: tuple(v.shape) for k, v in flatten_params(abstract).items()} == param_shapes(config)

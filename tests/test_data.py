@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import tokenizers
 
-from melt_jax import data as data_lib
-from melt_jax import evaluation, synthetic
-from melt_jax.data import BatchIterator, DataError
-from melt_jax.packing import PackedData, pack_documents
-from melt_jax.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
+from melt_jax.data import pipeline as data_lib
+from melt_jax.data import synthetic
+from melt_jax.data.packing import PackedData, pack_documents
+from melt_jax.data.pipeline import BatchIterator, DataError
+from melt_jax.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
+from melt_jax.inference import evaluation
 
 # --------------------------------------------------------------------------------------------------
 # Tokenizers

@@ -1,4 +1,4 @@
-"""The lm-evaluation-harness adapter (melt_jax/lm_eval_adapter.py): its log-likelihoods against a direct
+"""The lm-evaluation-harness adapter (melt_jax/inference/lm_eval_adapter.py): its log-likelihoods against a direct
 forward, generate_until against the sampler, and tasks defined in local YAML files run end to end
 through `lm_eval.simple_evaluate`, offline."""
 
@@ -12,14 +12,14 @@ import pytest
 from generation_fixtures import tiny_model
 from lm_eval.api.instance import Instance
 
-from melt_jax.cache import init_cache
 from melt_jax.checkpoint import save_params
-from melt_jax.decoding import forward, prefill
+from melt_jax.data.tokenizer import ByteTokenizer
 from melt_jax.errors import GenerationError
-from melt_jax.generation import generate
-from melt_jax.lm_eval_adapter import MeltJaxLM
-from melt_jax.sampling import SamplingConfig
-from melt_jax.tokenizer import ByteTokenizer
+from melt_jax.inference.decoding import forward, prefill
+from melt_jax.inference.generation import generate
+from melt_jax.inference.lm_eval_adapter import MeltJaxLM
+from melt_jax.inference.sampling import SamplingConfig
+from melt_jax.model.cache import init_cache
 
 BATCH = 4
 TOKENIZER = ByteTokenizer()

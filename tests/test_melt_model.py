@@ -10,13 +10,13 @@ from hf_fixtures import random_ouro_state_dict, tiny_hf_config, write_hf_checkpo
 from tiny_models import DEFAULT, DIAGONAL, Structure
 from torch_melt_reference import ouro_last_loop_sharing_decode
 
-from melt_jax.cache import init_cache
-from melt_jax.config import MeltConfig, OuroConfig
 from melt_jax.convert import load_hf_checkpoint
-from melt_jax.decoding import decode_step, prefill
-from melt_jax.losses import mean_next_token_loss
-from melt_jax.melt import MeltModel
-from melt_jax.params import abstract_params, count_params
+from melt_jax.inference.decoding import decode_step, prefill
+from melt_jax.model.cache import init_cache
+from melt_jax.model.config import MeltConfig, OuroConfig
+from melt_jax.model.losses import mean_next_token_loss
+from melt_jax.model.melt import MeltModel
+from melt_jax.model.params import abstract_params, count_params
 
 TOL = 1e-4  # JAX in fp32 against the reference in float64; logits are of magnitude ~10
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

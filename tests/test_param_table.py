@@ -1,4 +1,4 @@
-"""The parameter table (melt_jax/param_table.py) against the flax models, and what is derived from it:
+"""The parameter table (melt_jax/model/param_table.py) against the flax models, and what is derived from it:
 sharding axes, optimizer groups and weight decay, MELT's new gates, the check of a checkpoint's model
 type."""
 
@@ -8,15 +8,15 @@ import jax
 import numpy as np
 import pytest
 
-from melt_jax import param_table
-from melt_jax.config import MeltConfig, OuroConfig
 from melt_jax.convert.mapping import flatten_params
 from melt_jax.errors import ShardingError
-from melt_jax.melt import MeltModel
-from melt_jax.ouro import OuroModel
-from melt_jax.ouro_to_melt import melt_from_ouro
-from melt_jax.param_table import PARAMS, ParamSpec, model_type_of_params, param_shapes
-from melt_jax.params import abstract_params, init_params
+from melt_jax.model import param_table
+from melt_jax.model.config import MeltConfig, OuroConfig
+from melt_jax.model.melt import MeltModel
+from melt_jax.model.ouro import OuroModel
+from melt_jax.model.ouro_to_melt import melt_from_ouro
+from melt_jax.model.param_table import PARAMS, ParamSpec, model_type_of_params, param_shapes
+from melt_jax.model.params import abstract_params, init_params
 from melt_jax.sharding import LOGICAL_RULES, logical_axes_of
 from melt_jax.train.optimizer import _decay_mask, param_groups
 

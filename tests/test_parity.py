@@ -12,10 +12,10 @@ from tiny_models import DIAGONAL
 from torch_reference import OuroReference
 
 from melt_jax.convert import load_hf_checkpoint
-from melt_jax.decoding import forward
-from melt_jax.exit import ExitPolicy, select_hidden
-from melt_jax.losses import mean_next_token_loss, next_token_cross_entropy
-from melt_jax.ouro import OuroModel
+from melt_jax.inference.decoding import forward
+from melt_jax.model.exit import ExitPolicy, select_hidden
+from melt_jax.model.losses import mean_next_token_loss, next_token_cross_entropy
+from melt_jax.model.ouro import OuroModel
 
 GOLDEN = Path(__file__).parent / "data" / "ouro-tiny"
 TOL = 1e-4  # fp32 on both sides; observed differences are ~1e-6 of logits of magnitude ~10.
@@ -126,8 +126,8 @@ def test_golden_upstream_outputs(golden):
 
 
 def test_golden_cached_decode(golden):
-    from melt_jax.cache import init_cache
-    from melt_jax.decoding import decode_step, prefill
+    from melt_jax.inference.decoding import decode_step, prefill
+    from melt_jax.model.cache import init_cache
 
     config, params, ref = golden
     model = OuroModel(config)

@@ -1,5 +1,5 @@
-"""Generation (melt_jax/generation.py, sampling.py) against teacher-forced forwards and token-by-token decoding, on
-the tiny random Ouro and MELT models of generation_fixtures.py.
+"""Generation (melt_jax/inference/generation.py, sampling.py) against teacher-forced forwards and
+token-by-token decoding, on the tiny random Ouro and MELT models of generation_fixtures.py.
 
 Prompt lengths 7, 2, 5 and 13 cross MELT's chunk boundaries (chunk size 4) and all fall in the
 16-token bucket, so every batch-of-4 call shares one compiled program per setting, and every
@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 from generation_fixtures import tiny_model
 
-from melt_jax.cache import init_cache
-from melt_jax.decoding import decode_step, forward
 from melt_jax.errors import GenerationError
-from melt_jax.evaluation import loop_logits
-from melt_jax.exit import ExitPolicy
-from melt_jax.generation import LENGTH, STOP_TOKEN, STOPPED, generate
-from melt_jax.sampling import SamplingConfig, TokenRule, next_tokens, top_k_filter, top_p_filter
+from melt_jax.inference.decoding import decode_step, forward
+from melt_jax.inference.evaluation import loop_logits
+from melt_jax.inference.generation import LENGTH, STOP_TOKEN, STOPPED, generate
+from melt_jax.inference.sampling import SamplingConfig, TokenRule, next_tokens, top_k_filter, top_p_filter
+from melt_jax.model.cache import init_cache
+from melt_jax.model.exit import ExitPolicy
 
 PROMPTS = [[11, 200, 3, 45, 6, 78, 9], [250, 8], [100, 101, 102, 103, 104], list(range(30, 43))]
 MAX_NEW = 12

@@ -17,12 +17,12 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from melt_jax.checkpoint import load_params, save_params
-from melt_jax.config import OuroConfig
 from melt_jax.errors import TrainingError
-from melt_jax.melt import MeltModel
-from melt_jax.ouro import OuroModel
-from melt_jax.ouro_to_melt import melt_from_ouro
-from melt_jax.params import init_params
+from melt_jax.model.config import OuroConfig
+from melt_jax.model.melt import MeltModel
+from melt_jax.model.ouro import OuroModel
+from melt_jax.model.ouro_to_melt import melt_from_ouro
+from melt_jax.model.params import init_params
 from melt_jax.sharding import MeshConfig, ShardingError, batch_sharding, constrain, make_mesh, param_shardings
 from melt_jax.train import metrics
 from melt_jax.train.checkpointing import RunCheckpoints

@@ -130,7 +130,7 @@ def with_gates(params: dict, hf_config: dict, gates: dict[str, np.ndarray]) -> d
 
 
 def build_melt(ouro: TinyOuro) -> TinyMelt:
-    from melt_jax.config import MeltConfig
+    from melt_jax.model.config import MeltConfig
 
     config = MeltConfig.from_ouro(ouro.config, chunk_size=8)
     return TinyMelt(ouro, config, with_gates(ouro.params, ouro.hf_config, ouro.checkpoint.gates))

@@ -16,10 +16,10 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from melt_jax.chunking import check_chunk_size, num_chunks
+from melt_jax.data.synthetic import SyntheticTaskConfig
 from melt_jax.errors import ConfigError, DataError, MeltJaxError
+from melt_jax.model.chunking import check_chunk_size, num_chunks
 from melt_jax.sharding import MeshConfig
-from melt_jax.synthetic import SyntheticTaskConfig
 from melt_jax.train.optimizer import OptimizerConfig
 
 STAGES = ("looplm", "exit_gate", "melt_phase1", "melt_phase2")
@@ -41,7 +41,7 @@ class DataConfig:
     seq_len: int = 64
     num_examples: int = 20_000  # synthetic corpus size
     eval_examples: int = 256  # held-out synthetic examples for the accuracy metric
-    # The synthetic task (melt_jax.synthetic.SyntheticTaskConfig; the defaults are its defaults):
+    # The synthetic task (melt_jax.data.synthetic.SyntheticTaskConfig; the defaults are its defaults):
     form: str = SyntheticTaskConfig.form  # "expression" ("3*4=") or "assignments" ("k=3,q=k+4;q?")
     min_hops: int = SyntheticTaskConfig.min_hops  # fewest operations per example
     max_hops: int = SyntheticTaskConfig.max_hops  # most operations per example

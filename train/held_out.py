@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from melt_jax import evaluation
-from melt_jax.exit import ExitPolicy
+from melt_jax.inference import evaluation
+from melt_jax.model.exit import ExitPolicy
 from melt_jax.sharding import (
     global_batch_array,
 )

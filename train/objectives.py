@@ -18,11 +18,11 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from melt_jax.losses import target_log_probs
-from melt_jax.melt import MeltModel
-from melt_jax.melt_training import sequential_forward, two_pass_forward
-from melt_jax.ouro import OuroModel
-from melt_jax.param_table import EXIT_GATE, param_spec, path_of
+from melt_jax.model.losses import target_log_probs
+from melt_jax.model.melt import MeltModel
+from melt_jax.model.melt_training import sequential_forward, two_pass_forward
+from melt_jax.model.ouro import OuroModel
+from melt_jax.model.param_table import EXIT_GATE, param_spec, path_of
 
 Array = jax.Array
 Batch = dict[str, Array]

@@ -8,7 +8,7 @@ import dataclasses
 import jax
 import optax
 
-from melt_jax.param_table import EXIT_GATE, KV_GATE, param_spec, path_of
+from melt_jax.model.param_table import EXIT_GATE, KV_GATE, param_spec, path_of
 
 TRAINABLE = ("all", "exit_gate")
 

@@ -8,10 +8,10 @@ import hashlib
 
 import numpy as np
 
-from melt_jax.data import build_train_data, tokenize_dataset
-from melt_jax.packing import PackedData, pack_documents
-from melt_jax.synthetic import answer_batch, pack_answer_examples, synthetic_reasoning_dataset
-from melt_jax.tokenizer import Tokenizer, load_tokenizer
+from melt_jax.data.packing import PackedData, pack_documents
+from melt_jax.data.pipeline import build_train_data, tokenize_dataset
+from melt_jax.data.synthetic import answer_batch, pack_answer_examples, synthetic_reasoning_dataset
+from melt_jax.data.tokenizer import Tokenizer, load_tokenizer
 from melt_jax.train.config import TrainConfig
 
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from melt_jax.params import abstract_params
+from melt_jax.model.params import abstract_params
 from melt_jax.sharding import (
     batch_sharding,
     param_shardings,

@@ -10,11 +10,11 @@ from pathlib import Path
 import jax
 
 from melt_jax.checkpoint import load_config, load_params
-from melt_jax.config import OuroConfig
 from melt_jax.errors import ConfigError, TrainingError
-from melt_jax.ouro import OuroModel
-from melt_jax.ouro_to_melt import melt_from_ouro
-from melt_jax.registry import config_from_json_file, model_for, require_model_type
+from melt_jax.model.config import OuroConfig
+from melt_jax.model.ouro import OuroModel
+from melt_jax.model.ouro_to_melt import melt_from_ouro
+from melt_jax.model.registry import config_from_json_file, model_for, require_model_type
 from melt_jax.train.config import TrainConfig
 from melt_jax.train.objectives import (
     Distillation,

@@ -21,9 +21,9 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from melt_jax.checkpoint import save_params
-from melt_jax.data import BatchIterator
+from melt_jax.data.pipeline import BatchIterator
 from melt_jax.errors import TrainingError
-from melt_jax.params import abstract_params
+from melt_jax.model.params import abstract_params
 from melt_jax.sharding import (
     check_batch_divisible,
     global_batch_array,

@@ -1,5 +1,5 @@
 """Packed rows of tokens: documents concatenated into rows of a fixed length, with the loss mask and
-segment ids of every position (the convention is explained in melt_jax/data.py)."""
+segment ids of every position (the convention is explained in melt_jax/data/pipeline.py)."""
 
 from __future__ import annotations
 

@@ -32,10 +32,10 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from melt_jax.cache import KVCache, init_cache, write_rows
-from melt_jax.config import MeltConfig
 from melt_jax.errors import ConfigError
-from melt_jax.layers import (
+from melt_jax.model.cache import KVCache, init_cache, write_rows
+from melt_jax.model.config import MeltConfig
+from melt_jax.model.layers import (
     attention_over_cache_slots,
     causal_mask,
     chunked_attention_over_earlier_rows,

@@ -18,12 +18,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from melt_jax.data.tokenizer import Tokenizer, load_tokenizer
 from melt_jax.errors import DataError, GenerationError, MeltJaxError
-from melt_jax.generation import GenerationResult, generate
-from melt_jax.model_loading import load_model, parse_exit_policy
-from melt_jax.sampling import SamplingConfig
-from melt_jax.text_settings import cut_at_stops, stop_ids_for, vocab_limit_for
-from melt_jax.tokenizer import Tokenizer, load_tokenizer
+from melt_jax.inference.generation import GenerationResult, generate
+from melt_jax.inference.model_loading import load_model, parse_exit_policy
+from melt_jax.inference.sampling import SamplingConfig
+from melt_jax.inference.text_settings import cut_at_stops, stop_ids_for, vocab_limit_for
 
 PROG = "melt-generate"
 CHAT_END = "<|im_end|>"

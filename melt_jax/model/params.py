@@ -8,8 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from melt_jax.config import OuroConfig
-from melt_jax.ouro import OuroModel
+from melt_jax.model.config import OuroConfig
+from melt_jax.model.ouro import OuroModel
 
 Params = dict
 

@@ -34,9 +34,9 @@ from collections.abc import Sequence
 import datasets
 import numpy as np
 
+from melt_jax.data.packing import PackedData
+from melt_jax.data.tokenizer import Tokenizer
 from melt_jax.errors import DataError
-from melt_jax.packing import PackedData
-from melt_jax.tokenizer import Tokenizer
 
 OPERATIONS = {
     "+": lambda x, y: (x + y) % 10,

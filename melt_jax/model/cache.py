@@ -16,8 +16,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from melt_jax.config import OuroConfig
 from melt_jax.errors import ConfigError
+from melt_jax.model.config import OuroConfig
 
 Array = jax.Array
 

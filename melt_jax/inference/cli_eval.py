@@ -6,13 +6,13 @@ answer accuracy where the dataset has prompt/answer columns (the synthetic task 
     melt-eval --checkpoint CKPT --tokenizer byte --data synthetic:512 --form assignments --hops 2 --distractors 1
     melt-eval --checkpoint CKPT --tokenizer tokenizer.json --data notes.txt --seq-len 512 --json
 
---data takes what the training program reads (melt_jax.data.load_text_dataset): "synthetic[:N]" or a
+--data takes what the training program reads (melt_jax.data.pipeline.load_text_dataset): "synthetic[:N]" or a
 local .txt / .json / .jsonl / .parquet file or folder; --form, --hops, --distractors and --ops set the
-synthetic task (default: melt_jax.synthetic's defaults, the training pipeline's task). Loss: documents
-are tokenized with eos and packed into rows of --seq-len tokens as in training (melt_jax.data), every
+synthetic task (default: melt_jax.data.synthetic's defaults, the training pipeline's task). Loss: documents
+are tokenized with eos and packed into rows of --seq-len tokens as in training (melt_jax.data.pipeline), every
 token's prediction scored except the first of each document. Accuracy: each prompt + answer is one row,
 and an example counts as correct when every answer token is the argmax at the position before it, i.e.
-when greedy decoding after the prompt reproduces the answer (melt_jax.evaluation.answer_accuracy). MELT
+when greedy decoding after the prompt reproduces the answer (melt_jax.inference.evaluation.answer_accuracy). MELT
 is evaluated in chunks of --chunk-size (default its config's chunk size). Bad input: a message on
 stderr, exit 2.
 """
@@ -26,12 +26,12 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 
-from melt_jax.data import load_text_dataset, pack_documents, tokenize_dataset
+from melt_jax.data.pipeline import load_text_dataset, pack_documents, tokenize_dataset
+from melt_jax.data.synthetic import answer_batch
+from melt_jax.data.tokenizer import load_tokenizer
 from melt_jax.errors import DataError, MeltJaxError
-from melt_jax.evaluation import evaluate_dataset
-from melt_jax.model_loading import load_model, parse_exit_policy
-from melt_jax.synthetic import answer_batch
-from melt_jax.tokenizer import load_tokenizer
+from melt_jax.inference.evaluation import evaluate_dataset
+from melt_jax.inference.model_loading import load_model, parse_exit_policy
 
 PROG = "melt-eval"
 

@@ -186,7 +186,7 @@ def param_spec(path: str | Sequence[str]) -> ParamSpec:
     spec = find_param(path)
     if spec is None:
         name = path if isinstance(path, str) else "/".join(path)
-        raise ValueError(f"param {name} has no row in the parameter table (melt_jax/param_table.py)")
+        raise ValueError(f"param {name} has no row in the parameter table (melt_jax/model/param_table.py)")
     return spec
 
 

@@ -18,12 +18,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from melt_jax.chunking import padded_chunking
-from melt_jax.config import MeltConfig
-from melt_jax.kv_sources import KVSource, Rows
-from melt_jax.layers import HIDDEN_AXES, apply_rope
-from melt_jax.melt_training import sequential_forward
-from melt_jax.ouro import OuroDecoderLayer, OuroModel, OuroOutput, TokenContext
+from melt_jax.model.chunking import padded_chunking
+from melt_jax.model.config import MeltConfig
+from melt_jax.model.kv_sources import KVSource, Rows
+from melt_jax.model.layers import HIDDEN_AXES, apply_rope
+from melt_jax.model.melt_training import sequential_forward
+from melt_jax.model.ouro import OuroDecoderLayer, OuroModel, OuroOutput, TokenContext
 from melt_jax.sharding import constrain
 
 Array = jax.Array
@@ -87,7 +87,7 @@ class MeltModel(OuroModel):
     chunk attends to the final rows of the earlier tokens in the cache and to its own loop-t rows, and
     leaves its final rows in the cache. Without a cache, the tokens form one chunk. The training
     variants (phase-1 interpolation, the two-pass forward's pass 2) are KV sources passed as
-    `kv_source=` (melt_jax.kv_sources).
+    `kv_source=` (melt_jax.model.kv_sources).
     """
 
     config: MeltConfig

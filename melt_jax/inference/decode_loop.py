@@ -1,6 +1,6 @@
-"""The two compiled programs of `generate` (melt_jax/generation.py): `start_generation` prefills the padded prompts
-and draws the first new token, `decode_until` runs one-token decode steps in a `lax.while_loop` until
-every row is done or a step limit is reached."""
+"""The two compiled programs of `generate` (melt_jax/inference/generation.py): `start_generation`
+prefills the padded prompts and draws the first new token, `decode_until` runs one-token decode steps
+in a `lax.while_loop` until every row is done or a step limit is reached."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from melt_jax.cache import KVCache
-from melt_jax.chunking import scan_chunks
-from melt_jax.exit import select_hidden
-from melt_jax.sampling import draw_keys, next_tokens
+from melt_jax.inference.sampling import draw_keys, next_tokens
+from melt_jax.model.cache import KVCache
+from melt_jax.model.chunking import scan_chunks
+from melt_jax.model.exit import select_hidden
 
 Array = jax.Array
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import jax
 
-from melt_jax.config import OuroConfig
+from melt_jax.model.config import OuroConfig
 
 Array = jax.Array
 
@@ -19,7 +19,7 @@ def cut_at_stops(text: str, stops: Sequence[str]) -> tuple[str, bool]:
 
 
 def stop_ids_for(tokenizer, stops: Sequence[str]) -> set[int]:
-    """The token ids that end generation for a tokenizer (melt_jax.tokenizer.Tokenizer) and stop
+    """The token ids that end generation for a tokenizer (melt_jax.data.tokenizer.Tokenizer) and stop
     strings: its eos id and every stop string that is a single token (longer ones are checked on the
     text, see `cut_at_stops`)."""
     ids = {tokenizer.eos_id}

@@ -3,7 +3,7 @@
     pip install "melt-jax[eval]"          # lm-eval==0.4.13
     melt-lm-eval run --model melt_jax --model_args checkpoint=CKPT,tokenizer=PATH/tokenizer.json \
         --tasks hellaswag --batch_size 8
-    # or in Python, after `import melt_jax.lm_eval_adapter` (which registers the name):
+    # or in Python, after `import melt_jax.inference.lm_eval_adapter` (which registers the name):
     lm_eval.simple_evaluate(model="melt_jax", model_args="checkpoint=CKPT,tokenizer=byte", tasks=[...])
 
 `melt-lm-eval` is lm-eval's own command line with this model registered. Model arguments:
@@ -36,14 +36,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from melt_jax.data.tokenizer import Tokenizer, load_tokenizer
 from melt_jax.errors import GenerationError
-from melt_jax.evaluation import token_log_probs
-from melt_jax.exit import ExitPolicy
-from melt_jax.generation import DEFAULT_BUCKETS, bucket_length, generate
-from melt_jax.model_loading import check_params, load_model, parse_exit_policy
-from melt_jax.sampling import SamplingConfig
-from melt_jax.text_settings import cut_at_stops, stop_ids_for, vocab_limit_for
-from melt_jax.tokenizer import Tokenizer, load_tokenizer
+from melt_jax.inference.evaluation import token_log_probs
+from melt_jax.inference.generation import DEFAULT_BUCKETS, bucket_length, generate
+from melt_jax.inference.model_loading import check_params, load_model, parse_exit_policy
+from melt_jax.inference.sampling import SamplingConfig
+from melt_jax.inference.text_settings import cut_at_stops, stop_ids_for, vocab_limit_for
+from melt_jax.model.exit import ExitPolicy
 
 try:
     from lm_eval.api.model import LM

@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from melt_jax.errors import DataError
-from melt_jax.exit import ExitPolicy, select_hidden
-from melt_jax.losses import target_log_probs
+from melt_jax.model.exit import ExitPolicy, select_hidden
+from melt_jax.model.losses import target_log_probs
 
 Array = jax.Array
 

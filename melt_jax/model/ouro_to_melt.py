@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from melt_jax import param_table
-from melt_jax.config import MeltConfig, OuroConfig
-from melt_jax.registry import require_model_type
+from melt_jax.model import param_table
+from melt_jax.model.config import MeltConfig, OuroConfig
+from melt_jax.model.registry import require_model_type
 
 
 def melt_from_ouro(ouro_config: OuroConfig, ouro_params: dict, **melt_fields) -> tuple[MeltConfig, dict]:

@@ -20,11 +20,11 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from melt_jax.cache import KVCache, init_cache
-from melt_jax.config import OuroConfig
-from melt_jax.exit import ExitPolicy, exit_distribution, select_hidden
-from melt_jax.kv_sources import KVSource, Rows, default_source
-from melt_jax.layers import (
+from melt_jax.model.cache import KVCache, init_cache
+from melt_jax.model.config import OuroConfig
+from melt_jax.model.exit import ExitPolicy, exit_distribution, select_hidden
+from melt_jax.model.kv_sources import KVSource, Rows, default_source
+from melt_jax.model.layers import (
     HIDDEN_AXES,
     MLP,
     AttentionProjections,
@@ -108,7 +108,7 @@ class OuroDecoderLayer(nn.Module):
 
     def attention(self, u: Array, ctx: TokenContext, cache, layer_state, source: KVSource, layer_index, loop_index):
         """The attention sublayer on u = N1(h) [B, S, H]: queries, keys and values from u, attended
-        through `source` (see melt_jax.kv_sources), whose cache slot array of (loop, layer) holds this
+        through `source` (see melt_jax.model.kv_sources), whose cache slot array of (loop, layer) holds this
         layer's rows at this loop. Returns (output [B, S, H] after o_proj, cache, layer_state): Ouro
         keeps no per-layer state across loops."""
         q = apply_rope(self.attn.queries(u), ctx.cos, ctx.sin)  # [B, S, N, D]
@@ -245,7 +245,7 @@ class OuroModel(nn.Module):
         positions [B, S] default to end_index + arange(S) with a cache, arange(S) without. With a
         cache, the tokens' keys/values are written at their positions in the cache's slot arrays and
         the returned cache has end_index advanced by S. `kv_source` says where attention reads keys
-        and values (melt_jax.kv_sources; default: the cache's slot arrays, or the tokens alone).
+        and values (melt_jax.model.kv_sources; default: the cache's slot arrays, or the tokens alone).
         """
         source = default_source(cache) if kv_source is None else kv_source
         source.check(cache)

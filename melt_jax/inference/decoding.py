@@ -11,9 +11,9 @@ import functools
 import flax.linen as nn
 import jax
 
-from melt_jax.cache import KVCache
-from melt_jax.chunking import check_chunk_size, scan_chunks
-from melt_jax.exit import ExitPolicy
+from melt_jax.model.cache import KVCache
+from melt_jax.model.chunking import check_chunk_size, scan_chunks
+from melt_jax.model.exit import ExitPolicy
 
 Array = jax.Array
 

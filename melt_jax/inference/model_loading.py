@@ -9,14 +9,14 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from melt_jax import param_table
 from melt_jax.checkpoint import load_params
-from melt_jax.config import OuroConfig
 from melt_jax.errors import GenerationError
-from melt_jax.exit import ExitPolicy
-from melt_jax.ouro import OuroModel
-from melt_jax.params import abstract_params
-from melt_jax.registry import model_for
+from melt_jax.model import param_table
+from melt_jax.model.config import OuroConfig
+from melt_jax.model.exit import ExitPolicy
+from melt_jax.model.ouro import OuroModel
+from melt_jax.model.params import abstract_params
+from melt_jax.model.registry import model_for
 
 Array = jax.Array
 

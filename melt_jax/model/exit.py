@@ -11,7 +11,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from melt_jax.config import OuroConfig
+from melt_jax.model.config import OuroConfig
 
 Array = jax.Array
 

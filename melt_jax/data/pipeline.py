@@ -4,7 +4,7 @@
                                    or a Hugging Face hub dataset name -> datasets.Dataset
     tokenize_dataset(...)          one int32 id array per document, each ending with eos
     pack_documents(...)            documents concatenated into rows of seq_len tokens -> PackedData
-                                   (melt_jax/packing.py)
+                                   (melt_jax/data/packing.py)
     BatchIterator                  deterministic, resumable, process-sliced batches of packed rows
     build_train_data(...)          load + tokenize + pack in one call
 
@@ -29,12 +29,12 @@ from typing import TYPE_CHECKING, Any
 import datasets
 import numpy as np
 
-from melt_jax import synthetic
+from melt_jax.data import synthetic
+from melt_jax.data.packing import PackedData, pack_documents
 from melt_jax.errors import DataError
-from melt_jax.packing import PackedData, pack_documents
 
 if TYPE_CHECKING:
-    from melt_jax.tokenizer import Tokenizer
+    from melt_jax.data.tokenizer import Tokenizer
 
 
 # --------------------------------------------------------------------------------------------------
@@ -60,7 +60,7 @@ def load_text_dataset(
     """The dataset named by `source`, checked to have a string column `text_field`.
 
     `source` is one of:
-      - "synthetic" or "synthetic:N": the embedded arithmetic task (melt_jax.synthetic) with
+      - "synthetic" or "synthetic:N": the embedded arithmetic task (melt_jax.data.synthetic) with
         its default config, or with the SyntheticTaskConfig fields in `synthetic_task` changed (N
         examples); `split` ("train", "validation", "test") selects the seed;
       - a local .txt / .json / .jsonl / .parquet file, or a folder of files of one of these kinds

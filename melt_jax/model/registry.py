@@ -14,10 +14,10 @@ import os
 
 import flax.linen as nn
 
-from melt_jax.config import MeltConfig, OuroConfig
 from melt_jax.errors import ConfigError
-from melt_jax.melt import MeltModel
-from melt_jax.ouro import OuroModel
+from melt_jax.model.config import MeltConfig, OuroConfig
+from melt_jax.model.melt import MeltModel
+from melt_jax.model.ouro import OuroModel
 
 
 @dataclasses.dataclass(frozen=True)

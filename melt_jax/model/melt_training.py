@@ -19,10 +19,10 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
-from melt_jax.chunking import num_chunks, scan_chunks
-from melt_jax.exit import exit_distribution
-from melt_jax.kv_sources import EarlierRows, InterpolatedSlotCache, SlotCache, init_training_cache
-from melt_jax.ouro import OuroOutput
+from melt_jax.model.chunking import num_chunks, scan_chunks
+from melt_jax.model.exit import exit_distribution
+from melt_jax.model.kv_sources import EarlierRows, InterpolatedSlotCache, SlotCache, init_training_cache
+from melt_jax.model.ouro import OuroOutput
 
 Array = jax.Array
 

@@ -36,12 +36,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from melt_jax.chunking import check_chunk_size
-from melt_jax.decode_loop import DecodeState, decode_until, start_generation
 from melt_jax.errors import ConfigError, GenerationError
-from melt_jax.exit import ExitPolicy
-from melt_jax.model_loading import check_params
-from melt_jax.sampling import SamplingConfig
+from melt_jax.inference.decode_loop import DecodeState, decode_until, start_generation
+from melt_jax.inference.model_loading import check_params
+from melt_jax.inference.sampling import SamplingConfig
+from melt_jax.model.chunking import check_chunk_size
+from melt_jax.model.exit import ExitPolicy
 
 Array = jax.Array
 

@@ -17,8 +17,8 @@ from typing import Any, ClassVar
 import jax.numpy as jnp
 
 from melt_jax import dtypes
-from melt_jax.chunking import check_chunk_size
 from melt_jax.errors import ConfigError
+from melt_jax.model.chunking import check_chunk_size
 
 OURO_MODEL_TYPE = "ouro"
 
@@ -269,7 +269,7 @@ class MeltConfig(OuroConfig):
     """An Ouro config plus MELT's fields: the gate bias initialisation and the default chunk size.
 
     MELT keeps one KV cache per layer shared by all loops, updated by a learned element-wise gate
-    (melt_jax/melt.py). Written to config.json with model_type "melt".
+    (melt_jax/model/melt.py). Written to config.json with model_type "melt".
     """
 
     model_type: ClassVar[str] = "melt"
