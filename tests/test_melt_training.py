@@ -42,19 +42,11 @@ def _step_logits(model, params, out):
     return model.apply({"params": params}, out.loop_hidden, method=MeltModel.logits)
 
 
-# Every (chunk size, alpha) on one structure. On the others, chunk sizes that the loss test below
-# compiles anyway, and the interpolation where a second loop makes it matter (with one loop a token's
-# Ouro and MELT rows are the same).
+# Every (chunk size, alpha) on one structure; on the others a chunk size whose forwards the loss test
+# below compiles anyway (each (structure, chunk size, alpha given or not) is a program per forward).
 @pytest.mark.parametrize(
     "structure, chunk_size, alpha",
-    [
-        (DEFAULT, 8, None),
-        (DEFAULT, 4, 0.4),
-        (DEFAULT, 8, 0.4),
-        (Structure(1, 1), 12, None),
-        (Structure(4, 4), 3, None),
-        (Structure(4, 4), 4, 0.4),
-    ],
+    [(DEFAULT, 8, None), (DEFAULT, 4, 0.4), (DEFAULT, 8, 0.4), (Structure(1, 1), 12, None), (Structure(4, 4), 3, None)],
     ids=lambda x: str(x) if isinstance(x, Structure) else None,
 )
 @pytest.mark.parametrize("name", ["sequential", "two_pass"])
