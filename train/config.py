@@ -19,6 +19,7 @@ from typing import Any
 from melt_jax.data.synthetic import SyntheticTaskConfig
 from melt_jax.errors import ConfigError, DataError, MeltJaxError
 from melt_jax.model.chunking import check_chunk_size, num_chunks
+from melt_jax.model.config import GATES
 from melt_jax.sharding import MeshConfig
 from melt_jax.train.optimizer import OptimizerConfig
 
@@ -81,6 +82,8 @@ class TrainConfig:
     chunk_size: int = 16  # MELT: the student config's chunk_size (divides data.seq_len)
     forward: str = "two_pass"  # MELT: "two_pass" or "sequential"
     gate_bias_init: float = -4.0  # MELT gates created from an Ouro teacher
+    gate: str = "elementwise"  # MELT's KV cache update for a student created from the teacher (MeltConfig.gate)
+    interpolate: bool = True  # melt_phase1: alpha rises from 0 to 1; false: alpha = 1 from the first step
     log_every: int = 10
     eval_every: int = 0  # 0: evaluate at the end only
     eval_batches: int = 4  # 0: no evaluation
@@ -113,6 +116,8 @@ class TrainConfig:
                 raise RunConfigError(f"data: {e}") from None
         if self.forward not in ("two_pass", "sequential"):
             raise RunConfigError(f"forward must be 'two_pass' or 'sequential', got {self.forward!r}")
+        if self.gate not in GATES:
+            raise RunConfigError(f"gate must be one of {', '.join(GATES)}, got {self.gate!r}")
         try:
             check_chunk_size(self.chunk_size)
             if self.stage.startswith("melt"):

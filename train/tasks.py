@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 
 from melt_jax.checkpoint import load_config, load_params
 from melt_jax.errors import ConfigError, TrainingError
@@ -102,14 +103,17 @@ def build_task(cfg: TrainConfig, mesh) -> Task:
     if cfg.init_from:
         config, params = _load_checkpoint(cfg.init_from, "melt", "init_from", dtype, mesh)
     else:
-        config, params = melt_from_ouro(teacher_config, teacher_params, gate_bias_init=cfg.gate_bias_init)
+        config, params = melt_from_ouro(
+            teacher_config, teacher_params, gate_bias_init=cfg.gate_bias_init, gate=cfg.gate
+        )
     config = config.replace(chunk_size=cfg.chunk_size)
     _check_same_shapes(params, teacher_params, f"teacher {cfg.teacher}")
     distillation = Distillation(model_for(config), model_for(teacher_config), cfg.forward)
     if cfg.stage == "melt_phase1":
 
         def loss(p, t, batch, step):
-            return phase1_loss(distillation, p, t, batch, linear_alpha(step, cfg.steps))
+            alpha = linear_alpha(step, cfg.steps) if cfg.interpolate else jnp.float32(1.0)
+            return phase1_loss(distillation, p, t, batch, alpha)
 
     else:
 

@@ -264,6 +264,11 @@ class OuroConfig:
         return cls(**{**PRESETS[name], **overrides})
 
 
+# MELT's KV cache updates s_t = z_t * s_{t-1} + (1 - z_t) * u_t (melt_jax/model/melt.py): the learned
+# element-wise gate, a learned scalar per layer, and three fixed ones (docs/melt.md, 'Gate variants').
+GATES = ("elementwise", "scalar", "mean", "ema", "last")
+
+
 @dataclasses.dataclass(frozen=True)
 class MeltConfig(OuroConfig):
     """An Ouro config plus MELT's fields: the gate bias initialisation and the default chunk size.
@@ -277,10 +282,16 @@ class MeltConfig(OuroConfig):
 
     gate_bias_init: float = -4.0  # b_z at initialisation (W_z = U_z = 0): z ~ 0.018, "overwrite"
     chunk_size: int = 128  # the chunk of prefill, evaluation and training forwards
+    gate: str = "elementwise"  # the KV cache update, one of GATES
+    gate_ema_decay: float = 0.5  # z of gate "ema"
 
     def validate(self) -> None:
         super().validate()
         check_chunk_size(self.chunk_size, "config field chunk_size")
+        if self.gate not in GATES:
+            raise ConfigError(f"config field gate must be one of {', '.join(GATES)}, got {self.gate!r}")
+        if not 0 <= self.gate_ema_decay < 1:
+            raise ConfigError(f"config field gate_ema_decay must be in [0, 1), got {self.gate_ema_decay!r}")
 
     @property
     def cache_slots(self) -> tuple[int, ...]:

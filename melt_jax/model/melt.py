@@ -1,5 +1,8 @@
 """MELT: Ouro with one KV cache per layer shared by all loops, updated by an element-wise gate.
 
+The gate is `config.gate`: "elementwise" (MELT's, below) or one of the ablations of docs/melt.md,
+'Gate variants' ("scalar", "mean", "ema", "last").
+
 For layer l and a token in flight at loop t, with u_t = N1(h) the attention input:
 
     s_1 = u_1                                              (choice: the first loop writes the row as is)
@@ -30,7 +33,8 @@ Array = jax.Array
 
 
 class KVGate(nn.Module):
-    """s = z * s_prev + (1 - z) * u with z = sigmoid(u W_z + s_prev U_z + b_z), element-wise.
+    """The element-wise gate (`gate="elementwise"`, MELT's): s = z * s_prev + (1 - z) * u with
+    z = sigmoid(u W_z + s_prev U_z + b_z).
 
     w_z, u_z [H, H] act on row vectors ([in, out]); b_z [H]. Initialised to W_z = U_z = 0 and
     b_z = bias_init (choice: an untrained gate is close to "each loop overwrites the row").
@@ -42,8 +46,8 @@ class KVGate(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, u: Array, s_prev: Array, first_loop: Array | bool = False) -> Array:
-        """The new latent s [B, S, H]; u itself when `first_loop` (s_1 = u_1), without computing the
+    def __call__(self, u: Array, s_prev: Array, loop_index: Array) -> Array:
+        """The new latent s [B, S, H]; u itself at the first loop (s_1 = u_1), without computing the
         gate (a lax.cond: the gate's matmuls run only at loops 2..T)."""
         H = self.hidden_size
         w_z = self.param("w_z", nn.initializers.zeros, (H, H), self.param_dtype).astype(self.dtype)
@@ -55,7 +59,54 @@ class KVGate(nn.Module):
             z = jax.nn.sigmoid(gate_logits + b_z.astype(self.dtype))
             return z * s_prev + (1 - z) * u
 
-        return jax.lax.cond(first_loop, lambda: u, gated)
+        return jax.lax.cond(loop_index == 0, lambda: u, gated)
+
+
+class ScalarGate(nn.Module):
+    """A learned scalar gate per layer (`gate="scalar"`): s = z * s_prev + (1 - z) * u with
+    z = sigmoid(z_logit), one z_logit [1] per layer, initialised to bias_init; s_1 = u_1."""
+
+    bias_init: float
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, u: Array, s_prev: Array, loop_index: Array) -> Array:
+        z_logit = self.param("z_logit", nn.initializers.constant(self.bias_init), (1,), self.param_dtype)
+        z = jnp.where(loop_index == 0, 0.0, jax.nn.sigmoid(z_logit.astype(self.dtype)))  # [1]
+        return z * s_prev + (1 - z) * u
+
+
+class FixedGate(nn.Module):
+    """A gate without parameters: s = z_t * s_prev + (1 - z_t) * u with z_t fixed per loop t (0-based).
+
+    "mean": z_t = t / (t + 1), so s_t is the mean of u over the loops so far; "ema": z_t = `decay`
+    (0 at the first loop), an exponential moving average; "last": z_t = 0, the row of the last loop.
+    """
+
+    kind: str
+    decay: float = 0.5
+    dtype: jnp.dtype = jnp.float32
+
+    def __call__(self, u: Array, s_prev: Array, loop_index: Array) -> Array:
+        t = jnp.asarray(loop_index, self.dtype)
+        if self.kind == "mean":
+            z = t / (t + 1)
+        elif self.kind == "ema":
+            z = jnp.where(loop_index == 0, 0.0, self.decay).astype(self.dtype)
+        else:  # "last"
+            return u
+        return z * s_prev + (1 - z) * u
+
+
+def make_gate(config: MeltConfig) -> nn.Module:
+    """The KV gate module `config.gate` names (see MeltConfig.gate), named kv_gate in the layer."""
+    dtypes = dict(dtype=config.jnp_dtype, param_dtype=config.jnp_param_dtype)
+    if config.gate == "elementwise":
+        return KVGate(config.hidden_size, config.gate_bias_init, **dtypes, name="kv_gate")
+    if config.gate == "scalar":
+        return ScalarGate(config.gate_bias_init, **dtypes, name="kv_gate")
+    return FixedGate(config.gate, config.gate_ema_decay, dtype=config.jnp_dtype, name="kv_gate")
 
 
 class MeltDecoderLayer(OuroDecoderLayer):
@@ -64,11 +115,10 @@ class MeltDecoderLayer(OuroDecoderLayer):
 
     def setup(self):
         super().setup()
-        c = self.config
-        self.kv_gate = KVGate(c.hidden_size, c.gate_bias_init, dtype=c.jnp_dtype, param_dtype=c.jnp_param_dtype)
+        self.kv_gate = make_gate(self.config)
 
     def attention(self, u: Array, ctx: TokenContext, cache, s_prev: Array, source: KVSource, layer_index, loop_index):
-        s = constrain(self.kv_gate(u, s_prev, first_loop=loop_index == 0), HIDDEN_AXES)  # [B, S, H]
+        s = constrain(self.kv_gate(u, s_prev, loop_index), HIDDEN_AXES)  # [B, S, H]
         q = apply_rope(self.attn.queries(u), ctx.cos, ctx.sin)  # [B, S, N, D]
         k, v = self.attn.keys_values(s)  # [B, S, K, D], MELT's rows at this loop
         rows = Rows(k=apply_rope(k, ctx.cos, ctx.sin), v=v)

@@ -21,6 +21,6 @@ def melt_from_ouro(ouro_config: OuroConfig, ouro_params: dict, **melt_fields) ->
     new = {
         spec.path: np.full(spec.param_shape(config), spec.initial_value(config), dtype)
         for spec in param_table.PARAMS
-        if spec.when == param_table.MELT
+        if spec.when in param_table.MELT_ONLY and spec.exists(config)
     }
     return config, param_table.with_params(ouro_params, new)

@@ -38,11 +38,20 @@ ROLES = (LOOP_LM, EXIT_GATE, KV_GATE)
 # Which models have a param.
 ALWAYS = "always"  # every Ouro and MELT model
 UNTIED = "untied"  # only with untied embeddings (tie_word_embeddings false)
-MELT = "melt"  # only MELT models (model_type "melt")
+MELT = "melt"  # only MELT models with the element-wise gate (model_type "melt", gate "elementwise")
+MELT_SCALAR_GATE = "melt_scalar_gate"  # only MELT models with a scalar gate per layer
+MELT_ONLY = (MELT, MELT_SCALAR_GATE)
+
+
+def _melt_with_gate(config: Any, gate: str) -> bool:
+    return getattr(config, "model_type", None) == "melt" and config.gate == gate
+
+
 _CONDITIONS: dict[str, Callable[[Any], bool]] = {
     ALWAYS: lambda config: True,
     UNTIED: lambda config: not config.tie_word_embeddings,
-    MELT: lambda config: getattr(config, "model_type", None) == "melt",
+    MELT: lambda config: _melt_with_gate(config, "elementwise"),
+    MELT_SCALAR_GATE: lambda config: _melt_with_gate(config, "scalar"),
 }
 
 # How a param that an existing checkpoint lacks starts: the value every element gets.
@@ -165,6 +174,10 @@ PARAMS: tuple[ParamSpec, ...] = (
               "model.layers.{i}.kv_gate.u_z.weight", ("H", "H"), role=KV_GATE, when=MELT, init=ZEROS),
     ParamSpec("layers/kv_gate/b_z", ("L", "H"), ("layers", "norm"),
               "model.layers.{i}.kv_gate.b_z", ("H",), decay=False, role=KV_GATE, when=MELT, init=GATE_BIAS),
+    # The scalar-gate ablation: z = sigmoid(z_logit), one per layer, starting at gate_bias_init.
+    ParamSpec("layers/kv_gate/z_logit", ("L", "1"), ("layers", None),
+              "model.layers.{i}.kv_gate.z_logit", ("1",), decay=False, role=KV_GATE, when=MELT_SCALAR_GATE,
+              init=GATE_BIAS),
 )
 # fmt: on
 
@@ -205,7 +218,7 @@ def model_type_of_params(paths: Iterable[str]) -> str:
     models have, else 'ouro'."""
     for path in paths:
         spec = find_param(path)
-        if spec is not None and spec.when == MELT:
+        if spec is not None and spec.when in MELT_ONLY:
             return "melt"
     return "ouro"
 
