@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from hf_fixtures import random_ouro_state_dict, tiny_hf_config, write_hf_checkpoint
-from tiny_models import DEFAULT, DIAGONAL, Structure
+from tiny_models import DEFAULT, LOOPED, Structure
 from torch_melt_reference import ouro_last_loop_sharing_decode
 
 from melt_jax.convert import load_hf_checkpoint
@@ -64,7 +64,7 @@ def _prefill(config, params, tokens, chunk_size, max_length=48):
 # a shorter last chunk, and chunk 1 is what decoding does (checked on every structure below).
 @pytest.mark.parametrize(
     "structure, chunk_size",
-    [(DEFAULT, 1), (DEFAULT, 8), (DEFAULT, 12), (Structure(1, 1), 12), (Structure(4, 4), 8)],
+    [(DEFAULT, 1), (DEFAULT, 8), (DEFAULT, 12), (Structure(1, 3), 12), (Structure(4, 4), 8)],
     ids=lambda x: f"chunk{x}" if isinstance(x, int) else str(x),
 )
 def test_chunked_prefill_matches_reference(melt_of, structure, chunk_size):
@@ -79,7 +79,7 @@ def test_chunked_prefill_matches_reference(melt_of, structure, chunk_size):
     np.testing.assert_array_equal(cache.end_index, [seq, seq])
 
 
-@pytest.mark.parametrize("structure", DIAGONAL, ids=str)
+@pytest.mark.parametrize("structure", LOOPED, ids=str)
 def test_decode_equals_chunk_one_prefill(melt_of, structure):
     config, params, _, tokens, _ = _setup(melt_of(structure))
     model = MeltModel(config)
@@ -93,7 +93,7 @@ def test_decode_equals_chunk_one_prefill(melt_of, structure):
     np.testing.assert_allclose(jnp.concatenate(steps, axis=1), prefilled, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("structure", DIAGONAL, ids=str)
+@pytest.mark.parametrize("structure", LOOPED, ids=str)
 def test_closed_gate_equals_ouro_with_last_loop_cache_sharing(melt_of, structure):
     config, params, _, tokens, (hf_config, state_dict) = _setup(melt_of(structure))
     closed = jax.tree.map(lambda x: x, params)

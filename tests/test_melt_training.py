@@ -46,7 +46,7 @@ def _step_logits(model, params, out):
 # below compiles anyway (each (structure, chunk size, alpha given or not) is a program per forward).
 @pytest.mark.parametrize(
     "structure, chunk_size, alpha",
-    [(DEFAULT, 8, None), (DEFAULT, 4, 0.4), (DEFAULT, 8, 0.4), (Structure(1, 1), 12, None), (Structure(4, 4), 3, None)],
+    [(DEFAULT, 8, None), (DEFAULT, 4, 0.4), (DEFAULT, 8, 0.4), (Structure(1, 3), 12, None), (Structure(4, 4), 3, None)],
     ids=lambda x: str(x) if isinstance(x, Structure) else None,
 )
 @pytest.mark.parametrize("name", ["sequential", "two_pass"])
@@ -63,7 +63,7 @@ def test_training_forward_matches_reference(melt_of, structure, name, chunk_size
 # whether chunking matters on the others.
 @pytest.mark.parametrize(
     "structure, chunk_sizes",
-    [(DEFAULT, (3, 6, 12)), (Structure(1, 1), (3, 12)), (Structure(4, 4), (3, 12))],
+    [(DEFAULT, (3, 6, 12)), (Structure(1, 3), (3, 12)), (Structure(4, 4), (3, 12))],
     ids=lambda x: str(x) if isinstance(x, Structure) else "chunks" + "-".join(map(str, x)),
 )
 def test_two_pass_loss_equals_sequential_for_several_chunk_sizes(melt_of, structure, chunk_sizes):
@@ -83,7 +83,7 @@ def test_two_pass_loss_equals_sequential_for_several_chunk_sizes(melt_of, struct
 # A chunk size per structure whose sequential forward the tests above compile already.
 @pytest.mark.parametrize(
     "structure, chunk_size",
-    [(DEFAULT, 8), (Structure(1, 1), 12), (Structure(4, 4), 3)],
+    [(DEFAULT, 8), (Structure(1, 3), 12), (Structure(4, 4), 3)],
     ids=lambda x: str(x) if isinstance(x, Structure) else f"chunk{x}",
 )
 def test_chunked_prefill_equals_sequential_forward(melt_of, structure, chunk_size):
