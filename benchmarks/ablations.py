@@ -35,7 +35,7 @@ from melt_jax.checkpoint import load_params
 from melt_jax.inference.evaluation import loop_answer_matches
 from melt_jax.model.registry import model_for
 from melt_jax.train.pipeline import PipelineConfig
-from melt_jax.train.stage_data import build_data
+from melt_jax.train.stage_data import held_out_answers
 from melt_jax.train.trainer import run_stage
 
 # name -> (train settings that differ from the default student, what the paper reports for it)
@@ -76,7 +76,7 @@ def token_by_token_accuracy(stage) -> list[float]:
     """Per-loop exact match on the stage's held-out examples when the answer is read token by token
     (chunk size 1: what decoding computes), whatever chunk the student was trained with."""
     config, params = load_params(Path(stage.output_dir) / "model")
-    answers = build_data(stage).answers
+    answers = held_out_answers(stage)
     matches = jax.jit(loop_answer_matches, static_argnames=("model", "chunk_size"))(
         model_for(config), params, answers["tokens"], answers["answer_mask"], chunk_size=1
     )  # [T, examples]

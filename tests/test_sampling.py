@@ -170,6 +170,7 @@ def test_bad_input_is_refused_before_compiling():
     melt, melt_params = tiny_model("melt")
     vocab, limit = ouro.config.vocab_size, ouro.config.max_position_embeddings
     cases = [
+        ((object(), ouro_params, [[1, 2]]), {}, "expected a melt_jax model"),
         ((ouro, ouro_params, [[1, vocab]]), {}, "outside the vocabulary"),
         ((ouro, ouro_params, [[1, -3]]), {}, "outside the vocabulary"),
         ((ouro, ouro_params, [[1, 2], []]), {}, "prompt 1 is empty"),

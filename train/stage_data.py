@@ -23,6 +23,19 @@ class StageData:
     answers: dict[str, np.ndarray] | None  # synthetic task: tokens / answer_mask of eval examples
 
 
+def held_out_examples(cfg: TrainConfig):
+    """The synthetic task's held-out examples of a run (drawn with seed train.seed + 10,000)."""
+    return synthetic_reasoning_dataset(cfg.data.synthetic_task(cfg.data.eval_examples, seed=cfg.seed + 10_000))
+
+
+def held_out_answers(cfg: TrainConfig, tokenizer: Tokenizer | None = None, held=None) -> dict[str, np.ndarray]:
+    """Tokens and answer mask of the synthetic task's held-out examples, [N, seq_len] each: what the
+    run's exact-match accuracy is computed on."""
+    tokenizer = load_tokenizer(cfg.data.tokenizer) if tokenizer is None else tokenizer
+    held = held_out_examples(cfg) if held is None else held
+    return answer_batch(tokenizer, held["prompt"], held["answer"], cfg.data.seq_len)
+
+
 def build_data(cfg: TrainConfig) -> StageData:
     """Packed training rows, held-out rows for the per-loop loss and, for the synthetic task, the
     held-out examples for exact-match accuracy."""
@@ -30,15 +43,14 @@ def build_data(cfg: TrainConfig) -> StageData:
     tokenizer = load_tokenizer(d.tokenizer)
     if d.source == "synthetic":
         train = synthetic_reasoning_dataset(d.synthetic_task(d.num_examples, seed=cfg.seed))
-        held = synthetic_reasoning_dataset(d.synthetic_task(d.eval_examples, seed=cfg.seed + 10_000))
+        held = held_out_examples(cfg)
         if d.loss == "answer":
             packed = pack_answer_examples(tokenizer, train["prompt"], train["answer"], d.seq_len)
             held_out = pack_answer_examples(tokenizer, held["prompt"], held["answer"], d.seq_len)
         else:
             packed = pack_documents(tokenize_dataset(train, tokenizer, "text"), d.seq_len, tokenizer.pad_id)
             held_out = pack_documents(tokenize_dataset(held, tokenizer, "text"), d.seq_len, tokenizer.pad_id)
-        answers = answer_batch(tokenizer, held["prompt"], held["answer"], d.seq_len)
-        return StageData(tokenizer, packed, held_out, answers)
+        return StageData(tokenizer, packed, held_out, held_out_answers(cfg, tokenizer, held))
     packed = build_train_data(d.source, tokenizer, d.seq_len, text_field=d.text_field)
     n_held = min(cfg.eval_batches * cfg.batch_size, packed.num_rows // 10)
     if n_held == 0:  # too little data to hold some out: evaluate on training rows

@@ -16,7 +16,7 @@ from melt_jax.model.config import OuroConfig
 from melt_jax.model.exit import ExitPolicy
 from melt_jax.model.ouro import OuroModel
 from melt_jax.model.params import abstract_params
-from melt_jax.model.registry import model_for
+from melt_jax.model.registry import MODEL_TYPES, model_for
 
 Array = jax.Array
 
@@ -61,7 +61,7 @@ def _expected_leaves(model: nn.Module) -> dict[str, tuple[int, ...]]:
 def check_params(model: nn.Module, params) -> None:
     """GenerationError unless params has exactly the tree and shapes `model` expects (a MELT checkpoint
     with an Ouro model or the reverse, or a config that does not match the weights)."""
-    if not isinstance(getattr(model, "config", None), OuroConfig):
+    if getattr(getattr(model, "config", None), "model_type", None) not in MODEL_TYPES:
         raise GenerationError(f"expected a melt_jax model (OuroModel, MeltModel), got {type(model).__name__}")
     kind = model.config.model_type
     expected = _expected_leaves(model)

@@ -114,6 +114,7 @@ class OuroDecoderLayer(nn.Module):
         q = apply_rope(self.attn.queries(u), ctx.cos, ctx.sin)  # [B, S, N, D]
         k, v = self.attn.keys_values(u)  # [B, S, K, D]
         rows = Rows(k=apply_rope(k, ctx.cos, ctx.sin), v=v)
+        # Ouro's rows are the Ouro rows an interpolating source mixes with (alpha then changes nothing).
         attended, cache = source.attend(q, rows, rows, cache, ctx.positions, layer_index, loop_index)
         return self.attn.output(attended), cache, layer_state
 

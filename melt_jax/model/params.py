@@ -8,9 +8,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from melt_jax.model.config import OuroConfig
-from melt_jax.model.ouro import OuroModel
-
 Params = dict
 
 
@@ -35,7 +32,3 @@ def abstract_params(model: nn.Module) -> Params:
 def count_params(params: Params) -> int:
     """Number of scalars in a parameter tree (arrays or ShapeDtypeStructs)."""
     return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))
-
-
-def init_ouro_params(config: OuroConfig, seed: int = 0) -> Params:
-    return init_params(OuroModel(config), jax.random.key(seed))
