@@ -28,6 +28,8 @@ from melt_jax.convert import ConversionError, hf_export, load_hf_checkpoint, sav
 from melt_jax.convert.cli import main, parse_size
 from melt_jax.convert.mapping import OURO_RULES, flatten_params, hf_tensor_plan, param_shapes, unflatten_params
 from melt_jax.model.config import ConfigError, OuroConfig
+from melt_jax.model.ouro import OuroModel
+from melt_jax.model.params import abstract_params
 
 GOLDEN_DIR = Path(__file__).parent / "data" / "ouro-tiny"
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -109,9 +111,8 @@ def test_table_parameter_counts_of_real_models(preset, count):
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_table_matches_the_model_params(tied):
-    params_module = pytest.importorskip("melt_jax.model.params")
     config = OuroConfig.from_hf_config(tiny_hf_config(tie_word_embeddings=tied))
-    abstract = params_module.abstract_params(params_module.OuroModel(config))
+    abstract = abstract_params(OuroModel(config))
     assert {k: tuple(v.shape) for k, v in flatten_params(abstract).items()} == param_shapes(config)
 
 
