@@ -63,6 +63,7 @@ def result_row(out: Path, threads: int, seed: int, returncode: int, seconds: flo
     return dict(
         row,
         teacher=teacher["accuracy"],
+        teacher_steps=teacher.get("steps", 0),
         teacher_loops=teacher["loop_accuracy"],
         student=student["accuracy"],
         student_loops=student["loop_accuracy"],
@@ -102,7 +103,8 @@ def format_row(row: dict) -> str:
     if "error" in row:
         return f"| {row['threads']} | {row['seed']} | {row['error']} (exit {row['returncode']}) |"
     return (
-        f"| {row['threads']} | {row['seed']} | {row['teacher']:.3f} | {loops(row['teacher_loops'])} | "
+        f"| {row['threads']} | {row['seed']} | {row['teacher_steps']} | {row['teacher']:.3f} | "
+        f"{loops(row['teacher_loops'])} | "
         f"{row['gain']:+.2f} | {row['student']:.3f} | {loops(row['student_loops'])} | {row['drop']:+.3f} | "
         f"{row['seconds']:.0f} |"
     )
@@ -123,7 +125,8 @@ def spread_lines(rows: list[dict]) -> list[str]:
         teacher_loops = [agg("teacher_loops", i) for i in range(num_loops)]
         student_loops = [agg("student_loops", i) for i in range(num_loops)]
         lines.append(
-            f"| {name} | | {agg('teacher'):.3f} | {loops(teacher_loops)} | {agg('gain'):+.2f} | "
+            f"| {name} | | {agg('teacher_steps')} | {agg('teacher'):.3f} | {loops(teacher_loops)} | "
+            f"{agg('gain'):+.2f} | "
             f"{agg('student'):.3f} | {loops(student_loops)} | {agg('drop'):+.3f} | {agg('seconds'):.0f} |"
         )
     return lines
@@ -145,8 +148,11 @@ def main() -> int:
 
     root = Path(args.out)
     print(f"## Pipeline over seeds {args.seeds} x XLA threads {args.threads} ({cores} cores)\n")
-    print("| threads | seed | teacher | teacher per loop | last - first | student | student per loop | drop | wall s |")
-    print("|---:|---:|---:|---|---:|---:|---|---:|---:|")
+    print(
+        "| threads | seed | teacher steps | teacher | teacher per loop | last - first | student | student per loop "
+        "| drop | wall s |"
+    )
+    print("|---:|---:|---:|---:|---|---:|---:|---|---:|---:|")
     rows = run_all(args.seeds, args.threads, root, args.overrides)
     for line in spread_lines(rows):
         print(line)

@@ -457,6 +457,34 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, teacher_dir
     assert all(np.isfinite(r["loss"]) for r in records if r["step"] <= step)
 
 
+def test_stop_at_accuracy_ends_the_stage_and_a_rerun_keeps_it(tmp_path, teacher_dir, model_json, monkeypatch):
+    """A stage with stop_at_accuracy ends at the first evaluation that reaches it (the held-out accuracy
+    is faked: a random model's is ~0), saves its checkpoint and model there, and running it again
+    resumes as finished instead of training on to `steps`."""
+    from melt_jax.train import trainer
+
+    real_evaluate, seen = trainer.evaluate, []
+
+    def evaluate(*args):
+        result = real_evaluate(*args)
+        seen.append(1)
+        return dict(result, accuracy=0.5 * len(seen))  # 0.5 at the first evaluation, 1.0 at the second
+
+    monkeypatch.setattr(trainer, "evaluate", evaluate)
+    out = tmp_path / "stopped"
+    fields = stage_overrides("looplm", out, teacher_dir, model_json)
+    fields += ["steps=20", "eval_every=2", "eval_batches=1", "stop_at_accuracy=0.9", "checkpoint_every=10", *MESH_1]
+    cfg = load_train_config(None, fields)
+    result = run_stage(cfg, log=lambda _: None)
+    assert result.steps == 4 and result.evaluation["accuracy"] == 1.0
+    assert (out / "model").exists() and RunCheckpoints(out / "checkpoints").latest_step() == 4
+    rerun = run_stage(cfg, log=lambda _: None)
+    assert rerun.steps == 4
+    assert_params_close(final_params(rerun), final_params(result), atol=0)
+    with pytest.raises(RunConfigError, match="stop_at_accuracy needs eval_every > 0"):
+        load_train_config(None, [*fields, "eval_every=0"])
+
+
 # --------------------------------------------------------------------------------------------------
 # Bad configurations
 
@@ -507,6 +535,8 @@ def test_pipeline_config_stages(tmp_path):
     stages = config.stage_configs()
     assert [c.stage for c in stages] == ["looplm", "exit_gate", "melt_phase1", "melt_phase2"]
     assert [c.optimizer.warmup_steps for c in stages] == [100, 100, 3, 3]  # teacher_warmup_steps for the teacher
+    # The teacher alone stops at its held-out accuracy; the student stages run their steps.
+    assert [(c.eval_every, c.stop_at_accuracy) for c in stages] == [(250, 0.99), (0, 0.0), (0, 0.0), (0, 0.0)]
     assert stages[2].teacher == stages[3].teacher == str(tmp_path / "exit_gate" / "model")
     assert stages[3].init_from == str(tmp_path / "melt_phase1" / "model")
     with pytest.raises(RunConfigError, match="teacher_warmup_steps must be >= 0"):

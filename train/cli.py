@@ -2,6 +2,9 @@
 
     melt-train stage    [--config FILE] [field=value ...]   one stage (see melt_jax.train.config)
     melt-train pipeline [--config FILE] [field=value ...]   teacher -> MELT phase 1 -> phase 2 -> report
+    melt-train compile  [--config FILE] [--topology v5p:2x2x2] [field=value ...]
+                        compiles one stage's training step without running it and prints what each
+                        device holds; exit status 0 when it fits, 1 when it does not
 
 Several processes (one per host) join with --coordinator HOST:PORT --num-processes N --process-id I
 (jax.distributed; on CPU with gloo collectives). Bad input exits with status 2 and a message naming it.
@@ -16,6 +19,7 @@ import jax
 
 from melt_jax.errors import MeltJaxError
 
+from .compile import compile_stage
 from .config import RunConfigError, load_train_config
 from .pipeline import load_pipeline_config, run_pipeline
 from .trainer import run_stage
@@ -23,11 +27,20 @@ from .trainer import run_stage
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="melt-train", description="Train LoopLM teachers and distill them into MELT.")
-    parser.add_argument("command", choices=("stage", "pipeline"), help="one stage, or the whole pipeline")
+    parser.add_argument(
+        "command",
+        choices=("stage", "pipeline", "compile"),
+        help="one stage, the whole pipeline, or one stage's step compiled to read its memory",
+    )
     parser.add_argument(
         "overrides", nargs="*", help="config overrides field=value (e.g. steps=200 optimizer.learning_rate=3e-4)"
     )
     parser.add_argument("--config", help="a JSON or YAML config file")
+    parser.add_argument(
+        "--topology",
+        help="compile: a TPU topology to compile for, e.g. v5p:2x2x2 or v6e:1x1 (needs the tpu extra); "
+        "default: this machine's devices",
+    )
     parser.add_argument("--coordinator", help="HOST:PORT of process 0, for a run over several processes")
     parser.add_argument("--num-processes", type=int, default=1)
     parser.add_argument("--process-id", type=int, default=0)
@@ -45,9 +58,15 @@ def initialize_distributed(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
     try:
         initialize_distributed(args)
+        if args.topology is not None and args.command != "compile":
+            raise RunConfigError("--topology is an option of melt-train compile")
+        if args.command == "compile":
+            report = compile_stage(load_train_config(args.config, args.overrides), args.topology)
+            print("\n".join(report.lines()))
+            return 0 if report.fits else 1
         if args.command == "pipeline":
             summary = run_pipeline(load_pipeline_config(args.config, args.overrides))
             return 0 if summary["within_margin"] else 1

@@ -19,7 +19,7 @@ from typing import Any
 from melt_jax.data.synthetic import SyntheticTaskConfig
 from melt_jax.errors import ConfigError, DataError, MeltJaxError
 from melt_jax.model.chunking import check_chunk_size, num_chunks
-from melt_jax.model.config import GATES
+from melt_jax.model.config import GATES, REMAT_POLICIES
 from melt_jax.sharding import MeshConfig
 from melt_jax.train.optimizer import OptimizerConfig
 
@@ -83,9 +83,13 @@ class TrainConfig:
     forward: str = "two_pass"  # MELT: "two_pass" or "sequential"
     gate_bias_init: float = -4.0  # MELT gates created from an Ouro teacher
     gate: str = "elementwise"  # MELT's KV cache update for a student created from the teacher (MeltConfig.gate)
+    remat: str = "none"  # what the trained model's backward pass recomputes (melt_jax.model.remat)
     interpolate: bool = True  # melt_phase1: alpha rises from 0 to 1; false: alpha = 1 from the first step
     log_every: int = 10
     eval_every: int = 0  # 0: evaluate at the end only
+    # > 0: the stage ends at the first evaluation whose held-out accuracy (last loop) reaches this, before
+    # `steps` (which still sets the learning-rate schedule); needs eval_every and the synthetic task.
+    stop_at_accuracy: float = 0.0
     eval_batches: int = 4  # 0: no evaluation
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
@@ -116,6 +120,15 @@ class TrainConfig:
                 raise RunConfigError(f"data: {e}") from None
         if self.forward not in ("two_pass", "sequential"):
             raise RunConfigError(f"forward must be 'two_pass' or 'sequential', got {self.forward!r}")
+        if not 0 <= self.stop_at_accuracy <= 1:
+            raise RunConfigError(f"stop_at_accuracy must be in [0, 1] (0: off), got {self.stop_at_accuracy}")
+        if self.stop_at_accuracy and not (self.eval_every and self.eval_batches and self.data.source == "synthetic"):
+            raise RunConfigError(
+                "stop_at_accuracy needs eval_every > 0, eval_batches > 0 and data.source=synthetic "
+                "(the accuracy is measured on the synthetic task's held-out examples)"
+            )
+        if self.remat not in REMAT_POLICIES:
+            raise RunConfigError(f"remat must be one of {', '.join(REMAT_POLICIES)}, got {self.remat!r}")
         if self.gate not in GATES:
             raise RunConfigError(f"gate must be one of {', '.join(GATES)}, got {self.gate!r}")
         try:

@@ -45,12 +45,17 @@ DEFAULT_TRAIN = TrainConfig(
 class PipelineConfig:
     """Steps and learning rates of each stage; `train` holds the settings all stages share (its
     stage, output_dir, steps, init_from and teacher are set per stage; the teacher's stages warm up
-    for teacher_warmup_steps, the student's for train.optimizer.warmup_steps). accuracy_margin: the
-    largest drop from teacher to student accuracy that the pipeline reports as within margin."""
+    for teacher_warmup_steps, the student's for train.optimizer.warmup_steps). The teacher is
+    evaluated every teacher_eval_every steps and stops at the first evaluation with held-out accuracy
+    >= teacher_stop_at_accuracy (0: off), at most teacher_steps (which set its learning-rate
+    schedule). accuracy_margin: the largest drop from teacher to student accuracy that the pipeline
+    reports as within margin."""
 
     output_dir: str = "runs/pipeline"
-    teacher_steps: int = 3000
+    teacher_steps: int = 4000
     teacher_warmup_steps: int = 100
+    teacher_eval_every: int = 250
+    teacher_stop_at_accuracy: float = 0.99
     exit_gate_steps: int = 0
     phase1_steps: int = 100
     phase2_steps: int = 100
@@ -64,7 +69,7 @@ class PipelineConfig:
         for name in ("teacher_steps", "phase1_steps", "phase2_steps"):
             if getattr(self, name) < 1:
                 raise RunConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("exit_gate_steps", "teacher_warmup_steps"):
+        for name in ("exit_gate_steps", "teacher_warmup_steps", "teacher_eval_every"):
             if getattr(self, name) < 0:
                 raise RunConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         return self
@@ -87,7 +92,8 @@ class PipelineConfig:
             ).validate()
 
         teacher_dir = str(root / "looplm" / "model")
-        configs = [stage("looplm", self.teacher_steps, teacher, init_from=None, teacher=None)]
+        stopping = dict(eval_every=self.teacher_eval_every, stop_at_accuracy=self.teacher_stop_at_accuracy)
+        configs = [stage("looplm", self.teacher_steps, teacher, init_from=None, teacher=None, **stopping)]
         if self.exit_gate_steps:
             configs.append(stage("exit_gate", self.exit_gate_steps, teacher, init_from=teacher_dir, teacher=None))
             teacher_dir = str(root / "exit_gate" / "model")
@@ -125,6 +131,7 @@ def summarize(config: PipelineConfig, teacher: StageResult, student: StageResult
             "accuracy": result.evaluation.get("accuracy"),
             "loop_accuracy": result.evaluation.get("loop_accuracy"),
             "loop_loss": result.evaluation["loop_loss"],
+            "steps": result.steps,
             "kv_bytes_per_token": model_config.kv_bytes_per_token(),
             "kv_bytes_per_sequence": model_config.kv_cache_bytes(1, seq_len),
             "model_dir": str(result.model_dir),

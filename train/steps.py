@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from melt_jax.aot import abstract_arrays
 from melt_jax.model.params import abstract_params
 from melt_jax.sharding import (
     batch_sharding,
@@ -65,6 +66,22 @@ def init_state(task: Task, cfg: TrainConfig, mesh, optimizer) -> TrainState:
     return TrainState(step=step, params=params, opt_state=opt_state, rng=rng)
 
 
+def abstract_state(task: Task, mesh, optimizer) -> TrainState:
+    """The TrainState's shapes, dtypes and shardings on `mesh` (ShapeDtypeStruct leaves), as
+    `init_state` would make it; allocates nothing."""
+    shapes = abstract_params(task.model)
+    shardings = param_shardings(shapes, mesh)
+    opt_shapes = jax.eval_shape(optimizer.init, shapes)
+    opt_shardings = shardings_following_params(opt_shapes, shapes, shardings, mesh)
+    scalar = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=replicated(mesh))  # noqa: E731
+    return TrainState(
+        step=scalar((), jnp.int32),
+        params=abstract_arrays(shapes, shardings),
+        opt_state=abstract_arrays(opt_shapes, opt_shardings),
+        rng=scalar((2,), jnp.uint32),
+    )
+
+
 def shardings_of(tree: Any) -> Any:
     return jax.tree.map(lambda x: x.sharding, tree)
 
@@ -96,15 +113,30 @@ def train_step(loss: Callable, optimizer, state: TrainState, teacher_params, bat
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), metrics
 
 
-def make_train_step(task: Task, optimizer, state_shardings, teacher_shardings, mesh):
-    """The jitted `train_step` (state, teacher_params, batch) -> (state, metrics); the state is donated
-    and the activations are sharded by the logical rules."""
+BATCH_FIELDS = {"tokens": jnp.int32, "loss_mask": jnp.float32}  # what a step reads of a batch, [B, S] each
+
+
+def abstract_batch(batch_size: int, seq_len: int, mesh) -> dict:
+    """The shapes, dtypes and shardings of a training batch (ShapeDtypeStruct leaves)."""
+    return {
+        name: jax.ShapeDtypeStruct((batch_size, seq_len), dtype, sharding=batch_sharding(mesh))
+        for name, dtype in BATCH_FIELDS.items()
+    }
+
+
+def jit_train_step(task: Task, optimizer, state_shardings, teacher_shardings, mesh):
+    """`train_step` jitted (state, teacher_params, batch) -> (state, metrics): the state is donated;
+    to be called (or lowered) under `jax.set_mesh(mesh)`, which shards activations by the logical rules."""
     step = functools.partial(train_step, task.loss, optimizer)
-    batch_shardings = {"tokens": batch_sharding(mesh), "loss_mask": batch_sharding(mesh)}
-    jitted = jax.jit(
+    batch_shardings = {name: batch_sharding(mesh) for name in BATCH_FIELDS}
+    return jax.jit(
         step,
         in_shardings=(state_shardings, teacher_shardings, batch_shardings),
         out_shardings=(state_shardings, replicated(mesh)),
         donate_argnums=0,
     )
-    return under_mesh(jitted, mesh)
+
+
+def make_train_step(task: Task, optimizer, state_shardings, teacher_shardings, mesh):
+    """The jitted `train_step` (state, teacher_params, batch) -> (state, metrics), called under the mesh."""
+    return under_mesh(jit_train_step(task, optimizer, state_shardings, teacher_shardings, mesh), mesh)

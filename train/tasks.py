@@ -4,18 +4,22 @@ the run config and the checkpoints it names."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
+from melt_jax.aot import abstract_arrays
 from melt_jax.checkpoint import load_config, load_params
 from melt_jax.errors import ConfigError, TrainingError
-from melt_jax.model.config import OuroConfig
+from melt_jax.model.config import MeltConfig, OuroConfig
 from melt_jax.model.ouro import OuroModel
 from melt_jax.model.ouro_to_melt import melt_from_ouro
+from melt_jax.model.params import abstract_params
 from melt_jax.model.registry import config_from_json_file, model_for, require_model_type
+from melt_jax.sharding import param_shardings
 from melt_jax.train.config import TrainConfig
 from melt_jax.train.objectives import (
     Distillation,
@@ -41,13 +45,18 @@ class Task:
     teacher_params: dict | None = None
 
 
+def _named_config(name: str, dtype: str) -> OuroConfig:
+    """The config a preset name or a config.json path names, in `dtype`."""
+    if Path(name).is_file() or name.endswith(".json"):
+        config = config_from_json_file(name)
+    else:
+        config = OuroConfig.preset(name)
+    return config.replace(dtype=dtype, param_dtype=dtype)
+
+
 def _model_config(cfg: TrainConfig) -> OuroConfig:
     """The config of a LoopLM trained from scratch: a preset or config.json, with cfg's overrides."""
-    if Path(cfg.model).is_file() or cfg.model.endswith(".json"):
-        config = config_from_json_file(cfg.model)
-    else:
-        config = OuroConfig.preset(cfg.model)
-    config = config.replace(dtype=cfg.dtype, param_dtype=cfg.dtype)
+    config = _named_config(cfg.model, cfg.dtype)
     if cfg.vocab_size > 0:
         config = config.replace(vocab_size=cfg.vocab_size)
     if cfg.num_layers > 0:
@@ -71,27 +80,40 @@ def _check_same_shapes(student: dict, teacher: dict, what: str) -> None:
             )
 
 
-def _load_checkpoint(path: str, model_type: str, field: str, dtype: str, mesh) -> tuple[OuroConfig, dict]:
+def _load_checkpoint(
+    path: str, model_type: str, field: str, dtype: str, mesh, abstract: bool = False
+) -> tuple[OuroConfig, dict]:
     """(config, params in `dtype` sharded on `mesh`, each process reading only its shards) of the
     checkpoint at `path`, which must hold a `model_type` model; TrainingError naming the config field
-    otherwise (checked before any param is read)."""
-    config = load_config(path, dtype=dtype)
+    otherwise (checked before any param is read). With `abstract`, `path` may also be a preset name or
+    a config.json, and the params are ShapeDtypeStructs carrying their shardings (nothing is read)."""
+    if abstract and not Path(path).is_dir():
+        config = _named_config(path, dtype)
+    else:
+        config = load_config(path, dtype=dtype)
     try:
         require_model_type(config, model_type, f"{field}={path}")
     except ConfigError as e:
         raise TrainingError(str(e)) from None
+    if abstract:
+        shapes = abstract_params(model_for(config))
+        return config, abstract_arrays(shapes, param_shardings(shapes, mesh))
     return load_params(path, dtype=dtype, mesh=mesh)
 
 
-def build_task(cfg: TrainConfig, mesh) -> Task:
+def build_task(cfg: TrainConfig, mesh, abstract: bool = False) -> Task:
     """The model, starting params and loss of the stage `cfg.stage`; checkpoints are read sharded on
-    `mesh`."""
+    `mesh`. With `abstract` (compiling without running) no param is read or made: the params are
+    ShapeDtypeStructs, and `init_from` / `teacher` may name a preset or a config.json instead of a
+    checkpoint."""
     dtype = cfg.dtype
+    load = functools.partial(_load_checkpoint, dtype=dtype, mesh=mesh, abstract=abstract)
     if cfg.stage in ("looplm", "exit_gate"):
         if cfg.init_from:
-            config, params = _load_checkpoint(cfg.init_from, "ouro", "init_from", dtype, mesh)
+            config, params = load(cfg.init_from, "ouro", "init_from")
         else:
             config, params = _model_config(cfg), None
+        config = config.replace(remat=cfg.remat)
         model = model_for(config)
         if cfg.stage == "looplm":
             loss = lambda p, t, batch, step: looplm_loss(model, p, batch, cfg.beta)  # noqa: E731
@@ -99,14 +121,17 @@ def build_task(cfg: TrainConfig, mesh) -> Task:
         loss = lambda p, t, batch, step: exit_gate_loss(model, p, batch)  # noqa: E731
         return Task(config, model, params, loss, trainable="exit_gate")
 
-    teacher_config, teacher_params = _load_checkpoint(cfg.teacher, "ouro", "teacher", dtype, mesh)
+    teacher_config, teacher_params = load(cfg.teacher, "ouro", "teacher")
     if cfg.init_from:
-        config, params = _load_checkpoint(cfg.init_from, "melt", "init_from", dtype, mesh)
+        config, params = load(cfg.init_from, "melt", "init_from")
+    elif abstract:
+        config = MeltConfig.from_ouro(teacher_config, gate_bias_init=cfg.gate_bias_init, gate=cfg.gate)
+        params = abstract_params(model_for(config))
     else:
         config, params = melt_from_ouro(
             teacher_config, teacher_params, gate_bias_init=cfg.gate_bias_init, gate=cfg.gate
         )
-    config = config.replace(chunk_size=cfg.chunk_size)
+    config = config.replace(chunk_size=cfg.chunk_size, remat=cfg.remat)
     _check_same_shapes(params, teacher_params, f"teacher {cfg.teacher}")
     distillation = Distillation(model_for(config), model_for(teacher_config), cfg.forward)
     if cfg.stage == "melt_phase1":

@@ -35,7 +35,7 @@ from melt_jax.train.held_out import evaluate, make_eval_steps
 from melt_jax.train.metrics import MetricsLog
 from melt_jax.train.optimizer import build_optimizer
 from melt_jax.train.stage_data import batch_digest, build_data
-from melt_jax.train.steps import init_state, make_train_step, shardings_of
+from melt_jax.train.steps import BATCH_FIELDS, init_state, make_train_step, shardings_of
 from melt_jax.train.tasks import build_task
 
 
@@ -134,13 +134,14 @@ def run_stage(cfg: TrainConfig, *, stop_after: int | None = None, log: Callable[
     metrics: dict = {}
     model_dir = out / "model"
     final_eval: dict = {}
+    latest_eval, latest_eval_step = None, None
     window_start, window_steps = time.perf_counter(), 0
     steps_this_call = 0
     try:
-        while step < cfg.steps:
+        while step < cfg.steps and not meta.get("stopped_early"):
             local = next(iterator)
             meta["batch_digest"] = batch_digest(local, meta["batch_digest"])
-            batch = {name: global_batch_array(local[name], mesh) for name in ("tokens", "loss_mask")}
+            batch = {name: global_batch_array(local[name], mesh) for name in BATCH_FIELDS}
             state, metrics = jitted_step(state, teacher_params, batch)
             step += 1
             steps_this_call += 1
@@ -157,8 +158,12 @@ def run_stage(cfg: TrainConfig, *, stop_after: int | None = None, log: Callable[
             if progress is not None:
                 progress.update(1)
             if cfg.eval_every and cfg.eval_batches and step % cfg.eval_every == 0 and step < cfg.steps:
-                metrics_log.write({"step": step, "eval": evaluate(eval_steps, state.params, data, cfg, mesh)})
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                latest_eval, latest_eval_step = evaluate(eval_steps, state.params, data, cfg, mesh), step
+                metrics_log.write({"step": step, "eval": latest_eval})
+                if cfg.stop_at_accuracy and latest_eval.get("accuracy", 0.0) >= cfg.stop_at_accuracy:
+                    meta["stopped_early"] = True
+                    log(f"[{cfg.stage}] held-out accuracy {latest_eval['accuracy']:.3f} at step {step}: stopping")
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps or meta.get("stopped_early"):
                 check_finite(metrics, step)
                 meta["data"] = iterator.state()
                 checkpoints.save(step, state, dict(meta))
@@ -166,8 +171,11 @@ def run_stage(cfg: TrainConfig, *, stop_after: int | None = None, log: Callable[
             if stop_after is not None and steps_this_call >= stop_after and step < cfg.steps:
                 break
         checkpoints.wait()
-        if step >= cfg.steps:
-            if cfg.eval_batches:
+        finished = step >= cfg.steps or meta.get("stopped_early", False)
+        if finished:
+            if latest_eval is not None and latest_eval_step == step:
+                final_eval = latest_eval
+            elif cfg.eval_batches:
                 final_eval = evaluate(eval_steps, state.params, data, cfg, mesh)
                 metrics_log.write({"step": step, "eval": final_eval})
             host = _host_params(state.params)

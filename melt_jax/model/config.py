@@ -22,6 +22,14 @@ from melt_jax.model.chunking import check_chunk_size
 
 OURO_MODEL_TYPE = "ouro"
 
+# Fields that say how melt_jax computes a model, not what the model is: never in config.json.
+RUNTIME_FIELDS = ("dtype", "param_dtype", "remat")
+
+# What the backward pass recomputes of each decoder layer instead of keeping it from the forward
+# (melt_jax/model/remat.py; docs/melt.md, 'Rematerialisation'): nothing, everything, everything but
+# the outputs of the weight matmuls.
+REMAT_POLICIES = ("none", "full", "matmuls")
+
 # Fields of the HF config that must be present (the rest have upstream defaults).
 _REQUIRED_HF_FIELDS = (
     "vocab_size",
@@ -69,9 +77,10 @@ class OuroConfig:
     eos_token_id: int | None = 0
     use_cache: bool = True
     torch_dtype: str = "bfloat16"  # dtype of the stored weights, as written in config.json
-    # Runtime dtype policy of melt_jax (not in config.json).
+    # How melt_jax computes the model (RUNTIME_FIELDS: not in config.json).
     dtype: str = "float32"  # activations
     param_dtype: str = "float32"  # parameters
+    remat: str = "none"  # what the backward pass recomputes of each layer, one of REMAT_POLICIES
     # Fields of a config.json that this library does not use, kept for export.
     extra: dict = dataclasses.field(default_factory=dict, compare=False)
 
@@ -192,6 +201,8 @@ class OuroConfig:
             )
         for name in ("dtype", "param_dtype"):
             dtypes.lookup(getattr(self, name), error=ConfigError, what=f"config field {name}")
+        if self.remat not in REMAT_POLICIES:
+            raise ConfigError(f"config field remat must be one of {', '.join(REMAT_POLICIES)}, got {self.remat!r}")
         if self.rope_theta <= 0:
             raise ConfigError(f"config field rope_theta must be positive, got {self.rope_theta}")
 
@@ -210,7 +221,7 @@ class OuroConfig:
         missing = [f for f in _REQUIRED_HF_FIELDS if f not in hf]
         if missing:
             raise ConfigError(f"config.json is missing required field(s): {', '.join(missing)}")
-        own = {f.name for f in dataclasses.fields(cls)} - {"dtype", "param_dtype", "extra"}
+        own = {f.name for f in dataclasses.fields(cls)} - {*RUNTIME_FIELDS, "extra"}
         kwargs = {k: v for k, v in hf.items() if k in own}
         for key in ("eos_token_id", "bos_token_id", "pad_token_id"):
             if isinstance(kwargs.get(key), list):  # some exports store several stop ids
@@ -223,11 +234,11 @@ class OuroConfig:
             raise ConfigError(f"config.json: {e}") from None
 
     def to_hf_config(self) -> dict[str, Any]:
-        """The `config.json` dict of this config (runtime dtype policy left out)."""
+        """The `config.json` dict of this config (RUNTIME_FIELDS left out)."""
         out = dict(self.extra)
         out["model_type"] = self.model_type
         for f in dataclasses.fields(self):
-            if f.name in ("dtype", "param_dtype", "extra"):
+            if f.name in (*RUNTIME_FIELDS, "extra"):
                 continue
             value = getattr(self, f.name)
             if isinstance(value, tuple):

@@ -34,6 +34,7 @@ from melt_jax.model.layers import (
     apply_rope,
     rope_tables,
 )
+from melt_jax.model.remat import rematerialized
 from melt_jax.sharding import constrain
 
 Array = jax.Array
@@ -135,9 +136,10 @@ class OuroDecoderLayer(nn.Module):
 
 
 def scan_layers(layer_cls, config: OuroConfig, **layer_attrs):
-    """`layer_cls` repeated over config.num_layers with parameters stacked on a leading axis."""
+    """`layer_cls` repeated over config.num_layers with parameters stacked on a leading axis, its
+    backward pass recomputing what config.remat says (melt_jax.model.remat)."""
     return nn.scan(
-        layer_cls,
+        rematerialized(layer_cls, config.remat),
         variable_axes={"params": 0},
         split_rngs={"params": True},
         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),

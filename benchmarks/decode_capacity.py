@@ -1,0 +1,135 @@
+"""How many sequences of a context length one chip can decode: Ouro against MELT, compiled, never run.
+
+For each model, compiles the jit decode step (`melt_jax.inference.decoding.decode_step`, cache
+donated) on abstract bf16 shapes for one chip of a TPU topology (libtpu's compiler: no TPU needed;
+`pip install -e ".[tpu]"`) at batch 1, 2, 4, ... until the compiler refuses it, then bisects to the
+largest batch that fits. Prints per batch the weights, the KV cache, the step's temporaries (and
+their share of the cache) and the peak against the chip's memory; then the chunked prefill of one
+prompt of the context length (chunks of --chunk tokens) at batch 1.
+
+    python benchmarks/decode_capacity.py [--topology v6e:1x1] [--context 32768] [--chunk 512]
+        [--preset ouro-1.4b] [--max-batch 64] [--json FILE]
+
+Without --topology ("local") it compiles for this machine's first device, whose memory is unknown on
+CPU: the search then stops at --max-batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from melt_jax.aot import GIB, CompileReport, compile_and_measure, topology_devices
+from melt_jax.inference.decoding import _chunked_prefill, decode_step
+from melt_jax.model.config import MeltConfig, OuroConfig
+from melt_jax.model.exit import ExitPolicy
+from melt_jax.model.params import abstract_params
+from melt_jax.model.registry import model_for
+
+
+def models(preset: str, chunk: int) -> dict:
+    ouro = OuroConfig.preset(preset)
+    return {"Ouro": model_for(ouro), "MELT": model_for(MeltConfig.from_ouro(ouro, chunk_size=chunk))}
+
+
+def on_device(tree, device):
+    sharding = NamedSharding(Mesh([device], ("one",)), PartitionSpec())
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
+def nbytes(tree) -> int:
+    return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def decode_report(model, device, batch: int, context: int) -> tuple[CompileReport, int, int]:
+    """(report, weight bytes, cache bytes) of one decode step of `batch` rows over a `context` cache."""
+    params = on_device(abstract_params(model), device)
+    cache = on_device(jax.eval_shape(lambda: model.init_cache(batch, context)), device)
+    token = on_device(jax.ShapeDtypeStruct((batch,), jnp.int32), device)
+    report = compile_and_measure(lambda: decode_step.lower(model, params, token, cache), [device])
+    return report, nbytes(params), nbytes(cache)
+
+
+def prefill_report(model, device, context: int, chunk: int) -> CompileReport:
+    params = on_device(abstract_params(model), device)
+    cache = on_device(jax.eval_shape(lambda: model.init_cache(1, context)), device)
+    tokens = on_device(jax.ShapeDtypeStruct((1, context), jnp.int32), device)
+    return compile_and_measure(
+        lambda: _chunked_prefill.lower(model, params, tokens, cache, chunk, ExitPolicy()), [device]
+    )
+
+
+def largest_batch(model, device, context: int, max_batch: int, log) -> tuple[int, list[dict]]:
+    """The largest batch whose decode step fits (0: not even one), and a row per batch compiled."""
+    rows = []
+
+    def fits(batch: int) -> bool:
+        report, weights, cache = decode_report(model, device, batch, context)
+        row = dict(batch=batch, weights=weights, cache=cache, **report.as_dict())
+        rows.append(row)
+        log(row)
+        return report.fits
+
+    if not fits(1):
+        return 0, rows
+    good, batch = 1, 2
+    while batch <= max_batch and fits(batch):
+        good, batch = batch, batch * 2
+    bad = batch if batch <= max_batch else None
+    while bad is not None and bad - good > 1:
+        middle = (good + bad) // 2
+        good, bad = (middle, bad) if fits(middle) else (good, middle)
+    return good, rows
+
+
+def format_row(name: str, row: dict) -> str:
+    gib = lambda b: "-" if b is None else f"{b / GIB:.2f}"  # noqa: E731
+    share = "-" if row["temp"] is None else f"{100 * row['temp'] / row['cache']:.1f}%"
+    return (
+        f"| {name} | {row['batch']} | {gib(row['weights'])} | {gib(row['cache'])} | {gib(row['temp'])} | {share} | "
+        f"{gib(row['peak'])} | {'yes' if row['fits'] else 'no'} |"
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--topology", default="v6e:1x1", help='a TPU topology, or "local"')
+    parser.add_argument("--context", type=int, default=32768)
+    parser.add_argument("--chunk", type=int, default=512, help="prefill chunk (and MELT's chunk_size)")
+    parser.add_argument("--preset", default="ouro-1.4b")
+    parser.add_argument("--max-batch", type=int, default=64)
+    parser.add_argument("--json", help="also write the rows to this file")
+    args = parser.parse_args()
+
+    device = topology_devices(None if args.topology == "local" else args.topology)[0]
+    results = {}
+    print(f"## Decode at context {args.context:,} on one {device.device_kind} ({args.preset}, bf16)\n")
+    print("| model | batch | weights GiB | KV cache GiB | temporaries GiB | temp / cache | peak GiB | fits |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|")
+    for name, model in models(args.preset, args.chunk).items():
+        best, rows = largest_batch(model, device, args.context, args.max_batch, log=lambda r, n=name: None)
+        for row in sorted(rows, key=lambda r: r["batch"]):
+            print(format_row(name, row), flush=True)
+        prefill = prefill_report(model, device, args.context, args.chunk)
+        results[name] = dict(largest_batch=best, decode=rows, prefill=prefill.as_dict())
+    print()
+    for name, result in results.items():
+        prefill = result["prefill"]
+        where = f"peak {prefill['peak'] / GIB:.2f} GiB" if prefill["fits"] else f"does not fit ({prefill['error']})"
+        print(
+            f"- {name}: largest decode batch {result['largest_batch']}; chunked prefill of one "
+            f"{args.context:,}-token prompt (chunks of {args.chunk}): {where}"
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(vars(args), device=device.device_kind, results=results), f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

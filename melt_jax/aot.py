@@ -1,0 +1,208 @@
+"""Ahead-of-time compilation for the devices a program will run on, and what it costs them.
+
+A program lowered with abstract inputs (`jax.ShapeDtypeStruct`s sharded on a mesh) compiles for the
+devices of that mesh without running. With libtpu installed (the `tpu` extra), `topology_devices`
+gives the compile-only devices of any TPU topology ("v5p:2x2x2", "v6e:2x2", ...) on a machine with no
+TPU, and the TPU compiler then lays out the program for those chips: `memory_analysis()` gives the
+bytes each chip holds, and a program that does not fit a chip fails with RESOURCE_EXHAUSTED.
+`compile_and_measure` turns both outcomes into a `CompileReport`.
+
+Bytes are per device. XLA reports chip memory in binary units: the reports print GiB.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from melt_jax.errors import ConfigError
+
+GIB = 1024**3
+
+# The TPU compiler's message for a program that does not fit, e.g. "... exceeds available HBM (95.74G)".
+_AVAILABLE_HBM = re.compile(r"available HBM \((\d+(?:\.\d+)?)([KMGT])\)")
+_UNIT = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+def topology_devices(topology: str | None) -> list[jax.Device]:
+    """The devices a program is compiled for: this process's view of all devices when `topology` is
+    None, else the compile-only devices of the TPU topology named like "v5p:2x2x2" or "v6e:1x1"
+    (libtpu must be installed: `pip install -e ".[tpu]"`). ConfigError naming the topology when it is
+    unknown or libtpu is missing."""
+    if topology is None:
+        return list(jax.devices())
+    from jax.experimental import topologies
+
+    match = re.fullmatch(r"[a-z0-9]+:(\d+(?:x\d+)*)", topology)
+    if match is None:
+        raise ConfigError(f"TPU topology {topology!r} is not of the form 'v5p:2x2x2' (chip generation:chip grid)")
+    try:
+        return list(topologies.get_topology_desc(topology_name=topology, platform="tpu").devices)
+    except Exception as first:  # noqa: BLE001 - libtpu reports every problem as a runtime error
+        # A topology smaller than the default host (one chip, "v6e:1x1") is one host of its own size.
+        grid = [int(d) for d in match.group(1).split("x")]
+        bounds = (grid + [1, 1, 1])[:3]
+        try:
+            return list(
+                topologies.get_topology_desc(
+                    topology_name=topology, platform="tpu", chips_per_host_bounds=bounds
+                ).devices
+            )
+        except Exception:  # noqa: BLE001
+            pass
+        message = str(first).splitlines()[0] if str(first) else type(first).__name__
+        raise ConfigError(
+            f"cannot make devices of TPU topology {topology!r}: {message} "
+            '(libtpu comes with the tpu extra: pip install -e ".[tpu]")'
+        ) from None
+
+
+def _probe_capacity(device: jax.Device) -> int | None:
+    """The memory of one compile-only TPU chip, read from the compiler's message for a program that
+    cannot fit any chip (a 1 PiB output)."""
+    mesh = Mesh([device], ("one",))
+    too_big = jax.jit(
+        lambda: jnp.zeros((2**48,), jnp.float32), out_shardings=NamedSharding(mesh, PartitionSpec())
+    )  # 1 PiB
+    try:
+        too_big.lower().compile()
+    except Exception as e:  # noqa: BLE001
+        found = _AVAILABLE_HBM.search(str(e))
+        if found:
+            return int(float(found.group(1)) * _UNIT[found.group(2)])
+    return None
+
+
+@functools.cache
+def _capacity_of_kind(platform: str, device_kind: str, device: jax.Device) -> int | None:
+    return _probe_capacity(device) if platform == "tpu" else None
+
+
+def device_memory_bytes(device: jax.Device) -> int | None:
+    """Bytes one device can hold: the runtime's limit for a device of this process (GPU, TPU), the
+    compiler's for a compile-only TPU chip, None where neither says (CPU)."""
+    try:
+        stats = device.memory_stats()
+    except Exception:  # noqa: BLE001 - compile-only devices have no runtime statistics
+        stats = None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    return _capacity_of_kind(device.platform, device.device_kind, device)
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileReport:
+    """What one compiled program needs on each device (bytes), or why it did not compile.
+
+    peak = arguments + outputs - aliased (outputs that reuse donated argument buffers) + temporaries:
+    what the device holds at the program's high point. `capacity` is the device's memory (None when
+    unknown); `fits` is False when the compiler ran out of memory (then `error` holds its message and
+    the byte counts are None)."""
+
+    device_kind: str
+    num_devices: int
+    capacity: int | None
+    compile_seconds: float
+    fits: bool
+    argument: int | None = None
+    output: int | None = None
+    alias: int | None = None
+    temp: int | None = None
+    code: int | None = None
+    flops: float | None = None
+    error: str | None = None
+
+    @property
+    def peak(self) -> int | None:
+        if self.argument is None:
+            return None
+        return self.argument + self.output - self.alias + self.temp
+
+    def as_dict(self) -> dict:
+        return dict(dataclasses.asdict(self), peak=self.peak)
+
+    def lines(self) -> list[str]:
+        """The report as text lines, bytes in GiB."""
+        where = f"{self.num_devices} x {self.device_kind}"
+        capacity = "unknown" if self.capacity is None else f"{self.capacity / GIB:.2f} GiB"
+        head = [f"devices        {where}, memory per device {capacity}", f"compile        {self.compile_seconds:.1f} s"]
+        if not self.fits:
+            return [*head, "fits           NO", f"why            {self.error}"]
+        gib = format_bytes
+        body = [
+            f"arguments      {gib(self.argument)}",
+            f"outputs        {gib(self.output)}",
+            f"aliased        {gib(self.alias)}   (outputs in donated argument buffers)",
+            f"temporaries    {gib(self.temp)}",
+            f"peak           {gib(self.peak)}"
+            + ("" if self.capacity is None else f"   {100 * self.peak / self.capacity:.1f}% of the device"),
+            f"code           {gib(self.code)}",
+            f"flops          {self.flops:.4g} per device" if self.flops is not None else "flops          unknown",
+            "fits           yes",
+        ]
+        return head + body
+
+
+def format_bytes(num_bytes: int) -> str:
+    """Bytes in GiB, or MiB below 1 GiB, right-aligned to 10 places."""
+    if num_bytes >= GIB:
+        return f"{num_bytes / GIB:10.3f} GiB"
+    return f"{num_bytes / 1024**2:10.3f} MiB"
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    return "RESOURCE_EXHAUSTED" in str(error) or "Ran out of memory" in str(error)
+
+
+def _first_line_with(text: str, needle: str) -> str:
+    return next((line.strip() for line in text.splitlines() if needle in line), text.strip().splitlines()[0])
+
+
+def compile_and_measure(lower: Callable[[], jax.stages.Lowered], devices: Sequence[jax.Device]) -> CompileReport:
+    """Lowers and compiles a program (`lower()` returns it lowered for `devices`) and reports its
+    per-device memory, or that it does not fit; other compile errors propagate."""
+    capacity = device_memory_bytes(devices[0])
+    base = dict(device_kind=devices[0].device_kind, num_devices=len(devices), capacity=capacity)
+    started = time.perf_counter()
+    try:
+        compiled = lower().compile()
+    except Exception as e:  # noqa: BLE001 - only out-of-memory is an answer; the rest is re-raised
+        if not is_out_of_memory(e):
+            raise
+        seconds = time.perf_counter() - started
+        return CompileReport(**base, compile_seconds=seconds, fits=False, error=_first_line_with(str(e), "memory"))
+    seconds = time.perf_counter() - started
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) and cost else cost
+    flops = float(cost["flops"]) if cost and "flops" in cost else None
+    report = CompileReport(
+        **base,
+        compile_seconds=seconds,
+        fits=True,
+        argument=int(memory.argument_size_in_bytes),
+        output=int(memory.output_size_in_bytes),
+        alias=int(memory.alias_size_in_bytes),
+        temp=int(memory.temp_size_in_bytes),
+        code=int(memory.generated_code_size_in_bytes),
+        flops=flops,
+    )
+    if capacity is not None and report.peak > capacity:  # CPU/GPU compilers do not refuse such programs
+        return dataclasses.replace(
+            report,
+            fits=False,
+            error=f"peak {report.peak / GIB:.2f} GiB exceeds the device's {capacity / GIB:.2f} GiB",
+        )
+    return report
+
+
+def abstract_arrays(tree, shardings):
+    """ShapeDtypeStructs of `tree`'s leaves (arrays or ShapeDtypeStructs) carrying `shardings`."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

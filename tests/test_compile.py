@@ -1,0 +1,72 @@
+"""`melt-train compile`: a stage's real training step compiled ahead of time for this machine or for a
+TPU topology (libtpu's compiler, no TPU needed), its per-device memory, and the exit status that says
+whether it fits."""
+
+import json
+
+import pytest
+
+from melt_jax.aot import CompileReport, topology_devices
+from melt_jax.errors import ConfigError
+from melt_jax.model.config import MeltConfig, OuroConfig
+from melt_jax.train.cli import main as train_main
+from melt_jax.train.compile import compile_stage
+from melt_jax.train.config import load_train_config
+
+TINY = ["model=tiny", "vocab_size=258", "data.seq_len=64", "batch_size=8", "progress=false"]
+FSDP = ["mesh.data=1", "mesh.fsdp=-1"]
+
+
+def test_compile_on_this_machine_without_checkpoints(tmp_path, capsys):
+    """A MELT phase-2 step compiles from configs alone: the teacher a preset-shaped config.json, the
+    phase-1 student a MELT config.json; nothing is read or trained, nothing is written."""
+    teacher = OuroConfig.preset("tiny", vocab_size=258)
+    (tmp_path / "teacher.json").write_text(teacher.to_json_string())
+    (tmp_path / "student.json").write_text(MeltConfig.from_ouro(teacher).to_json_string())
+    args = ["compile", "stage=melt_phase2", f"teacher={tmp_path / 'teacher.json'}"]
+    args += [f"init_from={tmp_path / 'student.json'}", "chunk_size=16", f"output_dir={tmp_path / 'run'}", *TINY]
+    assert train_main(args) == 0
+    out = capsys.readouterr().out
+    for line in ("arguments", "temporaries", "peak", "flops", "fits           yes"):
+        assert line in out, out
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture(scope="module")
+def v5p_reports():
+    """LoopLM Stage I of the tiny model on a v5p with 4 chips (fsdp over all of them), at two lengths."""
+    reports = {}
+    for seq_len in (128, 256):
+        cfg = load_train_config(None, [*TINY, *FSDP, f"data.seq_len={seq_len}", "remat=full"])
+        reports[seq_len] = compile_stage(cfg, "v5p:2x2x1")
+    return reports
+
+
+def test_tpu_topology_compile_reports_per_chip_memory(v5p_reports):
+    report = v5p_reports[128]
+    assert isinstance(report, CompileReport) and report.fits
+    assert report.num_devices == 4 and report.device_kind.startswith("TPU v5")
+    assert report.capacity is not None and 90 * 2**30 < report.capacity < 100 * 2**30  # v5p: 95.74 GiB
+    assert report.peak == report.argument + report.output - report.alias + report.temp
+    assert report.alias > 0  # the donated state is updated in place
+    assert report.flops and report.flops > 0
+    json.dumps(report.as_dict())  # the report serialises
+
+
+def test_a_program_too_large_for_the_chip_exits_1(capsys):
+    """Logits of a 65,536-token vocabulary for 64 x 2,048 tokens do not fit a 15.75 GiB v5e chip."""
+    args = ["compile", "model=tiny", "vocab_size=65536", "batch_size=64", "data.seq_len=2048", *FSDP]
+    assert train_main([*args, "--topology", "v5e:2x2"]) == 1
+    out = capsys.readouterr().out
+    assert "fits           NO" in out and "RESOURCE_EXHAUSTED" in out, out
+
+
+def test_bad_topologies_exit_2(capsys):
+    assert train_main(["compile", *TINY, "--topology", "v99:2x2"]) == 2
+    assert "v99:2x2" in capsys.readouterr().err
+    assert train_main(["compile", *TINY, "--topology", "2x2x2"]) == 2
+    assert "not of the form" in capsys.readouterr().err
+    assert train_main(["stage", *TINY, "--topology", "v5p:2x2x1"]) == 2
+    assert "--topology is an option of melt-train compile" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="v6e:3x3x3x3"):
+        topology_devices("v6e:3x3x3x3")
