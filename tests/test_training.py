@@ -108,6 +108,46 @@ def assert_params_close(a, b, atol=TOL):
 # Objectives
 
 
+def test_loop_losses_in_blocks_equal_whole_loops(teacher_dir, monkeypatch):
+    """Per-loop CE and KD computed in sequence blocks (5 positions, so 31 predictions make 7 blocks, the
+    last one padded) equal the whole-loop computation, values and gradients."""
+    from melt_jax.train import objectives
+
+    config, params = load_params(teacher_dir)
+    model = OuroModel(config)
+    tokens = jnp.asarray(np.random.default_rng(5).integers(0, config.vocab_size, size=(2, SEQ)), jnp.int32)
+
+    def losses(params):
+        hidden = model.apply({"params": params}, tokens, exit_policy=None).loop_hidden  # [T, B, S, H]
+        ce = objectives.loop_cross_entropies(model, params, hidden, tokens)  # [T, B, S-1]
+        distillation = Distillation(MeltModel(melt_from_ouro(config, params)[0]), model)
+        kl = distillation.loop_kl(melt_from_ouro(config, params)[1], params, hidden[::-1], hidden)
+        return ce, kl
+
+    def direct(params):
+        hidden = model.apply({"params": params}, tokens, exit_policy=None).loop_hidden
+        logits = model.apply({"params": params}, hidden[:, :, :-1], method=OuroModel.logits)  # [T, B, S-1, V]
+        log_probs = jax.nn.log_softmax(logits, axis=-1)
+        ce = -jnp.take_along_axis(log_probs, jnp.broadcast_to(tokens[None, :, 1:, None], ce_shape + (1,)), -1)[..., 0]
+        kl = objectives.kl_divergence(jax.lax.stop_gradient(logits), logits[::-1])  # the teacher is frozen
+        return ce, kl
+
+    ce_shape = (config.num_loops, 2, SEQ - 1)
+    monkeypatch.setattr(objectives, "LOSS_BLOCK", 5)
+    blocked = losses(params)
+    expected = direct(params)
+    for got, want in zip(blocked, expected):
+        assert got.shape == ce_shape
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    weights = jnp.linspace(0.5, 1.5, SEQ - 1)
+
+    def scalar(fn):
+        return lambda p: sum(jnp.sum(x * weights) for x in fn(p))
+
+    blocked_grads, direct_grads = jax.grad(scalar(losses))(params), jax.grad(scalar(direct))(params)
+    assert_params_close(blocked_grads, direct_grads, atol=1e-4)
+
+
 def test_phase1_at_alpha_zero_is_the_teacher(teacher_dir):
     config, teacher = load_params(teacher_dir)
     melt_config, student = melt_from_ouro(config, teacher, chunk_size=CHUNK)

@@ -6,8 +6,10 @@ where batch = {"tokens": int32 [B, S], "loss_mask": float32 [B, S]}; loss_mask[b
 prediction of tokens[b, s] from tokens[b, :s] (column 0 is never predicted). The prediction made at
 position s is weighted by loss_mask[:, s + 1], so per-position terms below are [.., B, S-1].
 
-Per-loop logits [B, S, V] are computed one loop at a time under `jax.checkpoint` (`map_loops`): the
-backward pass keeps only the loop's hidden state [B, S, H], never [T, B, S, V].
+Per-loop logits are computed for one loop and one block of at most LOSS_BLOCK positions at a time,
+under `jax.checkpoint` (`map_loop_blocks`): neither pass holds more than [B, LOSS_BLOCK, V] of them
+(at 10,000 tokens and a 49,152-token vocabulary a whole loop would be 2 GB of float32 per sequence),
+and the backward pass keeps only the hidden states.
 """
 
 from __future__ import annotations
@@ -28,9 +30,41 @@ Array = jax.Array
 Batch = dict[str, Array]
 
 
-def map_loops(fn: Callable[..., Array], *per_loop: Array) -> Array:
-    """[fn(x_0[t], x_1[t], ...) for t] stacked on a leading axis, recomputed in the backward pass."""
-    return jax.lax.map(jax.checkpoint(lambda xs: fn(*xs)), per_loop)
+# Positions per block of the per-loop logits (see the module docstring).
+LOSS_BLOCK = 1024
+
+
+def map_loop_blocks(fn: Callable[..., Array], per_loop: tuple[Array, ...], shared: tuple[Array, ...] = ()) -> Array:
+    """fn(*per_loop[t], *shared) for every loop t, computed block by block along the sequence:
+    per_loop arrays are [T, B, S, ...], shared ones [B, S, ...], fn maps [B, s, ...] slices of them to
+    [B, s]; returns [T, B, S]. Each (loop, block) is recomputed in the backward pass, so only the
+    inputs are kept. Blocks hold LOSS_BLOCK positions; the sequence is padded to whole blocks."""
+    num_loops, batch, seq = per_loop[0].shape[:3]
+    block = min(seq, LOSS_BLOCK)
+    num_blocks = -(-seq // block)
+    pad = num_blocks * block - seq
+
+    def blocks(x: Array, leading: int) -> Array:  # [*lead, B, S, ...] -> [*lead, n, B, block, ...]
+        x = jnp.pad(x, [(0, 0)] * (leading + 1) + [(0, pad)] + [(0, 0)] * (x.ndim - leading - 2))
+        x = x.reshape(*x.shape[: leading + 1], num_blocks, block, *x.shape[leading + 2 :])
+        return jnp.moveaxis(x, leading + 1, leading)
+
+    def loop_major(x: Array) -> Array:  # [T, B, S, ...] -> [T * n, B, block, ...]
+        x = blocks(x, 1)
+        return x.reshape(num_loops * num_blocks, *x.shape[2:])
+
+    loop_blocks = [loop_major(x) for x in per_loop]
+    shared_blocks = [blocks(x, 0) for x in shared]  # [n, B, block, ...]
+    block_index = jnp.tile(jnp.arange(num_blocks), num_loops)  # [T * n]
+
+    def one(xs):
+        index, *loop_slices = xs
+        shared_slices = [x[index] for x in shared_blocks]
+        return fn(*loop_slices, *shared_slices)
+
+    out = jax.lax.map(jax.checkpoint(one), (block_index, *loop_blocks))  # [T * n, B, block]
+    out = out.reshape(num_loops, num_blocks, batch, block)
+    return jnp.moveaxis(out, 1, 2).reshape(num_loops, batch, num_blocks * block)[:, :, :seq]
 
 
 def token_weights(batch: Batch) -> Array:
@@ -54,11 +88,11 @@ def kl_divergence(teacher_logits: Array, student_logits: Array) -> Array:
 def loop_cross_entropies(model: OuroModel, params, loop_hidden: Array, tokens: Array) -> Array:
     """Next-token loss of every loop: loop_hidden [T, B, S, H] -> float32 [T, B, S-1]."""
 
-    def one_loop(hidden):  # [B, S, H]
-        logits = model.apply({"params": params}, hidden[:, :-1], method=OuroModel.logits)
-        return -target_log_probs(logits, tokens[:, 1:])
+    def one_block(hidden, targets):  # [B, s, H], [B, s]
+        logits = model.apply({"params": params}, hidden, method=OuroModel.logits)
+        return -target_log_probs(logits, targets)
 
-    return map_loops(one_loop, loop_hidden)
+    return map_loop_blocks(one_block, (loop_hidden[:, :, :-1],), (tokens[:, 1:],))
 
 
 def exit_entropy(exit_pdf: Array) -> Array:
@@ -160,12 +194,13 @@ class Distillation:
         """KL(teacher_t || student_t) of every loop's next-token distributions: [T, B, S-1]."""
         teacher_params = jax.lax.stop_gradient(teacher_params)
 
-        def one_loop(student_h, teacher_h):  # [B, S, H]
-            student_logits = self.student.apply({"params": params}, student_h[:, :-1], method=MeltModel.logits)
-            teacher_logits = self.teacher.apply({"params": teacher_params}, teacher_h[:, :-1], method=OuroModel.logits)
+        def one_block(student_h, teacher_h):  # [B, s, H]
+            student_logits = self.student.apply({"params": params}, student_h, method=MeltModel.logits)
+            teacher_logits = self.teacher.apply({"params": teacher_params}, teacher_h, method=OuroModel.logits)
             return kl_divergence(teacher_logits, student_logits)
 
-        return map_loops(one_loop, student_hidden, jax.lax.stop_gradient(teacher_hidden))
+        teacher_hidden = jax.lax.stop_gradient(teacher_hidden)
+        return map_loop_blocks(one_block, (student_hidden[:, :, :-1], teacher_hidden[:, :, :-1]))
 
 
 def phase1_loss(distillation: Distillation, params, teacher_params, batch: Batch, alpha: Array) -> tuple[Array, dict]:
