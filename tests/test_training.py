@@ -497,6 +497,18 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, teacher_dir
     assert all(np.isfinite(r["loss"]) for r in records if r["step"] <= step)
 
 
+def test_profile_steps_write_a_trace(tmp_path, teacher_dir, model_json):
+    out = tmp_path / "profiled"
+    fields = stage_overrides("looplm", out, teacher_dir, model_json) + ["steps=3", "profile_steps=2:3", *MESH_1]
+    messages = []
+    run_stage(load_train_config(None, fields), log=messages.append)
+    assert list((out / "profile").rglob("*.xplane.pb")), list((out / "profile").rglob("*"))
+    assert any("profile of steps 2..3" in m for m in messages)
+    for bad, match in (("2-3", "must be START:END"), ("3:2", "need 1 <= START <= END"), ("1:4", "<= steps")):
+        with pytest.raises(RunConfigError, match=match):
+            load_train_config(None, [*fields, f"profile_steps={bad}"])
+
+
 def test_stop_at_accuracy_ends_the_stage_and_a_rerun_keeps_it(tmp_path, teacher_dir, model_json, monkeypatch):
     """A stage with stop_at_accuracy ends at the first evaluation that reaches it (the held-out accuracy
     is faked: a random model's is ~0), saves its checkpoint and model there, and running it again

@@ -92,6 +92,7 @@ class TrainConfig:
     stop_at_accuracy: float = 0.0
     eval_batches: int = 4  # 0: no evaluation
     checkpoint_every: int = 50
+    profile_steps: str = ""  # "START:END": a jax.profiler trace of steps START..END in output_dir/profile
     keep_checkpoints: int = 2
     async_checkpoints: bool = True
     progress: bool = True
@@ -99,6 +100,10 @@ class TrainConfig:
     optimizer: OptimizerConfig = OptimizerConfig()
     mesh: MeshConfig = MeshConfig()
     data: DataConfig = DataConfig()
+
+    def profile_range(self) -> tuple[int, int] | None:
+        """(first, last) step of `profile_steps`, counted from 1; None when not profiling."""
+        return _parse_profile_steps(self.profile_steps, self.steps)
 
     def validate(self) -> TrainConfig:
         if self.stage not in STAGES:
@@ -127,6 +132,7 @@ class TrainConfig:
                 "stop_at_accuracy needs eval_every > 0, eval_batches > 0 and data.source=synthetic "
                 "(the accuracy is measured on the synthetic task's held-out examples)"
             )
+        self.profile_range()
         if self.remat not in REMAT_POLICIES:
             raise RunConfigError(f"remat must be one of {', '.join(REMAT_POLICIES)}, got {self.remat!r}")
         if self.gate not in GATES:
@@ -142,6 +148,18 @@ class TrainConfig:
         if self.stage in ("exit_gate", "melt_phase2") and not self.init_from:
             raise RunConfigError(f"stage {self.stage} needs init_from= (the checkpoint to continue from)")
         return self
+
+
+def _parse_profile_steps(text: str, total_steps: int) -> tuple[int, int] | None:
+    if not text:
+        return None
+    parts = text.split(":")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise RunConfigError(f"profile_steps must be START:END (step numbers, e.g. 10:12), got {text!r}")
+    start, end = int(parts[0]), int(parts[1])
+    if not 1 <= start <= end <= total_steps:
+        raise RunConfigError(f"profile_steps {text!r}: need 1 <= START <= END <= steps ({total_steps})")
+    return start, end
 
 
 def _field_types(cls) -> dict[str, Any]:

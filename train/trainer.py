@@ -138,12 +138,21 @@ def run_stage(cfg: TrainConfig, *, stop_after: int | None = None, log: Callable[
     window_start, window_steps = time.perf_counter(), 0
     steps_this_call = 0
     try:
+        profile, tracing = cfg.profile_range(), False
         while step < cfg.steps and not meta.get("stopped_early"):
+            if profile is not None and step + 1 == profile[0] and is_main:
+                jax.profiler.start_trace(str(out / "profile"))
+                tracing = True
             local = next(iterator)
             meta["batch_digest"] = batch_digest(local, meta["batch_digest"])
             batch = {name: global_batch_array(local[name], mesh) for name in BATCH_FIELDS}
             state, metrics = jitted_step(state, teacher_params, batch)
             step += 1
+            if profile is not None and step == profile[1] and is_main:
+                jax.block_until_ready(state)
+                jax.profiler.stop_trace()
+                tracing = False
+                log(f"[{cfg.stage}] profile of steps {profile[0]}..{profile[1]} in {out / 'profile'}")
             steps_this_call += 1
             window_steps += 1
             meta["tokens_seen"] += tokens_per_step
@@ -183,6 +192,8 @@ def run_stage(cfg: TrainConfig, *, stop_after: int | None = None, log: Callable[
                 save_params(model_dir, task.config, host, overwrite=True)
             multihost_utils.sync_global_devices("model saved")
     finally:
+        if tracing:
+            jax.profiler.stop_trace()
         if progress is not None:
             progress.close()
         checkpoints.close()
