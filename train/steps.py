@@ -98,9 +98,9 @@ def train_step(loss: Callable, optimizer, state: TrainState, teacher_params, bat
 
 def make_train_step(task: Task, optimizer, state_shardings, teacher_shardings, mesh):
     """The jitted `train_step` (state, teacher_params, batch) -> (state, metrics); the state is donated
-    and the activations are sharded by the logical rules."""
+    and the activations are sharded by the logical rules. A batch holds the arrays `task.batch_fields`."""
     step = functools.partial(train_step, task.loss, optimizer)
-    batch_shardings = {"tokens": batch_sharding(mesh), "loss_mask": batch_sharding(mesh)}
+    batch_shardings = {name: batch_sharding(mesh) for name in task.batch_fields}
     jitted = jax.jit(
         step,
         in_shardings=(state_shardings, teacher_shardings, batch_shardings),

@@ -31,7 +31,8 @@ from melt_jax.train.objectives import (
 class Task:
     """The trained model, its starting params (None for a fresh init; arrays read sharded from a
     checkpoint, or host arrays for new MELT gates), its loss `loss(params, teacher_params, batch,
-    step) -> (loss, metrics)` and the frozen teacher if any (sharded on the mesh)."""
+    step) -> (loss, metrics)`, the frozen teacher if any (sharded on the mesh), and the fields of a
+    training batch (`batch_fields`: "segment_ids" too when documents attend only within themselves)."""
 
     config: OuroConfig
     model: OuroModel
@@ -39,6 +40,7 @@ class Task:
     loss: Callable
     trainable: str = "all"
     teacher_params: dict | None = None
+    batch_fields: tuple[str, ...] = ("tokens", "loss_mask")
 
 
 def _model_config(cfg: TrainConfig) -> OuroConfig:
@@ -85,28 +87,31 @@ def _load_checkpoint(path: str, model_type: str, field: str, dtype: str, mesh) -
 
 def build_task(cfg: TrainConfig, mesh) -> Task:
     """The model, starting params and loss of the stage `cfg.stage`; checkpoints are read sharded on
-    `mesh`."""
+    `mesh`. Every model computes attention as `cfg.attention` says."""
     dtype = cfg.dtype
+    batch_fields = ("tokens", "loss_mask", "segment_ids") if cfg.data.isolate_documents else ("tokens", "loss_mask")
     if cfg.stage in ("looplm", "exit_gate"):
         if cfg.init_from:
             config, params = _load_checkpoint(cfg.init_from, "ouro", "init_from", dtype, mesh)
         else:
             config, params = _model_config(cfg), None
+        config = config.replace(attention=cfg.attention)
         model = model_for(config)
         if cfg.stage == "looplm":
             loss = lambda p, t, batch, step: looplm_loss(model, p, batch, cfg.beta)  # noqa: E731
-            return Task(config, model, params, loss)
+            return Task(config, model, params, loss, batch_fields=batch_fields)
         loss = lambda p, t, batch, step: exit_gate_loss(model, p, batch)  # noqa: E731
-        return Task(config, model, params, loss, trainable="exit_gate")
+        return Task(config, model, params, loss, trainable="exit_gate", batch_fields=batch_fields)
 
     teacher_config, teacher_params = _load_checkpoint(cfg.teacher, "ouro", "teacher", dtype, mesh)
+    teacher_config = teacher_config.replace(attention=cfg.attention)
     if cfg.init_from:
         config, params = _load_checkpoint(cfg.init_from, "melt", "init_from", dtype, mesh)
     else:
         config, params = melt_from_ouro(
             teacher_config, teacher_params, gate_bias_init=cfg.gate_bias_init, gate=cfg.gate
         )
-    config = config.replace(chunk_size=cfg.chunk_size)
+    config = config.replace(chunk_size=cfg.chunk_size, attention=cfg.attention)
     _check_same_shapes(params, teacher_params, f"teacher {cfg.teacher}")
     distillation = Distillation(model_for(config), model_for(teacher_config), cfg.forward)
     if cfg.stage == "melt_phase1":
@@ -120,4 +125,4 @@ def build_task(cfg: TrainConfig, mesh) -> Task:
         def loss(p, t, batch, step):
             return phase2_loss(distillation, p, t, batch, cfg.align_beta)
 
-    return Task(config, distillation.student, params, loss, teacher_params=teacher_params)
+    return Task(config, distillation.student, params, loss, teacher_params=teacher_params, batch_fields=batch_fields)

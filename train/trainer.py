@@ -140,7 +140,7 @@ def run_stage(cfg: TrainConfig, *, stop_after: int | None = None, log: Callable[
         while step < cfg.steps:
             local = next(iterator)
             meta["batch_digest"] = batch_digest(local, meta["batch_digest"])
-            batch = {name: global_batch_array(local[name], mesh) for name in ("tokens", "loss_mask")}
+            batch = {name: global_batch_array(local[name], mesh) for name in task.batch_fields}
             state, metrics = jitted_step(state, teacher_params, batch)
             step += 1
             steps_this_call += 1

@@ -1,9 +1,11 @@
 """Model configuration: the Ouro (LoopLM) config, read from and written to Hugging Face `config.json`.
 
-`OuroConfig` holds every field of the upstream `config.json` (model_type "ouro") plus the runtime dtype
-policy of this library (`dtype` for activations, `param_dtype` for parameters), which is not part of
-the Hugging Face file. Unknown extra fields of a `config.json` are kept in `extra` and written back by
-`to_hf_config`, so that import followed by export reproduces the file.
+`OuroConfig` holds every field of the upstream `config.json` (model_type "ouro") plus the runtime
+policy of this library (RUNTIME_FIELDS: `dtype` for activations, `param_dtype` for parameters, and how
+attention is computed, `attention` with its block sizes), which is not part of the Hugging Face file:
+it changes how the model computes, not what (melt_jax checkpoints keep it in melt_jax.json). Unknown
+extra fields of a `config.json` are kept in `extra` and written back by `to_hf_config`, so that import
+followed by export reproduces the file.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import jax.numpy as jnp
 
 from melt_jax import dtypes
 from melt_jax.errors import ConfigError
+from melt_jax.model.attention import DEFAULT_BLOCK, Implementation, check_implementation
 from melt_jax.model.chunking import check_chunk_size
 
 OURO_MODEL_TYPE = "ouro"
@@ -30,6 +33,9 @@ _REQUIRED_HF_FIELDS = (
     "num_hidden_layers",
     "num_attention_heads",
 )
+
+# Fields of melt_jax's runtime policy: not written to config.json, not read from it.
+RUNTIME_FIELDS = ("dtype", "param_dtype", "attention", "attention_query_block", "attention_key_block")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,9 +75,14 @@ class OuroConfig:
     eos_token_id: int | None = 0
     use_cache: bool = True
     torch_dtype: str = "bfloat16"  # dtype of the stored weights, as written in config.json
-    # Runtime dtype policy of melt_jax (not in config.json).
+    # Runtime policy of melt_jax (RUNTIME_FIELDS, not in config.json).
     dtype: str = "float32"  # activations
     param_dtype: str = "float32"  # parameters
+    # How attention is computed (melt_jax/model/attention.py): "xla" (dense, the default), "blockwise"
+    # (never builds S x M logits) or "auto" (dense for short sequences, blockwise for long ones).
+    attention: str = "xla"
+    attention_query_block: int = DEFAULT_BLOCK  # blockwise: queries per block (clipped to the sequence)
+    attention_key_block: int = DEFAULT_BLOCK  # blockwise: keys per block
     # Fields of a config.json that this library does not use, kept for export.
     extra: dict = dataclasses.field(default_factory=dict, compare=False)
 
@@ -115,6 +126,11 @@ class OuroConfig:
     @property
     def jnp_param_dtype(self):
         return dtypes.jnp_dtype(self.param_dtype)
+
+    @property
+    def attention_implementation(self) -> Implementation:
+        """How the model's attention is computed (the `attention*` fields)."""
+        return Implementation(self.attention, self.attention_query_block, self.attention_key_block)
 
     def replace(self, **changes) -> OuroConfig:
         return dataclasses.replace(self, **changes)
@@ -192,6 +208,9 @@ class OuroConfig:
             )
         for name in ("dtype", "param_dtype"):
             dtypes.lookup(getattr(self, name), error=ConfigError, what=f"config field {name}")
+        check_implementation(
+            self.attention, self.attention_query_block, self.attention_key_block, "config field attention"
+        )
         if self.rope_theta <= 0:
             raise ConfigError(f"config field rope_theta must be positive, got {self.rope_theta}")
 
@@ -210,7 +229,7 @@ class OuroConfig:
         missing = [f for f in _REQUIRED_HF_FIELDS if f not in hf]
         if missing:
             raise ConfigError(f"config.json is missing required field(s): {', '.join(missing)}")
-        own = {f.name for f in dataclasses.fields(cls)} - {"dtype", "param_dtype", "extra"}
+        own = {f.name for f in dataclasses.fields(cls)} - {*RUNTIME_FIELDS, "extra"}
         kwargs = {k: v for k, v in hf.items() if k in own}
         for key in ("eos_token_id", "bos_token_id", "pad_token_id"):
             if isinstance(kwargs.get(key), list):  # some exports store several stop ids
@@ -223,11 +242,11 @@ class OuroConfig:
             raise ConfigError(f"config.json: {e}") from None
 
     def to_hf_config(self) -> dict[str, Any]:
-        """The `config.json` dict of this config (runtime dtype policy left out)."""
+        """The `config.json` dict of this config (runtime policy, RUNTIME_FIELDS, left out)."""
         out = dict(self.extra)
         out["model_type"] = self.model_type
         for f in dataclasses.fields(self):
-            if f.name in ("dtype", "param_dtype", "extra"):
+            if f.name in (*RUNTIME_FIELDS, "extra"):
                 continue
             value = getattr(self, f.name)
             if isinstance(value, tuple):
