@@ -23,9 +23,9 @@ Implementations (`Implementation.name`, the model config's `attention` field):
 - "auto": "xla" while the dense logits of one head, S * M, stay within AUTO_DENSE_MAX_LOGITS
   (131,072: 512 KiB of float32 per head), "blockwise" above. Measured on CPU (forward and gradient,
   4 query and 2 kv heads of 64): blockwise is as fast as dense up to 256 x 256, 1.6x faster at
-  512 x 512 and 2-3x at 1,024-2,048 tokens (benchmarks/attention_speed.py), but 2-6x slower for a
-  few queries over a long cache (decoding: 1 x 32,768 keys, 8 x 4,096), where dense logits are
-  small anyway. Counting logits rather than keys keeps decoding dense.
+  512 x 512, 2-3x at 1,024-2,048 tokens and ~4x at 8,192 (benchmarks/attention_speed.py), but 2-6x
+  slower for a few queries over a long cache (decoding: 1 x 32,768 keys, 8 x 4,096), where dense
+  logits are small anyway. Counting logits rather than keys keeps decoding dense.
 
 Both give the same values to float32 rounding. A query that sees no key at all gets the uniform
 average of all values from "xla" and zeros from "blockwise"; no attention path of the models has such

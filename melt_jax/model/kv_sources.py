@@ -27,7 +27,7 @@ melt_jax.model.attention (`attend` or `attend_earlier_and_own`), so every path r
 blockwise alike and a source built by a caller follows the model it is passed to. The layer also
 passes the tokens' `segment_ids` [B, S] (packed documents; None without): sources whose keys are the
 tokens in flight, or their pass-1 rows (`EarlierRows`), use them for the keys as well; the slot caches
-take their slots' ids [B, S_max] as a field (`SlotCache(segment_ids)`). See docs/melt.md, 'Attention
+take their slots' ids [B, S_max] as a field (`SlotCache(slot_segment_ids)`). See docs/melt.md, 'Attention
 implementations'.
 
 Adding a source: a subclass of `KVSource` here with `check` and `attend`; a model uses it when a
@@ -123,7 +123,7 @@ def _cache_mask(slot_segments: Array | None, positions: Array, max_length: int, 
         if segment_ids is not None:
             raise ConfigError(
                 "segment ids over a cache need the segment ids of its slots: pass them to the KV source "
-                "(SlotCache(segment_ids=...) or InterpolatedSlotCache(alpha, segment_ids=...))"
+                "(SlotCache(slot_segment_ids=...) or InterpolatedSlotCache(alpha, slot_segment_ids=...))"
             )
         return slot_mask(positions, max_length)
     if segment_ids is None:
@@ -174,10 +174,10 @@ class OwnTokens(KVSource):
 class SlotCache(KVSource):
     """A KVCache: the rows are written into the slot array of this (loop, layer) at their positions,
     and the queries attend to that whole slot array (slots past a query's position are masked).
-    `segment_ids` [B, S_max]: the segment id of every slot, for segment-masked attention over the cache
-    (the chunked training forward knows them for the whole sequence in advance)."""
+    `slot_segment_ids` [B, S_max]: the segment id of every slot, for segment-masked attention over the
+    cache (the chunked training forward knows them for the whole sequence in advance)."""
 
-    segment_ids: Array | None = None
+    slot_segment_ids: Array | None = None
 
     def check(self, cache) -> None:
         if not isinstance(cache, KVCache):
@@ -189,7 +189,7 @@ class SlotCache(KVSource):
         slot = slot_index(cache, layer_index, loop_index)
         k_all = write_rows(cache.k, slot, rows.k, positions)
         v_all = write_rows(cache.v, slot, rows.v, positions)
-        mask = _cache_mask(self.segment_ids, positions, cache.max_length, segment_ids)
+        mask = _cache_mask(self.slot_segment_ids, positions, cache.max_length, segment_ids)
         attended = attend(q, k_all[slot], v_all[slot], mask, implementation=implementation, kv_heads_first=True)
         return attended, cache.replace(k=k_all, v=v_all)
 
@@ -212,10 +212,11 @@ class InterpolatedTokens(KVSource):
 class InterpolatedSlotCache(KVSource):
     """An InterpolatedCache, phase-1 interpolation: MELT's rows go to the MELT cache's slot array of
     the layer, Ouro's to the Ouro cache's slot array of (loop, layer), and the queries attend to the
-    two slot arrays mixed alpha * MELT + (1 - alpha) * Ouro. `segment_ids` [B, S_max] as in SlotCache."""
+    two slot arrays mixed alpha * MELT + (1 - alpha) * Ouro. `slot_segment_ids` [B, S_max] as in
+    SlotCache."""
 
     alpha: Array
-    segment_ids: Array | None = None
+    slot_segment_ids: Array | None = None
     interpolates: ClassVar[bool] = True
 
     def check(self, cache) -> None:
@@ -234,7 +235,7 @@ class InterpolatedSlotCache(KVSource):
         keys = interpolate(self.alpha, melt_k[melt_slot], ouro_k[ouro_slot])  # [B, K, S_max, D]
         values = interpolate(self.alpha, melt_v[melt_slot], ouro_v[ouro_slot])
         cache = InterpolatedCache(melt=melt.replace(k=melt_k, v=melt_v), ouro=ouro.replace(k=ouro_k, v=ouro_v))
-        mask = _cache_mask(self.segment_ids, positions, melt.max_length, segment_ids)
+        mask = _cache_mask(self.slot_segment_ids, positions, melt.max_length, segment_ids)
         return attend(q, keys, values, mask, implementation=implementation, kv_heads_first=True), cache
 
 
