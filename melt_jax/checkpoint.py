@@ -3,7 +3,8 @@
 Layout of a checkpoint directory:
 
     config.json     the Hugging Face config of the model (`config.to_json_string()`)
-    melt_jax.json   the runtime dtype policy (`dtype`, `param_dtype`), which config.json does not hold
+    melt_jax.json   the runtime policy (`dtype`, `param_dtype`, `attention` and its block sizes: the
+                    config's RUNTIME_FIELDS), which config.json does not hold
     params/         the params pytree (the content of flax's 'params' collection), an orbax checkpoint
 
 Directories are written atomically: everything goes into a temporary sibling directory that is renamed
@@ -29,7 +30,7 @@ import orbax.checkpoint as ocp
 
 from melt_jax import dtypes
 from melt_jax.errors import CheckpointError, ConfigError
-from melt_jax.model.config import OuroConfig
+from melt_jax.model.config import RUNTIME_FIELDS, OuroConfig
 from melt_jax.model.registry import config_from_json_file
 from melt_jax.sharding import param_sharding
 
@@ -230,12 +231,8 @@ def save_params(path: str | os.PathLike, config: OuroConfig, params: Any, *, ove
     """
     with atomic_directory(path, overwrite=overwrite) as tmp:
         (tmp / CONFIG_FILE).write_text(config.to_json_string())
-        runtime = {
-            "format": _FORMAT,
-            "version": _FORMAT_VERSION,
-            "dtype": config.dtype,
-            "param_dtype": config.param_dtype,
-        }
+        runtime = {"format": _FORMAT, "version": _FORMAT_VERSION}
+        runtime.update({name: getattr(config, name) for name in RUNTIME_FIELDS})
         (tmp / RUNTIME_FILE).write_text(json.dumps(runtime, indent=2) + "\n")
         save_tree(tmp / PARAMS_DIR, params)
 
@@ -273,11 +270,12 @@ def load_config(path: str | os.PathLike, dtype: str | None = None) -> OuroConfig
             runtime = json.loads((path / RUNTIME_FILE).read_text())
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{path / RUNTIME_FILE} is not valid JSON: {e}") from None
+    # A checkpoint written before a runtime field existed gets the field's default.
+    policy = {k: runtime[k] for k in RUNTIME_FIELDS if k in runtime}
+    policy = {"dtype": "float32", "param_dtype": "float32", **policy}
     if dtype is not None:
         numpy_dtype(dtype)  # validates the name
-        policy = {"dtype": dtype, "param_dtype": dtype}
-    else:
-        policy = {k: runtime.get(k, "float32") for k in ("dtype", "param_dtype")}
+        policy.update(dtype=dtype, param_dtype=dtype)
     return config_from_json_file(path / CONFIG_FILE, **policy)
 
 

@@ -61,3 +61,9 @@ def jnp_dtype(name: str) -> Any:
 def numpy_dtype(name: str, error: type[Exception] = ValueError) -> np.dtype:
     """The numpy dtype of a storable dtype name ('float32', 'bfloat16', 'float16'); `error` otherwise."""
     return lookup(name, storable=True, error=error).numpy
+
+
+def at_least_float32(dtype) -> Any:
+    """float32 for reduced-precision dtypes, the dtype itself for float32 and float64: the dtype in
+    which norms, logits and softmax are computed."""
+    return jnp.promote_types(dtype, jnp.float32)

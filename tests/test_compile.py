@@ -53,9 +53,14 @@ def test_tpu_topology_compile_reports_per_chip_memory(v5p_reports):
     json.dumps(report.as_dict())  # the report serialises
 
 
-def test_a_program_too_large_for_the_chip_exits_1(capsys):
-    """Logits of a 65,536-token vocabulary for 64 x 2,048 tokens do not fit a 15.75 GiB v5e chip."""
-    args = ["compile", "model=tiny", "vocab_size=65536", "batch_size=64", "data.seq_len=2048", *FSDP]
+def test_a_program_too_large_for_the_chip_exits_1(tmp_path, capsys):
+    """Two layers of width 4,096 with an MLP of 32,768 are 0.8 B params: with their gradients and AdamW's
+    two moments in float32 (16 bytes a param) they do not fit one 15.75 GiB v5e chip."""
+    wide = OuroConfig.preset(
+        "tiny", vocab_size=258, hidden_size=4096, intermediate_size=32768, num_attention_heads=32, head_dim=128
+    )
+    (tmp_path / "wide.json").write_text(wide.to_json_string())
+    args = ["compile", f"model={tmp_path / 'wide.json'}", "batch_size=1", "data.seq_len=64", "mesh.num_devices=1"]
     assert train_main([*args, "--topology", "v5e:2x2"]) == 1
     out = capsys.readouterr().out
     assert "fits           NO" in out and "RESOURCE_EXHAUSTED" in out, out

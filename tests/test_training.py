@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from melt_jax.checkpoint import load_params, save_params
+from melt_jax.checkpoint import load_config, load_params, save_params
 from melt_jax.errors import TrainingError
 from melt_jax.model.config import OuroConfig
 from melt_jax.model.melt import MeltModel
@@ -219,9 +219,14 @@ def test_config_file_with_overrides(tmp_path):
 # Sharded steps equal single-device steps
 
 
+# Phase 2 runs with blockwise attention and packed examples kept apart by their segment ids: the
+# sharded step of that path equals the single-device one too.
+BLOCKWISE_DOCUMENTS = ["attention=blockwise", "data.isolate_documents=true"]
+
+
 @pytest.fixture(scope="module")
 def phase_runs(tmp_path_factory, teacher_dir, model_json):
-    """3 steps of each stage on the 2x2x2 mesh and on one device."""
+    """3 steps of each stage on the 2x2x2 mesh and on one device (phase 2: BLOCKWISE_DOCUMENTS)."""
     root = tmp_path_factory.mktemp("runs")
     results = {}
     phase1 = str(root / "melt_phase1-1" / "model")  # phase 2 on both meshes starts from the same params
@@ -229,6 +234,7 @@ def phase_runs(tmp_path_factory, teacher_dir, model_json):
         for stage in ("looplm", "melt_phase1", "melt_phase2"):
             out = root / f"{stage}-{mesh_name}"
             extra = DISTILLATION_OPTIMIZER if stage.startswith("melt") else []
+            extra = extra + BLOCKWISE_DOCUMENTS if stage == "melt_phase2" else extra
             cfg = load_train_config(
                 None, stage_overrides(stage, out, teacher_dir, model_json, phase1) + ["steps=3", *mesh, *extra]
             )
@@ -289,6 +295,8 @@ def test_sharded_step_equals_single_device_step(phase_runs, teacher_dir, stage):
     assert sharded.batch_digest == single.batch_digest
     assert_params_close(final_params(sharded), final_params(single))
     assert sharded.steps == 3 and np.isfinite(sharded.final_metrics["loss"])
+    # The run's attention choice is the trained model's runtime policy.
+    assert load_config(sharded.model_dir).attention == ("blockwise" if stage == "melt_phase2" else "auto")
     if stage != "looplm":  # the steps moved the student well beyond the tolerance
         start = phase_runs["melt_phase1", "1"].model_dir if stage == "melt_phase2" else None
         before = final_params(start) if start else melt_from_ouro(*load_params(teacher_dir))[1]

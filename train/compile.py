@@ -35,7 +35,7 @@ def compile_stage(cfg: TrainConfig, topology: str | None = None) -> CompileRepor
     step = jit_train_step(
         task, optimizer, shardings_of(state), None if teacher is None else shardings_of(teacher), mesh
     )
-    batch = abstract_batch(cfg.batch_size, cfg.data.seq_len, mesh)
+    batch = abstract_batch(task.batch_fields, cfg.batch_size, cfg.data.seq_len, mesh)
 
     def lower():
         with jax.set_mesh(mesh):

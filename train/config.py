@@ -18,6 +18,7 @@ from typing import Any
 
 from melt_jax.data.synthetic import SyntheticTaskConfig
 from melt_jax.errors import ConfigError, DataError, MeltJaxError
+from melt_jax.model.attention import check_implementation
 from melt_jax.model.chunking import check_chunk_size, num_chunks
 from melt_jax.model.config import GATES, REMAT_POLICIES
 from melt_jax.sharding import MeshConfig
@@ -50,6 +51,9 @@ class DataConfig:
     ops: str = "".join(SyntheticTaskConfig.ops)  # operations to draw from, e.g. "+-*"
     loss: str = "answer"  # synthetic task: "answer" (loss on the answers only) or "all" (every token)
     shuffle: bool = True
+    # Packed rows: true, a token attends only to tokens of its own document (the rows' segment ids,
+    # in training and held-out loss); false, to every earlier token of the row, across documents.
+    isolate_documents: bool = False
 
     def synthetic_task(self, num_examples: int, seed: int) -> SyntheticTaskConfig:
         """The synthetic task these fields describe, with `num_examples` examples drawn from `seed`."""
@@ -77,6 +81,8 @@ class TrainConfig:
     batch_size: int = 16  # global batch, in sequences
     seed: int = 0
     dtype: str = "float32"  # params and activations of the trained model
+    # How the models compute attention (OuroConfig.attention): "auto", "xla" (dense) or "blockwise".
+    attention: str = "auto"
     beta: float = 0.1  # looplm: weight of the exit entropy
     align_beta: float = 0.1  # melt_phase2: weight of the attention alignment
     chunk_size: int = 16  # MELT: the student config's chunk_size (divides data.seq_len)
@@ -138,6 +144,7 @@ class TrainConfig:
         if self.gate not in GATES:
             raise RunConfigError(f"gate must be one of {', '.join(GATES)}, got {self.gate!r}")
         try:
+            check_implementation(self.attention, 1, 1, "attention")
             check_chunk_size(self.chunk_size)
             if self.stage.startswith("melt"):
                 num_chunks(self.data.seq_len, self.chunk_size, "data.seq_len")

@@ -28,7 +28,8 @@ class EvalSteps:
     """The jitted evaluation programs of a stage, run under the mesh (`evaluation`'s functions, with
     the model's inference computation: MELT chunked).
 
-    loss(params, tokens, loss_mask) -> evaluation.LossSums (per-loop weighted CE sums [T], weight)
+    loss(params, tokens, loss_mask, segment_ids) -> evaluation.LossSums (per-loop weighted CE sums [T],
+        weight); segment_ids None unless the task's batches carry them
     correct(params, tokens, answer_mask) -> per-loop exact-match counts over the rows [T]
     """
 
@@ -39,8 +40,8 @@ class EvalSteps:
 def make_eval_steps(task: Task, mesh) -> EvalSteps:
     model = task.model
 
-    def loss(params, tokens, loss_mask):
-        return evaluation.loss_sums(model, params, tokens, loss_mask, ExitPolicy.last())
+    def loss(params, tokens, loss_mask, segment_ids):
+        return evaluation.loss_sums(model, params, tokens, loss_mask, ExitPolicy.last(), segment_ids=segment_ids)
 
     def correct(params, tokens, answer_mask):
         return jnp.sum(evaluation.loop_answer_matches(model, params, tokens, answer_mask), axis=1)  # [T]
@@ -64,7 +65,9 @@ def evaluate(steps: EvalSteps, params, data: StageData, cfg: TrainConfig, mesh) 
     n = held["tokens"].shape[0]
     for i in range(min(cfg.eval_batches, max(1, n // batch))):
         rows = np.arange(i * batch, (i + 1) * batch) % n
-        sums = steps.loss(params, _global_rows(held["tokens"][rows], mesh), _global_rows(held["loss_mask"][rows], mesh))
+        tokens, loss_mask = (_global_rows(held[name][rows], mesh) for name in ("tokens", "loss_mask"))
+        segment_ids = _global_rows(held["segment_ids"][rows], mesh) if cfg.data.isolate_documents else None
+        sums = steps.loss(params, tokens, loss_mask, segment_ids)
         total = sums if total is None else total + sums
     loop_loss = np.asarray(total.per_loop) / max(float(total.weight), 1.0)
     result = {"loop_loss": [float(x) for x in loop_loss], "loop_ppl": [evaluation.perplexity(x) for x in loop_loss]}

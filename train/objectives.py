@@ -2,9 +2,11 @@
 and 'Phase 2: distillation').
 
 Every objective is a pure function `(params, batch, ...) -> (loss, metrics)` of float32 scalars,
-where batch = {"tokens": int32 [B, S], "loss_mask": float32 [B, S]}; loss_mask[b, s] weighs the
-prediction of tokens[b, s] from tokens[b, :s] (column 0 is never predicted). The prediction made at
-position s is weighted by loss_mask[:, s + 1], so per-position terms below are [.., B, S-1].
+where batch = {"tokens": int32 [B, S], "loss_mask": float32 [B, S]} and optionally "segment_ids" int32
+[B, S] (packed documents: every forward, student's and teacher's, then attends only within a
+document); loss_mask[b, s] weighs the prediction of tokens[b, s] from tokens[b, :s] (column 0 is
+never predicted). The prediction made at position s is weighted by loss_mask[:, s + 1], so
+per-position terms below are [.., B, S-1].
 
 Per-loop logits are computed for one loop and one block of at most LOSS_BLOCK positions at a time,
 under `jax.checkpoint` (`map_loop_blocks`): neither pass holds more than [B, LOSS_BLOCK, V] of them
@@ -117,7 +119,7 @@ def train_only(params, role: str):
 def looplm_loss(model: OuroModel, params, batch: Batch, beta: float) -> tuple[Array, dict]:
     """Stage I: per token sum_t p_t * CE_t - beta * H(p), averaged over the weighted predictions."""
     tokens = batch["tokens"]
-    out = model.apply({"params": params}, tokens, exit_policy=None)
+    out = model.apply({"params": params}, tokens, segment_ids=batch.get("segment_ids"), exit_policy=None)
     ce = loop_cross_entropies(model, params, out.loop_hidden, tokens)  # [T, B, S-1]
     exit_pdf = out.exit_pdf[:, :-1].astype(jnp.float32)  # [B, S-1, T]
     expected_ce = jnp.einsum("BST,TBS->BS", exit_pdf, ce)
@@ -144,7 +146,7 @@ def exit_gate_loss(model: OuroModel, params, batch: Batch) -> tuple[Array, dict]
     frozen = jax.tree.map(jax.lax.stop_gradient, params)
     params = train_only(params, EXIT_GATE)
     tokens = batch["tokens"]
-    out = model.apply({"params": params}, tokens, exit_policy=None)
+    out = model.apply({"params": params}, tokens, segment_ids=batch.get("segment_ids"), exit_policy=None)
     ce = jax.lax.stop_gradient(loop_cross_entropies(model, frozen, out.loop_hidden, tokens))  # [T, B, S-1]
     improvement = jnp.maximum(0.0, ce[:-1] - ce[1:])  # [T-1, B, S-1]: loops 2..T
     target = jax.nn.sigmoid(50.0 * (improvement - 0.005))  # w_t: probability of continuing
@@ -181,14 +183,15 @@ class Distillation:
         if self.forward not in ("two_pass", "sequential"):
             raise ValueError(f"forward must be 'two_pass' or 'sequential', got {self.forward!r}")
 
-    def student_forward(self, params, tokens: Array, alpha, collect: tuple[str, ...] = ()):
+    def student_forward(self, params, tokens: Array, alpha, collect: tuple[str, ...] = (), segment_ids=None):
         model = self.student.clone(collect=collect)
         run = two_pass_forward if self.forward == "two_pass" else sequential_forward
-        return run(model, params, tokens, self.student.config.chunk_size, alpha)
+        return run(model, params, tokens, self.student.config.chunk_size, alpha, segment_ids)
 
-    def teacher_forward(self, teacher_params, tokens: Array, collect: tuple[str, ...] = ()):
+    def teacher_forward(self, teacher_params, tokens: Array, collect: tuple[str, ...] = (), segment_ids=None):
         teacher_params = jax.lax.stop_gradient(teacher_params)
-        return self.teacher.clone(collect=collect).apply({"params": teacher_params}, tokens, exit_policy=None)
+        teacher = self.teacher.clone(collect=collect)
+        return teacher.apply({"params": teacher_params}, tokens, segment_ids=segment_ids, exit_policy=None)
 
     def loop_kl(self, params, teacher_params, student_hidden: Array, teacher_hidden: Array) -> Array:
         """KL(teacher_t || student_t) of every loop's next-token distributions: [T, B, S-1]."""
@@ -206,9 +209,9 @@ class Distillation:
 def phase1_loss(distillation: Distillation, params, teacher_params, batch: Batch, alpha: Array) -> tuple[Array, dict]:
     """Phase 1: all-loop KD (mean over loops of KL(teacher_t || student_t)) of the student whose keys
     and values are alpha * MELT + (1 - alpha) * Ouro."""
-    tokens = batch["tokens"]
-    student = distillation.student_forward(params, tokens, alpha)
-    teacher = distillation.teacher_forward(teacher_params, tokens)
+    tokens, segment_ids = batch["tokens"], batch.get("segment_ids")
+    student = distillation.student_forward(params, tokens, alpha, segment_ids=segment_ids)
+    teacher = distillation.teacher_forward(teacher_params, tokens, segment_ids=segment_ids)
     kl = distillation.loop_kl(params, teacher_params, student.loop_hidden, teacher.loop_hidden)
     loop_kd = weighted_mean(kl, token_weights(batch))  # [T]
     loss = jnp.mean(loop_kd)
@@ -219,10 +222,10 @@ def phase2_loss(distillation: Distillation, params, teacher_params, batch: Batch
     """Phase 2: KD + beta * attention alignment, the mean over loops, layers and token positions of
     ||o_melt(l, t) - stopgrad(o_ouro(l, t))||^2 (o: attention sublayer output after o_proj, squared
     L2 norm over the hidden axis)."""
-    tokens = batch["tokens"]
+    tokens, segment_ids = batch["tokens"], batch.get("segment_ids")
     collect = ("attention_output",)
-    student = distillation.student_forward(params, tokens, None, collect)
-    teacher = distillation.teacher_forward(teacher_params, tokens, collect)
+    student = distillation.student_forward(params, tokens, None, collect, segment_ids)
+    teacher = distillation.teacher_forward(teacher_params, tokens, collect, segment_ids)
     kl = distillation.loop_kl(params, teacher_params, student.loop_hidden, teacher.loop_hidden)
     loop_kd = weighted_mean(kl, token_weights(batch))  # [T]
     kd = jnp.mean(loop_kd)

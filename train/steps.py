@@ -113,22 +113,24 @@ def train_step(loss: Callable, optimizer, state: TrainState, teacher_params, bat
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), metrics
 
 
-BATCH_FIELDS = {"tokens": jnp.int32, "loss_mask": jnp.float32}  # what a step reads of a batch, [B, S] each
+# What a step may read of a batch, [B, S] each; a task names the ones its loss reads (Task.batch_fields).
+BATCH_DTYPES = {"tokens": jnp.int32, "loss_mask": jnp.float32, "segment_ids": jnp.int32}
 
 
-def abstract_batch(batch_size: int, seq_len: int, mesh) -> dict:
-    """The shapes, dtypes and shardings of a training batch (ShapeDtypeStruct leaves)."""
+def abstract_batch(fields: tuple[str, ...], batch_size: int, seq_len: int, mesh) -> dict:
+    """The shapes, dtypes and shardings of a training batch of `fields` (ShapeDtypeStruct leaves)."""
     return {
-        name: jax.ShapeDtypeStruct((batch_size, seq_len), dtype, sharding=batch_sharding(mesh))
-        for name, dtype in BATCH_FIELDS.items()
+        name: jax.ShapeDtypeStruct((batch_size, seq_len), BATCH_DTYPES[name], sharding=batch_sharding(mesh))
+        for name in fields
     }
 
 
 def jit_train_step(task: Task, optimizer, state_shardings, teacher_shardings, mesh):
-    """`train_step` jitted (state, teacher_params, batch) -> (state, metrics): the state is donated;
-    to be called (or lowered) under `jax.set_mesh(mesh)`, which shards activations by the logical rules."""
+    """`train_step` jitted (state, teacher_params, batch) -> (state, metrics): the state is donated and
+    a batch holds the arrays `task.batch_fields`; to be called (or lowered) under `jax.set_mesh(mesh)`,
+    which shards activations by the logical rules."""
     step = functools.partial(train_step, task.loss, optimizer)
-    batch_shardings = {name: batch_sharding(mesh) for name in BATCH_FIELDS}
+    batch_shardings = {name: batch_sharding(mesh) for name in task.batch_fields}
     return jax.jit(
         step,
         in_shardings=(state_shardings, teacher_shardings, batch_shardings),

@@ -35,7 +35,8 @@ from melt_jax.train.objectives import (
 class Task:
     """The trained model, its starting params (None for a fresh init; arrays read sharded from a
     checkpoint, or host arrays for new MELT gates), its loss `loss(params, teacher_params, batch,
-    step) -> (loss, metrics)` and the frozen teacher if any (sharded on the mesh)."""
+    step) -> (loss, metrics)`, the frozen teacher if any (sharded on the mesh), and the fields of a
+    training batch (`batch_fields`: "segment_ids" too when documents attend only within themselves)."""
 
     config: OuroConfig
     model: OuroModel
@@ -43,6 +44,7 @@ class Task:
     loss: Callable
     trainable: str = "all"
     teacher_params: dict | None = None
+    batch_fields: tuple[str, ...] = ("tokens", "loss_mask")
 
 
 def _named_config(name: str, dtype: str) -> OuroConfig:
@@ -103,25 +105,27 @@ def _load_checkpoint(
 
 def build_task(cfg: TrainConfig, mesh, abstract: bool = False) -> Task:
     """The model, starting params and loss of the stage `cfg.stage`; checkpoints are read sharded on
-    `mesh`. With `abstract` (compiling without running) no param is read or made: the params are
-    ShapeDtypeStructs, and `init_from` / `teacher` may name a preset or a config.json instead of a
-    checkpoint."""
+    `mesh`; every model computes attention as `cfg.attention` says. With `abstract` (compiling without
+    running) no param is read or made: the params are ShapeDtypeStructs, and `init_from` / `teacher`
+    may name a preset or a config.json instead of a checkpoint."""
     dtype = cfg.dtype
     load = functools.partial(_load_checkpoint, dtype=dtype, mesh=mesh, abstract=abstract)
+    batch_fields = ("tokens", "loss_mask", "segment_ids") if cfg.data.isolate_documents else ("tokens", "loss_mask")
     if cfg.stage in ("looplm", "exit_gate"):
         if cfg.init_from:
             config, params = load(cfg.init_from, "ouro", "init_from")
         else:
             config, params = _model_config(cfg), None
-        config = config.replace(remat=cfg.remat)
+        config = config.replace(remat=cfg.remat, attention=cfg.attention)
         model = model_for(config)
         if cfg.stage == "looplm":
             loss = lambda p, t, batch, step: looplm_loss(model, p, batch, cfg.beta)  # noqa: E731
-            return Task(config, model, params, loss)
+            return Task(config, model, params, loss, batch_fields=batch_fields)
         loss = lambda p, t, batch, step: exit_gate_loss(model, p, batch)  # noqa: E731
-        return Task(config, model, params, loss, trainable="exit_gate")
+        return Task(config, model, params, loss, trainable="exit_gate", batch_fields=batch_fields)
 
     teacher_config, teacher_params = load(cfg.teacher, "ouro", "teacher")
+    teacher_config = teacher_config.replace(attention=cfg.attention)
     if cfg.init_from:
         config, params = load(cfg.init_from, "melt", "init_from")
     elif abstract:
@@ -131,7 +135,7 @@ def build_task(cfg: TrainConfig, mesh, abstract: bool = False) -> Task:
         config, params = melt_from_ouro(
             teacher_config, teacher_params, gate_bias_init=cfg.gate_bias_init, gate=cfg.gate
         )
-    config = config.replace(chunk_size=cfg.chunk_size, remat=cfg.remat)
+    config = config.replace(chunk_size=cfg.chunk_size, remat=cfg.remat, attention=cfg.attention)
     _check_same_shapes(params, teacher_params, f"teacher {cfg.teacher}")
     distillation = Distillation(model_for(config), model_for(teacher_config), cfg.forward)
     if cfg.stage == "melt_phase1":
@@ -145,4 +149,4 @@ def build_task(cfg: TrainConfig, mesh, abstract: bool = False) -> Task:
         def loss(p, t, batch, step):
             return phase2_loss(distillation, p, t, batch, cfg.align_beta)
 
-    return Task(config, distillation.student, params, loss, teacher_params=teacher_params)
+    return Task(config, distillation.student, params, loss, teacher_params=teacher_params, batch_fields=batch_fields)

@@ -35,7 +35,7 @@ from melt_jax.train.held_out import evaluate, make_eval_steps
 from melt_jax.train.metrics import MetricsLog
 from melt_jax.train.optimizer import build_optimizer
 from melt_jax.train.stage_data import batch_digest, build_data
-from melt_jax.train.steps import BATCH_FIELDS, init_state, make_train_step, shardings_of
+from melt_jax.train.steps import init_state, make_train_step, shardings_of
 from melt_jax.train.tasks import build_task
 
 
@@ -145,7 +145,7 @@ def run_stage(cfg: TrainConfig, *, stop_after: int | None = None, log: Callable[
                 tracing = True
             local = next(iterator)
             meta["batch_digest"] = batch_digest(local, meta["batch_digest"])
-            batch = {name: global_batch_array(local[name], mesh) for name in BATCH_FIELDS}
+            batch = {name: global_batch_array(local[name], mesh) for name in task.batch_fields}
             state, metrics = jitted_step(state, teacher_params, batch)
             step += 1
             if profile is not None and step == profile[1] and is_main:

@@ -48,11 +48,14 @@ class LossSums:
         return jax.tree.map(jnp.add, self, other)
 
 
-def hidden_states(model: nn.Module, params, tokens: Array, chunk_size: int | None = None) -> tuple[Array, Array]:
+def hidden_states(
+    model: nn.Module, params, tokens: Array, chunk_size: int | None = None, segment_ids: Array | None = None
+) -> tuple[Array, Array]:
     """Every loop's normed hidden state [T, B, S, H] and the exit distribution [B, S, T] of the model's
     teacher-forced forward on tokens [B, S] (`scoring_forward`: MELT chunked with `chunk_size`, default
-    config.chunk_size; Ouro does not depend on it)."""
-    out = model.scoring_forward(params, tokens, chunk_size)
+    config.chunk_size; Ouro does not depend on it), each token attending only within its segment
+    when segment ids [B, S] are given (packed documents)."""
+    out = model.scoring_forward(params, tokens, chunk_size, segment_ids)
     return out.loop_hidden, out.exit_pdf
 
 
@@ -100,11 +103,13 @@ def loss_sums(
     loss_mask: Array,
     exit_policy: ExitPolicy = ExitPolicy(),
     chunk_size: int | None = None,
+    segment_ids: Array | None = None,
 ) -> LossSums:
     """Weighted next-token CE sums of every loop and of `exit_policy`'s logits, on tokens [B, S]
-    with loss_mask [B, S] (weight of the prediction of each token). Loops are projected one at a time
-    (a scan over T), so no [T, B, S, V] tensor is built."""
-    hidden, exit_pdf = hidden_states(model, params, tokens, chunk_size)  # [T, B, S, H], [B, S, T]
+    with loss_mask [B, S] (weight of the prediction of each token) and, for packed documents, their
+    segment ids [B, S]. Loops are projected one at a time (a scan over T), so no [T, B, S, V] tensor
+    is built."""
+    hidden, exit_pdf = hidden_states(model, params, tokens, chunk_size, segment_ids)  # [T, B, S, H], [B, S, T]
     return _loss_sums_of(model, params, hidden, exit_pdf, tokens, loss_mask, exit_policy)
 
 

@@ -1,9 +1,11 @@
 """Model configuration: the Ouro (LoopLM) config, read from and written to Hugging Face `config.json`.
 
-`OuroConfig` holds every field of the upstream `config.json` (model_type "ouro") plus the runtime dtype
-policy of this library (`dtype` for activations, `param_dtype` for parameters), which is not part of
-the Hugging Face file. Unknown extra fields of a `config.json` are kept in `extra` and written back by
-`to_hf_config`, so that import followed by export reproduces the file.
+`OuroConfig` holds every field of the upstream `config.json` (model_type "ouro") plus the runtime
+policy of this library (RUNTIME_FIELDS: `dtype` for activations, `param_dtype` for parameters, `remat`
+for what the backward pass recomputes, `attention` with its block sizes for how attention is computed),
+which is not part of the Hugging Face file: it changes how the model computes, not what (melt_jax
+checkpoints keep it in melt_jax.json). Unknown extra fields of a `config.json` are kept in `extra` and
+written back by `to_hf_config`, so that import followed by export reproduces the file.
 """
 
 from __future__ import annotations
@@ -18,12 +20,10 @@ import jax.numpy as jnp
 
 from melt_jax import dtypes
 from melt_jax.errors import ConfigError
+from melt_jax.model.attention import DEFAULT_BLOCK, Implementation, check_implementation
 from melt_jax.model.chunking import check_chunk_size
 
 OURO_MODEL_TYPE = "ouro"
-
-# Fields that say how melt_jax computes a model, not what the model is: never in config.json.
-RUNTIME_FIELDS = ("dtype", "param_dtype", "remat")
 
 # What the backward pass recomputes of each decoder layer instead of keeping it from the forward
 # (melt_jax/model/remat.py; docs/melt.md, 'Rematerialisation'): nothing, everything, everything but
@@ -38,6 +38,10 @@ _REQUIRED_HF_FIELDS = (
     "num_hidden_layers",
     "num_attention_heads",
 )
+
+# Fields of melt_jax's runtime policy, how it computes a model rather than what the model is: not
+# written to config.json, not read from it.
+RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "attention", "attention_query_block", "attention_key_block")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +85,11 @@ class OuroConfig:
     dtype: str = "float32"  # activations
     param_dtype: str = "float32"  # parameters
     remat: str = "none"  # what the backward pass recomputes of each layer, one of REMAT_POLICIES
+    # How attention is computed (melt_jax/model/attention.py): "xla" (dense, the default), "blockwise"
+    # (never builds S x M logits) or "auto" (dense for short sequences, blockwise for long ones).
+    attention: str = "xla"
+    attention_query_block: int = DEFAULT_BLOCK  # blockwise: queries per block (clipped to the sequence)
+    attention_key_block: int = DEFAULT_BLOCK  # blockwise: keys per block
     # Fields of a config.json that this library does not use, kept for export.
     extra: dict = dataclasses.field(default_factory=dict, compare=False)
 
@@ -124,6 +133,11 @@ class OuroConfig:
     @property
     def jnp_param_dtype(self):
         return dtypes.jnp_dtype(self.param_dtype)
+
+    @property
+    def attention_implementation(self) -> Implementation:
+        """How the model's attention is computed (the `attention*` fields)."""
+        return Implementation(self.attention, self.attention_query_block, self.attention_key_block)
 
     def replace(self, **changes) -> OuroConfig:
         return dataclasses.replace(self, **changes)
@@ -203,6 +217,9 @@ class OuroConfig:
             dtypes.lookup(getattr(self, name), error=ConfigError, what=f"config field {name}")
         if self.remat not in REMAT_POLICIES:
             raise ConfigError(f"config field remat must be one of {', '.join(REMAT_POLICIES)}, got {self.remat!r}")
+        check_implementation(
+            self.attention, self.attention_query_block, self.attention_key_block, "config field attention"
+        )
         if self.rope_theta <= 0:
             raise ConfigError(f"config field rope_theta must be positive, got {self.rope_theta}")
 
@@ -234,7 +251,7 @@ class OuroConfig:
             raise ConfigError(f"config.json: {e}") from None
 
     def to_hf_config(self) -> dict[str, Any]:
-        """The `config.json` dict of this config (RUNTIME_FIELDS left out)."""
+        """The `config.json` dict of this config (runtime policy, RUNTIME_FIELDS, left out)."""
         out = dict(self.extra)
         out["model_type"] = self.model_type
         for f in dataclasses.fields(self):

@@ -4,7 +4,8 @@ A layer computes, for the tokens in flight at one loop, queries q [B, S, N, D] a
 keys (after RoPE) and values [B, S, K, D]; a KV source combines those rows with whatever else the
 tokens see, and says what the cache becomes:
 
-    source.attend(q, rows, ouro_rows, cache, positions, layer_index, loop_index) -> (attended, cache)
+    source.attend(q, rows, ouro_rows, cache, positions, layer_index, loop_index,
+                  *, segment_ids=None, implementation=DENSE) -> (attended, cache)
 
 | source                 | cache carried        | the tokens in flight attend to                                  |
 |------------------------|----------------------|-----------------------------------------------------------------|
@@ -20,6 +21,15 @@ only the cache is carried. `ouro_rows` are the keys and values Ouro would comput
 the layer input instead of MELT's gated latent); the layer computes them only for a source with
 `interpolates = True`. See docs/melt.md, 'Phase 1: interpolation' and 'Training forwards'.
 
+How attention is computed is not the source's business: the layer passes its config's choice as
+`attend(..., implementation=config.attention_implementation)` and the source hands it on to
+melt_jax.model.attention (`attend` or `attend_earlier_and_own`), so every path runs dense or
+blockwise alike and a source built by a caller follows the model it is passed to. The layer also
+passes the tokens' `segment_ids` [B, S] (packed documents; None without): sources whose keys are the
+tokens in flight, or their pass-1 rows (`EarlierRows`), use them for the keys as well; the slot caches
+take their slots' ids [B, S_max] as a field (`SlotCache(slot_segment_ids)`). See docs/melt.md, 'Attention
+implementations'.
+
 Adding a source: a subclass of `KVSource` here with `check` and `attend`; a model uses it when a
 caller passes it as `kv_source=` (see docs/melt.md, 'Adding a cache variant or attention path').
 """
@@ -33,14 +43,9 @@ import jax
 import jax.numpy as jnp
 
 from melt_jax.errors import ConfigError
+from melt_jax.model.attention import DENSE, Implementation, attend, attend_earlier_and_own, causal_mask, slot_mask
 from melt_jax.model.cache import KVCache, init_cache, write_rows
 from melt_jax.model.config import MeltConfig
-from melt_jax.model.layers import (
-    attention_over_cache_slots,
-    causal_mask,
-    chunked_attention_over_earlier_rows,
-    dot_product_attention,
-)
 
 Array = jax.Array
 
@@ -104,6 +109,28 @@ def _mixed(alpha: Array, rows: Rows, ouro_rows: Rows) -> Rows:
     return Rows(k=interpolate(alpha, rows.k, ouro_rows.k), v=interpolate(alpha, rows.v, ouro_rows.v))
 
 
+def _own_tokens_mask(positions: Array, segment_ids: Array | None):
+    """The tokens in flight attending to each other: causal over their positions [B, S], within
+    their segments when segment ids [B, S] are given."""
+    return causal_mask(positions, positions, segment_ids, segment_ids)
+
+
+def _cache_mask(slot_segments: Array | None, positions: Array, max_length: int, segment_ids: Array | None):
+    """Queries at positions [B, S] over a slot array of `max_length` slots: causal, and with the
+    slots' segment ids [B, S_max] only the slots of the query's segment (the queries' own segment ids
+    [B, S] when given, else the slots' ids at their positions)."""
+    if slot_segments is None:
+        if segment_ids is not None:
+            raise ConfigError(
+                "segment ids over a cache need the segment ids of its slots: pass them to the KV source "
+                "(SlotCache(slot_segment_ids=...) or InterpolatedSlotCache(alpha, slot_segment_ids=...))"
+            )
+        return slot_mask(positions, max_length)
+    if segment_ids is None:
+        segment_ids = jnp.take_along_axis(slot_segments, positions, axis=1, mode="clip")  # [B, S]
+    return slot_mask(positions, max_length, segment_ids, slot_segments)
+
+
 class KVSource(flax.struct.PyTreeNode):
     """Where attention reads keys and values from (see the module docstring)."""
 
@@ -115,33 +142,55 @@ class KVSource(flax.struct.PyTreeNode):
             raise ConfigError(f"{type(self).__name__} reads no cache, got a {type(cache).__name__}")
 
     def attend(
-        self, q: Array, rows: Rows, ouro_rows: Rows | None, cache, positions: Array, layer_index, loop_index
+        self,
+        q: Array,
+        rows: Rows,
+        ouro_rows: Rows | None,
+        cache,
+        positions: Array,
+        layer_index,
+        loop_index,
+        *,
+        segment_ids: Array | None = None,
+        implementation: Implementation = DENSE,
     ) -> tuple[Array, object]:
         """(attended [B, S, N, D] before the output projection, the updated cache) for queries q [B, S,
-        N, D] (after RoPE) of the tokens at positions [B, S]."""
+        N, D] (after RoPE) of the tokens at positions [B, S], with their segment ids [B, S] if given
+        (a token sees only tokens of its segment), computed by `implementation` (melt_jax.model.attention;
+        the model passes its config's choice)."""
         raise NotImplementedError
 
 
 class OwnTokens(KVSource):
     """No cache: the tokens in flight attend to each other causally (a full forward, or one chunk)."""
 
-    def attend(self, q, rows, ouro_rows, cache, positions, layer_index, loop_index):
-        return dot_product_attention(q, rows.k, rows.v, causal_mask(positions, positions)), cache
+    def attend(
+        self, q, rows, ouro_rows, cache, positions, layer_index, loop_index, *, segment_ids=None, implementation=DENSE
+    ):
+        mask = _own_tokens_mask(positions, segment_ids)
+        return attend(q, rows.k, rows.v, mask, implementation=implementation), cache
 
 
 class SlotCache(KVSource):
     """A KVCache: the rows are written into the slot array of this (loop, layer) at their positions,
-    and the queries attend to that whole slot array (slots past a query's position are masked)."""
+    and the queries attend to that whole slot array (slots past a query's position are masked).
+    `slot_segment_ids` [B, S_max]: the segment id of every slot, for segment-masked attention over the
+    cache (the chunked training forward knows them for the whole sequence in advance)."""
+
+    slot_segment_ids: Array | None = None
 
     def check(self, cache) -> None:
         if not isinstance(cache, KVCache):
             raise ConfigError(f"SlotCache needs a KVCache, got {type(cache).__name__}")
 
-    def attend(self, q, rows, ouro_rows, cache, positions, layer_index, loop_index):
+    def attend(
+        self, q, rows, ouro_rows, cache, positions, layer_index, loop_index, *, segment_ids=None, implementation=DENSE
+    ):
         slot = slot_index(cache, layer_index, loop_index)
         k_all = write_rows(cache.k, slot, rows.k, positions)
         v_all = write_rows(cache.v, slot, rows.v, positions)
-        attended = attention_over_cache_slots(q, k_all[slot], v_all[slot], positions)
+        mask = _cache_mask(self.slot_segment_ids, positions, cache.max_length, segment_ids)
+        attended = attend(q, k_all[slot], v_all[slot], mask, implementation=implementation, kv_heads_first=True)
         return attended, cache.replace(k=k_all, v=v_all)
 
 
@@ -152,24 +201,31 @@ class InterpolatedTokens(KVSource):
     alpha: Array
     interpolates: ClassVar[bool] = True
 
-    def attend(self, q, rows, ouro_rows, cache, positions, layer_index, loop_index):
+    def attend(
+        self, q, rows, ouro_rows, cache, positions, layer_index, loop_index, *, segment_ids=None, implementation=DENSE
+    ):
         mixed = _mixed(self.alpha, rows, ouro_rows)
-        return dot_product_attention(q, mixed.k, mixed.v, causal_mask(positions, positions)), cache
+        mask = _own_tokens_mask(positions, segment_ids)
+        return attend(q, mixed.k, mixed.v, mask, implementation=implementation), cache
 
 
 class InterpolatedSlotCache(KVSource):
     """An InterpolatedCache, phase-1 interpolation: MELT's rows go to the MELT cache's slot array of
     the layer, Ouro's to the Ouro cache's slot array of (loop, layer), and the queries attend to the
-    two slot arrays mixed alpha * MELT + (1 - alpha) * Ouro."""
+    two slot arrays mixed alpha * MELT + (1 - alpha) * Ouro. `slot_segment_ids` [B, S_max] as in
+    SlotCache."""
 
     alpha: Array
+    slot_segment_ids: Array | None = None
     interpolates: ClassVar[bool] = True
 
     def check(self, cache) -> None:
         if not isinstance(cache, InterpolatedCache):
             raise ConfigError(f"InterpolatedSlotCache needs an InterpolatedCache, got {type(cache).__name__}")
 
-    def attend(self, q, rows, ouro_rows, cache, positions, layer_index, loop_index):
+    def attend(
+        self, q, rows, ouro_rows, cache, positions, layer_index, loop_index, *, segment_ids=None, implementation=DENSE
+    ):
         melt, ouro = cache.melt, cache.ouro
         melt_slot, ouro_slot = slot_index(melt, layer_index, loop_index), slot_index(ouro, layer_index, loop_index)
         melt_k = write_rows(melt.k, melt_slot, rows.k, positions)
@@ -179,14 +235,16 @@ class InterpolatedSlotCache(KVSource):
         keys = interpolate(self.alpha, melt_k[melt_slot], ouro_k[ouro_slot])  # [B, K, S_max, D]
         values = interpolate(self.alpha, melt_v[melt_slot], ouro_v[ouro_slot])
         cache = InterpolatedCache(melt=melt.replace(k=melt_k, v=melt_v), ouro=ouro.replace(k=ouro_k, v=ouro_v))
-        return attention_over_cache_slots(q, keys, values, positions), cache
+        mask = _cache_mask(self.slot_segment_ids, positions, melt.max_length, segment_ids)
+        return attend(q, keys, values, mask, implementation=implementation, kv_heads_first=True), cache
 
 
 class EarlierRows(KVSource):
     """The two-pass training forward's pass 2: all chunks of a sequence at once, each token attending
     to the pass-1 rows (`rows`: every token's stored rows, positions 0..S-1) of the tokens of earlier
     chunks and to the current rows of its own chunk, in one softmax. With `alpha` (phase 1) both are
-    mixed alpha * MELT + (1 - alpha) * Ouro, and `rows` is an InterpolatedCache."""
+    mixed alpha * MELT + (1 - alpha) * Ouro, and `rows` is an InterpolatedCache. With segment ids,
+    the stored rows are those of the same tokens, so they share the queries' segment ids."""
 
     rows: KVCache | InterpolatedCache
     chunk_size: int = flax.struct.field(pytree_node=False)
@@ -196,7 +254,9 @@ class EarlierRows(KVSource):
     def interpolates(self) -> bool:
         return self.alpha is not None
 
-    def attend(self, q, rows, ouro_rows, cache, positions, layer_index, loop_index):
+    def attend(
+        self, q, rows, ouro_rows, cache, positions, layer_index, loop_index, *, segment_ids=None, implementation=DENSE
+    ):
         if self.alpha is None:
             slot = slot_index(self.rows, layer_index, loop_index)
             earlier_k, earlier_v = self.rows.k[slot], self.rows.v[slot]
@@ -206,8 +266,16 @@ class EarlierRows(KVSource):
             earlier_k = interpolate(self.alpha, melt.k[melt_slot], ouro.k[ouro_slot])
             earlier_v = interpolate(self.alpha, melt.v[melt_slot], ouro.v[ouro_slot])
             rows = _mixed(self.alpha, rows, ouro_rows)
-        attended = chunked_attention_over_earlier_rows(
-            q, earlier_k.astype(rows.k.dtype), earlier_v.astype(rows.v.dtype), rows.k, rows.v, self.chunk_size
+        earlier_k, earlier_v = earlier_k.astype(rows.k.dtype), earlier_v.astype(rows.v.dtype)
+        attended = attend_earlier_and_own(
+            q,
+            earlier_k,
+            earlier_v,
+            rows.k,
+            rows.v,
+            self.chunk_size,
+            segment_ids=segment_ids,
+            implementation=implementation,
         )
         return attended, cache
 

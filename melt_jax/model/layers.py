@@ -1,9 +1,9 @@
-"""Building blocks shared by Ouro and MELT: RMSNorm, rotary embeddings, attention and the SwiGLU MLP.
+"""Building blocks shared by Ouro and MELT: RMSNorm, rotary embeddings, the attention projections and
+the SwiGLU MLP. Attention itself (softmax over the keys a query sees) is melt_jax/model/attention.py.
 
-Letters in shape comments and einsum strings: B batch, S query tokens, M key/value tokens (the keys a
-query may attend to), H hidden, N query heads, K key/value heads, G query heads per kv head
-(N = K * G), D head dim, I MLP width, V vocabulary; in chunked attention n chunks of C query and E
-key tokens. T is kept for the loop count, as everywhere else in melt_jax.
+Letters in shape comments and einsum strings: B batch, S tokens, H hidden, N query heads, K key/value
+heads, D head dim, I MLP width, V vocabulary. T is kept for the loop count, as everywhere else in
+melt_jax.
 """
 
 from __future__ import annotations
@@ -12,21 +12,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from melt_jax.dtypes import at_least_float32
 from melt_jax.sharding import constrain
 
 Array = jax.Array
 
 # Logical axes of the activations (see melt_jax.sharding).
 HIDDEN_AXES = ("batch", "length", "act_embed")  # [B, S, H]
-
-# A large negative logit for masked keys; finite so that a fully masked row gives a uniform softmax
-# instead of NaN (such rows only occur for padding and are never read).
-_MASKED_LOGIT = -1e30
-
-
-def _at_least_float32(dtype) -> jnp.dtype:
-    """float32 for reduced-precision dtypes, the dtype itself for float32 and float64."""
-    return jnp.promote_types(dtype, jnp.float32)
 
 
 def _normal_init(stddev: float):
@@ -43,7 +35,7 @@ class RMSNorm(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)  # [H]
-        x32 = x.astype(_at_least_float32(x.dtype))
+        x32 = x.astype(at_least_float32(x.dtype))
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         normed = normed.astype(x.dtype)
         return scale.astype(x.dtype) * normed
@@ -73,44 +65,6 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
     cos = cos[:, :, None, :].astype(x.dtype)  # [B, S, 1, D]
     sin = sin[:, :, None, :].astype(x.dtype)
     return x * cos + rotated * sin
-
-
-# --------------------------------------------------------------------------------------------------
-# Attention
-
-
-def causal_mask(q_positions: Array, kv_positions: Array) -> Array:
-    """True where a query may see a key: key position <= query position. [B, S, M]."""
-    return kv_positions[:, None, :] <= q_positions[:, :, None]
-
-
-def dot_product_attention(q: Array, k: Array, v: Array, mask: Array, *, kv_heads_first: bool = False) -> Array:
-    """softmax(q k^T / sqrt(D)) v with grouped kv heads; logits and softmax in float32.
-
-    q [B, S, N, D], k and v [B, M, K, D] (or [B, K, M, D] with kv_heads_first, the cache layout),
-    mask [B, S, M] (True = attend). Query head n reads kv head n // (N / K). Returns [B, S, N, D] in
-    q's dtype.
-    """
-    batch, seq, num_heads, head_dim = q.shape
-    kv_spec = "BKMD" if kv_heads_first else "BMKD"
-    num_kv_heads = k.shape[1] if kv_heads_first else k.shape[2]
-    group = num_heads // num_kv_heads
-    q = q.reshape(batch, seq, num_kv_heads, group, head_dim)  # [B, S, K, G, D]
-    logits = jnp.einsum(f"BSKGD,{kv_spec}->BKGSM", q, k, preferred_element_type=_at_least_float32(q.dtype))
-    logits = logits * (head_dim**-0.5)
-    logits = jnp.where(mask[:, None, None, :, :], logits, _MASKED_LOGIT)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)  # [B, K, G, S, M]
-    out = jnp.einsum(f"BKGSM,{kv_spec}->BSKGD", probs, v)
-    return out.reshape(batch, seq, num_heads, head_dim)
-
-
-def attention_over_cache_slots(q: Array, k_slots: Array, v_slots: Array, q_positions: Array) -> Array:
-    """Causal attention of queries q [B, S, N, D] at positions [B, S] over one cache slot array
-    k_slots, v_slots [B, K, S_max, D] (slot index = key position). Returns [B, S, N, D]."""
-    batch, max_length = q.shape[0], k_slots.shape[2]
-    kv_positions = jnp.broadcast_to(jnp.arange(max_length), (batch, max_length))  # [B, S_max]
-    mask = causal_mask(q_positions, kv_positions)  # [B, S, S_max]
-    return dot_product_attention(q, k_slots, v_slots, mask, kv_heads_first=True)
 
 
 class Embedder(nn.Module):
@@ -210,37 +164,3 @@ class MLP(nn.Module):
         up = Einsum((H, I), name="up_proj", **kw)("BSH,HI->BSI", x)
         hidden = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))  # [B, S, I]
         return Einsum((I, H), name="down_proj", **kw)("BSI,IH->BSH", hidden)
-
-
-def chunked_attention_over_earlier_rows(
-    q: Array, earlier_k: Array, earlier_v: Array, k: Array, v: Array, chunk_size: int
-) -> Array:
-    """Attention of every token of a sequence cut into chunks of `chunk_size`: token i sees the
-    `earlier_*` rows of all tokens of earlier chunks and the current rows (k, v) of the tokens of its
-    own chunk at positions <= i, in one softmax over both key sets.
-
-    q [B, S, N, D]; earlier_k, earlier_v [B, K, S, D] (cache layout); k, v [B, S, K, D]; S a multiple of
-    chunk_size. The own-chunk part is computed block by block (S * C logits instead of S * S).
-    """
-    batch, seq, num_heads, head_dim = q.shape
-    num_kv_heads = k.shape[2]
-    group = num_heads // num_kv_heads
-    num_chunks = seq // chunk_size
-    compute = _at_least_float32(q.dtype)
-    q = q.reshape(batch, num_chunks, chunk_size, num_kv_heads, group, head_dim)  # [B, n, C, K, G, D]
-    k_blocks = k.reshape(batch, num_chunks, chunk_size, num_kv_heads, head_dim)  # [B, n, E, K, D]
-    v_blocks = v.reshape(batch, num_chunks, chunk_size, num_kv_heads, head_dim)
-    scale = head_dim**-0.5
-    earlier_logits = jnp.einsum("BnCKGD,BKMD->BKGnCM", q, earlier_k, preferred_element_type=compute) * scale
-    own_logits = jnp.einsum("BnCKGD,BnEKD->BKGnCE", q, k_blocks, preferred_element_type=compute) * scale
-    key_chunk = jnp.arange(seq) // chunk_size  # [M]
-    earlier_mask = key_chunk[None, :] < jnp.arange(num_chunks)[:, None]  # [n, M]
-    own_mask = jnp.arange(chunk_size)[None, :] <= jnp.arange(chunk_size)[:, None]  # [C, E]
-    earlier_logits = jnp.where(earlier_mask[:, None, :], earlier_logits, _MASKED_LOGIT)
-    own_logits = jnp.where(own_mask, own_logits, _MASKED_LOGIT)
-    probs = jax.nn.softmax(jnp.concatenate([earlier_logits, own_logits], axis=-1), axis=-1).astype(v.dtype)
-    earlier_probs, own_probs = probs[..., :seq], probs[..., seq:]
-    out = jnp.einsum("BKGnCM,BKMD->BnCKGD", earlier_probs, earlier_v) + jnp.einsum(
-        "BKGnCE,BnEKD->BnCKGD", own_probs, v_blocks
-    )
-    return out.reshape(batch, seq, num_heads, head_dim)

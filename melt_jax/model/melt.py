@@ -126,7 +126,7 @@ class MeltDecoderLayer(OuroDecoderLayer):
         if source.interpolates:  # Ouro's rows of these tokens at this loop
             k_ouro, v_ouro = self.attn.keys_values(u)
             ouro_rows = Rows(k=apply_rope(k_ouro, ctx.cos, ctx.sin), v=v_ouro)
-        attended, cache = source.attend(q, rows, ouro_rows, cache, ctx.positions, layer_index, loop_index)
+        attended, cache = self.attend(source, q, rows, ouro_rows, cache, ctx, layer_index, loop_index)
         return self.attn.output(attended), cache, s
 
 
@@ -148,17 +148,23 @@ class MeltModel(OuroModel):
         does not read it: s_1 = u_1)."""
         return jnp.zeros((self.config.num_layers, *h.shape), h.dtype)
 
-    def scoring_forward(self, params, tokens: Array, chunk_size: int | None = None) -> OuroOutput:
-        """The teacher-forced forward of evaluation on tokens [B, S]: the values inference computes,
-        chunks of `chunk_size` (default config.chunk_size) from position 0, each attending to the final
-        rows of the earlier chunks (the one-pass `sequential_forward`: no gradient is needed, so the
-        two-pass form would compute the same values twice). A sequence that is not a whole number of
-        chunks is right-padded with token 0, which changes nothing at the real positions of a causal
-        forward. Returns loop_hidden [T, B, S, H] and exit_pdf [B, S, T] (no logits)."""
+    def scoring_forward(
+        self, params, tokens: Array, chunk_size: int | None = None, segment_ids: Array | None = None
+    ) -> OuroOutput:
+        """The teacher-forced forward of evaluation on tokens [B, S] (with their segment ids [B, S] if
+        given): the values inference computes, chunks of `chunk_size` (default config.chunk_size) from
+        position 0, each attending to the final rows of the earlier chunks (the one-pass
+        `sequential_forward`: no gradient is needed, so the two-pass form would compute the same values
+        twice). A sequence that is not a whole number of chunks is right-padded with token 0 (segment
+        0), which changes nothing at the real positions of a causal forward. Returns loop_hidden
+        [T, B, S, H] and exit_pdf [B, S, T] (no logits)."""
         seq = tokens.shape[1]
         chunk, padded = padded_chunking(seq, self.config.default_chunk_size if chunk_size is None else chunk_size)
-        tokens = jnp.pad(tokens, ((0, 0), (0, padded - seq)))  # [B, S'] right-padded with id 0
-        out = sequential_forward(self.clone(collect=()), params, tokens, chunk)
+        padding = ((0, 0), (0, padded - seq))
+        tokens = jnp.pad(tokens, padding)  # [B, S'] right-padded with id 0
+        if segment_ids is not None:
+            segment_ids = jnp.pad(segment_ids, padding)
+        out = sequential_forward(self.clone(collect=()), params, tokens, chunk, segment_ids=segment_ids)
         return out.replace(
             loop_hidden=out.loop_hidden[:, :, :seq],
             gate_logits=out.gate_logits[:, :, :seq],

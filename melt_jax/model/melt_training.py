@@ -11,7 +11,8 @@ values; they differ in gradients and memory:
   gradient is truncated at chunk boundaries; memory is that of ordinary training.
 
 With `alpha` (phase 1), every key/value attended to is alpha * MELT row + (1 - alpha) * Ouro row of
-that token at the current loop; alpha = 0 is Ouro, alpha = 1 is MELT.
+that token at the current loop; alpha = 0 is Ouro, alpha = 1 is MELT. With `segment_ids` [B, S]
+(packed documents) a token attends only to tokens of its own segment, in both forwards.
 """
 
 from __future__ import annotations
@@ -27,8 +28,11 @@ from melt_jax.model.ouro import OuroOutput
 Array = jax.Array
 
 
-def sequential_forward(model: nn.Module, params, tokens: Array, chunk_size: int, alpha=None) -> OuroOutput:
-    """All loops of MELT on tokens [B, S], chunk after chunk with a cache; full gradient.
+def sequential_forward(
+    model: nn.Module, params, tokens: Array, chunk_size: int, alpha=None, segment_ids: Array | None = None
+) -> OuroOutput:
+    """All loops of MELT on tokens [B, S], chunk after chunk with a cache; full gradient. The cache
+    holds the whole sequence, so its slots' segment ids are `segment_ids` itself.
 
     Returns an OuroOutput with loop_hidden [T, B, S, H], gate_logits [T, B, S], exit_pdf, the
     intermediates the model collects ([T, L, B, S, H]) and the final cache; no logits (project
@@ -37,7 +41,7 @@ def sequential_forward(model: nn.Module, params, tokens: Array, chunk_size: int,
     batch, seq = tokens.shape
     num_chunks(seq, chunk_size)
     cache = init_training_cache(model.config, batch, seq, alpha is not None)
-    source = SlotCache() if alpha is None else InterpolatedSlotCache(alpha)
+    source = SlotCache(segment_ids) if alpha is None else InterpolatedSlotCache(alpha, segment_ids)
 
     def one_chunk(cache, chunk, start):  # chunk [B, C]
         out = model.apply({"params": params}, chunk, cache=cache, kv_source=source, exit_policy=None)
@@ -58,14 +62,16 @@ def sequential_forward(model: nn.Module, params, tokens: Array, chunk_size: int,
     )
 
 
-def two_pass_forward(model: nn.Module, params, tokens: Array, chunk_size: int, alpha=None) -> OuroOutput:
+def two_pass_forward(
+    model: nn.Module, params, tokens: Array, chunk_size: int, alpha=None, segment_ids: Array | None = None
+) -> OuroOutput:
     """The same values as `sequential_forward`, computed as pass 1 (chunked prefill, no gradient) and
     pass 2 (all chunks in parallel over the pass-1 rows of earlier chunks). Returns the same fields;
     its cache is the pass-1 cache."""
     num_chunks(tokens.shape[1], chunk_size)
     rows_only = model.clone(collect=())
-    rows = sequential_forward(rows_only, jax.lax.stop_gradient(params), tokens, chunk_size, alpha).cache
+    rows = sequential_forward(rows_only, jax.lax.stop_gradient(params), tokens, chunk_size, alpha, segment_ids).cache
     rows = jax.lax.stop_gradient(rows)
     source = EarlierRows(rows=rows, chunk_size=chunk_size, alpha=alpha)
-    out = model.apply({"params": params}, tokens, kv_source=source, exit_policy=None)
+    out = model.apply({"params": params}, tokens, segment_ids=segment_ids, kv_source=source, exit_policy=None)
     return out.replace(cache=rows)

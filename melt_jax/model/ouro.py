@@ -50,6 +50,7 @@ class TokenContext:
     positions: Array  # [B, S] int32
     cos: Array  # [B, S, D] float32
     sin: Array  # [B, S, D] float32
+    segment_ids: Array | None = None  # [B, S] int32: a token attends only within its segment
 
 
 @flax.struct.dataclass
@@ -116,8 +117,25 @@ class OuroDecoderLayer(nn.Module):
         k, v = self.attn.keys_values(u)  # [B, S, K, D]
         rows = Rows(k=apply_rope(k, ctx.cos, ctx.sin), v=v)
         # Ouro's rows are the Ouro rows an interpolating source mixes with (alpha then changes nothing).
-        attended, cache = source.attend(q, rows, rows, cache, ctx.positions, layer_index, loop_index)
+        attended, cache = self.attend(source, q, rows, rows, cache, ctx, layer_index, loop_index)
         return self.attn.output(attended), cache, layer_state
+
+    def attend(
+        self, source: KVSource, q: Array, rows: Rows, ouro_rows, cache, ctx: TokenContext, layer_index, loop_index
+    ):
+        """`source.attend` for the tokens of `ctx` (their positions and segment ids), computed the way
+        the config's `attention` says."""
+        return source.attend(
+            q,
+            rows,
+            ouro_rows,
+            cache,
+            ctx.positions,
+            layer_index,
+            loop_index,
+            segment_ids=ctx.segment_ids,
+            implementation=self.config.attention_implementation,
+        )
 
     def __call__(self, carry, xs, ctx: TokenContext, loop_index, source: KVSource):
         """One layer at one loop: carry (h [B, S, H], cache), xs (layer_index, this layer's state from
@@ -174,11 +192,14 @@ class OuroModel(nn.Module):
         config says (`config.cache_slots`), in `dtype` (default the activation dtype)."""
         return init_cache(self.config, batch_size, max_length, dtype)
 
-    def scoring_forward(self, params, tokens: Array, chunk_size: int | None = None) -> OuroOutput:
-        """The teacher-forced forward of evaluation on tokens [B, S]: every loop's hidden states and
-        the exit distribution of the values inference computes (no logits: project loop_hidden with
-        `logits`). Ouro runs the whole sequence at once: its values do not depend on `chunk_size`."""
-        return self.apply({"params": params}, tokens, exit_policy=None)
+    def scoring_forward(
+        self, params, tokens: Array, chunk_size: int | None = None, segment_ids: Array | None = None
+    ) -> OuroOutput:
+        """The teacher-forced forward of evaluation on tokens [B, S] (with their segment ids [B, S] if
+        given): every loop's hidden states and the exit distribution of the values inference computes
+        (no logits: project loop_hidden with `logits`). Ouro runs the whole sequence at once: its
+        values do not depend on `chunk_size`."""
+        return self.apply({"params": params}, tokens, segment_ids=segment_ids, exit_policy=None)
 
     def logits(self, hidden: Array) -> Array:
         """LM head: [..., H] -> [..., V] in the activation dtype."""
@@ -190,7 +211,9 @@ class OuroModel(nn.Module):
             logits = constrain(logits, (None,) * (logits.ndim - 3) + ("batch", "length", "vocab"))
         return logits
 
-    def token_context(self, tokens: Array, positions: Array | None, cache: KVCache | None) -> TokenContext:
+    def token_context(
+        self, tokens: Array, positions: Array | None, cache: KVCache | None, segment_ids: Array | None = None
+    ) -> TokenContext:
         batch, seq = tokens.shape
         if positions is None:
             start = cache.end_index[:, None] if cache is not None else jnp.zeros((batch, 1), jnp.int32)
@@ -198,7 +221,9 @@ class OuroModel(nn.Module):
         positions = positions.astype(jnp.int32)
         table_dtype = jnp.promote_types(self.config.jnp_dtype, jnp.float32)
         cos, sin = rope_tables(positions, self.config.head_dim, self.config.rope_theta, table_dtype)
-        return TokenContext(positions=positions, cos=cos, sin=sin)
+        if segment_ids is not None:
+            segment_ids = segment_ids.astype(jnp.int32)
+        return TokenContext(positions=positions, cos=cos, sin=sin, segment_ids=segment_ids)
 
     def initial_layer_state(self, h: Array):
         """What each layer keeps from one loop to the next for the tokens in flight, stacked on a
@@ -239,6 +264,7 @@ class OuroModel(nn.Module):
         positions: Array | None = None,
         cache=None,
         *,
+        segment_ids: Array | None = None,
         kv_source: KVSource | None = None,
         exit_policy: ExitPolicy | None = ExitPolicy(),
         return_loop_logits: bool = False,
@@ -247,13 +273,16 @@ class OuroModel(nn.Module):
 
         positions [B, S] default to end_index + arange(S) with a cache, arange(S) without. With a
         cache, the tokens' keys/values are written at their positions in the cache's slot arrays and
-        the returned cache has end_index advanced by S. `kv_source` says where attention reads keys
-        and values (melt_jax.model.kv_sources; default: the cache's slot arrays, or the tokens alone).
+        the returned cache has end_index advanced by S. `segment_ids` [B, S] (packed documents: the
+        1-based document index within a row, 0 at padding): a token attends only to tokens of its own
+        segment; the positions stay as given (RoPE does not restart per document). `kv_source` says
+        where attention reads keys and values (melt_jax.model.kv_sources; default: the cache's slot
+        arrays, or the tokens alone). How attention is computed is `config.attention`.
         """
         source = default_source(cache) if kv_source is None else kv_source
         source.check(cache)
         h = self.embedder(tokens)  # [B, S, H]
-        ctx = self.token_context(tokens, positions, cache)
+        ctx = self.token_context(tokens, positions, cache, segment_ids)
         loop_hidden, gate_logits, intermediates, cache = self.run_loops(h, ctx, cache, source)
         if cache is not None:
             cache = cache.advance(tokens.shape[1])

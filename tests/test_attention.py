@@ -1,0 +1,431 @@
+"""Attention implementations (melt_jax/model/attention.py): blockwise equals dense in values and
+gradients on every attention path (causal, cache slots, the two-pass pattern; grouped heads, segment
+masks, blocks that do not divide the sequence, bf16); the blockwise gradient does not materialise
+[S, M]; the choice is validated and kept as runtime policy; and the models give the same logits and
+gradients with either, with segment ids keeping packed documents apart."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from tiny_models import DEFAULT
+
+from melt_jax.checkpoint import load_config, save_params
+from melt_jax.errors import ConfigError
+from melt_jax.inference.decoding import decode_step, prefill
+from melt_jax.model.attention import (
+    AUTO_DENSE_MAX_LOGITS,
+    DENSE,
+    Implementation,
+    attend,
+    attend_earlier_and_own,
+    blockwise_attention,
+    causal_mask,
+    slot_mask,
+)
+from melt_jax.model.cache import KVCache, init_cache
+from melt_jax.model.config import MeltConfig, OuroConfig
+from melt_jax.model.exit import ExitPolicy
+from melt_jax.model.kv_sources import OwnTokens, Rows, SlotCache
+from melt_jax.model.losses import mean_next_token_loss
+from melt_jax.model.melt import MeltModel
+from melt_jax.model.melt_training import two_pass_forward
+from melt_jax.model.ouro import OuroModel
+
+B, N, D = 2, 4, 8
+TOL = 1e-5
+
+
+def _normal(seed, shape, dtype=jnp.float32):
+    return jax.random.normal(jax.random.key(seed), shape, jnp.float32).astype(dtype)
+
+
+def _values_and_grads(fn, q, k, v):
+    """(fn(q, k, v), gradients w.r.t. q, k, v of a random scalar function of the output), jitted."""
+    weights = _normal(99, q.shape)
+
+    def both(q, k, v):
+        grads = jax.grad(lambda *x: jnp.sum(fn(*x).astype(jnp.float32) * weights), argnums=(0, 1, 2))(q, k, v)
+        return fn(q, k, v), grads
+
+    return jax.jit(both)(q, k, v)
+
+
+def _assert_same(dense_fn, blockwise_fn, q, k, v, tol=TOL):
+    dense, dense_grads = _values_and_grads(dense_fn, q, k, v)
+    blockwise, blockwise_grads = _values_and_grads(blockwise_fn, q, k, v)
+    np.testing.assert_allclose(blockwise, dense, atol=tol, rtol=0)
+    for name, got, want in zip("qkv", blockwise_grads, dense_grads):
+        np.testing.assert_allclose(got, want, atol=tol, rtol=0, err_msg=f"gradient w.r.t. {name}")
+
+
+def _blockwise(query_block, key_block):
+    return Implementation("blockwise", query_block, key_block)
+
+
+def _tokens(seq):
+    return jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (B, seq))  # [B, S]
+
+
+# Row 0: two documents and padding; row 1: one document, then padding.
+SEGMENTS_13 = jnp.array([[1] * 5 + [2] * 6 + [0] * 2, [1] * 10 + [0] * 3], jnp.int32)
+
+
+# --------------------------------------------------------------------------------------------------
+# Blockwise against dense, function by function
+
+
+# Key/value heads 1 (MQA), 2 (GQA), N (MHA), each with other blocks: dividing nothing, the whole
+# sequence, larger than it (clipped).
+@pytest.mark.parametrize("kv_heads, blocks", [(1, (4, 5)), (2, (13, 13)), (N, (16, 3))], ids=["kv1", "kv2", "kv4"])
+@pytest.mark.parametrize("segments", [False, True], ids=["causal", "segments"])
+def test_blockwise_equals_dense_on_causal_self_attention(kv_heads, blocks, segments):
+    seq = 13
+    q, k, v = _normal(0, (B, seq, N, D)), _normal(1, (B, seq, kv_heads, D)), _normal(2, (B, seq, kv_heads, D))
+    ids = SEGMENTS_13 if segments else None
+    mask = causal_mask(_tokens(seq), _tokens(seq), ids, ids)
+    _assert_same(
+        lambda q, k, v: attend(q, k, v, mask, implementation=DENSE),
+        lambda q, k, v: attend(q, k, v, mask, implementation=_blockwise(*blocks)),
+        q,
+        k,
+        v,
+    )
+
+
+@pytest.mark.parametrize("segments", [False, True], ids=["causal", "segments"])
+def test_blockwise_equals_dense_over_a_partly_filled_cache(segments):
+    """Queries at positions end..end+S of each row over an S_max slot array (cache layout [B, K, S_max,
+    D]), the slots after a row's last query holding garbage that must stay unseen."""
+    seq, max_length, kv_heads = 5, 16, 2
+    end = jnp.array([3, 9], jnp.int32)
+    positions = end[:, None] + jnp.arange(seq, dtype=jnp.int32)  # [B, S]
+    q = _normal(3, (B, seq, N, D))
+    k, v = _normal(4, (B, kv_heads, max_length, D)), _normal(5, (B, kv_heads, max_length, D))
+    slot_ids = q_ids = None
+    if segments:  # row 0: a document ends at slot 5; row 1: slots 14.. are padding
+        slot_ids = jnp.array([[1] * 6 + [2] * 10, [1] * 14 + [0] * 2], jnp.int32)
+        q_ids = jnp.take_along_axis(slot_ids, positions, axis=1)
+    mask = slot_mask(positions, max_length, q_ids, slot_ids)
+    _assert_same(
+        lambda q, k, v: attend(q, k, v, mask, kv_heads_first=True),
+        lambda q, k, v: attend(q, k, v, mask, implementation=_blockwise(2, 3), kv_heads_first=True),
+        q,
+        k,
+        v,
+    )
+    # The garbage after the queries is unseen: replacing it changes nothing.
+    later = jnp.arange(max_length)[None, None, :, None] > positions[:, None, -1:, None]  # [B, 1, S_max, 1]
+    k_other = jnp.where(later, _normal(6, k.shape), k)
+    for implementation in (DENSE, _blockwise(2, 3)):
+        run = jax.jit(lambda k, i=implementation: attend(q, k, v, mask, implementation=i, kv_heads_first=True))
+        np.testing.assert_allclose(run(k_other), run(k), atol=TOL)
+
+
+@pytest.mark.parametrize(
+    "chunk, segments",
+    [(1, False), (4, False), (12, False), (1, True), (3, True)],
+    ids=["chunk1", "chunk4", "chunk12-one-chunk", "chunk1-segments", "chunk3-segments"],
+)
+def test_blockwise_equals_dense_on_the_two_pass_pattern(chunk, segments):
+    seq, kv_heads = 12, 2
+    q, k, v = _normal(7, (B, seq, N, D)), _normal(8, (B, seq, kv_heads, D)), _normal(9, (B, seq, kv_heads, D))
+    earlier_k, earlier_v = _normal(10, (B, kv_heads, seq, D)), _normal(11, (B, kv_heads, seq, D))
+    ids = SEGMENTS_13[:, :seq] if segments else None
+
+    def run(implementation):
+        def fn(q, k, v):  # the earlier rows are constants of pass 2, the own rows get gradients
+            return attend_earlier_and_own(
+                q, earlier_k, earlier_v, k, v, chunk, segment_ids=ids, implementation=implementation
+            )
+
+        return fn
+
+    _assert_same(run(DENSE), run(_blockwise(5, 7)), q, k, v)
+
+
+def _reference(q, k, v, visible):
+    """Attention written out in numpy (float64): q [B, S, N, D], k, v [B, M, K, D], visible [B, S, M]."""
+    q, k, v, visible = (np.asarray(x, np.float64) for x in (q, k, v, visible))
+    group = q.shape[2] // k.shape[2]
+    logits = np.einsum("BSND,BMND->BNSM", q, np.repeat(k, group, axis=2)) / np.sqrt(q.shape[-1])
+    logits = np.where(visible[:, None].astype(bool), logits, -np.inf)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    return np.einsum("BNSM,BMND->BSND", probs, np.repeat(v, group, axis=2))
+
+
+def test_segment_masks_keep_documents_apart():
+    """Both implementations against attention written out: a token sees the earlier tokens of its own
+    segment only; padding (segment 0) sees only padding."""
+    seq = 13
+    q, k, v = _normal(12, (B, seq, N, D)), _normal(13, (B, seq, 2, D)), _normal(14, (B, seq, 2, D))
+    ids = np.asarray(SEGMENTS_13)
+    positions = np.arange(seq)
+    visible = (positions[None, None, :] <= positions[None, :, None]) & (ids[:, :, None] == ids[:, None, :])
+    mask = causal_mask(_tokens(seq), _tokens(seq), SEGMENTS_13, SEGMENTS_13)
+    np.testing.assert_array_equal(mask.dense(), visible)
+    expected = _reference(q, k, v, visible)
+    for implementation in (DENSE, _blockwise(4, 4)):
+        np.testing.assert_allclose(attend(q, k, v, mask, implementation=implementation), expected, atol=TOL)
+
+
+def test_bf16_blockwise_is_as_close_to_float32_as_dense():
+    """bf16 inputs: both implementations round probabilities to bf16 before the value matmul (dense
+    the normalised ones, blockwise the ones scaled by the running max), round the output and the
+    gradients to bf16, and receive the output's cotangent in bf16. Each is therefore within a few
+    bf16 steps (2^-8 relative to the largest value) of the float32 computation on the same rounded
+    inputs, the maximum being set by single roundings; on average blockwise (float32 inside the
+    backward pass, cast once) is no further from it than dense."""
+    seq, kv_heads = 40, 2
+    q, k, v = (
+        _normal(s, shape, jnp.bfloat16)
+        for s, shape in ((15, (B, seq, N, D)), (16, (B, seq, kv_heads, D)), (17, (B, seq, kv_heads, D)))
+    )
+    mask = causal_mask(_tokens(seq), _tokens(seq))
+    upcast = lambda x: x.astype(jnp.float32)  # noqa: E731
+    exact, exact_grads = _values_and_grads(lambda *x: attend(*map(upcast, x), mask), q, k, v)
+    mean_errors = {}
+    for name, implementation in (("dense", DENSE), ("blockwise", _blockwise(16, 8))):
+        out, grads = _values_and_grads(lambda *x, i=implementation: attend(*x, mask, implementation=i), q, k, v)
+        assert out.dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in grads)
+        errors = [jnp.abs(upcast(a) - b) for a, b in zip((out, *grads), (exact, *exact_grads))]
+        for error, want in zip(errors, (exact, *exact_grads)):
+            assert float(jnp.max(error)) <= 4 * 2**-8 * float(jnp.max(jnp.abs(want))), name
+        mean_errors[name] = [float(jnp.mean(error)) for error in errors]
+    for blockwise_error, dense_error in zip(mean_errors["blockwise"], mean_errors["dense"]):
+        assert blockwise_error <= 1.25 * dense_error, mean_errors
+
+
+def _grad_temp_bytes(implementation: Implementation, seq: int, heads: int) -> int:
+    """XLA's temporary memory of the compiled gradient of attention over `seq` tokens (1 row, `heads`
+    query heads and 1 key/value head of 16)."""
+    q = jax.ShapeDtypeStruct((1, seq, heads, 16), jnp.float32)
+    kv = jax.ShapeDtypeStruct((1, seq, 1, 16), jnp.float32)
+    positions = jnp.arange(seq, dtype=jnp.int32)[None]
+
+    def loss(q, k, v):
+        return jnp.sum(attend(q, k, v, causal_mask(positions, positions), implementation=implementation))
+
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, kv, kv).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_blockwise_gradient_does_not_materialise_the_logits():
+    """Blocks of 256: a block pair's logits, probabilities and their gradients (each [N, 256, 256]
+    float32) are the constant part of blockwise's temporary memory; the rest grows with S."""
+    heads, seq, blocks = 2, 2048, _blockwise(256, 256)
+    blockwise = _grad_temp_bytes(blocks, seq, heads)
+    dense = _grad_temp_bytes(DENSE, seq, heads)
+    one_logits_array = seq * seq * 4 * heads  # [N, S, S] float32
+    assert dense >= one_logits_array  # the check can fail: dense keeps S x S arrays
+    assert blockwise < one_logits_array / 8 and blockwise < dense / 20, (blockwise, dense)
+    # Linear, not quadratic, in the sequence.
+    half = _grad_temp_bytes(blocks, seq // 2, heads)
+    assert blockwise <= 2.5 * half, (half, blockwise)
+
+
+def test_blockwise_accepts_any_block_size():
+    seq = 6
+    q, k, v = _normal(18, (B, seq, N, D)), _normal(19, (B, seq, N, D)), _normal(20, (B, seq, N, D))
+    mask = causal_mask(_tokens(seq), _tokens(seq))
+    dense = attend(q, k, v, mask)
+    for blocks in ((1, 1), (5, 4), (100, 100)):
+        got = jax.jit(lambda q, b=blocks: blockwise_attention(q, k, v, mask, query_block=b[0], key_block=b[1]))(q)
+        np.testing.assert_allclose(got, dense, atol=TOL, err_msg=str(blocks))
+
+
+# --------------------------------------------------------------------------------------------------
+# The choice: validation, "auto", runtime policy
+
+
+def test_unknown_implementations_and_block_sizes_are_named():
+    for name in ("splash", "cudnn", "dense", ""):
+        with pytest.raises(ConfigError, match=r"attention must be one of auto, xla, blockwise, got"):
+            Implementation(name)
+        with pytest.raises(ConfigError, match=r"config field attention must be one of auto, xla, blockwise"):
+            OuroConfig.preset("tiny", attention=name)
+    for field in ("attention_query_block", "attention_key_block"):
+        for bad in (0, -1, 1.5, True):
+            with pytest.raises(ConfigError, match=f"config field {field} must be a positive integer"):
+                OuroConfig.preset("tiny", **{field: bad})
+    with pytest.raises(ConfigError, match="attention_key_block must be a positive integer, got 0"):
+        Implementation("blockwise", 4, 0)
+    from melt_jax.train.config import RunConfigError, load_train_config
+
+    with pytest.raises(RunConfigError, match="attention must be one of auto, xla, blockwise, got 'splash'"):
+        load_train_config(None, ["attention=splash"])
+
+
+def test_auto_is_dense_for_few_logits_and_blockwise_for_many():
+    auto = Implementation("auto")
+    assert auto.resolve(24, 24) == "xla"
+    assert auto.resolve(1, 32_768) == "xla"  # decoding one token over a long cache
+    assert auto.resolve(512, 512) == "blockwise" and auto.resolve(8, 4096) == "xla"
+    assert auto.resolve(AUTO_DENSE_MAX_LOGITS, 1) == "xla" and auto.resolve(AUTO_DENSE_MAX_LOGITS + 1, 1) == "blockwise"
+    assert Implementation("xla").resolve(8192, 8192) == "xla"
+    assert OuroConfig.preset("tiny").attention_implementation == DENSE  # the default computes as before
+
+
+def test_attention_is_runtime_policy_kept_by_checkpoints_not_config_json(tmp_path):
+    config = MeltConfig.from_ouro(OuroConfig.preset("tiny"), chunk_size=4).replace(
+        attention="blockwise", attention_query_block=64, attention_key_block=32
+    )
+    hf = config.to_hf_config()
+    assert not {"attention", "attention_query_block", "attention_key_block"} & set(hf)
+    assert MeltConfig.from_hf_config(hf).attention == "xla"  # config.json does not carry it
+    save_params(tmp_path / "ckpt", config, {"w": np.zeros(2, np.float32)})
+    loaded = load_config(tmp_path / "ckpt")
+    assert (loaded.attention, loaded.attention_query_block, loaded.attention_key_block) == ("blockwise", 64, 32)
+    assert load_config(tmp_path / "ckpt", dtype="bfloat16").attention == "blockwise"
+    assert MeltConfig.from_ouro(config).attention == "blockwise"
+
+
+def test_a_cache_needs_its_slots_segment_ids_for_segment_masking():
+    cache = KVCache(k=_normal(21, (1, B, 2, 8, D)), v=_normal(22, (1, B, 2, 8, D)), end_index=jnp.zeros(B, jnp.int32))
+    rows = Rows(k=_normal(23, (B, 3, 2, D)), v=_normal(24, (B, 3, 2, D)))
+    q, positions, ids = _normal(25, (B, 3, N, D)), _tokens(3), jnp.ones((B, 3), jnp.int32)
+    with pytest.raises(ConfigError, match=r"segment ids over a cache need the segment ids of its slots"):
+        SlotCache().attend(q, rows, None, cache, positions, 0, 0, segment_ids=ids)
+    # Given the slots' ids, the queries' own ids default to the slots' at their positions.
+    slot_ids = jnp.array([[1, 1, 2, 2, 2, 0, 0, 0]] * B, jnp.int32)
+    with_ids, _ = SlotCache(slot_ids).attend(q, rows, None, cache, positions, 0, 0, segment_ids=slot_ids[:, :3])
+    derived, _ = SlotCache(slot_ids).attend(q, rows, None, cache, positions, 0, 0)
+    np.testing.assert_array_equal(with_ids, derived)
+    own, _ = OwnTokens().attend(q, rows, None, None, positions, 0, 0, segment_ids=slot_ids[:, :3])
+    np.testing.assert_allclose(derived, own, atol=TOL)  # the empty cache adds nothing visible
+
+
+# --------------------------------------------------------------------------------------------------
+# The models with attention="blockwise" against "xla"
+
+BLOCKWISE = dict(attention="blockwise", attention_query_block=5, attention_key_block=7)  # divide nothing
+SEQ = 24
+
+
+@pytest.fixture(scope="module")
+def tiny(melt_of):
+    """(Ouro config, MELT config, MELT params (Ouro's plus gates), tokens [2, 24]) of the default
+    structure."""
+    melt = melt_of(DEFAULT)
+    tokens = jnp.asarray(np.random.default_rng(4).integers(0, melt.config.vocab_size, size=(2, SEQ)))
+    return melt.ouro.config, melt.config, jax.tree.map(jnp.asarray, melt.params), tokens
+
+
+def _both(config):
+    return {"xla": config, "blockwise": config.replace(**BLOCKWISE)}
+
+
+def _assert_trees_close(got, want, rtol=1e-4):
+    """Every leaf within rtol of the largest magnitude of its counterpart."""
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
+        scale = max(float(jnp.max(jnp.abs(b))), 1e-6)
+        np.testing.assert_allclose(a, b, atol=rtol * scale, rtol=0, err_msg=jax.tree_util.keystr(path))
+
+
+def _ouro_params(params):
+    return {k: v for k, v in params.items() if k != "layers"} | {
+        "layers": {k: v for k, v in params["layers"].items() if k != "kv_gate"}
+    }
+
+
+def test_model_forward_logits_and_gradients_match(tiny):
+    """Ouro's forward (the tokens attend to each other: the source of MELT's one-chunk forward too)."""
+    ouro_config, _, params, tokens = tiny
+
+    def loss(params, config):
+        out = OuroModel(config).apply({"params": params}, tokens, exit_policy=ExitPolicy.last())
+        return mean_next_token_loss(out.logits, tokens), out.logits
+
+    results = {
+        name: jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(_ouro_params(params), c)
+        for name, c in _both(ouro_config).items()
+    }
+    (_, logits), grads = results["blockwise"]
+    (_, want_logits), want_grads = results["xla"]
+    np.testing.assert_allclose(logits, want_logits, atol=1e-4, rtol=0)
+    _assert_trees_close(grads, want_grads)
+
+
+@pytest.mark.parametrize("kind", ["ouro", "melt"])
+def test_models_cached_prefill_and_decode_match(tiny, kind):
+    ouro_config, melt_config, params, tokens = tiny
+    config, model_cls = (ouro_config, OuroModel) if kind == "ouro" else (melt_config, MeltModel)
+    params = _ouro_params(params) if kind == "ouro" else params
+    logits = {}
+    for name, c in _both(config).items():
+        model = model_cls(c)
+        cache = init_cache(c, tokens.shape[0], SEQ + 8)
+        first, cache = prefill(model, params, tokens[:, :20], cache)  # MELT: chunks of 8, the last of 4
+        steps = [first]
+        for i in range(20, SEQ):
+            step, cache = jax.jit(decode_step, static_argnums=0)(model, params, tokens[:, i], cache)
+            steps.append(step[:, None])
+        logits[name] = jnp.concatenate(steps, axis=1)
+    np.testing.assert_allclose(logits["blockwise"], logits["xla"], atol=1e-4, rtol=0)
+
+
+def test_two_pass_training_forward_values_and_gradients_match(tiny):
+    """MELT's two-pass forward: pass 1 through the slot cache, pass 2 through the earlier-and-own
+    pattern. (The interpolated one, which mixes the rows before the same attention, is compared
+    with segment ids below.)"""
+    _, melt_config, params, tokens = tiny
+
+    def loss(params, config):
+        model = MeltModel(config)
+        out = two_pass_forward(model, params, tokens, 8)
+        logits = model.apply({"params": params}, out.loop_hidden[-1], method=MeltModel.logits)
+        return mean_next_token_loss(logits, tokens), logits
+
+    run = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
+    results = {name: run(params, c) for name, c in _both(melt_config).items()}
+    np.testing.assert_allclose(results["blockwise"][0][1], results["xla"][0][1], atol=1e-4, rtol=0)
+    _assert_trees_close(results["blockwise"][1], results["xla"][1])
+
+
+# --------------------------------------------------------------------------------------------------
+# Segment ids keep the documents of a packed row apart
+
+# Row 0: document 1 is tokens 0..9, document 2 tokens 10..23 (a chunk of 8 holds both); row 1: one
+# document and 4 padding tokens.
+PACKED = jnp.array([[1] * 10 + [2] * 14, [1] * 20 + [0] * 4], jnp.int32)
+
+
+def _packed_forwards():
+    """name -> (config, params, tokens, segment_ids) -> loop_hidden [T, B, S, H]. The MELT two-pass
+    forwards run the slot-cache sources (pass 1) and the earlier-and-own pattern (pass 2)."""
+
+    def ouro(config, params, tokens, segment_ids):
+        return OuroModel(config).apply({"params": _ouro_params(params)}, tokens, segment_ids=segment_ids).loop_hidden
+
+    def melt_two_pass(config, params, tokens, segment_ids, alpha=None):
+        return two_pass_forward(MeltModel(config), params, tokens, 8, alpha, segment_ids).loop_hidden
+
+    return {
+        "ouro": ouro,
+        "melt-two-pass": melt_two_pass,
+        "melt-two-pass-interpolated": lambda *a: melt_two_pass(*a, alpha=jnp.float32(0.4)),
+    }
+
+
+@pytest.mark.parametrize("name", list(_packed_forwards()))
+def test_segment_ids_stop_attention_across_documents(tiny, name):
+    """Changing document 1 of a row leaves document 2 and the other row as they were, with either
+    implementation, and the two implementations agree."""
+    ouro_config, melt_config, params, tokens = tiny
+    config = ouro_config if name == "ouro" else melt_config
+    run = jax.jit(_packed_forwards()[name], static_argnums=0)
+    changed = tokens.at[0, :10].set((tokens[0, :10] + 1) % config.vocab_size)  # document 1 of row 0
+    second = slice(10, SEQ)
+    hidden = {}
+    for implementation, c in _both(config).items():
+        before, after = run(c, params, tokens, PACKED), run(c, params, changed, PACKED)
+        np.testing.assert_allclose(after[:, 0, second], before[:, 0, second], atol=1e-6)
+        np.testing.assert_array_equal(after[:, 1], before[:, 1])  # the other row
+        assert np.isfinite(np.asarray(before)).all()
+        hidden[implementation] = before
+    _assert_trees_close(hidden["blockwise"], hidden["xla"])
+    # With one segment per row the change reaches document 2: the check can fail.
+    one = jnp.ones_like(PACKED)
+    leaked = run(config, params, changed, one)[:, 0, second] - run(config, params, tokens, one)[:, 0, second]
+    assert float(jnp.max(jnp.abs(leaked))) > 1e-3
