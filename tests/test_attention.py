@@ -225,6 +225,30 @@ def test_blockwise_gradient_does_not_materialise_the_logits():
     assert blockwise <= 2.5 * half, (half, blockwise)
 
 
+def test_blockwise_gradient_inside_a_scan_keeps_no_block_masks():
+    """Attention over traced positions inside a scan (as in the scans over loops and layers): JAX's
+    split of the scan body under a gradient would keep the position-derived mask of every block pair
+    (S x S in all) unless the blockwise forward recomputes it; temporary memory stays linear in S."""
+    heads, blocks = 2, _blockwise(256, 256)
+
+    def temp_bytes(seq):
+        q = jax.ShapeDtypeStruct((1, seq, heads, 16), jnp.float32)
+        positions = jax.ShapeDtypeStruct((1, seq), jnp.int32)
+
+        def loss(q, k, v, positions):
+            def one_loop(carry, _):
+                out = attend(q + carry, k, v, causal_mask(positions, positions), implementation=blocks)
+                return carry + jnp.mean(out), None
+
+            return jax.lax.scan(one_loop, 0.0, None, length=4)[0]
+
+        grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+        return grad.lower(q, q, q, positions).compile().memory_analysis().temp_size_in_bytes
+
+    short, long = temp_bytes(1024), temp_bytes(4096)
+    assert long <= 2.5 * short, (short, long)  # 4x the tokens; 16x the block pairs
+
+
 def test_blockwise_accepts_any_block_size():
     seq = 6
     q, k, v = _normal(18, (B, seq, N, D)), _normal(19, (B, seq, N, D)), _normal(20, (B, seq, N, D))

@@ -312,6 +312,17 @@ def _block_logits(q: Array, k: Array, visible: Array, compute) -> Array:
     return jnp.where(visible, logits, _MASKED_LOGIT)
 
 
+def _tied_to(anchor: Array, *trees):
+    """`trees` unchanged, but computed together with `anchor` (an optimization barrier).
+
+    Under a gradient, JAX splits a scanned computation into what depends on differentiated values and
+    what does not, and keeps every output of the second part that the first reads, for every
+    iteration. The block masks depend only on token positions: left alone, the masks of every block
+    pair of every loop and layer would be kept, S x S in all. Tied to the queries, they are recomputed
+    with them instead."""
+    return jax.lax.optimization_barrier((anchor, trees))[1]
+
+
 def _blockwise_forward(query_block: int, key_block: int, q: Array, k: Array, v: Array, mask) -> tuple[Array, Array]:
     """(out [B, K, G, S, D] in q's dtype, logsumexp [B, K, G, S] in float32) of q [B, K, G, S, D] over
     k, v [B, K, M, D]; S and M multiples of the blocks, `mask` of that size."""
@@ -328,7 +339,7 @@ def _blockwise_forward(query_block: int, key_block: int, q: Array, k: Array, v: 
 
         def one_key_block(carry, ys):
             k_j, v_j, k_side = ys
-            visible = mask.visible(q_side, k_side)[:, None, None]  # [B, 1, 1, q, k]
+            visible = mask.visible(*_tied_to(q_i, q_side, k_side))[:, None, None]  # [B, 1, 1, q, k]
 
             def update(carry):
                 running_max, running_sum, acc = carry  # [B, K, G, q], [B, K, G, q], [B, K, G, q, D]
