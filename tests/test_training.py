@@ -596,7 +596,7 @@ def test_pipeline_config_stages(tmp_path):
     assert [c.stage for c in stages] == ["looplm", "exit_gate", "melt_phase1", "melt_phase2"]
     assert [c.optimizer.warmup_steps for c in stages] == [100, 100, 3, 3]  # teacher_warmup_steps for the teacher
     # The teacher alone stops at its held-out accuracy; the student stages run their steps.
-    assert [(c.eval_every, c.stop_at_accuracy) for c in stages] == [(250, 0.99), (0, 0.0), (0, 0.0), (0, 0.0)]
+    assert [(c.eval_every, c.stop_at_accuracy) for c in stages] == [(250, 1.0), (0, 0.0), (0, 0.0), (0, 0.0)]
     assert stages[2].teacher == stages[3].teacher == str(tmp_path / "exit_gate" / "model")
     assert stages[3].init_from == str(tmp_path / "melt_phase1" / "model")
     with pytest.raises(RunConfigError, match="teacher_warmup_steps must be >= 0"):

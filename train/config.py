@@ -75,6 +75,7 @@ class TrainConfig:
     model: str = "tiny"  # looplm from scratch: a preset name or a config.json path
     vocab_size: int = 0  # looplm from scratch: > 0 replaces the model's vocab_size (e.g. 258 for bytes)
     num_layers: int = 0  # looplm from scratch: > 0 replaces the model's num_hidden_layers
+    intermediate_size: int = 0  # looplm from scratch: > 0 replaces the model's MLP width
     init_from: str | None = None  # a melt_jax checkpoint directory to start from
     teacher: str | None = None  # MELT phases: the frozen LoopLM teacher's checkpoint directory
     steps: int = 100
@@ -117,7 +118,7 @@ class TrainConfig:
         for name in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise RunConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("vocab_size", "num_layers"):
+        for name in ("vocab_size", "num_layers", "intermediate_size"):
             if getattr(self, name) < 0:
                 raise RunConfigError(f"{name} must be >= 0 (0 keeps the model's own), got {getattr(self, name)}")
         if self.data.loss not in ("answer", "all"):

@@ -63,6 +63,8 @@ def _model_config(cfg: TrainConfig) -> OuroConfig:
         config = config.replace(vocab_size=cfg.vocab_size)
     if cfg.num_layers > 0:
         config = config.replace(num_hidden_layers=cfg.num_layers)
+    if cfg.intermediate_size > 0:
+        config = config.replace(intermediate_size=cfg.intermediate_size)
     config.validate()
     return config
 
