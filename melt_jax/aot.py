@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -39,6 +40,10 @@ def topology_devices(topology: str | None) -> list[jax.Device]:
     if topology is None:
         return list(jax.devices())
     from jax.experimental import topologies
+
+    # libtpu lets one process at a time own the TPU chips of a machine (a lock file); compile-only
+    # devices own no chip, so several compiling processes may load it at once.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
     match = re.fullmatch(r"[a-z0-9]+:(\d+(?:x\d+)*)", topology)
     if match is None:

@@ -309,12 +309,17 @@ def test_a_cache_needs_its_slots_segment_ids_for_segment_masking():
     cache = KVCache(k=_normal(21, (1, B, 2, 8, D)), v=_normal(22, (1, B, 2, 8, D)), end_index=jnp.zeros(B, jnp.int32))
     rows = Rows(k=_normal(23, (B, 3, 2, D)), v=_normal(24, (B, 3, 2, D)))
     q, positions, ids = _normal(25, (B, 3, N, D)), _tokens(3), jnp.ones((B, 3), jnp.int32)
+
+    def slot_cache_attend(source, **ids):
+        carried = source.begin(cache, rows.k.shape)
+        return source.attend(q, rows, None, carried, positions, 0, 0, **ids)
+
     with pytest.raises(ConfigError, match=r"segment ids over a cache need the segment ids of its slots"):
-        SlotCache().attend(q, rows, None, cache, positions, 0, 0, segment_ids=ids)
+        slot_cache_attend(SlotCache(), segment_ids=ids)
     # Given the slots' ids, the queries' own ids default to the slots' at their positions.
     slot_ids = jnp.array([[1, 1, 2, 2, 2, 0, 0, 0]] * B, jnp.int32)
-    with_ids, _ = SlotCache(slot_ids).attend(q, rows, None, cache, positions, 0, 0, segment_ids=slot_ids[:, :3])
-    derived, _ = SlotCache(slot_ids).attend(q, rows, None, cache, positions, 0, 0)
+    with_ids, _ = slot_cache_attend(SlotCache(slot_ids), segment_ids=slot_ids[:, :3])
+    derived, _ = slot_cache_attend(SlotCache(slot_ids))
     np.testing.assert_array_equal(with_ids, derived)
     own, _ = OwnTokens().attend(q, rows, None, None, positions, 0, 0, segment_ids=slot_ids[:, :3])
     np.testing.assert_allclose(derived, own, atol=TOL)  # the empty cache adds nothing visible

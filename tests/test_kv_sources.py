@@ -80,15 +80,25 @@ def test_own_tokens_is_causal_attention_among_the_tokens_in_flight():
     assert cache is None
 
 
+def _slot_cache_call(source, rows, cache, layer, loop):
+    """One attend of a slot-cache source between its begin and end, as a model call runs it for one
+    (loop, layer): (attended, the cache after the call)."""
+    carried = source.begin(cache, rows.k.shape)
+    attended, carried = source.attend(Q, rows, None, carried, POSITIONS, layer, loop)
+    return attended, source.end(carried, POSITIONS)
+
+
 @pytest.mark.parametrize("slots", [(LOOPS, LAYERS), (LAYERS,)], ids=["ouro-layout", "melt-layout"])
 def test_slot_cache_writes_the_rows_and_attends_to_the_slot_array(slots):
     rows, cache = _rows(2), _empty_cache(slots)
     layer, loop = 1, 2
-    attended, new_cache = SlotCache().attend(Q, rows, None, cache, POSITIONS, layer, loop)
+    attended, new_cache = _slot_cache_call(SlotCache(), rows, cache, layer, loop)
     slot = slot_index(cache, layer, loop)
-    # The slot array now holds the rows at their positions; every other slot and position is unchanged.
+    # The slot array now holds the rows at their positions; every other position is unchanged (the
+    # other slot arrays get their own rows of the call at these positions, none here: zeros).
     for got, before, new in ((new_cache.k, cache.k, rows.k), (new_cache.v, cache.v, rows.v)):
         expected = np.array(before)
+        expected[..., 3 : 3 + S, :] = 0.0
         expected[slot][:, :, 3 : 3 + S] = np.asarray(new).transpose(0, 2, 1, 3)
         np.testing.assert_array_equal(got, expected)
     # Each query sees the 3 cached rows and the chunk's rows up to itself; later slots are masked.
@@ -116,10 +126,11 @@ def test_interpolated_slot_cache_writes_both_caches_and_mixes_them():
     for alpha, plain_cache, plain_rows in ((1.0, cache.melt, rows), (0.0, cache.ouro, ouro_rows)):
         source = InterpolatedSlotCache(jnp.float32(alpha))
         got, new_cache = source.attend(Q, rows, ouro_rows, cache, POSITIONS, layer, loop)
-        want, want_cache = SlotCache().attend(Q, plain_rows, None, plain_cache, POSITIONS, layer, loop)
+        want, want_cache = _slot_cache_call(SlotCache(), plain_rows, plain_cache, layer, loop)
         np.testing.assert_allclose(got, want, atol=TOL)
         written = new_cache.melt if alpha == 1.0 else new_cache.ouro
-        np.testing.assert_array_equal(written.k, want_cache.k)
+        slot = slot_index(written, layer, loop)
+        np.testing.assert_array_equal(written.k[slot], want_cache.k[slot])
     # Both caches are written whatever alpha is: MELT's rows to (layer), Ouro's to (loop, layer).
     np.testing.assert_array_equal(new_cache.melt.k[layer, :, :, 3 : 3 + S], rows.k.transpose(0, 2, 1, 3))
     np.testing.assert_array_equal(new_cache.ouro.k[loop, layer, :, :, 3 : 3 + S], ouro_rows.k.transpose(0, 2, 1, 3))

@@ -117,7 +117,9 @@ def test_alpha_zero_is_ouro_and_alpha_one_is_melt(setup):
         np.testing.assert_allclose(_step_logits(model, params, out), ouro.loop_logits, atol=1e-5, rtol=0)
         melt = _jitted[name](model, params, tokens, 8, None)
         at_one = _jitted[name](model, params, tokens, 8, 1.0)
-        np.testing.assert_allclose(at_one.loop_hidden, melt.loop_hidden, atol=1e-6, rtol=0)
+        # The plain slot cache reads its history and the new rows as two key sets, the interpolated one a
+        # single written slot array: the same softmax summed in another order (float32 rounding).
+        np.testing.assert_allclose(at_one.loop_hidden, melt.loop_hidden, atol=1e-5, rtol=0)
 
     def loss(params):
         out = two_pass_forward(model, params, tokens, 8, 0.0)

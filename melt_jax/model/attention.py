@@ -515,3 +515,41 @@ def attend_earlier_and_own(
     mask = EarlierAndOwnMask.of(batch, seq, chunk_size, segment_ids)
     blocks = dict(query_block=implementation.query_block, key_block=implementation.key_block)
     return blockwise_attention(q, keys, values, mask, kv_heads_first=True, **blocks)
+
+
+def attend_history_and_own(
+    q: Array,
+    history_k: Array,
+    history_v: Array,
+    k: Array,
+    v: Array,
+    mask: CausalMask,
+    *,
+    implementation: Implementation = DENSE,
+) -> Array:
+    """Attention of q [B, S, N, D] over two key sets in one softmax: a cache slot array history_k,
+    history_v [B, K, S_max, D] and the rows of the tokens in flight k, v [B, S, K, D]; `mask`
+    describes the S_max + S keys in that order. Dense reads the slot array where it lies (no copy of
+    it joined to the new rows); blockwise joins them. Returns [B, S, N, D]."""
+    mask.check()
+    max_length = history_k.shape[2]
+    own_k, own_v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, D]
+    if implementation.resolve(q.shape[1], max_length + k.shape[1]) != "xla":
+        keys = jnp.concatenate([history_k, own_k.astype(history_k.dtype)], axis=2)  # [B, K, S_max + S, D]
+        values = jnp.concatenate([history_v, own_v.astype(history_v.dtype)], axis=2)
+        blocks = dict(query_block=implementation.query_block, key_block=implementation.key_block)
+        return blockwise_attention(q, keys, values, mask, kv_heads_first=True, **blocks)
+    batch, seq, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[2]
+    compute = at_least_float32(q.dtype)
+    q = q.reshape(batch, seq, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [B, S, K, G, D]
+    scale = head_dim**-0.5
+    history_logits = jnp.einsum("BSKGD,BKMD->BKGSM", q, history_k, preferred_element_type=compute) * scale
+    own_logits = jnp.einsum("BSKGD,BKED->BKGSE", q, own_k, preferred_element_type=compute) * scale
+    visible = mask.dense()[:, None, None]  # [B, 1, 1, S, S_max + S]
+    logits = jnp.where(visible, jnp.concatenate([history_logits, own_logits], axis=-1), _MASKED_LOGIT)
+    probs = jax.nn.softmax(logits, axis=-1)  # [B, K, G, S, S_max + S]
+    history_probs, own_probs = probs[..., :max_length], probs[..., max_length:]
+    out = jnp.einsum("BKGSM,BKMD->BSKGD", history_probs.astype(history_v.dtype), history_v)
+    out = out + jnp.einsum("BKGSE,BKED->BSKGD", own_probs.astype(v.dtype), own_v)
+    return out.reshape(batch, seq, num_heads, head_dim).astype(q.dtype)

@@ -72,3 +72,27 @@ def write_rows(slots: Array, slot_index: tuple, rows: Array, positions: Array) -
     # Advanced indices split by the head slice: the indexed view is [B, S, K, D], the rows' shape.
     index = (*slot_index, batch_index, slice(None), positions)
     return slots.at[index].set(rows.astype(slots.dtype), mode="drop")
+
+
+def write_all_rows(slots: Array, rows: Array, positions: Array) -> Array:
+    """`slots` [*P, B, K, S_max, D] with rows [*P, B, S, K, D] written into every slot array at the
+    consecutive token positions positions[b, 0] .. positions[b, 0] + S - 1 of each row b; a row whose
+    positions run past the cache is left as it was.
+
+    One dynamic-update-slice per batch row (in a loop), not a scatter: updated in place, where a
+    scatter over all slot arrays at once can make XLA lay the whole cache out anew (a copy of it)."""
+    num_slot_axes = slots.ndim - 4
+    batch, num_tokens = positions.shape
+    rows = jnp.moveaxis(rows, -2, -3).astype(slots.dtype)  # [*P, B, K, S, D]
+    max_length = slots.shape[-2]
+
+    def write_row(b, slots):
+        start = positions[b, 0].astype(jnp.int32)
+        b = jnp.asarray(b, jnp.int32)
+        zero = jnp.zeros((), jnp.int32)
+        row = jax.lax.dynamic_slice_in_dim(rows, b, 1, axis=num_slot_axes)  # [*P, 1, K, S, D]
+        at = (*([zero] * num_slot_axes), b, zero, start, zero)
+        fits = (start >= 0) & (start + num_tokens <= max_length)
+        return jax.lax.cond(fits, lambda s: jax.lax.dynamic_update_slice(s, row, at), lambda s: s, slots)
+
+    return jax.lax.fori_loop(0, batch, write_row, slots)

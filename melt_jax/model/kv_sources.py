@@ -43,8 +43,17 @@ import jax
 import jax.numpy as jnp
 
 from melt_jax.errors import ConfigError
-from melt_jax.model.attention import DENSE, Implementation, attend, attend_earlier_and_own, causal_mask, slot_mask
-from melt_jax.model.cache import KVCache, init_cache, write_rows
+from melt_jax.model.attention import (
+    DENSE,
+    CausalMask,
+    Implementation,
+    attend,
+    attend_earlier_and_own,
+    attend_history_and_own,
+    causal_mask,
+    slot_mask,
+)
+from melt_jax.model.cache import KVCache, init_cache, write_all_rows, write_rows
 from melt_jax.model.config import MeltConfig
 
 Array = jax.Array
@@ -131,6 +140,29 @@ def _cache_mask(slot_segments: Array | None, positions: Array, max_length: int, 
     return slot_mask(positions, max_length, segment_ids, slot_segments)
 
 
+def _history_and_own_mask(
+    slot_segments: Array | None, positions: Array, max_length: int, segment_ids: Array | None
+) -> CausalMask:
+    """Queries at positions [B, S] over the keys [cache slots (S_max), tokens in flight (S)]: a slot is
+    visible when it precedes the first position in flight (later slots hold nothing yet, or what the
+    tokens in flight replace), the tokens in flight causally; with segment ids only keys of the
+    query's segment (see _cache_mask for where the ids come from)."""
+    batch = positions.shape[0]
+    slots = jnp.broadcast_to(jnp.arange(max_length, dtype=jnp.int32), (batch, max_length))  # [B, S_max]
+    start = jnp.min(positions, axis=1, keepdims=True)  # [B, 1]
+    # A slot at or after the first position in flight gets a position no query reaches.
+    unreachable = jnp.iinfo(jnp.int32).max
+    key_positions = jnp.concatenate([jnp.where(slots < start, slots, unreachable), positions], axis=1)
+    if slot_segments is None:
+        if segment_ids is not None:
+            _cache_mask(None, positions, max_length, segment_ids)  # raises: the slots' ids are needed
+        return causal_mask(positions, key_positions)
+    if segment_ids is None:
+        segment_ids = jnp.take_along_axis(slot_segments, positions, axis=1, mode="clip")  # [B, S]
+    key_segments = jnp.concatenate([slot_segments, segment_ids], axis=1)
+    return causal_mask(positions, key_positions, segment_ids, key_segments)
+
+
 class KVSource(flax.struct.PyTreeNode):
     """Where attention reads keys and values from (see the module docstring)."""
 
@@ -140,6 +172,15 @@ class KVSource(flax.struct.PyTreeNode):
         """ConfigError unless this source can run with `cache` (checked once, before the loops)."""
         if cache is not None:
             raise ConfigError(f"{type(self).__name__} reads no cache, got a {type(cache).__name__}")
+
+    def begin(self, cache, rows_shape: tuple[int, ...]):
+        """What the loops carry in place of `cache` (the same by default); rows_shape is [B, S, K, D],
+        the shape of the rows of the tokens in flight."""
+        return cache
+
+    def end(self, carried, positions: Array):
+        """The cache after the loops, from what they carried (`begin`'s result, updated by `attend`)."""
+        return carried
 
     def attend(
         self,
@@ -171,11 +212,25 @@ class OwnTokens(KVSource):
         return attend(q, rows.k, rows.v, mask, implementation=implementation), cache
 
 
+@flax.struct.dataclass
+class PendingRows:
+    """What a slot cache's loops carry: the cache as it was before the call (`history`, only read) and
+    the rows of the tokens in flight (`k`, `v` [*slots, B, S, K, D], the cache's slot axes), which
+    `SlotCache.end` writes into the history at their positions once the loops are done."""
+
+    history: KVCache
+    k: Array
+    v: Array
+
+
 class SlotCache(KVSource):
-    """A KVCache: the rows are written into the slot array of this (loop, layer) at their positions,
-    and the queries attend to that whole slot array (slots past a query's position are masked).
-    `slot_segment_ids` [B, S_max]: the segment id of every slot, for segment-masked attention over the
-    cache (the chunked training forward knows them for the whole sequence in advance)."""
+    """A KVCache. The queries attend to their slot array's earlier tokens (the slots before the first
+    position in flight) and to the rows of the tokens in flight, causally; those rows are written into
+    the cache once, after the loops (`end`), so the loops only read the cache: it is updated in place
+    in a donated buffer and no slot array is copied through the scans. The tokens in flight occupy
+    consecutive positions, as in prefill and decoding. `slot_segment_ids` [B, S_max]: the segment id
+    of every slot, for segment-masked attention over the cache (the chunked training forward knows
+    them for the whole sequence in advance)."""
 
     slot_segment_ids: Array | None = None
 
@@ -183,15 +238,30 @@ class SlotCache(KVSource):
         if not isinstance(cache, KVCache):
             raise ConfigError(f"SlotCache needs a KVCache, got {type(cache).__name__}")
 
+    def begin(self, cache: KVCache, rows_shape) -> PendingRows:
+        slots = cache.k.shape[: cache.k.ndim - 4]
+        empty = jnp.zeros((*slots, *rows_shape), cache.k.dtype)  # [*slots, B, S, K, D]
+        return PendingRows(history=cache, k=empty, v=empty)
+
+    def end(self, carried: PendingRows, positions: Array) -> KVCache:
+        history = carried.history
+        return history.replace(
+            k=write_all_rows(history.k, carried.k, positions), v=write_all_rows(history.v, carried.v, positions)
+        )
+
     def attend(
         self, q, rows, ouro_rows, cache, positions, layer_index, loop_index, *, segment_ids=None, implementation=DENSE
     ):
-        slot = slot_index(cache, layer_index, loop_index)
-        k_all = write_rows(cache.k, slot, rows.k, positions)
-        v_all = write_rows(cache.v, slot, rows.v, positions)
-        mask = _cache_mask(self.slot_segment_ids, positions, cache.max_length, segment_ids)
-        attended = attend(q, k_all[slot], v_all[slot], mask, implementation=implementation, kv_heads_first=True)
-        return attended, cache.replace(k=k_all, v=v_all)
+        history = cache.history
+        slot = slot_index(history, layer_index, loop_index)
+        pending = cache.replace(
+            k=cache.k.at[slot].set(rows.k.astype(cache.k.dtype)), v=cache.v.at[slot].set(rows.v.astype(cache.v.dtype))
+        )
+        mask = _history_and_own_mask(self.slot_segment_ids, positions, history.max_length, segment_ids)
+        attended = attend_history_and_own(
+            q, history.k[slot], history.v[slot], rows.k, rows.v, mask, implementation=implementation
+        )
+        return attended, pending
 
 
 class InterpolatedTokens(KVSource):

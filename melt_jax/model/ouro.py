@@ -283,7 +283,10 @@ class OuroModel(nn.Module):
         source.check(cache)
         h = self.embedder(tokens)  # [B, S, H]
         ctx = self.token_context(tokens, positions, cache, segment_ids)
-        loop_hidden, gate_logits, intermediates, cache = self.run_loops(h, ctx, cache, source)
+        c = self.config
+        carried = source.begin(cache, (*tokens.shape, c.num_kv_heads, c.head_dim))
+        loop_hidden, gate_logits, intermediates, carried = self.run_loops(h, ctx, carried, source)
+        cache = source.end(carried, ctx.positions)
         if cache is not None:
             cache = cache.advance(tokens.shape[1])
         exit_pdf = exit_distribution(gate_logits)  # [B, S, T]
