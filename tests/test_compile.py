@@ -83,3 +83,32 @@ def test_bad_topologies_exit_2(capsys):
     assert "--topology is an option of melt-train compile" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="v6e:3x3x3x3"):
         topology_devices("v6e:3x3x3x3")
+
+
+@pytest.mark.parametrize("kind", ["ouro", "melt"])
+def test_decode_step_never_copies_the_cache(kind):
+    """The decode step compiled on CPU at 1,024 and 8,192 cache positions (float32, batch 3, 4 layers): the cache
+    is donated and written in place, so the temporaries grow by at most the slot array being read (k
+    and v of one loop and layer; XLA's CPU backend copies that slice, TPU reads it in place), never by
+    the cache: with a copy of the cache they would grow by 8x the small cache's bytes."""
+    import jax
+    import jax.numpy as jnp
+
+    from melt_jax.inference.decoding import decode_step
+    from melt_jax.model.params import abstract_params
+    from melt_jax.model.registry import model_for
+
+    ouro = OuroConfig.preset("tiny", vocab_size=258, num_hidden_layers=4)  # a slot array: 1/4 of MELT's cache
+    model = model_for(ouro if kind == "ouro" else MeltConfig.from_ouro(ouro))
+    token = jax.ShapeDtypeStruct((3,), jnp.int32)
+    temp, cache_bytes, slot_bytes = {}, {}, {}
+    for length in (1024, 8192):
+        cache = jax.eval_shape(lambda n=length: model.init_cache(3, n))
+        compiled = decode_step.lower(model, abstract_params(model), token, cache).compile()
+        temp[length] = compiled.memory_analysis().temp_size_in_bytes
+        cache_bytes[length] = 2 * cache.k.size * cache.k.dtype.itemsize
+        num_slot_arrays = cache.k.size // (3 * ouro.num_kv_heads * length * ouro.head_dim)
+        slot_bytes[length] = cache_bytes[length] // num_slot_arrays
+    growth = temp[8192] - temp[1024]
+    assert growth <= 1.1 * (slot_bytes[8192] - slot_bytes[1024]), (temp, slot_bytes)
+    assert growth < 0.5 * (cache_bytes[8192] - cache_bytes[1024]), (temp, cache_bytes)
