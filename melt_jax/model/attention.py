@@ -510,9 +510,15 @@ def attend_earlier_and_own(
     batch, seq = q.shape[:2]
     if implementation.resolve(seq, seq) == "xla":
         return dense_earlier_and_own(q, earlier_k, earlier_v, k, v, chunk_size, segment_ids)
-    keys = jnp.concatenate([earlier_k, k.transpose(0, 2, 1, 3)], axis=2)  # [B, K, 2S, D]
-    values = jnp.concatenate([earlier_v, v.transpose(0, 2, 1, 3)], axis=2)
     mask = EarlierAndOwnMask.of(batch, seq, chunk_size, segment_ids)
+    return _blockwise_over_stored_and_own(q, earlier_k, earlier_v, k, v, mask, implementation)
+
+
+def _blockwise_over_stored_and_own(q, stored_k, stored_v, k, v, mask, implementation: Implementation) -> Array:
+    """Blockwise attention of q [B, S, N, D] over stored rows [B, K, M, D] (cache layout) followed by the
+    rows in flight [B, S, K, D], joined into one key set of M + S keys that `mask` describes."""
+    keys = jnp.concatenate([stored_k, k.transpose(0, 2, 1, 3).astype(stored_k.dtype)], axis=2)  # [B, K, M + S, D]
+    values = jnp.concatenate([stored_v, v.transpose(0, 2, 1, 3).astype(stored_v.dtype)], axis=2)
     blocks = dict(query_block=implementation.query_block, key_block=implementation.key_block)
     return blockwise_attention(q, keys, values, mask, kv_heads_first=True, **blocks)
 
@@ -535,10 +541,7 @@ def attend_history_and_own(
     max_length = history_k.shape[2]
     own_k, own_v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, D]
     if implementation.resolve(q.shape[1], max_length + k.shape[1]) != "xla":
-        keys = jnp.concatenate([history_k, own_k.astype(history_k.dtype)], axis=2)  # [B, K, S_max + S, D]
-        values = jnp.concatenate([history_v, own_v.astype(history_v.dtype)], axis=2)
-        blocks = dict(query_block=implementation.query_block, key_block=implementation.key_block)
-        return blockwise_attention(q, keys, values, mask, kv_heads_first=True, **blocks)
+        return _blockwise_over_stored_and_own(q, history_k, history_v, k, v, mask, implementation)
     batch, seq, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[2]
     compute = at_least_float32(q.dtype)
