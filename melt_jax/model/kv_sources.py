@@ -124,20 +124,29 @@ def _own_tokens_mask(positions: Array, segment_ids: Array | None):
     return causal_mask(positions, positions, segment_ids, segment_ids)
 
 
-def _cache_mask(slot_segments: Array | None, positions: Array, max_length: int, segment_ids: Array | None):
-    """Queries at positions [B, S] over a slot array of `max_length` slots: causal, and with the
-    slots' segment ids [B, S_max] only the slots of the query's segment (the queries' own segment ids
-    [B, S] when given, else the slots' ids at their positions)."""
+def _query_segments(slot_segments: Array | None, positions: Array, segment_ids: Array | None) -> Array | None:
+    """The segment ids [B, S] of queries at positions [B, S] attending over a cache whose slots have
+    the ids slot_segments [B, S_max]: their own ids when given, else the slots' ids at their positions;
+    None without slot ids (no segment masking over the cache; ConfigError if the queries have ids)."""
     if slot_segments is None:
         if segment_ids is not None:
             raise ConfigError(
                 "segment ids over a cache need the segment ids of its slots: pass them to the KV source "
                 "(SlotCache(slot_segment_ids=...) or InterpolatedSlotCache(alpha, slot_segment_ids=...))"
             )
-        return slot_mask(positions, max_length)
+        return None
     if segment_ids is None:
-        segment_ids = jnp.take_along_axis(slot_segments, positions, axis=1, mode="clip")  # [B, S]
-    return slot_mask(positions, max_length, segment_ids, slot_segments)
+        return jnp.take_along_axis(slot_segments, positions, axis=1, mode="clip")  # [B, S]
+    return segment_ids
+
+
+def _cache_mask(slot_segments: Array | None, positions: Array, max_length: int, segment_ids: Array | None):
+    """Queries at positions [B, S] over a slot array of `max_length` slots: causal, and with the
+    slots' segment ids [B, S_max] only the slots of the query's segment (_query_segments)."""
+    query_segments = _query_segments(slot_segments, positions, segment_ids)
+    if query_segments is None:
+        return slot_mask(positions, max_length)
+    return slot_mask(positions, max_length, query_segments, slot_segments)
 
 
 def _history_and_own_mask(
@@ -146,21 +155,18 @@ def _history_and_own_mask(
     """Queries at positions [B, S] over the keys [cache slots (S_max), tokens in flight (S)]: a slot is
     visible when it precedes the first position in flight (later slots hold nothing yet, or what the
     tokens in flight replace), the tokens in flight causally; with segment ids only keys of the
-    query's segment (see _cache_mask for where the ids come from)."""
+    query's segment (_query_segments)."""
     batch = positions.shape[0]
     slots = jnp.broadcast_to(jnp.arange(max_length, dtype=jnp.int32), (batch, max_length))  # [B, S_max]
     start = jnp.min(positions, axis=1, keepdims=True)  # [B, 1]
     # A slot at or after the first position in flight gets a position no query reaches.
     unreachable = jnp.iinfo(jnp.int32).max
     key_positions = jnp.concatenate([jnp.where(slots < start, slots, unreachable), positions], axis=1)
-    if slot_segments is None:
-        if segment_ids is not None:
-            _cache_mask(None, positions, max_length, segment_ids)  # raises: the slots' ids are needed
+    query_segments = _query_segments(slot_segments, positions, segment_ids)
+    if query_segments is None:
         return causal_mask(positions, key_positions)
-    if segment_ids is None:
-        segment_ids = jnp.take_along_axis(slot_segments, positions, axis=1, mode="clip")  # [B, S]
-    key_segments = jnp.concatenate([slot_segments, segment_ids], axis=1)
-    return causal_mask(positions, key_positions, segment_ids, key_segments)
+    key_segments = jnp.concatenate([slot_segments, query_segments], axis=1)
+    return causal_mask(positions, key_positions, query_segments, key_segments)
 
 
 class KVSource(flax.struct.PyTreeNode):
