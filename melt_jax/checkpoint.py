@@ -3,7 +3,7 @@
 Layout of a checkpoint directory:
 
     config.json     the Hugging Face config of the model (`config.to_json_string()`)
-    melt_jax.json   the runtime policy (`dtype`, `param_dtype`, `attention` and its block sizes: the
+    melt_jax.json   the runtime policy (`dtype`, `param_dtype`, `attention` and its block sizes, ...: the
                     config's RUNTIME_FIELDS), which config.json does not hold
     params/         the params pytree (the content of flax's 'params' collection), an orbax checkpoint
 
@@ -15,6 +15,7 @@ nothing behind, and an existing destination is only replaced when asked to (`ove
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -31,6 +32,7 @@ import orbax.checkpoint as ocp
 from melt_jax import dtypes
 from melt_jax.errors import CheckpointError, ConfigError
 from melt_jax.model.config import RUNTIME_FIELDS, OuroConfig
+from melt_jax.model.params import stack_layers
 from melt_jax.model.registry import config_from_json_file
 from melt_jax.sharding import param_sharding
 
@@ -226,9 +228,12 @@ def load_tree(
 def save_params(path: str | os.PathLike, config: OuroConfig, params: Any, *, overwrite: bool = False) -> None:
     """Writes `config` and `params` (nested dict of numpy or jax arrays) as a checkpoint directory.
 
-    The arrays are saved with their own dtypes, bit for bit. The directory appears only when complete;
-    an existing `path` raises CheckpointError unless `overwrite` is true.
+    The arrays are saved with their own dtypes, bit for bit, always in the scanned layer layout (params
+    of the unrolled one, `config.scan_layers` false, are stacked first). The directory appears only
+    when complete; an existing `path` raises CheckpointError unless `overwrite` is true.
     """
+    if not config.scan_layers:
+        config, params = dataclasses.replace(config, scan_layers=True), stack_layers(params)
     with atomic_directory(path, overwrite=overwrite) as tmp:
         (tmp / CONFIG_FILE).write_text(config.to_json_string())
         runtime = {"format": _FORMAT, "version": _FORMAT_VERSION}

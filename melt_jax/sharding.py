@@ -27,7 +27,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from melt_jax.errors import ShardingError
-from melt_jax.model.param_table import find_param
+from melt_jax.model.param_table import find_param, stacked_path
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -102,14 +102,17 @@ def make_mesh(config: MeshConfig = MeshConfig(), devices: Sequence[jax.Device] |
 def logical_axes_of(path: tuple[str, ...], ndim: int) -> tuple[str | None, ...]:
     """Logical axis names of the param at `path` (its row of melt_jax.model.param_table); ShardingError when
     the table has no row for it or the row names another number of axes."""
-    spec = find_param(path)
+    name = "/".join(path)
+    # A layer of the unrolled layout (config.scan_layers false), "layers_<i>/...", has the row of the
+    # stacked "layers/..." without its leading layers axis.
+    row = stacked_path(name)
+    spec = find_param(row)
     if spec is None:
-        raise ShardingError(
-            f"no sharding rule for param {'/'.join(path)} (it has no row in melt_jax/model/param_table.py)"
-        )
-    if len(spec.axes) != ndim:
-        raise ShardingError(f"param {'/'.join(path)} has {ndim} axes, its sharding rule names {len(spec.axes)}")
-    return spec.axes
+        raise ShardingError(f"no sharding rule for param {name} (it has no row in melt_jax/model/param_table.py)")
+    axes = spec.axes if row == name else spec.axes[1:]
+    if len(axes) != ndim:
+        raise ShardingError(f"param {name} has {ndim} axes, its sharding rule names {len(axes)}")
+    return axes
 
 
 def _key_path(path) -> tuple[str, ...]:

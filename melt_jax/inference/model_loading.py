@@ -15,17 +15,20 @@ from melt_jax.model import param_table
 from melt_jax.model.config import OuroConfig
 from melt_jax.model.exit import ExitPolicy
 from melt_jax.model.ouro import OuroModel
-from melt_jax.model.params import abstract_params
+from melt_jax.model.params import abstract_params, with_layer_layout
 from melt_jax.model.registry import MODEL_TYPES, model_for
 
 Array = jax.Array
 
 
 def load_model(path, dtype: str | None = None) -> tuple[OuroModel, dict]:
-    """(model, params on the default device) of a melt_jax checkpoint directory, Ouro or MELT.
-    CheckpointError / ConfigError name what is wrong with the directory."""
+    """(model, params on the default device) of a melt_jax checkpoint directory, Ouro or MELT, in the
+    layer layout of inference: the layers unrolled (`config.scan_layers` false; see
+    melt_jax/model/ouro.py), so that decoding reads every weight in place. CheckpointError / ConfigError
+    name what is wrong with the directory."""
     config, params = load_params(path, dtype)
-    return model_for(config), jax.device_put(params)
+    model, params = with_layer_layout(model_for(config), params, scan_layers=False)
+    return model, jax.device_put(params)
 
 
 def parse_exit_policy(text: str, config: OuroConfig) -> ExitPolicy:

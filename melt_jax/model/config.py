@@ -2,10 +2,11 @@
 
 `OuroConfig` holds every field of the upstream `config.json` (model_type "ouro") plus the runtime
 policy of this library (RUNTIME_FIELDS: `dtype` for activations, `param_dtype` for parameters, `remat`
-for what the backward pass recomputes, `attention` with its block sizes for how attention is computed),
-which is not part of the Hugging Face file: it changes how the model computes, not what (melt_jax
-checkpoints keep it in melt_jax.json). Unknown extra fields of a `config.json` are kept in `extra` and
-written back by `to_hf_config`, so that import followed by export reproduces the file.
+for what the backward pass recomputes, `attention` with its block sizes for how attention is computed,
+`scan_layers` for the layout of the layer params), which is not part of the Hugging Face file: it
+changes how the model computes, not what (melt_jax checkpoints keep it in melt_jax.json). Unknown
+extra fields of a `config.json` are kept in `extra` and written back by `to_hf_config`, so that
+import followed by export reproduces the file.
 """
 
 from __future__ import annotations
@@ -41,7 +42,15 @@ _REQUIRED_HF_FIELDS = (
 
 # Fields of melt_jax's runtime policy, how it computes a model rather than what the model is: not
 # written to config.json, not read from it.
-RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "attention", "attention_query_block", "attention_key_block")
+RUNTIME_FIELDS = (
+    "dtype",
+    "param_dtype",
+    "remat",
+    "attention",
+    "attention_query_block",
+    "attention_key_block",
+    "scan_layers",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +99,9 @@ class OuroConfig:
     attention: str = "xla"
     attention_query_block: int = DEFAULT_BLOCK  # blockwise: queries per block (clipped to the sequence)
     attention_key_block: int = DEFAULT_BLOCK  # blockwise: keys per block
+    # Layer layout (melt_jax/model/ouro.py): one scan over stacked layer params (training, checkpoints)
+    # or the layers unrolled, each reading its own weights in place (decoding).
+    scan_layers: bool = True
     # Fields of a config.json that this library does not use, kept for export.
     extra: dict = dataclasses.field(default_factory=dict, compare=False)
 
@@ -215,6 +227,8 @@ class OuroConfig:
             )
         for name in ("dtype", "param_dtype"):
             dtypes.lookup(getattr(self, name), error=ConfigError, what=f"config field {name}")
+        if not isinstance(self.scan_layers, bool):
+            raise ConfigError(f"config field scan_layers must be true or false, got {self.scan_layers!r}")
         if self.remat not in REMAT_POLICIES:
             raise ConfigError(f"config field remat must be one of {', '.join(REMAT_POLICIES)}, got {self.remat!r}")
         check_implementation(

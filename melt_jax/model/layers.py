@@ -104,8 +104,12 @@ class Einsum(nn.Module):
     init_stddev: float = 0.02
 
     @nn.compact
-    def __call__(self, equation: str, x: Array) -> Array:
+    def __call__(self, equation: str, x: Array, kernel_shape: tuple[int, ...] | None = None) -> Array:
+        """einsum(equation, x, kernel), the kernel seen with `kernel_shape` if given (a row-major
+        reshape of the stored `shape`)."""
         kernel = self.param("kernel", _normal_init(self.init_stddev), self.shape, self.param_dtype)
+        if kernel_shape is not None:
+            kernel = kernel.reshape(kernel_shape)
         return jnp.einsum(equation, x, kernel.astype(self.dtype))
 
 
@@ -144,7 +148,12 @@ class AttentionProjections(nn.Module):
 
     def output(self, attended: Array) -> Array:
         """[B, S, N, D] -> [B, S, H]."""
-        return self.o_proj("BSND,NDH->BSH", attended)
+        # Heads and head dim contracted as one axis F = N * D: a dot with one contracting dimension
+        # reads the [N, D, H] weights in place, where with two XLA's CPU backend transposes them
+        # at every call.
+        batch, seq, heads, head_dim = attended.shape
+        flat = attended.reshape(batch, seq, heads * head_dim)  # [B, S, F]
+        return self.o_proj("BSF,FH->BSH", flat, kernel_shape=(heads * head_dim, self.hidden_size))
 
 
 class MLP(nn.Module):

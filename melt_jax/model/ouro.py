@@ -7,8 +7,15 @@
         hidden[t] = h; gate_logit[t] = exit_gate(h)
     logits[t] = lm_head(hidden[t])
 
-Layers are one `nn.scan` over stacked parameters ([L, ...]) and loops one `nn.scan` over the layer
-scan with the parameters broadcast, so the compiled program does not grow with L or T.
+Loops are one `nn.scan` with the parameters broadcast, so the compiled program does not grow with T.
+Layers are laid out as `config.scan_layers` says:
+
+- True (training, checkpoints): one `nn.scan` over parameters stacked on a leading [L] axis; the
+  program does not grow with L either. Each layer's weights are a dynamic slice of the stack, which
+  XLA materialises before the matmuls that read them.
+- False (decoding): L separate layers `layers_0` .. `layers_{L-1}` unrolled in the program; each
+  matmul reads its weights in place. Decoding is bound by reading the weights, T times per token, so
+  this is the layout of inference (`melt_jax.model.params.unstack_layers` converts the params).
 """
 
 from __future__ import annotations
@@ -176,7 +183,11 @@ class OuroModel(nn.Module):
     def setup(self):
         c = self.config
         self.embedder = Embedder(c.vocab_size, c.hidden_size, **layer_kwargs(c))
-        self.layers = scan_layers(self.layer_class, c, collect=self.collect)
+        if c.scan_layers:
+            self.layers = scan_layers(self.layer_class, c, collect=self.collect)
+        else:
+            layer_cls = rematerialized(self.layer_class, c.remat)
+            self.layers = [layer_cls(c, collect=self.collect) for _ in range(c.num_layers)]  # layers_0 ..
         self.final_norm = RMSNorm(eps=c.rms_norm_eps, param_dtype=c.jnp_param_dtype)
         self.exit_gate = nn.Dense(
             1,
@@ -230,6 +241,22 @@ class OuroModel(nn.Module):
         leading [L] axis (None: nothing, as in Ouro). h [B, S, H] is the embedded input."""
         return None
 
+    def apply_layers(self, carry, layer_states, ctx: TokenContext, loop_index, source: KVSource):
+        """The layer stack once: carry (h [B, S, H], cache), layer_states stacked [L, ...] or None.
+        Returns ((h, cache), (layer_states, intermediates {name: [L, B, S, H]})), the same for both
+        layouts of `config.scan_layers`."""
+        if self.config.scan_layers:
+            return self.layers(carry, (jnp.arange(self.config.num_layers), layer_states), ctx, loop_index, source)
+        new_states, found = [], []
+        for i, layer in enumerate(self.layers):
+            state = None if layer_states is None else layer_states[i]
+            carry, (state, intermediates) = layer(carry, (jnp.int32(i), state), ctx, loop_index, source)
+            new_states.append(state)
+            found.append(intermediates)
+        stack = lambda *xs: jnp.stack(xs)  # noqa: E731
+        layer_states = None if layer_states is None else stack(*new_states)
+        return carry, (layer_states, jax.tree.map(stack, *found))
+
     def run_loops(self, h: Array, ctx: TokenContext, cache, source: KVSource):
         """All T loops over the layer stack. Returns (loop_hidden [T, B, S, H], gate_logits
         [T, B, S], intermediates {name: [T, L, B, S, H]}, cache)."""
@@ -237,9 +264,8 @@ class OuroModel(nn.Module):
 
         def one_loop(model, carry, loop_index, ctx, source):
             h, cache, layer_states = carry
-            layer_indices = jnp.arange(c.num_layers)
-            (h, cache), (layer_states, intermediates) = model.layers(
-                (h, cache), (layer_indices, layer_states), ctx, loop_index, source
+            (h, cache), (layer_states, intermediates) = model.apply_layers(
+                (h, cache), layer_states, ctx, loop_index, source
             )
             h = model.final_norm(h)
             gate_logit = model.exit_gate(h)[..., 0]  # [B, S]

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -181,6 +182,17 @@ PARAMS: tuple[ParamSpec, ...] = (
 )
 # fmt: on
 
+# The key of one layer's params in the unrolled layout (config.scan_layers false, melt_jax/model/ouro.py):
+# "layers_<i>" holds layer i's params, each the row of "layers/..." without its leading L axis.
+UNROLLED_LAYER = re.compile(r"layers_(\d+)")
+
+
+def stacked_path(path: str) -> str:
+    """The '/'-path of the table row of a param of either layout: "layers_<i>/x" -> "layers/x"."""
+    first, sep, rest = path.partition("/")
+    return f"layers{sep}{rest}" if UNROLLED_LAYER.fullmatch(first) else path
+
+
 BY_PATH: dict[str, ParamSpec] = {spec.path: spec for spec in PARAMS}
 
 
@@ -217,7 +229,7 @@ def model_type_of_params(paths: Iterable[str]) -> str:
     """The model type a set of '/'-paths belongs to: 'melt' if one of them is a param only MELT
     models have, else 'ouro'."""
     for path in paths:
-        spec = find_param(path)
+        spec = find_param(stacked_path(path))
         if spec is not None and spec.when in MELT_ONLY:
             return "melt"
     return "ouro"
