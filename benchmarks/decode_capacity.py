@@ -1,11 +1,14 @@
 """How many sequences of a context length one chip can decode: Ouro against MELT, compiled, never run.
 
-For each model, compiles the jit decode step (`melt_jax.inference.decoding.decode_step`, cache
-donated) on abstract bf16 shapes for one chip of a TPU topology (libtpu's compiler: no TPU needed;
+For each model, in the layer layout of inference (layers unrolled, as `load_model` gives them),
+compiles the jit decode step (`melt_jax.inference.decoding.decode_step`, cache donated) on abstract
+bf16 shapes for one chip of a TPU topology (libtpu's compiler: no TPU needed;
 `pip install -e ".[tpu]"`) at batch 1, 2, 4, ... until the compiler refuses it, then bisects to the
 largest batch that fits. Prints per batch the weights, the KV cache, the step's temporaries (and
-their share of the cache) and the peak against the chip's memory; then the chunked prefill of one
-prompt of the context length (chunks of --chunk tokens) at batch 1.
+their share of the cache) and the peak against the chip's memory; then the sampler's first program
+(`melt_jax.inference.decode_loop.start_generation`: an empty cache, the chunked prefill of one
+prompt of the context length in chunks of --chunk tokens, keeping only the last position's hidden
+state, and the first new token) at batch 1.
 
     python benchmarks/decode_capacity.py [--topology v6e:1x1] [--context 32768] [--chunk 512]
         [--preset ouro-1.4b] [--max-batch 64] [--json FILE]
@@ -25,7 +28,9 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from melt_jax.aot import GIB, CompileReport, compile_and_measure, topology_devices
-from melt_jax.inference.decoding import _chunked_prefill, decode_step
+from melt_jax.inference.decode_loop import start_generation
+from melt_jax.inference.decoding import decode_step
+from melt_jax.inference.sampling import SamplingConfig
 from melt_jax.model.config import MeltConfig, OuroConfig
 from melt_jax.model.exit import ExitPolicy
 from melt_jax.model.params import abstract_params
@@ -33,7 +38,7 @@ from melt_jax.model.registry import model_for
 
 
 def models(preset: str, chunk: int) -> dict:
-    ouro = OuroConfig.preset(preset)
+    ouro = OuroConfig.preset(preset, scan_layers=False)
     return {"Ouro": model_for(ouro), "MELT": model_for(MeltConfig.from_ouro(ouro, chunk_size=chunk))}
 
 
@@ -56,11 +61,27 @@ def decode_report(model, device, batch: int, context: int) -> tuple[CompileRepor
 
 
 def prefill_report(model, device, context: int, chunk: int) -> CompileReport:
+    """The prefill of one `context`-token prompt, leaving room for one new token."""
     params = on_device(abstract_params(model), device)
-    cache = on_device(jax.eval_shape(lambda: model.init_cache(1, context)), device)
-    tokens = on_device(jax.ShapeDtypeStruct((1, context), jnp.int32), device)
+    tokens = on_device(jax.ShapeDtypeStruct((1, context - 1), jnp.int32), device)
+    lengths = on_device(jax.ShapeDtypeStruct((1,), jnp.int32), device)
+    seed = on_device(jax.ShapeDtypeStruct((), jnp.int32), device)
+    stop_ids = on_device(jax.ShapeDtypeStruct((8,), jnp.int32), device)
+    rule = SamplingConfig().token_rule
     return compile_and_measure(
-        lambda: _chunked_prefill.lower(model, params, tokens, cache, chunk, ExitPolicy()), [device]
+        lambda: start_generation.lower(
+            model,
+            params,
+            tokens,
+            lengths,
+            seed,
+            stop_ids,
+            exit_policy=ExitPolicy(),
+            rule=rule,
+            chunk_size=chunk,
+            max_new=1,
+        ),  # fmt: skip
+        [device],
     )
 
 

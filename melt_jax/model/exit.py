@@ -1,6 +1,9 @@
 """Ouro's exit distribution over loops and the choice of which loop's output a token returns.
 
-All T loops are always computed; an exit policy only selects among their outputs.
+By default all T loops are computed and an exit policy only selects among their outputs. A policy
+with `skip_loops` (kinds 'loop' and 'threshold') also stops computing: over a KV cache, the loops
+after every token's exit loop are not run (melt_jax/model/ouro.py, `OuroModel.run_loops_skipping`;
+docs/melt.md, 'Early exit that skips loops').
 """
 
 from __future__ import annotations
@@ -112,11 +115,16 @@ class ExitPolicy:
       'loop'      loop `loop` for every token (0-based);
       'threshold' per token, the first loop whose cumulative exit probability >= `threshold`;
       'weighted'  sum_t p_t * output_t (the mixture used by Ouro's training loss).
+
+    skip_loops: the loops after a token's exit loop are not computed ('loop' and 'threshold' only;
+    needs a KV cache). The token returns the same loop's output; what later tokens attend to in
+    place of its skipped loops' keys and values is the exit loop's rows (see `OuroModel.run_loops_skipping`).
     """
 
     kind: Literal["last", "loop", "threshold", "weighted"] = "last"
     loop: int | None = None
     threshold: float | None = None
+    skip_loops: bool = False
 
     def __post_init__(self):
         if self.kind not in ("last", "loop", "threshold", "weighted"):
@@ -125,18 +133,22 @@ class ExitPolicy:
             raise ValueError(f"exit policy 'loop' needs a loop index >= 0, got {self.loop!r}")
         if self.kind == "threshold" and self.threshold is None:
             raise ValueError("exit policy 'threshold' needs a threshold")
+        if self.skip_loops and self.kind not in ("loop", "threshold"):
+            raise ValueError(
+                f"exit policy {self.kind!r} cannot skip loops: only 'loop' and 'threshold' choose one loop"
+            )
 
     @classmethod
     def last(cls) -> ExitPolicy:
         return cls("last")
 
     @classmethod
-    def at_loop(cls, loop: int) -> ExitPolicy:
-        return cls("loop", loop=loop)
+    def at_loop(cls, loop: int, skip_loops: bool = False) -> ExitPolicy:
+        return cls("loop", loop=loop, skip_loops=skip_loops)
 
     @classmethod
-    def at_threshold(cls, threshold: float) -> ExitPolicy:
-        return cls("threshold", threshold=threshold)
+    def at_threshold(cls, threshold: float, skip_loops: bool = False) -> ExitPolicy:
+        return cls("threshold", threshold=threshold, skip_loops=skip_loops)
 
     @classmethod
     def weighted(cls) -> ExitPolicy:
@@ -164,6 +176,19 @@ class ExitPolicy:
     def validate(self, num_loops: int) -> None:
         if self.kind == "loop" and self.loop >= num_loops:
             raise ValueError(f"exit loop {self.loop} is out of range for {num_loops} loops")
+
+    def exited(self, gate_logits: Array, loop_index: Array) -> Array:
+        """bool [B, S]: the tokens whose exit loop is <= loop_index (traced), from the gate logits
+        [T, B, S] of loops 0..loop_index (later entries are not read: a token's exit probability up to
+        loop t depends on the gates up to t only). The last loop is every token's exit."""
+        num_loops = gate_logits.shape[0]
+        last = loop_index >= num_loops - 1
+        if self.kind == "loop":
+            return jnp.broadcast_to(last | (loop_index >= self.loop), gate_logits.shape[1:])
+        if self.kind == "threshold":
+            exit_loops = threshold_exit_loops(exit_distribution(gate_logits), self.threshold)  # [B, S]
+            return last | (exit_loops <= loop_index)
+        return jnp.broadcast_to(last, gate_logits.shape[1:])
 
 
 def select_hidden(loop_hidden: Array, exit_pdf: Array, policy: ExitPolicy) -> tuple[Array, Array | None]:

@@ -188,6 +188,18 @@ class KVSource(flax.struct.PyTreeNode):
         """The cache after the loops, from what they carried (`begin`'s result, updated by `attend`)."""
         return carried
 
+    def freeze(self, carried, exited: Array):
+        """What the loops carry, marked so that the next `attend` treats the tokens in flight with
+        exited [B, S] as frozen at their exit loop: they are seen through the rows they wrote last,
+        not through this loop's (melt_jax.model.ouro.OuroModel.run_loops_skipping). Sources that keep
+        no rows of the tokens in flight cannot skip loops: ConfigError."""
+        raise ConfigError(f"{type(self).__name__} cannot skip loops: skipping needs a KV cache (SlotCache)")
+
+    def fill_skipped(self, carried, loops_run: Array):
+        """What the loops carried once `loops_run` (traced) of the T loops have run, with the rows of
+        the loops that did not run (per-loop slots only) copied from the last loop that did."""
+        raise ConfigError(f"{type(self).__name__} cannot skip loops: skipping needs a KV cache (SlotCache)")
+
     def attend(
         self,
         q: Array,
@@ -222,11 +234,14 @@ class OwnTokens(KVSource):
 class PendingRows:
     """What a slot cache's loops carry: the cache as it was before the call (`history`, only read) and
     the rows of the tokens in flight (`k`, `v` [*slots, B, S, K, D], the cache's slot axes), which
-    `SlotCache.end` writes into the history at their positions once the loops are done."""
+    `SlotCache.end` writes into the history at their positions once the loops are done. `frozen`
+    [B, S] (while skipping loops): the tokens that have exited, whose rows stay those of their exit
+    loop."""
 
     history: KVCache
     k: Array
     v: Array
+    frozen: Array | None = None
 
 
 class SlotCache(KVSource):
@@ -255,11 +270,30 @@ class SlotCache(KVSource):
             k=write_all_rows(history.k, carried.k, positions), v=write_all_rows(history.v, carried.v, positions)
         )
 
+    def freeze(self, carried: PendingRows, exited: Array) -> PendingRows:
+        return carried.replace(frozen=exited)
+
+    def fill_skipped(self, carried: PendingRows, loops_run: Array) -> PendingRows:
+        if carried.k.ndim - 4 < 2:  # one slot array per layer (MELT): it holds the exit loop's row
+            return carried
+        skipped = (jnp.arange(carried.k.shape[0]) >= loops_run).reshape(-1, *[1] * (carried.k.ndim - 1))
+        last = loops_run - 1
+        return carried.replace(
+            k=jnp.where(skipped, carried.k[last], carried.k), v=jnp.where(skipped, carried.v[last], carried.v)
+        )
+
     def attend(
         self, q, rows, ouro_rows, cache, positions, layer_index, loop_index, *, segment_ids=None, implementation=DENSE
     ):
         history = cache.history
         slot = slot_index(history, layer_index, loop_index)
+        if cache.frozen is not None:  # exited tokens keep the row they wrote last, at their exit loop
+            last = slot_index(history, layer_index, jnp.maximum(loop_index - 1, 0))
+            frozen = cache.frozen[:, :, None, None]  # [B, S, 1, 1]
+            rows = Rows(
+                k=jnp.where(frozen, cache.k[last].astype(rows.k.dtype), rows.k),
+                v=jnp.where(frozen, cache.v[last].astype(rows.v.dtype), rows.v),
+            )
         pending = cache.replace(
             k=cache.k.at[slot].set(rows.k.astype(cache.k.dtype)), v=cache.v.at[slot].set(rows.v.astype(cache.v.dtype))
         )

@@ -27,6 +27,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from melt_jax.errors import ConfigError
 from melt_jax.model.cache import KVCache, init_cache
 from melt_jax.model.config import OuroConfig
 from melt_jax.model.exit import ExitPolicy, exit_distribution, select_hidden
@@ -284,6 +285,70 @@ class OuroModel(nn.Module):
         )
         return loop_hidden, gate_logits, intermediates, cache
 
+    def run_loops_skipping(self, h: Array, ctx: TokenContext, cache, source: KVSource, policy: ExitPolicy):
+        """`run_loops` that stops computing a token's loops after its exit loop under `policy` (a
+        'loop' or 'threshold' policy with skip_loops), and all loops once every token has exited: a
+        `lax.while_loop` over loops, so a batch whose tokens all exit at loop e runs e + 1 loops.
+
+        A token that has exited is frozen: its hidden state, layer states and gate logit keep their
+        exit-loop values, and `source.freeze` makes attention read its exit loop's keys and values
+        wherever it would read this loop's (see KVSource.freeze); the loops it skips still run for
+        the other tokens, whose values are therefore exactly those of `run_loops` up to their own exit
+        when every token exits at the same loop (decoding one token per row: rows never see each
+        other). Outputs have every loop's slot: the loops a token did not compute hold copies of its
+        exit loop's (hidden state, gate logit), so the policy selects the same loop from them. No
+        intermediates are collected."""
+        c = self.config
+        num_loops = c.num_loops
+        if self.collect:
+            raise ConfigError("intermediates cannot be collected while skipping loops")
+        nobody = jnp.zeros(h.shape[:2], bool)  # [B, S]
+        state = dict(
+            loop=jnp.int32(0),
+            h=h,
+            cache=source.freeze(cache, nobody),
+            layer_states=self.initial_layer_state(h),
+            loop_hidden=jnp.zeros((num_loops, *h.shape), h.dtype),  # [T, B, S, H]
+            gate_logits=jnp.zeros((num_loops, *h.shape[:2]), c.jnp_dtype),  # [T, B, S]
+            exited=nobody,
+        )
+
+        def unfinished(model, state):
+            return (state["loop"] < num_loops) & ~jnp.all(state["exited"])
+
+        def one_loop(model, state):
+            loop, exited = state["loop"], state["exited"]
+            cache = source.freeze(state["cache"], exited)
+            (h, cache), (layer_states, _) = model.apply_layers(
+                (state["h"], cache), state["layer_states"], ctx, loop, source
+            )
+            h = model.final_norm(h)
+            gate_logit = model.exit_gate(h)[..., 0]  # [B, S]
+            previous = jnp.maximum(loop - 1, 0)
+            h = jnp.where(exited[:, :, None], state["h"], h)
+            gate_logit = jnp.where(exited, state["gate_logits"][previous], gate_logit.astype(c.jnp_dtype))
+            if layer_states is not None:
+                layer_states = jnp.where(exited[None, :, :, None], state["layer_states"], layer_states)
+            gate_logits = state["gate_logits"].at[loop].set(gate_logit)
+            return dict(
+                loop=loop + 1,
+                h=h,
+                cache=cache,
+                layer_states=layer_states,
+                loop_hidden=state["loop_hidden"].at[loop].set(h),
+                gate_logits=gate_logits,
+                exited=exited | policy.exited(gate_logits, loop),
+            )
+
+        state = nn.while_loop(unfinished, one_loop, self, state)
+        loops_run = state["loop"]
+        # The loops no token computed hold copies of the last one computed.
+        not_run = (jnp.arange(num_loops) >= loops_run)[:, None, None]  # [T, 1, 1]
+        loop_hidden = jnp.where(not_run[..., None], state["loop_hidden"][loops_run - 1], state["loop_hidden"])
+        gate_logits = jnp.where(not_run, state["gate_logits"][loops_run - 1], state["gate_logits"])
+        cache = source.fill_skipped(state["cache"], loops_run)
+        return loop_hidden, gate_logits, {}, cache
+
     def __call__(
         self,
         tokens: Array,
@@ -311,7 +376,12 @@ class OuroModel(nn.Module):
         ctx = self.token_context(tokens, positions, cache, segment_ids)
         c = self.config
         carried = source.begin(cache, (*tokens.shape, c.num_kv_heads, c.head_dim))
-        loop_hidden, gate_logits, intermediates, carried = self.run_loops(h, ctx, carried, source)
+        if exit_policy is not None and exit_policy.skip_loops:
+            loop_hidden, gate_logits, intermediates, carried = self.run_loops_skipping(
+                h, ctx, carried, source, exit_policy
+            )
+        else:
+            loop_hidden, gate_logits, intermediates, carried = self.run_loops(h, ctx, carried, source)
         cache = source.end(carried, ctx.positions)
         if cache is not None:
             cache = cache.advance(tokens.shape[1])
