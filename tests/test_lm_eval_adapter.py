@@ -105,6 +105,20 @@ def test_generate_until_is_greedy_generation_cut_at_the_stop_string():
     assert len(outputs[0]) == 4
 
 
+def test_sampled_generate_until_gives_a_request_its_own_seed_and_repeats_the_next_ones():
+    """A request's text does not depend on its batch; the k-th copy of a request draws with seed + k."""
+    model, params = tiny_model("ouro")
+    lm = MeltJaxLM.from_model(model, params, TOKENIZER, batch_size=BATCH)
+    gen_kwargs = {"until": ["never"], "max_gen_toks": 12, "do_sample": True, "temperature": 1.0, "seed": 5}
+    contexts = ["hello", "abc", "hello", "x=1;x?", "hello"]  # two batches of BATCH, "hello" three times
+    outputs = lm.generate_until(_requests("generate_until", [(c, gen_kwargs) for c in contexts]))
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=12, stop_token_ids=(TOKENIZER.eos_id,))
+    alone = generate(model, params, [list(b"hello")] * 3, sampling, seeds=[5, 6, 7]).tokens
+    texts = [TOKENIZER.decode(t, skip_special_tokens=False) for t in alone]
+    assert [outputs[0], outputs[2], outputs[4]] == texts
+    assert len(set(texts)) == 3
+
+
 def test_bad_model_arguments(tmp_path):
     model, params = tiny_model("ouro")
     with pytest.raises(GenerationError, match="batch_size"):

@@ -2,10 +2,12 @@
 token-by-token decoding, on the tiny random Ouro and MELT models of generation_fixtures.py.
 
 Prompt lengths 7, 2, 5 and 13 cross MELT's chunk boundaries (chunk size 4) and all fall in the
-16-token bucket, so every batch-of-4 call shares one compiled program per setting, and every
-prompt-alone call another.
+16-token bucket, as does MAX_NEW, so every call with 3 or 4 prompts shares one compiled program per
+setting, and every prompt-alone call another.
 """
 
+import contextlib
+import dataclasses
 import functools
 
 import jax
@@ -25,6 +27,9 @@ from melt_jax.model.exit import ExitPolicy
 PROMPTS = [[11, 200, 3, 45, 6, 78, 9], [250, 8], [100, 101, 102, 103, 104], list(range(30, 43))]
 MAX_NEW = 12
 GREEDY = SamplingConfig(max_new_tokens=MAX_NEW)
+SAMPLED = SamplingConfig(temperature=1.5, top_k=50, top_p=0.95, max_new_tokens=MAX_NEW, seed=3)
+# The event JAX records for every XLA compilation that it does not find in its in-memory caches.
+BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 # Every prediction of a generated token: the argmax of the logits at the position before it.
 _teacher_forced = jax.jit(loop_logits, static_argnames=("model", "chunk_size"))
 
@@ -141,13 +146,75 @@ def test_segments_stream_the_same_tokens_and_can_stop_rows():
 
 def test_sampling_with_a_seed_is_reproducible():
     model, params = tiny_model("melt")
-    sampling = SamplingConfig(temperature=1.5, top_k=50, top_p=0.95, max_new_tokens=MAX_NEW, seed=3)
-    first = generate(model, params, PROMPTS, sampling)
-    again = generate(model, params, PROMPTS, sampling)
-    other = generate(model, params, PROMPTS, SamplingConfig(**{**sampling.__dict__, "seed": 4}))
+    first = generate(model, params, PROMPTS, SAMPLED)
+    again = generate(model, params, PROMPTS, SAMPLED)
+    other = generate(model, params, PROMPTS, dataclasses.replace(SAMPLED, seed=4))
     assert first.tokens == again.tokens
-    assert first.tokens != other.tokens
+    assert all(a != b for a, b in zip(first.tokens, other.tokens))
     assert first.tokens != _greedy("melt").tokens
+
+
+@pytest.mark.parametrize("kind", ["ouro", "melt"])
+def test_a_sampled_prompt_gets_the_same_tokens_alone_and_anywhere_in_a_batch(kind):
+    model, params = tiny_model(kind)
+    prompt, other = PROMPTS[0], PROMPTS[1:]
+    alone = generate(model, params, [prompt], SAMPLED).tokens[0]
+    batch = generate(model, params, [prompt, other[0], prompt, other[1]], SAMPLED).tokens
+    assert batch[0] == batch[2] == alone
+    assert batch[1] == generate(model, params, [other[0]], SAMPLED).tokens[0]
+    # Per-prompt seeds: a prompt with seed 4 in a batch gets what it gets alone with seed 4.
+    seeded = generate(model, params, [other[2], prompt, prompt], SAMPLED, seeds=[3, 3, 4]).tokens
+    alone_4 = generate(model, params, [prompt], dataclasses.replace(SAMPLED, seed=4)).tokens[0]
+    assert seeded[1] == alone and seeded[2] == alone_4 != alone
+
+
+@contextlib.contextmanager
+def _counting_compiles():
+    """Yields a list that collects the name of every program XLA compiles inside the block.
+
+    JAX records BACKEND_COMPILE_EVENT through jax.monitoring each time it compiles a program it has not
+    compiled before in this process, whichever way it is reached (a jitted call, `lower().compile()`
+    as `generate` does, or a small op such as `jnp.all` on the host side); a jitted function's
+    `_cache_size()` is private and only counts its own calls. Should JAX rename the event, the
+    test's check that a new bucket does compile fails instead of passing with nothing counted."""
+    names = []
+
+    def listener(event, seconds, **kwargs):
+        if event == BACKEND_COMPILE_EVENT:
+            names.append(kwargs.get("fun_name"))
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield names
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def test_other_batch_sizes_and_max_new_tokens_in_the_same_buckets_compile_nothing():
+    # Batches of 3 and 4 share the batch bucket 4, max_new_tokens 5 and 7 the length bucket 16.
+    model, params = tiny_model("ouro")
+    sampling = SamplingConfig(temperature=0.9, top_k=40, max_new_tokens=5)  # compiled by no other test
+    streamed = dict(segment_steps=2, on_segment=lambda rows: [len(row) > 5 for row in rows])
+    with _counting_compiles() as first:
+        generate(model, params, PROMPTS[:3], sampling, **streamed)
+    with _counting_compiles() as same_buckets:
+        for prompts, max_new in [(PROMPTS, 7), (PROMPTS[:3], 7), (PROMPTS[1:], 5), (PROMPTS[:2][::-1] * 2, 6)]:
+            generate(model, params, prompts, dataclasses.replace(sampling, max_new_tokens=max_new, seed=1), **streamed)
+    with _counting_compiles() as next_bucket:
+        generate(model, params, PROMPTS + PROMPTS[:1], sampling, **streamed)  # 5 prompts: bucket 8
+    assert first and next_bucket  # the count sees compilations
+    assert same_buckets == []
+
+
+@pytest.mark.parametrize("kind", ["ouro", "melt"])
+def test_bucketed_sizes_give_the_tokens_of_exact_sizes(kind):
+    # 3 prompts, the longest 7, max_new_tokens 7: 4 rows x 16 x 16 bucketed, 3 x 7 x 7 exact.
+    model, params = tiny_model(kind)
+    for sampling in (dataclasses.replace(GREEDY, max_new_tokens=7), dataclasses.replace(SAMPLED, max_new_tokens=7)):
+        bucketed = generate(model, params, PROMPTS[:3], sampling)
+        exact = generate(model, params, PROMPTS[:3], sampling, buckets=None, batch_buckets=None)
+        assert bucketed.tokens == exact.tokens and all(len(t) == 7 for t in exact.tokens)
+        assert bucketed.stop_reasons == exact.stop_reasons == [LENGTH] * 3
 
 
 def test_token_filters():
@@ -181,6 +248,10 @@ def test_bad_input_is_refused_before_compiling():
         ((ouro, ouro_params, [[1, 2]]), {"exit_policy": ExitPolicy.at_loop(5)}, "exit loop 5 is out of range"),
         ((melt, melt_params, [[1, 2]]), {"chunk_size": 0}, "chunk_size must be a positive integer"),
         ((ouro, ouro_params, [[1, 2]]), {"sampling": SamplingConfig(stop_token_ids=(vocab,))}, "stop token ids"),
+        ((ouro, ouro_params, [[1, 2], [3]]), {"seeds": [1]}, "one integer per prompt"),
+        ((ouro, ouro_params, [[1, 2]]), {"seeds": [2**31]}, "32-bit integer"),
+        ((ouro, ouro_params, [[1, 2]]), {"batch_buckets": [4, 0]}, "batch_buckets must be a positive integer"),
+        ((ouro, ouro_params, [[1, 2]]), {"buckets": []}, "buckets must be a non-empty list"),
     ]
     for args, kwargs, message in cases:
         with pytest.raises(GenerationError, match=message):

@@ -24,15 +24,17 @@ class DecodeState:
     """Everything the decode loop carries.
 
     cache: the KV cache (end_index [B] = each row's next position); last: [B] the last new token;
-    out: [B, N] new tokens (N = max_new_tokens), valid up to num_new; num_new: [B] tokens recorded;
-    done: [B]; hit_stop: [B] ended on a stop token; step: [] new tokens drawn so far (all rows);
-    row_keys: [B] random keys; stop_ids: [n] stop token ids, padded with -1.
+    out: [B, N] new tokens (N >= every row's limit), valid up to num_new; num_new: [B] tokens recorded;
+    limit: [B] most new tokens of each row (0: a padding row, done from the start); done: [B];
+    hit_stop: [B] ended on a stop token; step: [] new tokens drawn so far (all rows); row_keys: [B]
+    random keys, one per row from its own seed; stop_ids: [n] stop token ids, padded with -1.
     """
 
     cache: KVCache
     last: Array
     out: Array
     num_new: Array
+    limit: Array
     done: Array
     hit_stop: Array
     step: Array
@@ -64,13 +66,13 @@ def _prefill_last_hidden(model: nn.Module, params, tokens: Array, lengths: Array
     return hidden, pdf, cache
 
 
-def _record(state: DecodeState, token: Array, max_new: int) -> DecodeState:
+def _record(state: DecodeState, token: Array) -> DecodeState:
     """Adds token [B] as new token number state.step of the rows that are not done."""
     active = ~state.done
     out = state.out.at[:, state.step].set(jnp.where(active, token, -1))
     is_stop = jnp.any(token[:, None] == state.stop_ids[None, :], axis=-1) & active
     num_new = state.num_new + active
-    done = state.done | is_stop | (num_new >= max_new)
+    done = state.done | is_stop | (num_new >= state.limit)
     return state.replace(
         last=token, out=out, num_new=num_new, done=done, hit_stop=state.hit_stop | is_stop, step=state.step + 1
     )
@@ -78,33 +80,35 @@ def _record(state: DecodeState, token: Array, max_new: int) -> DecodeState:
 
 @functools.partial(jax.jit, static_argnames=("model", "exit_policy", "rule", "chunk_size", "max_new"))
 def start_generation(
-    model, params, tokens, lengths, seed, stop_ids, *, exit_policy, rule, chunk_size, max_new
+    model, params, tokens, lengths, limits, seeds, stop_ids, *, exit_policy, rule, chunk_size, max_new
 ) -> DecodeState:
-    """Prefill of tokens [B, P] (true lengths [B]) and the first new token; see the module docstring."""
+    """Prefill of tokens [B, P] (true lengths [B]) and the first new token; see the module docstring.
+    limits [B]: most new tokens per row (<= max_new, the size of the new-token buffer and of the
+    cache beyond P); seeds [B]: each row's seed."""
     batch, seq = tokens.shape
     cache = model.init_cache(batch, seq + max_new)
     hidden, pdf, cache = _prefill_last_hidden(model, params, tokens, lengths, cache, chunk_size)
     chosen, _ = select_hidden(hidden[:, :, None], pdf[:, None], exit_policy)  # [B, 1, H]
     logits = model.apply({"params": params}, chosen[:, 0], method="logits")  # [B, V]
-    row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(seed), jnp.arange(batch))
+    row_keys = jax.vmap(jax.random.key)(seeds)  # [B]: a row's draws depend on its seed alone
     state = DecodeState(
         cache=cache.replace(end_index=lengths),
         last=jnp.zeros((batch,), jnp.int32),
         out=jnp.full((batch, max_new), -1, jnp.int32),
         num_new=jnp.zeros((batch,), jnp.int32),
-        done=jnp.zeros((batch,), bool),
+        limit=limits,
+        done=limits < 1,
         hit_stop=jnp.zeros((batch,), bool),
         step=jnp.zeros((), jnp.int32),
         row_keys=row_keys,
         stop_ids=stop_ids,
     )
-    return _record(state, next_tokens(logits, draw_keys(row_keys, 0), rule), max_new)
+    return _record(state, next_tokens(logits, draw_keys(row_keys, 0), rule))
 
 
 @functools.partial(jax.jit, static_argnames=("model", "exit_policy", "rule"), donate_argnames=("state",))
 def decode_until(model, params, state: DecodeState, until_step, *, exit_policy, rule) -> DecodeState:
     """Decode steps until state.step reaches until_step or every row is done."""
-    max_new = state.out.shape[1]
 
     def unfinished(state):
         return (state.step < until_step) & ~jnp.all(state.done)
@@ -112,6 +116,6 @@ def decode_until(model, params, state: DecodeState, until_step, *, exit_policy, 
     def step(state):
         out = model.apply({"params": params}, state.last[:, None], cache=state.cache, exit_policy=exit_policy)
         token = next_tokens(out.logits[:, 0], draw_keys(state.row_keys, state.step), rule)
-        return _record(state.replace(cache=out.cache), token, max_new)
+        return _record(state.replace(cache=out.cache), token)
 
     return jax.lax.while_loop(unfinished, step, state)

@@ -5,24 +5,35 @@
     result.stop_reasons  # per prompt: 'stop_token', 'length' or 'stopped' (asked by `on_segment`)
 
 How a batch of prompts of different lengths is run:
-1. Host: validate everything (`GenerationError`), right-pad the prompts with id 0 to a bucket length P
-   (the smallest of `buckets` that fits the longest prompt), so that the compiled programs depend on
-   (B, P, max_new_tokens) only.
-2. `start_generation` (one jit): prefill all P positions into an empty cache of P + max_new_tokens slots, in
+1. Host: validate everything (`GenerationError`) and round the three sizes up to buckets, so that the
+   compiled programs depend on the buckets only, not on the request: the longest prompt to a length
+   P and max_new_tokens to a length N (each the smallest of `buckets` that fits, and P + N within the
+   model's max_position_embeddings), the number of prompts to a batch B (the smallest of
+   `batch_buckets`). Prompts are right-padded with id 0 to P; the B - len(prompts) padding rows are
+   one pad token each with a limit of 0 new tokens: done from the start, they never record a token,
+   never keep the decode loop running, and their results are dropped.
+2. `start_generation` (one jit): prefill all P positions into an empty cache of P + N slots, in
    chunks of `chunk_size` starting at position 0 (MELT: default config.chunk_size; Ouro: the
    whole prompt at once, any chunking gives the same values); keep the hidden state at each row's last
    real position, set the cache's end_index to the true lengths, and sample the first new token.
    This is exact: a real token at position p only attends to slots <= p, which hold real tokens, and
    for MELT the chunk boundaries are the ones the prompt alone would have. Pad slots at positions
-   >= length are never visible to real tokens and are overwritten by the decoded ones.
+   >= length are never visible to real tokens and are overwritten by the decoded ones. Rows never
+   attend to each other, so padding rows change nothing in the real ones.
 3. `decode_until` (one jit): a `lax.while_loop` of one-token decode steps (MELT: chunk size 1), each row
-   fed its last token at its own position, with per-row done flags (a stop token, or max_new_tokens
-   reached), writing into a fixed [B, max_new_tokens] buffer. Finished rows keep running (fixed
-   shapes) but record nothing. With `segment_steps` the same loop is run segment by segment and
-   `on_segment` sees the tokens after each one: that is how the command line streams.
+   fed its last token at its own position, with per-row done flags (a stop token, or the row's limit
+   of max_new_tokens, a traced value, reached), writing into a fixed [B, N] buffer. Finished rows keep
+   running (fixed shapes) but record nothing; the loop ends when every row is done. With
+   `segment_steps` the same loop is run segment by segment and `on_segment` sees the tokens after each
+   one: that is how the command line streams.
 
-Random draws: row b at new-token index i draws with fold_in(fold_in(key(seed), b), i), so a seed
-reproduces a batch exactly; greedy decoding does not depend on the batch at all.
+Random draws: each request has its own seed, as in serving engines (vLLM's per-request seed): row b's
+seed is `seeds[b]`, or sampling.seed for every row when `seeds` is not given, and the row draws its new
+token i with the key fold_in(key(seed of row b), i). A row's tokens therefore depend only on its prompt
+and its seed, never on its position in the batch, the other prompts or the buckets: a prompt sampled
+in a batch gives exactly what it gives alone with the same seed. Two copies of one prompt with one
+seed give the same tokens; to draw several samples of a prompt, give the copies different seeds.
+Greedy decoding does not depend on the seed.
 """
 
 from __future__ import annotations
@@ -46,7 +57,10 @@ from melt_jax.model.exit import ExitPolicy
 Array = jax.Array
 
 
-DEFAULT_BUCKETS = tuple(2**i for i in range(4, 17))  # 16 .. 65536
+DEFAULT_BUCKETS = tuple(2**i for i in range(4, 17))  # 16 .. 65536: prompt lengths and max_new_tokens
+
+
+DEFAULT_BATCH_BUCKETS = tuple(2**i for i in range(11))  # 1 .. 1024 rows
 
 
 STOP_SLOTS = 8  # stop-token lists are padded to a multiple of this
@@ -124,6 +138,28 @@ def _positive_int_or_none(name: str, value) -> None:
         raise GenerationError(f"{name} must be a positive integer, got {value!r}")
 
 
+def _check_buckets(name: str, buckets) -> None:
+    if buckets is None:
+        return
+    if isinstance(buckets, (str, bytes)) or not isinstance(buckets, Sequence) or not len(buckets):
+        raise GenerationError(f"{name} must be a non-empty list of positive integers or None, got {buckets!r}")
+    for b in buckets:
+        _positive_int_or_none(f"each of {name}", b)
+
+
+def _row_seeds(seeds: Sequence[int] | None, sampling: SamplingConfig, num_prompts: int) -> list[int]:
+    """Each prompt's seed: `seeds` (one 32-bit integer per prompt), or sampling.seed for every prompt
+    when it is None."""
+    if seeds is None:
+        return [sampling.seed] * num_prompts
+    if isinstance(seeds, (str, bytes)) or not isinstance(seeds, Sequence) or len(seeds) != num_prompts:
+        raise GenerationError(f"seeds must be a list of one integer per prompt ({num_prompts}), got {seeds!r}")
+    for seed in seeds:
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not -(2**31) <= seed < 2**31:
+            raise GenerationError(f"each seed must be a 32-bit integer, got {seed!r}")
+    return [int(seed) for seed in seeds]
+
+
 def _check_setup(
     model, sampling: SamplingConfig, exit_policy: ExitPolicy, chunk_size, segment_steps, longest: int
 ) -> int | None:
@@ -155,12 +191,20 @@ def _check_setup(
         raise GenerationError(str(e)) from None
 
 
-def _pad_prompts(prompts: list[list[int]], length: int) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens int32 [B, length] right-padded with PAD_ID, lengths int32 [B])."""
-    tokens = np.full((len(prompts), length), PAD_ID, np.int32)
+def _pad_prompts(prompts: list[list[int]], length: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens int32 [batch, length] right-padded with PAD_ID, lengths int32 [batch]); the rows after
+    the prompts are one PAD_ID token each."""
+    tokens = np.full((batch, length), PAD_ID, np.int32)
+    lengths = np.ones((batch,), np.int32)
     for b, prompt in enumerate(prompts):
         tokens[b, : len(prompt)] = prompt
-    return tokens, np.array([len(p) for p in prompts], np.int32)
+        lengths[b] = len(prompt)
+    return tokens, lengths
+
+
+def _pad_rows(values: Sequence[int], batch: int, fill: int) -> np.ndarray:
+    """int32 [batch]: values, then `fill` for the padding rows."""
+    return np.array(list(values) + [fill] * (batch - len(values)), np.int32)
 
 
 def _pad_stop_ids(stop_ids: tuple[int, ...]) -> np.ndarray:
@@ -185,25 +229,28 @@ def _compiled(jitted, *args, **static):
     return compiled, time.perf_counter() - start
 
 
-def _tokens_so_far(state: DecodeState) -> list[list[int]]:
+def _tokens_so_far(state: DecodeState, rows: int) -> list[list[int]]:
+    """The new tokens of the first `rows` rows (the prompts; the padding rows are left out)."""
     out, num_new = jax.device_get((state.out, state.num_new))
-    return [out[b, : num_new[b]].tolist() for b in range(out.shape[0])]
+    return [out[b, : num_new[b]].tolist() for b in range(rows)]
 
 
 def _decode_in_segments(
-    decode, params, state: DecodeState, segment_steps: int | None, on_segment
+    decode, params, state: DecodeState, rows: int, segment_steps: int | None, on_segment
 ) -> tuple[DecodeState, float]:
     """Runs the compiled decode loop to the end, in segments of `segment_steps` with `on_segment`
-    called before each (see `generate`). Returns (final state, seconds spent decoding)."""
+    called before each on the first `rows` rows (see `generate`). Returns (final state, seconds
+    spent decoding)."""
     batch, max_new = state.out.shape
     seconds = 0.0
     while True:
         if on_segment is not None:
-            stop_rows = on_segment(_tokens_so_far(state))
+            stop_rows = on_segment(_tokens_so_far(state, rows))
             if stop_rows is not None:
                 stop_rows = np.asarray(stop_rows, bool)
-                if stop_rows.shape != (batch,):
-                    raise GenerationError(f"on_segment returned {stop_rows.size} flags for {batch} rows")
+                if stop_rows.shape != (rows,):
+                    raise GenerationError(f"on_segment returned {stop_rows.size} flags for {rows} rows")
+                stop_rows = np.concatenate([stop_rows, np.zeros((batch - rows,), bool)])  # [B]
                 state = state.replace(done=state.done | stop_rows)
         step, all_done = jax.device_get((state.step, jnp.all(state.done)))
         if step >= max_new or all_done:
@@ -213,12 +260,10 @@ def _decode_in_segments(
         seconds += segment_s
 
 
-def _outputs(state: DecodeState) -> tuple[list[list[int]], list[str]]:
-    """Per row: the new tokens without the stop token, and why the row ended."""
-    rows, hit_stop = _tokens_so_far(state), jax.device_get(state.hit_stop)
-    max_new = state.out.shape[1]
+def _outputs(state: DecodeState, rows: int, max_new: int) -> tuple[list[list[int]], list[str]]:
+    """Per prompt (the first `rows` rows): the new tokens without the stop token, and why the row ended."""
     tokens, reasons = [], []
-    for row, stopped in zip(rows, hit_stop):
+    for row, stopped in zip(_tokens_so_far(state, rows), jax.device_get(state.hit_stop)):
         tokens.append(row[:-1] if stopped else row)
         reasons.append(STOP_TOKEN if stopped else LENGTH if len(row) >= max_new else STOPPED)
     return tokens, reasons
@@ -233,6 +278,8 @@ def generate(
     exit_policy: ExitPolicy = ExitPolicy(),
     chunk_size: int | None = None,
     buckets: Sequence[int] | None = DEFAULT_BUCKETS,
+    batch_buckets: Sequence[int] | None = DEFAULT_BATCH_BUCKETS,
+    seeds: Sequence[int] | None = None,
     segment_steps: int | None = None,
     on_segment: Callable[[list[list[int]]], Sequence[bool] | None] | None = None,
 ) -> GenerationResult:
@@ -242,8 +289,13 @@ def generate(
     chunk_size          chunk of the prompt prefill (default config.default_chunk_size: MELT's
                         chunk_size, 1 = exactly token-by-token decoding; Ouro: the whole prompt, its
                         values do not depend on it)
-    buckets             prompt lengths are padded up to one of these to bound recompiles
-                        (None: no padding)
+    buckets             the longest prompt and max_new_tokens are each rounded up to one of these
+                        (the prompt buffer and the new-token buffer), so that requests of other
+                        lengths reuse the compiled programs (None: exact sizes)
+    batch_buckets       the batch is padded with rows whose results are dropped up to one of these,
+                        so that other numbers of prompts reuse the compiled programs (None: exact)
+    seeds               one seed per prompt (None: sampling.seed for every prompt); a prompt's
+                        tokens depend only on the prompt and its seed, see the module docstring
     segment_steps       run the decode loop this many steps at a time, calling on_segment(tokens per
                         row so far, stop tokens included) after the prefill and after every segment;
                         on_segment may return a list of bools, the rows to finish now (e.g. on a stop
@@ -255,26 +307,35 @@ def generate(
     longest = max(len(p) for p in prompts)
     chunk_size = _check_setup(model, sampling, exit_policy, chunk_size, segment_steps, longest)
 
-    max_new = sampling.max_new_tokens
-    padded = min(bucket_length(longest, buckets), max(longest, model.config.max_position_embeddings - max_new))
-    tokens, lengths = _pad_prompts(prompts, padded)
+    _check_buckets("buckets", buckets)
+    _check_buckets("batch_buckets", batch_buckets)
+    seeds = _row_seeds(seeds, sampling, len(prompts))
+
+    # P first, then N in the room left: each falls back to its exact size where its bucket would take
+    # the cache past max_position_embeddings (the longest prompt + max_new_tokens always fit).
+    max_new, room = sampling.max_new_tokens, model.config.max_position_embeddings
+    padded = min(bucket_length(longest, buckets), max(longest, room - max_new))
+    new_slots = min(bucket_length(max_new, buckets), max(max_new, room - padded))
+    batch = bucket_length(len(prompts), batch_buckets)
+    tokens, lengths = _pad_prompts(prompts, padded, batch)  # [B, P], [B]
+    limits = _pad_rows([max_new] * len(prompts), batch, 0)  # [B]: padding rows are done at once
     params = jax.tree.map(jnp.asarray, params)
     static = dict(exit_policy=exit_policy, rule=sampling.token_rule)
-    start_args = (params, tokens, lengths, np.int32(sampling.seed), _pad_stop_ids(sampling.stop_token_ids))
+    start_args = (params, tokens, lengths, limits, _pad_rows(seeds, batch, 0), _pad_stop_ids(sampling.stop_token_ids))
     chunk = padded if chunk_size is None else min(chunk_size, padded)
 
     start, start_compile_s = _compiled(
-        start_generation, model, *start_args, **static, chunk_size=chunk, max_new=max_new
+        start_generation, model, *start_args, **static, chunk_size=chunk, max_new=new_slots
     )
     state, prefill_s = _timed(start, *start_args)
     decode, decode_compile_s = _compiled(decode_until, model, params, state, np.int32(0), **static)
-    state, decode_s = _decode_in_segments(decode, params, state, segment_steps, on_segment)
-    results, reasons = _outputs(state)
+    state, decode_s = _decode_in_segments(decode, params, state, len(prompts), segment_steps, on_segment)
+    results, reasons = _outputs(state, len(prompts), max_new)
     timing = GenerationTiming(
         compile_s=start_compile_s + decode_compile_s,
         prefill_s=prefill_s,
         decode_s=decode_s,
-        prompt_tokens=int(lengths.sum()),
+        prompt_tokens=int(lengths[: len(prompts)].sum()),
         decode_tokens=int(np.maximum(jax.device_get(state.num_new) - 1, 0).sum()),
     )
     return GenerationResult(tokens=results, stop_reasons=reasons, timing=timing)

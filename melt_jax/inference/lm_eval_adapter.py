@@ -21,6 +21,9 @@ prefill chunk when generating), dtype (float32 | bfloat16 | float16, default as 
   first conditioned on the eos token.
 - generate_until: `generation.generate` with the eos token and single-token stop strings as stop
   tokens, other stop strings checked between decode segments, the text cut at the first stop string.
+  Each request draws with its own seed (the generation arguments' `seed`, default 0), so its text does
+  not depend on the batch it lands in; the k-th copy of an identical request (lm-eval's `repeats`)
+  draws with seed + k, so that repeated samples differ.
 Batches are padded to `batch_size` rows and sequence lengths to sampling's buckets, so the number of
 compiled programs stays small.
 """
@@ -66,6 +69,11 @@ def _score(model, params, tokens, score_mask, exit_policy, chunk_size):
     log_probs, greedy = token_log_probs(model, params, tokens, exit_policy, chunk_size)  # [B, S-1]
     mask = score_mask[:, 1:]
     return jnp.sum(jnp.where(mask, log_probs, 0.0), axis=1), jnp.all(greedy | ~mask, axis=1)
+
+
+def _wrap_int32(value: int) -> int:
+    """value wrapped into the 32-bit range of a seed."""
+    return (value + 2**31) % 2**32 - 2**31
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -268,6 +276,12 @@ class MeltJaxLM(LM):
         outputs: list[str] = [""] * len(requests)
         for indices in groups.values():
             sampling, until = self._sampling(requests[indices[0]].args[1])
+            copies: dict[str, int] = {}  # context -> copies seen so far in this group
+            seeds = []
+            for i in indices:
+                context = requests[i].args[0]
+                seeds.append(_wrap_int32(sampling.seed + copies.get(context, 0)))
+                copies[context] = copies.get(context, 0) + 1
             for start in range(0, len(indices), self.batch_size):
                 batch = indices[start : start + self.batch_size]
                 prompts = [self._prompt_ids(requests[i].args[0], sampling.max_new_tokens) for i in batch]
@@ -278,6 +292,8 @@ class MeltJaxLM(LM):
                     sampling,
                     exit_policy=self.exit_policy,
                     chunk_size=self.prefill_chunk,
+                    batch_buckets=(self.batch_size,),
+                    seeds=seeds[start : start + self.batch_size],
                     segment_steps=STOP_CHECK_STEPS,
                     on_segment=functools.partial(self._reached_stop, until=until),
                 )

@@ -22,7 +22,9 @@ class SamplingConfig:
                     (None or 1.0: all); applied after top_k
     max_new_tokens  most new tokens per prompt, the stop token included
     stop_token_ids  a row ends when it produces one of these (the stop token is not returned)
-    seed            seed of the random draws
+    seed            seed of every prompt's random draws (`generate(..., seeds=...)` gives one per
+                    prompt instead): a prompt's tokens depend only on the prompt and its seed, not
+                    on the batch it is in
     vocab_limit     only ids below this are produced (None: all), e.g. the tokenizer's size when the
                     model's vocabulary is padded beyond it
     """
@@ -103,7 +105,7 @@ def next_tokens(logits: Array, keys: Array, rule: TokenRule) -> Array:
 
 
 def draw_keys(row_keys: Array, index: Array) -> Array:
-    """The keys [B] of new-token `index` from the per-row keys [B]."""
+    """The keys [B] of new-token `index` from the per-row keys [B]: fold_in(row key, index)."""
     return jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, index)
 
 
