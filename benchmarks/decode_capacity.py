@@ -64,23 +64,11 @@ def prefill_report(model, device, context: int, chunk: int) -> CompileReport:
     """The prefill of one `context`-token prompt, leaving room for one new token."""
     params = on_device(abstract_params(model), device)
     tokens = on_device(jax.ShapeDtypeStruct((1, context - 1), jnp.int32), device)
-    lengths = on_device(jax.ShapeDtypeStruct((1,), jnp.int32), device)
-    seed = on_device(jax.ShapeDtypeStruct((), jnp.int32), device)
+    per_row = on_device(jax.ShapeDtypeStruct((1,), jnp.int32), device)  # lengths, limits, seeds
     stop_ids = on_device(jax.ShapeDtypeStruct((8,), jnp.int32), device)
-    rule = SamplingConfig().token_rule
+    static = dict(exit_policy=ExitPolicy(), rule=SamplingConfig().token_rule, chunk_size=chunk, max_new=1)
     return compile_and_measure(
-        lambda: start_generation.lower(
-            model,
-            params,
-            tokens,
-            lengths,
-            seed,
-            stop_ids,
-            exit_policy=ExitPolicy(),
-            rule=rule,
-            chunk_size=chunk,
-            max_new=1,
-        ),  # fmt: skip
+        lambda: start_generation.lower(model, params, tokens, per_row, per_row, per_row, stop_ids, **static),
         [device],
     )
 

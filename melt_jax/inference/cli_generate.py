@@ -75,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--exit", default="last", help="last | loop:N (0-based; step:N also read) | threshold:X | weighted | default"
     )
+    p.add_argument(
+        "--exit-skip",
+        action="store_true",
+        help="decode steps stop computing loops after each token's exit loop (--exit loop:N or threshold:X)",
+    )
     p.add_argument("--prefill-chunk", type=int, default=None, help="prefill chunk (MELT default: config.chunk_size)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None, help="cast the weights")
     return p
@@ -110,7 +115,8 @@ def timing_line(result: GenerationResult) -> str:
     return (
         f"{new_tokens} new tokens for {len(result.tokens)} prompt(s); decode {t.decode_tokens_per_s:.1f} tokens/s "
         f"({t.decode_tokens} tokens in {t.decode_s:.3f} s); prefill {t.prompt_tokens} tokens in {t.prefill_s:.3f} s; "
-        f"compile {t.compile_s:.1f} s; stop: {', '.join(result.stop_reasons)}"
+        f"compile {t.compile_s:.1f} s; {t.loops_per_step:.2f} loops per decode step; "
+        f"stop: {', '.join(result.stop_reasons)}"
     )
 
 
@@ -149,7 +155,7 @@ def run(args: argparse.Namespace) -> None:
         params,
         [tokenizer.encode(text) for text in texts],
         sampling,
-        exit_policy=parse_exit_policy(args.exit, model.config),
+        exit_policy=parse_exit_policy(args.exit, model.config, skip_loops=args.exit_skip),
         chunk_size=args.prefill_chunk,
         segment_steps=STREAM_STEPS if watch else None,
         on_segment=on_segment if watch else None,

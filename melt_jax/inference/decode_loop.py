@@ -27,7 +27,9 @@ class DecodeState:
     out: [B, N] new tokens (N >= every row's limit), valid up to num_new; num_new: [B] tokens recorded;
     limit: [B] most new tokens of each row (0: a padding row, done from the start); done: [B];
     hit_stop: [B] ended on a stop token; step: [] new tokens drawn so far (all rows); row_keys: [B]
-    random keys, one per row from its own seed; stop_ids: [n] stop token ids, padded with -1.
+    random keys, one per row from its own seed; stop_ids: [n] stop token ids, padded with -1;
+    loops: [] loops computed by the decode steps so far (T per step, fewer under an exit policy
+    that skips loops).
     """
 
     cache: KVCache
@@ -40,6 +42,7 @@ class DecodeState:
     step: Array
     row_keys: Array
     stop_ids: Array
+    loops: Array
 
 
 def _prefill_last_hidden(model: nn.Module, params, tokens: Array, lengths: Array, cache: KVCache, chunk_size: int):
@@ -102,6 +105,7 @@ def start_generation(
         step=jnp.zeros((), jnp.int32),
         row_keys=row_keys,
         stop_ids=stop_ids,
+        loops=jnp.zeros((), jnp.int32),
     )
     return _record(state, next_tokens(logits, draw_keys(row_keys, 0), rule))
 
@@ -116,6 +120,6 @@ def decode_until(model, params, state: DecodeState, until_step, *, exit_policy, 
     def step(state):
         out = model.apply({"params": params}, state.last[:, None], cache=state.cache, exit_policy=exit_policy)
         token = next_tokens(out.logits[:, 0], draw_keys(state.row_keys, state.step), rule)
-        return _record(state.replace(cache=out.cache), token)
+        return _record(state.replace(cache=out.cache, loops=state.loops + out.loops_computed), token)
 
     return jax.lax.while_loop(unfinished, step, state)

@@ -77,13 +77,21 @@ class GenerationTiming:
     """Wall-clock seconds of one `generate` call; compile times are separate from run times.
 
     decode_tokens counts the tokens produced by decode steps (every row's new tokens after the first,
-    which comes from the prefill)."""
+    which comes from the prefill); decode_steps the steps run (each feeds one token to every row) and
+    decode_loops the loops they computed (T each, fewer under an exit policy that skips loops)."""
 
     compile_s: float
     prefill_s: float
     decode_s: float
     prompt_tokens: int
     decode_tokens: int
+    decode_steps: int = 0
+    decode_loops: int = 0
+
+    @property
+    def loops_per_step(self) -> float:
+        """Mean loops computed per decode step (NaN without decode steps)."""
+        return self.decode_loops / self.decode_steps if self.decode_steps else float("nan")
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -337,5 +345,7 @@ def generate(
         decode_s=decode_s,
         prompt_tokens=int(lengths[: len(prompts)].sum()),
         decode_tokens=int(np.maximum(jax.device_get(state.num_new) - 1, 0).sum()),
+        decode_steps=max(int(jax.device_get(state.step)) - 1, 0),
+        decode_loops=int(jax.device_get(state.loops)),
     )
     return GenerationResult(tokens=results, stop_reasons=reasons, timing=timing)

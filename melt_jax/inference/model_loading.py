@@ -3,6 +3,7 @@ reading an exit policy from its command-line form."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -31,9 +32,11 @@ def load_model(path, dtype: str | None = None) -> tuple[OuroModel, dict]:
     return model, jax.device_put(params)
 
 
-def parse_exit_policy(text: str, config: OuroConfig) -> ExitPolicy:
+def parse_exit_policy(text: str, config: OuroConfig, skip_loops: bool = False) -> ExitPolicy:
     """An exit policy from its command-line form: 'last', 'loop:N' (0-based; 'step:N' is read the same), 'threshold:X',
-    'weighted', or 'default' (what upstream Ouro returns: config.early_exit_step / _threshold)."""
+    'weighted', or 'default' (what upstream Ouro returns: config.early_exit_step / _threshold); with
+    `skip_loops`, one that skips the loops after the exit ('loop:N', 'threshold:X' or a 'default'
+    that is one of them)."""
     name, _, value = text.partition(":")
     try:
         if name in ("last", "weighted") and not value:
@@ -47,6 +50,8 @@ def parse_exit_policy(text: str, config: OuroConfig) -> ExitPolicy:
         else:
             raise ValueError("unknown form")
         policy.validate(config.num_loops)
+        if skip_loops:
+            policy = dataclasses.replace(policy, skip_loops=True)
     except ValueError as e:
         raise GenerationError(
             f"bad exit policy {text!r} ({e}); expected last, loop:N (0 <= N < {config.num_loops}), "

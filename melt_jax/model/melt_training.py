@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from melt_jax.model.chunking import num_chunks, scan_chunks
 from melt_jax.model.exit import exit_distribution
@@ -59,6 +60,7 @@ def sequential_forward(
         exit_pdf=exit_distribution(gate_logits),
         intermediates=intermediates,
         cache=cache,
+        loops_computed=jnp.int32(model.config.num_loops),
     )
 
 

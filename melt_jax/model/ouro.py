@@ -72,6 +72,7 @@ class OuroOutput:
     gate_logits: [T, B, S] exit gate logits; exit_pdf: [B, S, T] exit probabilities.
     intermediates: name -> [T, L, B, S, H], only the names asked for (see INTERMEDIATES).
     cache: the updated cache, or None when called without one.
+    loops_computed: [] int32, the loops this call ran: T, or fewer under a policy that skips loops.
     """
 
     logits: Array | None
@@ -82,6 +83,7 @@ class OuroOutput:
     exit_pdf: Array
     intermediates: dict[str, Array]
     cache: KVCache | None
+    loops_computed: Array
 
 
 def layer_kwargs(config: OuroConfig) -> dict[str, Any]:
@@ -297,7 +299,7 @@ class OuroModel(nn.Module):
         when every token exits at the same loop (decoding one token per row: rows never see each
         other). Outputs have every loop's slot: the loops a token did not compute hold copies of its
         exit loop's (hidden state, gate logit), so the policy selects the same loop from them. No
-        intermediates are collected."""
+        intermediates are collected. Returns run_loops' four outputs and the number of loops run []."""
         c = self.config
         num_loops = c.num_loops
         if self.collect:
@@ -347,7 +349,7 @@ class OuroModel(nn.Module):
         loop_hidden = jnp.where(not_run[..., None], state["loop_hidden"][loops_run - 1], state["loop_hidden"])
         gate_logits = jnp.where(not_run, state["gate_logits"][loops_run - 1], state["gate_logits"])
         cache = source.fill_skipped(state["cache"], loops_run)
-        return loop_hidden, gate_logits, {}, cache
+        return loop_hidden, gate_logits, {}, cache, loops_run
 
     def __call__(
         self,
@@ -377,11 +379,12 @@ class OuroModel(nn.Module):
         c = self.config
         carried = source.begin(cache, (*tokens.shape, c.num_kv_heads, c.head_dim))
         if exit_policy is not None and exit_policy.skip_loops:
-            loop_hidden, gate_logits, intermediates, carried = self.run_loops_skipping(
+            loop_hidden, gate_logits, intermediates, carried, loops_computed = self.run_loops_skipping(
                 h, ctx, carried, source, exit_policy
             )
         else:
             loop_hidden, gate_logits, intermediates, carried = self.run_loops(h, ctx, carried, source)
+            loops_computed = jnp.int32(c.num_loops)
         cache = source.end(carried, ctx.positions)
         if cache is not None:
             cache = cache.advance(tokens.shape[1])
@@ -401,4 +404,5 @@ class OuroModel(nn.Module):
             exit_pdf=exit_pdf,
             intermediates=intermediates,
             cache=cache,
+            loops_computed=loops_computed,
         )
