@@ -1,4 +1,4 @@
-"""Attention: softmax(q k^T / sqrt(D)) v over the keys each query may see, in two implementations.
+"""Attention: softmax(q k^T / sqrt(D)) v over the keys each query may see, in four implementations.
 
     attend(q, k, v, mask, implementation=..., kv_heads_first=...)           causal (+ segments)
     attend_earlier_and_own(q, earlier_k, earlier_v, k, v, chunk_size, ...)  MELT's two-pass pattern
@@ -6,8 +6,10 @@
 Which keys a query sees is described per token, never as a [B, S, M] array (that array is itself
 S x M): a `CausalMask` holds query positions [B, S], key positions [B, M] and optional segment ids;
 key j is visible to query i when its position is <= the query's and, with segment ids, both ids are
-equal (id 0 marks padding, which then sees only padding). The two-pass pattern (docs/melt.md,
-'Training forwards') has its own description, `EarlierAndOwnMask`.
+equal (id 0 marks padding, which then sees only padding). A mask marked `in_order` is the tokens in
+flight attending to each other with positions that increase along every row (the model made them),
+so that its causal part is j <= i, known when tracing. The two-pass pattern (docs/melt.md, 'Training
+forwards') has its own description, `EarlierAndOwnMask`.
 
 Implementations (`Implementation.name`, the model config's `attention` field):
 
@@ -26,15 +28,38 @@ Implementations (`Implementation.name`, the model config's `attention` field):
   512 x 512, 2-3x at 1,024-2,048 tokens and ~4x at 8,192 (benchmarks/attention_speed.py), but 2-6x
   slower for a few queries over a long cache (decoding: 1 x 32,768 keys, 8 x 4,096), where dense
   logits are small anyway. Counting logits rather than keys keeps decoding dense.
+- "splash": jax's TPU Pallas splash attention kernel (`splash_attention`), for the masks known when
+  tracing: `attend` with an in-order mask (a training forward's tokens, a MELT chunk without cache)
+  and the two-pass pattern, as one kernel call over the [S, 2S] keys [earlier rows, own rows] with a
+  mask computed from indices in the kernel; segment ids go to the kernel's SegmentIds; grouped heads
+  run natively (query head n reads kv head n // G). Blocks are `query_block` x `key_block`
+  (multiples of 128, clipped to the sequence) and the sequence is padded to whole blocks; q is
+  scaled by 1/sqrt(D) before the kernel. Under a mesh (`jax.set_mesh`) the kernel runs in a
+  `shard_map` over the batch (and the heads over "tensor" when it divides both N and K). Where the
+  program is for a TPU (`target_platform`: the mesh's devices, else the default backend) it is the
+  compiled kernel; elsewhere its interpreter (same code, slow: for tests).
+- "cudnn": cuDNN's flash attention through `jax.nn.dot_product_attention(implementation="cudnn",
+  is_causal=True)` (`cudnn_attention`), for `attend` with an in-order mask without segment ids, q in
+  bf16 or fp16 and a head dim <= 128 that is a multiple of 8 (`cudnn_takes`). The API's sequence
+  lengths describe padding at the end of a row only, not packed documents, and cuDNN has no float32
+  flash attention. Off a GPU it is a ConfigError at the first attention call.
 
-Both give the same values to float32 rounding. A query that sees no key at all gets the uniform
+Where a kernel does not take a call (the slot cache of decoding and prefill, whose positions in
+flight are known only when running; positions the caller gave; for cudnn also segment ids, float32
+and the two-pass pattern) it falls back to "auto"'s choice: dense for few logits (decoding stays
+dense and fast), blockwise for many (long prefills keep linear memory). "auto" itself never picks a
+kernel: the kernels are checked here against dense on the CPU (splash interpreted, the cuDNN wrapper
+through the "xla" implementation of the same API) and compiled for TPU topologies, not yet timed
+on the accelerators.
+
+All give the same values to float32 rounding. A query that sees no key at all gets the uniform
 average of all values from "xla" and zeros from "blockwise"; no attention path of the models has such
-a query (every token sees itself).
+a query (every token sees itself), which the kernels rely on.
 
 Letters in shape comments and einsum strings: B batch, S query tokens, M key/value tokens, N query
 heads, K key/value heads, G query heads per kv head (N = K * G; query head n reads kv head n // G),
 D head dim; in blocks q query and k key tokens; in the dense two-pass pattern n chunks of C query
-and E key tokens.
+and E key tokens; S' a length padded to whole kernel blocks.
 """
 
 from __future__ import annotations
