@@ -76,6 +76,7 @@ from jax.sharding import PartitionSpec
 
 from melt_jax.dtypes import at_least_float32
 from melt_jax.errors import ConfigError
+from melt_jax.sharding import partition_spec
 
 Array = jax.Array
 
@@ -637,8 +638,6 @@ def _over_the_mesh(per_device, q, k, v, q_segments, k_segments):
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return per_device(q, k, v, q_segments, k_segments)
-    from melt_jax.sharding import partition_spec
-
     q_spec = partition_spec(q.shape, ("batch", "heads", None, None), mesh)
     k_spec = partition_spec(k.shape, ("batch", "kv_heads", None, None), mesh)
     batch, heads = q_spec[0], q_spec[1] if q_spec[1] == k_spec[1] else None
