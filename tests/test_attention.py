@@ -1,8 +1,10 @@
 """Attention implementations (melt_jax/model/attention.py): blockwise equals dense in values and
 gradients on every attention path (causal, cache slots, the two-pass pattern; grouped heads, segment
 masks, blocks that do not divide the sequence, bf16); the blockwise gradient does not materialise
-[S, M]; the choice is validated and kept as runtime policy; and the models give the same logits and
-gradients with either, with segment ids keeping packed documents apart."""
+[S, M]; the splash kernel (through its interpreter on this CPU) and the cuDNN wrapper (through
+jax.nn.dot_product_attention's "xla" implementation) equal dense on the paths they serve, the others
+falling back; the choice is validated and kept as runtime policy; and the models give the same
+logits and gradients with every implementation, with segment ids keeping packed documents apart."""
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +23,8 @@ from melt_jax.model.attention import (
     attend_earlier_and_own,
     blockwise_attention,
     causal_mask,
+    cudnn_attention,
+    cudnn_takes,
     slot_mask,
 )
 from melt_jax.model.cache import KVCache, init_cache
@@ -31,6 +35,7 @@ from melt_jax.model.losses import mean_next_token_loss
 from melt_jax.model.melt import MeltModel
 from melt_jax.model.melt_training import two_pass_forward
 from melt_jax.model.ouro import OuroModel
+from melt_jax.sharding import MeshConfig, make_mesh
 
 B, N, D = 2, 4, 8
 TOL = 1e-5
@@ -260,14 +265,149 @@ def test_blockwise_accepts_any_block_size():
 
 
 # --------------------------------------------------------------------------------------------------
+# The kernels against dense: splash through its interpreter, the cuDNN wrapper through "xla"
+
+
+def _splash(query_block=128, key_block=128):
+    return Implementation("splash", query_block, key_block)
+
+
+# 13 tokens: one block of 128 after padding. 300 tokens: 3 query blocks of 128 and, with key blocks of
+# 256, a sequence padded to 512 (a multiple of both), blocks above the diagonal skipped.
+@pytest.mark.parametrize(
+    "kv_heads, seq, blocks, segments, kv_heads_first",
+    [(1, 13, (128, 128), False, False), (2, 13, (512, 512), True, True), (N, 300, (128, 256), True, False)],
+    ids=["kv1-causal", "kv2-segments-cache-layout", "kv4-segments-300-tokens"],
+)
+def test_splash_equals_dense_on_causal_self_attention(kv_heads, seq, blocks, segments, kv_heads_first):
+    kv_shape = (B, kv_heads, seq, D) if kv_heads_first else (B, seq, kv_heads, D)
+    q, k, v = _normal(30, (B, seq, N, D)), _normal(31, kv_shape), _normal(32, kv_shape)
+    ids = None
+    if segments:  # row 0: two documents and padding; row 1: one document, then padding
+        ids = jnp.stack([jnp.repeat(jnp.array([1, 2, 0]), jnp.array([5, seq - 7, 2]), total_repeat_length=seq)] * B)
+        ids = ids.at[1].set(jnp.where(jnp.arange(seq) < seq - 3, 1, 0))
+    mask = causal_mask(_tokens(seq), _tokens(seq), ids, ids, in_order=True)
+    _assert_same(
+        lambda q, k, v: attend(q, k, v, mask, kv_heads_first=kv_heads_first),
+        lambda q, k, v: attend(q, k, v, mask, implementation=_splash(*blocks), kv_heads_first=kv_heads_first),
+        q,
+        k,
+        v,
+    )
+
+
+@pytest.mark.parametrize(
+    "seq, chunk, segments",
+    [(12, 1, False), (12, 4, True), (12, 12, False), (260, 65, True)],
+    ids=["chunk1", "chunk4-segments", "chunk12-one-chunk", "260-tokens-chunk65-segments"],
+)
+def test_splash_equals_dense_on_the_two_pass_pattern(seq, chunk, segments):
+    """The [S, 2S] mask over the earlier and own rows; at 260 tokens in chunks of 65, chunk
+    boundaries fall inside the kernel's blocks of 128."""
+    kv_heads = 2
+    q, k, v = _normal(33, (B, seq, N, D)), _normal(34, (B, seq, kv_heads, D)), _normal(35, (B, seq, kv_heads, D))
+    earlier_k, earlier_v = _normal(36, (B, kv_heads, seq, D)), _normal(37, (B, kv_heads, seq, D))
+    ids = None
+    if segments:
+        ids = jnp.stack([jnp.where(jnp.arange(seq) < seq // 3, 1, 2), jnp.where(jnp.arange(seq) < seq - 2, 1, 0)])
+
+    def run(implementation):
+        def fn(q, k, v):
+            return attend_earlier_and_own(
+                q, earlier_k, earlier_v, k, v, chunk, segment_ids=ids, implementation=implementation
+            )
+
+        return fn
+
+    _assert_same(run(DENSE), run(_splash()), q, k, v)
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2], ids=["kv1", "kv2"])
+def test_splash_under_a_mesh_equals_dense(kv_heads):
+    """Under `jax.set_mesh` the kernel runs on each device's share (shard_map): the batch over fsdp,
+    the heads over tensor when it divides both N and K (kv2), else whole (kv1)."""
+    seq = 13
+    q, k, v = _normal(38, (B, seq, N, D)), _normal(39, (B, seq, kv_heads, D)), _normal(40, (B, seq, kv_heads, D))
+    mask = causal_mask(_tokens(seq), _tokens(seq), SEGMENTS_13, SEGMENTS_13, in_order=True)
+    mesh = make_mesh(MeshConfig(data=1, fsdp=2, tensor=2, num_devices=4))
+    dense, dense_grads = _values_and_grads(lambda *x: attend(*x, mask), q, k, v)
+    with jax.set_mesh(mesh):
+        out, grads = _values_and_grads(lambda *x: attend(*x, mask, implementation=_splash()), q, k, v)
+    np.testing.assert_allclose(out, dense, atol=TOL, rtol=0)
+    for name, got, want in zip("qkv", grads, dense_grads):
+        np.testing.assert_allclose(got, want, atol=TOL, rtol=0, err_msg=f"gradient w.r.t. {name}")
+
+
+def test_splash_falls_back_where_the_mask_is_not_static():
+    """Positions given by the caller (not known to be in order) and the partly filled cache: the
+    "auto" rule's dense or blockwise, with the values of dense."""
+    seq, max_length = 5, 16
+    end = jnp.array([3, 9], jnp.int32)
+    positions = end[:, None] + jnp.arange(seq, dtype=jnp.int32)  # [B, S]
+    q = _normal(41, (B, seq, N, D))
+    k, v = _normal(42, (B, 2, max_length, D)), _normal(43, (B, 2, max_length, D))
+    mask = slot_mask(positions, max_length)
+    dense = attend(q, k, v, mask, kv_heads_first=True)
+    np.testing.assert_allclose(attend(q, k, v, mask, implementation=_splash(), kv_heads_first=True), dense, atol=TOL)
+    own = causal_mask(positions, positions)  # not in order: the caller's positions could be anything
+    k, v = _normal(44, (B, seq, 2, D)), _normal(45, (B, seq, 2, D))
+    np.testing.assert_allclose(attend(q, k, v, own, implementation=_splash()), attend(q, k, v, own), atol=TOL)
+    splash = _splash()
+    assert splash.resolve(seq, seq) == "xla" and splash.resolve(seq, seq, kernel_takes=True) == "splash"
+    assert splash.resolve(1, 32_768) == "xla" and splash.resolve(2048, 2048) == "blockwise"  # as "auto"
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2, N], ids=["kv1", "kv2", "kv4"])
+@pytest.mark.parametrize("kv_heads_first", [False, True], ids=["token-layout", "cache-layout"])
+def test_cudnn_wrapper_equals_dense(kv_heads, kv_heads_first):
+    """The wrapper's layout, grouped heads, scale and causal mask, through jax.nn.dot_product_attention's
+    "xla" implementation (cuDNN itself needs a GPU)."""
+    seq = 13
+    kv_shape = (B, kv_heads, seq, D) if kv_heads_first else (B, seq, kv_heads, D)
+    q, k, v = _normal(46, (B, seq, N, D)), _normal(47, kv_shape), _normal(48, kv_shape)
+    mask = causal_mask(_tokens(seq), _tokens(seq), in_order=True)
+    _assert_same(
+        lambda q, k, v: attend(q, k, v, mask, kv_heads_first=kv_heads_first),
+        lambda q, k, v: cudnn_attention(q, k, v, kv_heads_first=kv_heads_first, backend="xla"),
+        q,
+        k,
+        v,
+    )
+
+
+def test_cudnn_takes_in_order_causal_attention_in_half_precision_only():
+    seq = 8
+    positions = _tokens(seq)
+    in_order, ids = causal_mask(positions, positions, in_order=True), jnp.ones((B, seq), jnp.int32)
+    bf16 = _normal(49, (B, seq, N, 128), jnp.bfloat16)
+    assert cudnn_takes(bf16, in_order) and cudnn_takes(bf16.astype(jnp.float16), in_order)
+    assert not cudnn_takes(bf16.astype(jnp.float32), in_order)  # cuDNN has no float32 flash attention
+    assert not cudnn_takes(bf16, causal_mask(positions, positions))  # positions not known to be in order
+    assert not cudnn_takes(bf16, causal_mask(positions, positions, ids, ids, in_order=True))  # segments
+    assert not cudnn_takes(_normal(50, (B, seq, N, 256), jnp.bfloat16), in_order)  # head dim
+    assert not cudnn_takes(_normal(51, (B, seq, N, 12), jnp.bfloat16), in_order)
+
+
+def test_cudnn_off_a_gpu_is_a_config_error_naming_the_field_and_backend():
+    seq = 8
+    q = k = v = _normal(52, (B, seq, N, D), jnp.bfloat16)
+    positions = _tokens(seq)
+    with pytest.raises(ConfigError, match=r"config field attention is 'cudnn'.*backend 'cpu'"):
+        attend(q, k, v, causal_mask(positions, positions, in_order=True), implementation=Implementation("cudnn"))
+    with pytest.raises(ConfigError, match=r"config field attention is 'cudnn'.*backend 'cpu'"):
+        attend_earlier_and_own(q, k, v, k, v, 4, implementation=Implementation("cudnn"))
+
+
+# --------------------------------------------------------------------------------------------------
 # The choice: validation, "auto", runtime policy
 
 
 def test_unknown_implementations_and_block_sizes_are_named():
-    for name in ("splash", "cudnn", "dense", ""):
-        with pytest.raises(ConfigError, match=r"attention must be one of auto, xla, blockwise, got"):
+    names = "auto, xla, blockwise, splash, cudnn"
+    for name in ("flash", "dense", ""):
+        with pytest.raises(ConfigError, match=f"attention must be one of {names}, got"):
             Implementation(name)
-        with pytest.raises(ConfigError, match=r"config field attention must be one of auto, xla, blockwise"):
+        with pytest.raises(ConfigError, match=f"config field attention must be one of {names}"):
             OuroConfig.preset("tiny", attention=name)
     for field in ("attention_query_block", "attention_key_block"):
         for bad in (0, -1, 1.5, True):
@@ -275,10 +415,14 @@ def test_unknown_implementations_and_block_sizes_are_named():
                 OuroConfig.preset("tiny", **{field: bad})
     with pytest.raises(ConfigError, match="attention_key_block must be a positive integer, got 0"):
         Implementation("blockwise", 4, 0)
+    with pytest.raises(ConfigError, match="config field attention_query_block must be a multiple of 128 for splash"):
+        OuroConfig.preset("tiny", attention="splash", attention_query_block=64)
+    Implementation("blockwise", 64, 64)  # any block for blockwise
     from melt_jax.train.config import RunConfigError, load_train_config
 
-    with pytest.raises(RunConfigError, match="attention must be one of auto, xla, blockwise, got 'splash'"):
-        load_train_config(None, ["attention=splash"])
+    with pytest.raises(RunConfigError, match=f"attention must be one of {names}, got 'flash'"):
+        load_train_config(None, ["attention=flash"])
+    assert load_train_config(None, ["attention=splash"]).attention == "splash"
 
 
 def test_auto_is_dense_for_few_logits_and_blockwise_for_many():
@@ -326,9 +470,10 @@ def test_a_cache_needs_its_slots_segment_ids_for_segment_masking():
 
 
 # --------------------------------------------------------------------------------------------------
-# The models with attention="blockwise" against "xla"
+# The models with attention="blockwise" and "splash" against "xla"
 
 BLOCKWISE = dict(attention="blockwise", attention_query_block=5, attention_key_block=7)  # divide nothing
+SPLASH = dict(attention="splash", attention_query_block=128, attention_key_block=128)
 SEQ = 24
 
 
@@ -341,8 +486,9 @@ def tiny(melt_of):
     return melt.ouro.config, melt.config, jax.tree.map(jnp.asarray, melt.params), tokens
 
 
-def _both(config):
-    return {"xla": config, "blockwise": config.replace(**BLOCKWISE)}
+def _each(config):
+    """name -> the config computing attention that way; "xla" first, the reference."""
+    return {"xla": config, "blockwise": config.replace(**BLOCKWISE), "splash": config.replace(**SPLASH)}
 
 
 def _assert_trees_close(got, want, rtol=1e-4):
@@ -350,6 +496,11 @@ def _assert_trees_close(got, want, rtol=1e-4):
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
         scale = max(float(jnp.max(jnp.abs(b))), 1e-6)
         np.testing.assert_allclose(a, b, atol=rtol * scale, rtol=0, err_msg=jax.tree_util.keystr(path))
+
+
+def _runs_splash(fn, *args) -> bool:
+    """Whether fn(*args) runs a Pallas kernel (in the models, only the splash kernel is one)."""
+    return "pallas_call" in str(jax.make_jaxpr(fn)(*args))
 
 
 def _ouro_params(params):
@@ -368,12 +519,18 @@ def test_model_forward_logits_and_gradients_match(tiny):
 
     results = {
         name: jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(_ouro_params(params), c)
-        for name, c in _both(ouro_config).items()
+        for name, c in _each(ouro_config).items()
     }
-    (_, logits), grads = results["blockwise"]
     (_, want_logits), want_grads = results["xla"]
-    np.testing.assert_allclose(logits, want_logits, atol=1e-4, rtol=0)
-    _assert_trees_close(grads, want_grads)
+    for name in ("blockwise", "splash"):
+        (_, logits), grads = results[name]
+        np.testing.assert_allclose(logits, want_logits, atol=1e-4, rtol=0, err_msg=name)
+        _assert_trees_close(grads, want_grads)
+    splash = _each(ouro_config)["splash"]
+    assert _runs_splash(lambda p: loss(p, splash), _ouro_params(params))
+    # Positions given by the caller are not known to be in order: the "auto" rule's dense instead.
+    given = lambda p: OuroModel(splash).apply({"params": p}, tokens, positions=_tokens(SEQ))  # noqa: E731
+    assert not _runs_splash(given, _ouro_params(params))
 
 
 @pytest.mark.parametrize("kind", ["ouro", "melt"])
@@ -382,7 +539,7 @@ def test_models_cached_prefill_and_decode_match(tiny, kind):
     config, model_cls = (ouro_config, OuroModel) if kind == "ouro" else (melt_config, MeltModel)
     params = _ouro_params(params) if kind == "ouro" else params
     logits = {}
-    for name, c in _both(config).items():
+    for name, c in _each(config).items():  # splash: the cache paths fall back (dense here)
         model = model_cls(c)
         cache = init_cache(c, tokens.shape[0], SEQ + 8)
         first, cache = prefill(model, params, tokens[:, :20], cache)  # MELT: chunks of 8, the last of 4
@@ -391,7 +548,9 @@ def test_models_cached_prefill_and_decode_match(tiny, kind):
             step, cache = jax.jit(decode_step, static_argnums=0)(model, params, tokens[:, i], cache)
             steps.append(step[:, None])
         logits[name] = jnp.concatenate(steps, axis=1)
-    np.testing.assert_allclose(logits["blockwise"], logits["xla"], atol=1e-4, rtol=0)
+        assert not _runs_splash(lambda p, c, m=model: decode_step(m, p, tokens[:, 0], c), params, cache)
+    for name in ("blockwise", "splash"):
+        np.testing.assert_allclose(logits[name], logits["xla"], atol=1e-4, rtol=0, err_msg=name)
 
 
 def test_two_pass_training_forward_values_and_gradients_match(tiny):
@@ -407,9 +566,11 @@ def test_two_pass_training_forward_values_and_gradients_match(tiny):
         return mean_next_token_loss(logits, tokens), logits
 
     run = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
-    results = {name: run(params, c) for name, c in _both(melt_config).items()}
-    np.testing.assert_allclose(results["blockwise"][0][1], results["xla"][0][1], atol=1e-4, rtol=0)
-    _assert_trees_close(results["blockwise"][1], results["xla"][1])
+    results = {name: run(params, c) for name, c in _each(melt_config).items()}
+    for name in ("blockwise", "splash"):  # splash: pass 1 falls back (the cache), pass 2 is the kernel
+        np.testing.assert_allclose(results[name][0][1], results["xla"][0][1], atol=1e-4, rtol=0, err_msg=name)
+        _assert_trees_close(results[name][1], results["xla"][1])
+    assert _runs_splash(lambda p: loss(p, _each(melt_config)["splash"]), params)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -439,21 +600,22 @@ def _packed_forwards():
 
 @pytest.mark.parametrize("name", list(_packed_forwards()))
 def test_segment_ids_stop_attention_across_documents(tiny, name):
-    """Changing document 1 of a row leaves document 2 and the other row as they were, with either
-    implementation, and the two implementations agree."""
+    """Changing document 1 of a row leaves document 2 and the other row as they were, with every
+    implementation, and the implementations agree."""
     ouro_config, melt_config, params, tokens = tiny
     config = ouro_config if name == "ouro" else melt_config
     run = jax.jit(_packed_forwards()[name], static_argnums=0)
     changed = tokens.at[0, :10].set((tokens[0, :10] + 1) % config.vocab_size)  # document 1 of row 0
     second = slice(10, SEQ)
     hidden = {}
-    for implementation, c in _both(config).items():
+    for implementation, c in _each(config).items():
         before, after = run(c, params, tokens, PACKED), run(c, params, changed, PACKED)
         np.testing.assert_allclose(after[:, 0, second], before[:, 0, second], atol=1e-6)
         np.testing.assert_array_equal(after[:, 1], before[:, 1])  # the other row
         assert np.isfinite(np.asarray(before)).all()
         hidden[implementation] = before
-    _assert_trees_close(hidden["blockwise"], hidden["xla"])
+    for implementation in ("blockwise", "splash"):
+        _assert_trees_close(hidden[implementation], hidden["xla"])
     # With one segment per row the change reaches document 2: the check can fail.
     one = jnp.ones_like(PACKED)
     leaked = run(config, params, changed, one)[:, 0, second] - run(config, params, tokens, one)[:, 0, second]

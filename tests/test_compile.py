@@ -61,6 +61,52 @@ def test_per_chip_memory_grows_linearly_with_the_sequence(v5p_reports):
     assert long <= 2.0 * short, (short, long)
 
 
+def _tiny_melt_configs(tmp_path) -> list[str]:
+    """Overrides naming a tiny teacher and phase-1 student by their config.json files."""
+    teacher = OuroConfig.preset("tiny", vocab_size=258)
+    (tmp_path / "teacher.json").write_text(teacher.to_json_string())
+    (tmp_path / "student.json").write_text(MeltConfig.from_ouro(teacher).to_json_string())
+    return [f"teacher={tmp_path / 'teacher.json'}", f"init_from={tmp_path / 'student.json'}"]
+
+
+@pytest.mark.parametrize("stage", ["looplm", "melt_phase2"])
+def test_splash_attention_compiles_for_a_tpu_topology(stage, tmp_path):
+    """attention=splash: the Pallas kernel compiled by the TPU compiler (Stage I: the tokens attend to
+    each other; MELT phase 2: the two-pass pattern, its pass 1 over the cache falling back), inside
+    the scans over loops and layers, remat, and the shard_map over the fsdp mesh."""
+    overrides = [*TINY, *FSDP, "batch_size=4", "data.seq_len=256", "remat=full", "attention=splash"]
+    if stage == "melt_phase2":
+        overrides += [f"stage={stage}", *_tiny_melt_configs(tmp_path), "chunk_size=64"]
+    report = compile_stage(load_train_config(None, overrides), "v5p:2x2x1")
+    assert report.fits and report.error is None, report.error
+    assert report.temp > 0
+
+
+def test_splash_is_the_kernel_for_a_tpu_and_its_interpreter_elsewhere():
+    """The program being traced for a TPU topology's mesh calls the compiled kernel (a Mosaic custom
+    call); traced for this CPU, it runs the kernel's interpreter (no custom call)."""
+    import jax
+    import jax.numpy as jnp
+
+    from melt_jax.model.attention import Implementation, attend, causal_mask
+    from melt_jax.sharding import MeshConfig, make_mesh
+
+    q = jax.ShapeDtypeStruct((2, 256, 4, 128), jnp.bfloat16)
+    positions = jnp.broadcast_to(jnp.arange(256, dtype=jnp.int32), (2, 256))
+
+    def lowered_text(devices):
+        mesh = make_mesh(MeshConfig(data=-1, num_devices=1), devices)
+        splash = Implementation("splash")
+        with jax.set_mesh(mesh):
+            fn = jax.jit(
+                lambda q: attend(q, q, q, causal_mask(positions, positions, in_order=True), implementation=splash)
+            )
+            return fn.lower(q).as_text()
+
+    assert "tpu_custom_call" in lowered_text(topology_devices("v5p:2x2x1"))
+    assert "tpu_custom_call" not in lowered_text(jax.devices())
+
+
 def test_a_program_too_large_for_the_chip_exits_1(tmp_path, capsys):
     """Two layers of width 4,096 with an MLP of 32,768 are 0.8 B params: with their gradients and AdamW's
     two moments in float32 (16 bytes a param) they do not fit one 15.75 GiB v5e chip."""

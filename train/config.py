@@ -18,7 +18,7 @@ from typing import Any
 
 from melt_jax.data.synthetic import SyntheticTaskConfig
 from melt_jax.errors import ConfigError, DataError, MeltJaxError
-from melt_jax.model.attention import check_implementation
+from melt_jax.model.attention import DEFAULT_BLOCK, check_implementation
 from melt_jax.model.chunking import check_chunk_size, num_chunks
 from melt_jax.model.config import GATES, REMAT_POLICIES
 from melt_jax.sharding import MeshConfig
@@ -82,7 +82,8 @@ class TrainConfig:
     batch_size: int = 16  # global batch, in sequences
     seed: int = 0
     dtype: str = "float32"  # params and activations of the trained model
-    # How the models compute attention (OuroConfig.attention): "auto", "xla" (dense) or "blockwise".
+    # How the models compute attention (OuroConfig.attention): "auto", "xla" (dense), "blockwise",
+    # "splash" (TPU kernel) or "cudnn" (GPU kernel).
     attention: str = "auto"
     beta: float = 0.1  # looplm: weight of the exit entropy
     align_beta: float = 0.1  # melt_phase2: weight of the attention alignment
@@ -145,7 +146,7 @@ class TrainConfig:
         if self.gate not in GATES:
             raise RunConfigError(f"gate must be one of {', '.join(GATES)}, got {self.gate!r}")
         try:
-            check_implementation(self.attention, 1, 1, "attention")
+            check_implementation(self.attention, DEFAULT_BLOCK, DEFAULT_BLOCK, "attention")
             check_chunk_size(self.chunk_size)
             if self.stage.startswith("melt"):
                 num_chunks(self.data.seq_len, self.chunk_size, "data.seq_len")

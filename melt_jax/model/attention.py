@@ -1,4 +1,4 @@
-"""Attention: softmax(q k^T / sqrt(D)) v over the keys each query may see, in two implementations.
+"""Attention: softmax(q k^T / sqrt(D)) v over the keys each query may see, in four implementations.
 
     attend(q, k, v, mask, implementation=..., kv_heads_first=...)           causal (+ segments)
     attend_earlier_and_own(q, earlier_k, earlier_v, k, v, chunk_size, ...)  MELT's two-pass pattern
@@ -6,8 +6,10 @@
 Which keys a query sees is described per token, never as a [B, S, M] array (that array is itself
 S x M): a `CausalMask` holds query positions [B, S], key positions [B, M] and optional segment ids;
 key j is visible to query i when its position is <= the query's and, with segment ids, both ids are
-equal (id 0 marks padding, which then sees only padding). The two-pass pattern (docs/melt.md,
-'Training forwards') has its own description, `EarlierAndOwnMask`.
+equal (id 0 marks padding, which then sees only padding). A mask marked `in_order` is the tokens in
+flight attending to each other with positions that increase along every row (the model made them),
+so that its causal part is j <= i, known when tracing. The two-pass pattern (docs/melt.md, 'Training
+forwards') has its own description, `EarlierAndOwnMask`.
 
 Implementations (`Implementation.name`, the model config's `attention` field):
 
@@ -26,35 +28,70 @@ Implementations (`Implementation.name`, the model config's `attention` field):
   512 x 512, 2-3x at 1,024-2,048 tokens and ~4x at 8,192 (benchmarks/attention_speed.py), but 2-6x
   slower for a few queries over a long cache (decoding: 1 x 32,768 keys, 8 x 4,096), where dense
   logits are small anyway. Counting logits rather than keys keeps decoding dense.
+- "splash": jax's TPU Pallas splash attention kernel (`splash_attention`), for the masks known when
+  tracing: `attend` with an in-order mask (a training forward's tokens, a MELT chunk without cache)
+  and the two-pass pattern, as one kernel call over the [S, 2S] keys [earlier rows, own rows] with a
+  mask computed from indices in the kernel; segment ids go to the kernel's SegmentIds; grouped heads
+  run natively (query head n reads kv head n // G). Blocks are `query_block` x `key_block`
+  (multiples of 128, clipped to the sequence) and the sequence is padded to whole blocks; q is
+  scaled by 1/sqrt(D) before the kernel. Under a mesh (`jax.set_mesh`) the kernel runs in a
+  `shard_map` over the batch (and the heads over "tensor" when it divides both N and K). Where the
+  program is for a TPU (`target_platform`: the mesh's devices, else the default backend) it is the
+  compiled kernel; elsewhere its interpreter (same code, slow: for tests).
+- "cudnn": cuDNN's flash attention through `jax.nn.dot_product_attention(implementation="cudnn",
+  is_causal=True)` (`cudnn_attention`), for `attend` with an in-order mask without segment ids, q in
+  bf16 or fp16 and a head dim <= 128 that is a multiple of 8 (`cudnn_takes`). The API's sequence
+  lengths describe padding at the end of a row only, not packed documents, and cuDNN has no float32
+  flash attention. Off a GPU it is a ConfigError at the first attention call.
 
-Both give the same values to float32 rounding. A query that sees no key at all gets the uniform
+Where a kernel does not take a call (the slot cache of decoding and prefill, whose positions in
+flight are known only when running; positions the caller gave; for cudnn also segment ids, float32
+and the two-pass pattern) it falls back to "auto"'s choice: dense for few logits (decoding stays
+dense and fast), blockwise for many (long prefills keep linear memory). "auto" itself never picks a
+kernel: the kernels are checked here against dense on the CPU (splash interpreted, the cuDNN wrapper
+through the "xla" implementation of the same API) and compiled for TPU topologies, not yet timed
+on the accelerators.
+
+All give the same values to float32 rounding. A query that sees no key at all gets the uniform
 average of all values from "xla" and zeros from "blockwise"; no attention path of the models has such
-a query (every token sees itself).
+a query (every token sees itself), which the kernels rely on.
 
 Letters in shape comments and einsum strings: B batch, S query tokens, M key/value tokens, N query
 heads, K key/value heads, G query heads per kv head (N = K * G; query head n reads kv head n // G),
 D head dim; in blocks q query and k key tokens; in the dense two-pass pattern n chunks of C query
-and E key tokens.
+and E key tokens; S' a length padded to whole kernel blocks.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec
 
 from melt_jax.dtypes import at_least_float32
 from melt_jax.errors import ConfigError
+from melt_jax.sharding import partition_spec
 
 Array = jax.Array
 
-IMPLEMENTATIONS = ("auto", "xla", "blockwise")
+IMPLEMENTATIONS = ("auto", "xla", "blockwise", "splash", "cudnn")
+# Implementations that are accelerator kernels: they serve the masks they can express and fall back
+# to the "auto" rule elsewhere (see the module docstring).
+KERNELS = ("splash", "cudnn")
 # "auto" stays dense up to this many logits per head (S * M); see the module docstring.
 AUTO_DENSE_MAX_LOGITS = 128 * 1024
 DEFAULT_BLOCK = 512
+# The splash kernel's blocks are whole multiples of the TPU's 128 lanes.
+SPLASH_LANES = 128
+# cuDNN's flash attention takes these dtypes and head dims up to this size, multiples of 8.
+CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+CUDNN_MAX_HEAD_DIM = 128
 
 # A large negative logit for masked keys; finite so that a fully masked row gives a uniform softmax
 # instead of NaN in the dense implementation.
@@ -66,18 +103,20 @@ _SEES_NOTHING = -1
 
 def check_implementation(name, query_block, key_block, what: str = "attention") -> None:
     """ConfigError naming `what` (e.g. "config field attention") unless `name` is one of
-    IMPLEMENTATIONS and both block sizes are positive integers."""
+    IMPLEMENTATIONS and both block sizes are positive integers (multiples of 128 for "splash")."""
     if name not in IMPLEMENTATIONS:
         raise ConfigError(f"{what} must be one of {', '.join(IMPLEMENTATIONS)}, got {name!r}")
     for suffix, value in (("query_block", query_block), ("key_block", key_block)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(f"{what}_{suffix} must be a positive integer, got {value!r}")
+        if name == "splash" and value % SPLASH_LANES:
+            raise ConfigError(f"{what}_{suffix} must be a multiple of {SPLASH_LANES} for splash, got {value}")
 
 
 @dataclasses.dataclass(frozen=True)
 class Implementation:
     """How attention is computed: `name` one of IMPLEMENTATIONS, and the block sizes of "blockwise"
-    (clipped to the sequence)."""
+    and "splash" (clipped to the sequence)."""
 
     name: str = "xla"
     query_block: int = DEFAULT_BLOCK
@@ -86,11 +125,32 @@ class Implementation:
     def __post_init__(self):
         check_implementation(self.name, self.query_block, self.key_block)
 
-    def resolve(self, num_queries: int, num_keys: int) -> str:
-        """ "xla" or "blockwise" for S = num_queries queries over M = num_keys keys."""
-        if self.name != "auto":
+    def resolve(self, num_queries: int, num_keys: int, kernel_takes: bool = False) -> str:
+        """The implementation of S = num_queries queries over M = num_keys keys: `name`, except that
+        "auto", and a kernel (KERNELS) where `kernel_takes` is False (the call site's mask or shapes
+        are not ones the kernel computes), give "xla" up to AUTO_DENSE_MAX_LOGITS logits per head and
+        "blockwise" above."""
+        if self.name in ("xla", "blockwise") or (self.name in KERNELS and kernel_takes):
             return self.name
         return "xla" if num_queries * num_keys <= AUTO_DENSE_MAX_LOGITS else "blockwise"
+
+    def choose(self, num_queries: int, num_keys: int, kernel_takes: bool = False) -> str:
+        """`resolve`, once the kernel is known to run where the program is being traced for: "cudnn"
+        asked for a program that is not for a GPU is a ConfigError (whatever the path)."""
+        if self.name == "cudnn" and target_platform() != "gpu":
+            raise ConfigError(
+                "config field attention is 'cudnn' (cuDNN flash attention, GPU only), but this program is "
+                f"traced for backend {target_platform()!r}; use 'auto', 'xla', 'blockwise' or 'splash'"
+            )
+        return self.resolve(num_queries, num_keys, kernel_takes)
+
+
+def target_platform() -> str:
+    """The platform of the program being traced: that of the devices of the mesh set by `jax.set_mesh`
+    (the training program and `melt-train compile` trace under one, a TPU topology's compile-only
+    devices included), else the default backend's ("cpu", "gpu", "tpu")."""
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    return jax.default_backend() if device is None else device.platform
 
 
 DENSE = Implementation("xla")
@@ -116,13 +176,16 @@ class CausalMask:
     k_segments[b, j] == q_segments[b, i].
 
     q_positions [B, S] int, k_positions [B, M] int; q_segments [B, S] and k_segments [B, M] int, both
-    or neither.
+    or neither. `in_order` (static): the queries are the keys themselves (M = S, the same positions)
+    and the positions increase along every row, so that key j is visible to query i exactly when
+    j <= i (and the segments agree): a mask known when tracing, which the kernels need.
     """
 
     q_positions: Array
     k_positions: Array
     q_segments: Array | None = None
     k_segments: Array | None = None
+    in_order: bool = flax.struct.field(pytree_node=False, default=False)
 
     def check(self) -> None:
         if (self.q_segments is None) != (self.k_segments is None):
@@ -159,10 +222,18 @@ class CausalMask:
         )
 
 
-def causal_mask(q_positions: Array, k_positions: Array, q_segments=None, k_segments=None) -> CausalMask:
-    """The CausalMask of queries and keys at these positions [B, S], [B, M] (and segment ids)."""
-    mask = CausalMask(q_positions, k_positions, q_segments, k_segments)
+def causal_mask(
+    q_positions: Array, k_positions: Array, q_segments=None, k_segments=None, *, in_order: bool = False
+) -> CausalMask:
+    """The CausalMask of queries and keys at these positions [B, S], [B, M] (and segment ids);
+    `in_order` as in CausalMask (the caller vouches for it)."""
+    mask = CausalMask(q_positions, k_positions, q_segments, k_segments, in_order)
     mask.check()
+    if in_order and q_positions.shape != k_positions.shape:
+        raise ConfigError(
+            f"an in-order CausalMask has the queries as its keys, got {q_positions.shape[1]} queries "
+            f"and {k_positions.shape[1]} keys"
+        )
     return mask
 
 
@@ -466,6 +537,196 @@ def blockwise_attention(
 
 
 # --------------------------------------------------------------------------------------------------
+# Splash (TPU Pallas kernel)
+
+
+class _SplashMask:
+    """The kernel's description of a static mask over `num_queries` x `num_keys` tokens, the padded
+    sizes: `visible(q, k)` says whether key index k is visible to query index q, for numpy arrays
+    (when the kernel's block map is built, while tracing) and jax arrays (inside the kernel, for the
+    blocks the mask cuts). The splash kernel reads `shape`, slices, `q_sequence` and
+    `mask_function`; equal masks hash equal, so that the kernel's block map is built once. Made
+    through `_splash_mask_type`, a subclass of the kernel's own Mask."""
+
+    def __init__(self, num_queries: int, num_keys: int, chunk_size: int | None):
+        self._shape = (num_queries, num_keys)
+        self.chunk_size = chunk_size
+        self.q_sequence = np.arange(num_queries, dtype=np.int32)
+        self.mask_function = self.visible
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self._shape
+
+    def visible(self, q, k):
+        if self.chunk_size is None:  # causal: key j <= query i
+            return k <= q
+        # Two-pass: keys [earlier rows of tokens 0..S'-1, own rows of the same tokens].
+        seq, chunk = self.shape[0], self.chunk_size
+        own = k - seq  # the token of an own row
+        earlier_seen = (k < seq) & (k // chunk < q // chunk)
+        own_seen = (k >= seq) & (own // chunk == q // chunk) & (own <= q)
+        return earlier_seen | own_seen
+
+    def __getitem__(self, index) -> np.ndarray:
+        rows, cols = (np.arange(size)[part] for size, part in zip(self.shape, index))
+        return self.visible(rows[:, None], cols[None, :])
+
+    def _key(self):
+        return (self.shape, self.chunk_size)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _SplashMask) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+
+def _splash_module():
+    """jax's splash attention kernel module; ConfigError naming the field when this jax has none."""
+    try:
+        from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel, splash_attention_mask
+    except ImportError as e:
+        raise ConfigError(
+            f"config field attention is 'splash', but jax {jax.__version__} has no splash attention kernel ({e})"
+        ) from None
+    return splash_attention_kernel, splash_attention_mask
+
+
+@functools.cache
+def _splash_mask_type() -> type:
+    """_SplashMask as a subclass of the kernel's Mask, whose module is imported only when used."""
+    _, mask_lib = _splash_module()
+    return type("SplashMask", (_SplashMask, mask_lib.Mask), {})
+
+
+def _splash_sizes(seq: int, query_block: int, key_block: int) -> tuple[int, int, int]:
+    """(S', query block, key block): the kernel's padded length of `seq` tokens and its blocks, the
+    configured ones (multiples of 128) clipped to the sequence, S' a multiple of both."""
+    length = _round_up(seq, SPLASH_LANES)
+    query_block, key_block = min(query_block, length), min(key_block, length)
+    return _round_up(length, math.lcm(query_block, key_block)), query_block, key_block
+
+
+def _splash_per_device(q, k, v, q_segments, k_segments, *, mask: _SplashMask, query_block, key_block, interpret):
+    """The kernel on one device's arrays: q [B, N, S', D] (scaled), k, v [B, K, M', D], segment ids
+    [B, S'] and [B, M'] or None. Returns [B, N, S', D]."""
+    kernel_lib, mask_lib = _splash_module()
+    blocks = kernel_lib.BlockSizes(
+        block_q=query_block,
+        block_kv=key_block,
+        block_kv_compute=key_block,
+        block_q_dkv=query_block,
+        block_kv_dkv=key_block,
+        block_kv_dkv_compute=key_block,
+        block_q_dq=query_block,
+        block_kv_dq=key_block,
+    )
+    heads = mask_lib.MultiHeadMask([mask] * q.shape[1])
+    kernel = kernel_lib.make_splash_mha(heads, block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret)
+    if q_segments is None:
+        return jax.vmap(kernel)(q, k, v)
+    one_row = lambda q, k, v, qs, ks: kernel(q, k, v, segment_ids=kernel_lib.SegmentIds(q=qs, kv=ks))  # noqa: E731
+    return jax.vmap(one_row)(q, k, v, q_segments, k_segments)
+
+
+def _over_the_mesh(per_device, q, k, v, q_segments, k_segments):
+    """per_device(q, k, v, q_segments, k_segments) on every device's share of the mesh set by
+    `jax.set_mesh` (a `shard_map`: XLA cannot split a kernel call itself), or directly without one.
+    q [B, N, S, D], k, v [B, K, M, D]: the batch split as the activations are, the heads over
+    "tensor" when it divides both N and K (each device then keeps whole groups of query heads)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return per_device(q, k, v, q_segments, k_segments)
+    q_spec = partition_spec(q.shape, ("batch", "heads", None, None), mesh)
+    k_spec = partition_spec(k.shape, ("batch", "kv_heads", None, None), mesh)
+    batch, heads = q_spec[0], q_spec[1] if q_spec[1] == k_spec[1] else None
+    q_spec, k_spec = PartitionSpec(batch, heads, None, None), PartitionSpec(batch, heads, None, None)
+    segment_spec = None if q_segments is None else PartitionSpec(batch, None)
+    specs = (q_spec, k_spec, k_spec, segment_spec, segment_spec)
+    run = jax.shard_map(per_device, mesh=mesh, in_specs=specs, out_specs=q_spec, check_vma=False)
+    return run(q, k, v, q_segments, k_segments)
+
+
+def splash_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    q_segments: Array | None = None,
+    k_segments: Array | None = None,
+    *,
+    earlier: tuple[Array, Array] | None = None,
+    chunk_size: int | None = None,
+    query_block: int = DEFAULT_BLOCK,
+    key_block: int = DEFAULT_BLOCK,
+    interpret: bool | None = None,
+) -> Array:
+    """Attention through the splash kernel over a mask known when tracing, with optional segment ids.
+
+    q [B, S, N, D] are the queries of the S tokens whose rows are k, v [B, K, S, D] (cache layout).
+    Without `earlier`: causal in index order, key j visible to query i when j <= i. With earlier =
+    (earlier_k, earlier_v) [B, K, S, D] and chunk_size: the two-pass pattern over the keys [earlier
+    rows, own rows] (see EarlierAndOwnMask). Segment ids q_segments [B, S] and k_segments [B, S] (of
+    the tokens; both or neither) further keep keys of other segments unseen.
+
+    The sequence is padded to whole kernel blocks (`_splash_sizes`): a padded key comes after every
+    real query (and in a chunk after theirs), so no real query sees it; a padded query's output is
+    dropped. q is scaled by 1/sqrt(D) before the kernel, which does not scale. `interpret` None:
+    the kernel where the program is for a TPU, its interpreter elsewhere (`target_platform`).
+    Returns [B, S, N, D] in q's dtype.
+    """
+    batch, seq, num_heads, head_dim = q.shape
+    length, query_block, key_block = _splash_sizes(seq, query_block, key_block)
+    if interpret is None:
+        interpret = target_platform() != "tpu"
+    q = (q * jnp.asarray(head_dim**-0.5, q.dtype)).transpose(0, 2, 1, 3)  # [B, N, S, D]
+    q = _pad_axis(q, 2, length)  # [B, N, S', D]
+    k, v = _pad_axis(k, 2, length), _pad_axis(v, 2, length)  # [B, K, S', D]
+    if q_segments is not None:
+        q_segments, k_segments = _pad_tokens(q_segments, length, 0), _pad_tokens(k_segments, length, 0)  # [B, S']
+    if earlier is not None:
+        earlier_k, earlier_v = (_pad_axis(x, 2, length) for x in earlier)  # [B, K, S', D]
+        k, v = jnp.concatenate([earlier_k, k], axis=2), jnp.concatenate([earlier_v, v], axis=2)  # [B, K, 2S', D]
+        if k_segments is not None:
+            k_segments = jnp.concatenate([k_segments, k_segments], axis=1)  # [B, 2S']
+    mask = _splash_mask_type()(length, k.shape[2], chunk_size if earlier is not None else None)
+    per_device = functools.partial(
+        _splash_per_device, mask=mask, query_block=query_block, key_block=key_block, interpret=interpret
+    )
+    out = _over_the_mesh(per_device, q, k, v, q_segments, k_segments)  # [B, N, S', D]
+    return out[:, :, :seq].transpose(0, 2, 1, 3)
+
+
+# --------------------------------------------------------------------------------------------------
+# cuDNN (GPU)
+
+
+def cudnn_takes(q: Array, mask: CausalMask) -> bool:
+    """Whether cuDNN's flash attention computes this call: causal in index order without segment ids
+    (jax.nn.dot_product_attention has no segment ids; its sequence lengths describe only padding at
+    the end of a row), q in bf16 or fp16, a head dim it takes."""
+    head_dim = q.shape[-1]
+    return (
+        mask.in_order
+        and mask.q_segments is None
+        and q.dtype in CUDNN_DTYPES
+        and head_dim % 8 == 0
+        and head_dim <= CUDNN_MAX_HEAD_DIM
+    )
+
+
+def cudnn_attention(q: Array, k: Array, v: Array, *, kv_heads_first: bool = False, backend: str = "cudnn") -> Array:
+    """Causal attention in index order (key j visible to query i when j <= i) of q [B, S, N, D] over
+    k, v [B, S, K, D] (or [B, K, S, D] with kv_heads_first) through jax.nn.dot_product_attention
+    with `implementation=backend`: "cudnn" on a GPU; "xla" computes the same on any backend (the
+    tests check this wrapper that way). Returns [B, S, N, D]."""
+    if kv_heads_first:
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, S, K, D]
+    scale = q.shape[-1] ** -0.5
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation=backend)
+
+
+# --------------------------------------------------------------------------------------------------
 # The entry points
 
 
@@ -479,12 +740,22 @@ def attend(
     kv_heads_first: bool = False,
 ) -> Array:
     """Causal attention of q [B, S, N, D] over k, v [B, M, K, D] (or [B, K, M, D] with
-    kv_heads_first, the cache layout) with the keys `mask` makes visible. Returns [B, S, N, D]."""
+    kv_heads_first, the cache layout) with the keys `mask` makes visible. Returns [B, S, N, D].
+    The kernels take in-order masks (`CausalMask.in_order`: the tokens in flight attending to each
+    other); "cudnn" without segment ids and only in bf16/fp16 (`cudnn_takes`)."""
     mask.check()
     num_keys = k.shape[2] if kv_heads_first else k.shape[1]
-    if implementation.resolve(q.shape[1], num_keys) == "xla":
+    kernel_takes = cudnn_takes(q, mask) if implementation.name == "cudnn" else mask.in_order
+    chosen = implementation.choose(q.shape[1], num_keys, kernel_takes)
+    if chosen == "xla":
         return dense_attention(q, k, v, mask.dense(), kv_heads_first=kv_heads_first)
+    if chosen == "cudnn":
+        return cudnn_attention(q, k, v, kv_heads_first=kv_heads_first)
     blocks = dict(query_block=implementation.query_block, key_block=implementation.key_block)
+    if chosen == "splash":
+        if not kv_heads_first:
+            k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, D]
+        return splash_attention(q, k, v, mask.q_segments, mask.k_segments, **blocks)
     return blockwise_attention(q, k, v, mask, kv_heads_first=kv_heads_first, **blocks)
 
 
@@ -505,11 +776,26 @@ def attend_earlier_and_own(
     rows of tokens of its own segment.
 
     q [B, S, N, D]; earlier_k, earlier_v [B, K, S, D] (cache layout); k, v [B, S, K, D]; S a multiple
-    of chunk_size. Returns [B, S, N, D].
+    of chunk_size. Returns [B, S, N, D]. "splash" computes it (its mask is known when tracing);
+    "cudnn" does not ("auto"'s choice instead).
     """
     batch, seq = q.shape[:2]
-    if implementation.resolve(seq, seq) == "xla":
+    chosen = implementation.choose(seq, seq, kernel_takes=implementation.name == "splash")
+    if chosen == "xla":
         return dense_earlier_and_own(q, earlier_k, earlier_v, k, v, chunk_size, segment_ids)
+    if chosen == "splash":
+        own_k, own_v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, D]
+        return splash_attention(
+            q,
+            own_k.astype(earlier_k.dtype),
+            own_v.astype(earlier_v.dtype),
+            segment_ids,
+            segment_ids,
+            earlier=(earlier_k, earlier_v),
+            chunk_size=chunk_size,
+            query_block=implementation.query_block,
+            key_block=implementation.key_block,
+        )
     mask = EarlierAndOwnMask.of(batch, seq, chunk_size, segment_ids)
     return _blockwise_over_stored_and_own(q, earlier_k, earlier_v, k, v, mask, implementation)
 
@@ -536,11 +822,12 @@ def attend_history_and_own(
     """Attention of q [B, S, N, D] over two key sets in one softmax: a cache slot array history_k,
     history_v [B, K, S_max, D] and the rows of the tokens in flight k, v [B, S, K, D]; `mask`
     describes the S_max + S keys in that order. Dense reads the slot array where it lies (no copy of
-    it joined to the new rows); blockwise joins them. Returns [B, S, N, D]."""
+    it joined to the new rows); blockwise joins them. The kernels do not take this mask (the
+    positions in flight are known only when running): "auto"'s choice instead. Returns [B, S, N, D]."""
     mask.check()
     max_length = history_k.shape[2]
     own_k, own_v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, D]
-    if implementation.resolve(q.shape[1], max_length + k.shape[1]) != "xla":
+    if implementation.choose(q.shape[1], max_length + k.shape[1]) != "xla":
         return _blockwise_over_stored_and_own(q, history_k, history_v, k, v, mask, implementation)
     batch, seq, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[2]

@@ -5,7 +5,7 @@ keys (after RoPE) and values [B, S, K, D]; a KV source combines those rows with 
 tokens see, and says what the cache becomes:
 
     source.attend(q, rows, ouro_rows, cache, positions, layer_index, loop_index,
-                  *, segment_ids=None, implementation=DENSE) -> (attended, cache)
+                  *, segment_ids=None, in_order=False, implementation=DENSE) -> (attended, cache)
 
 | source                 | cache carried        | the tokens in flight attend to                                  |
 |------------------------|----------------------|-----------------------------------------------------------------|
@@ -23,11 +23,15 @@ the layer input instead of MELT's gated latent); the layer computes them only fo
 
 How attention is computed is not the source's business: the layer passes its config's choice as
 `attend(..., implementation=config.attention_implementation)` and the source hands it on to
-melt_jax.model.attention (`attend` or `attend_earlier_and_own`), so every path runs dense or
-blockwise alike and a source built by a caller follows the model it is passed to. The layer also
+melt_jax.model.attention (`attend` or `attend_earlier_and_own`), so every path computes the way the
+config says (or, for a kernel, falls back where it cannot) and a source built by a caller follows the
+model it is passed to. The layer also
 passes the tokens' `segment_ids` [B, S] (packed documents; None without): sources whose keys are the
 tokens in flight, or their pass-1 rows (`EarlierRows`), use them for the keys as well; the slot caches
-take their slots' ids [B, S_max] as a field (`SlotCache(slot_segment_ids)`). See docs/melt.md, 'Attention
+take their slots' ids [B, S_max] as a field (`SlotCache(slot_segment_ids)`). It passes `in_order=True`
+when it made the positions itself (they increase along every row): the sources whose tokens in flight
+attend to each other (`OwnTokens`, `InterpolatedTokens`) then describe an in-order mask, which the
+attention kernels ("splash", "cudnn") compute; the others do not need it. See docs/melt.md, 'Attention
 implementations'.
 
 Adding a source: a subclass of `KVSource` here with `check` and `attend`; a model uses it when a
@@ -118,10 +122,11 @@ def _mixed(alpha: Array, rows: Rows, ouro_rows: Rows) -> Rows:
     return Rows(k=interpolate(alpha, rows.k, ouro_rows.k), v=interpolate(alpha, rows.v, ouro_rows.v))
 
 
-def _own_tokens_mask(positions: Array, segment_ids: Array | None):
+def _own_tokens_mask(positions: Array, segment_ids: Array | None, in_order: bool):
     """The tokens in flight attending to each other: causal over their positions [B, S], within
-    their segments when segment ids [B, S] are given."""
-    return causal_mask(positions, positions, segment_ids, segment_ids)
+    their segments when segment ids [B, S] are given; `in_order` when the positions increase along
+    every row."""
+    return causal_mask(positions, positions, segment_ids, segment_ids, in_order=in_order)
 
 
 def _query_segments(slot_segments: Array | None, positions: Array, segment_ids: Array | None) -> Array | None:
@@ -211,12 +216,15 @@ class KVSource(flax.struct.PyTreeNode):
         loop_index,
         *,
         segment_ids: Array | None = None,
+        in_order: bool = False,
         implementation: Implementation = DENSE,
     ) -> tuple[Array, object]:
         """(attended [B, S, N, D] before the output projection, the updated cache) for queries q [B, S,
         N, D] (after RoPE) of the tokens at positions [B, S], with their segment ids [B, S] if given
         (a token sees only tokens of its segment), computed by `implementation` (melt_jax.model.attention;
-        the model passes its config's choice)."""
+        the model passes its config's choice). `in_order`: the positions increase along every row (the
+        model made them), so the tokens in flight see each other in index order, a mask the attention
+        kernels take (`CausalMask.in_order`)."""
         raise NotImplementedError
 
 
@@ -224,9 +232,20 @@ class OwnTokens(KVSource):
     """No cache: the tokens in flight attend to each other causally (a full forward, or one chunk)."""
 
     def attend(
-        self, q, rows, ouro_rows, cache, positions, layer_index, loop_index, *, segment_ids=None, implementation=DENSE
+        self,
+        q,
+        rows,
+        ouro_rows,
+        cache,
+        positions,
+        layer_index,
+        loop_index,
+        *,
+        segment_ids=None,
+        in_order=False,
+        implementation=DENSE,
     ):
-        mask = _own_tokens_mask(positions, segment_ids)
+        mask = _own_tokens_mask(positions, segment_ids, in_order)
         return attend(q, rows.k, rows.v, mask, implementation=implementation), cache
 
 
@@ -283,7 +302,18 @@ class SlotCache(KVSource):
         )
 
     def attend(
-        self, q, rows, ouro_rows, cache, positions, layer_index, loop_index, *, segment_ids=None, implementation=DENSE
+        self,
+        q,
+        rows,
+        ouro_rows,
+        cache,
+        positions,
+        layer_index,
+        loop_index,
+        *,
+        segment_ids=None,
+        in_order=False,
+        implementation=DENSE,
     ):
         history = cache.history
         slot = slot_index(history, layer_index, loop_index)
@@ -312,10 +342,21 @@ class InterpolatedTokens(KVSource):
     interpolates: ClassVar[bool] = True
 
     def attend(
-        self, q, rows, ouro_rows, cache, positions, layer_index, loop_index, *, segment_ids=None, implementation=DENSE
+        self,
+        q,
+        rows,
+        ouro_rows,
+        cache,
+        positions,
+        layer_index,
+        loop_index,
+        *,
+        segment_ids=None,
+        in_order=False,
+        implementation=DENSE,
     ):
         mixed = _mixed(self.alpha, rows, ouro_rows)
-        mask = _own_tokens_mask(positions, segment_ids)
+        mask = _own_tokens_mask(positions, segment_ids, in_order)
         return attend(q, mixed.k, mixed.v, mask, implementation=implementation), cache
 
 
@@ -334,7 +375,18 @@ class InterpolatedSlotCache(KVSource):
             raise ConfigError(f"InterpolatedSlotCache needs an InterpolatedCache, got {type(cache).__name__}")
 
     def attend(
-        self, q, rows, ouro_rows, cache, positions, layer_index, loop_index, *, segment_ids=None, implementation=DENSE
+        self,
+        q,
+        rows,
+        ouro_rows,
+        cache,
+        positions,
+        layer_index,
+        loop_index,
+        *,
+        segment_ids=None,
+        in_order=False,
+        implementation=DENSE,
     ):
         melt, ouro = cache.melt, cache.ouro
         melt_slot, ouro_slot = slot_index(melt, layer_index, loop_index), slot_index(ouro, layer_index, loop_index)
@@ -365,7 +417,18 @@ class EarlierRows(KVSource):
         return self.alpha is not None
 
     def attend(
-        self, q, rows, ouro_rows, cache, positions, layer_index, loop_index, *, segment_ids=None, implementation=DENSE
+        self,
+        q,
+        rows,
+        ouro_rows,
+        cache,
+        positions,
+        layer_index,
+        loop_index,
+        *,
+        segment_ids=None,
+        in_order=False,
+        implementation=DENSE,
     ):
         if self.alpha is None:
             slot = slot_index(self.rows, layer_index, loop_index)

@@ -59,6 +59,8 @@ class TokenContext:
     cos: Array  # [B, S, D] float32
     sin: Array  # [B, S, D] float32
     segment_ids: Array | None = None  # [B, S] int32: a token attends only within its segment
+    # The positions increase along every row (the model made them): see KVSource.attend.
+    in_order: bool = flax.struct.field(pytree_node=False, default=False)
 
 
 @flax.struct.dataclass
@@ -144,6 +146,7 @@ class OuroDecoderLayer(nn.Module):
             layer_index,
             loop_index,
             segment_ids=ctx.segment_ids,
+            in_order=ctx.in_order,
             implementation=self.config.attention_implementation,
         )
 
@@ -229,6 +232,7 @@ class OuroModel(nn.Module):
         self, tokens: Array, positions: Array | None, cache: KVCache | None, segment_ids: Array | None = None
     ) -> TokenContext:
         batch, seq = tokens.shape
+        in_order = positions is None
         if positions is None:
             start = cache.end_index[:, None] if cache is not None else jnp.zeros((batch, 1), jnp.int32)
             positions = start + jnp.arange(seq, dtype=jnp.int32)[None, :]
@@ -237,7 +241,7 @@ class OuroModel(nn.Module):
         cos, sin = rope_tables(positions, self.config.head_dim, self.config.rope_theta, table_dtype)
         if segment_ids is not None:
             segment_ids = segment_ids.astype(jnp.int32)
-        return TokenContext(positions=positions, cos=cos, sin=sin, segment_ids=segment_ids)
+        return TokenContext(positions=positions, cos=cos, sin=sin, segment_ids=segment_ids, in_order=in_order)
 
     def initial_layer_state(self, h: Array):
         """What each layer keeps from one loop to the next for the tokens in flight, stacked on a
