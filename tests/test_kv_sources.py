@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from melt_jax.errors import ConfigError
+from melt_jax.model.attention import Implementation
 from melt_jax.model.cache import KVCache
 from melt_jax.model.kv_sources import (
     EarlierRows,
@@ -106,6 +107,29 @@ def test_slot_cache_writes_the_rows_and_attends_to_the_slot_array(slots):
     all_v = np.asarray(new_cache.v[slot]).transpose(0, 2, 1, 3)
     keys, values, visible = _causal_over(all_k, all_v, POSITIONS, np.arange(S_MAX))
     np.testing.assert_allclose(attended, _attention(Q, keys, values, visible), atol=TOL)
+
+
+@pytest.mark.parametrize("block", [1, 3, 4, 16])
+@pytest.mark.parametrize("segments", [False, True], ids=["", "segments"])
+def test_reading_only_the_filled_slots_changes_nothing(block, segments):
+    """SlotCache(filled_only=True) (inference) against the whole slot array: rows that start at
+    different positions (3 and 1: the first row's history is longer), history blocks that do or do not
+    divide the slot array or are larger than it."""
+    rows, cache = _rows(3), _empty_cache((LOOPS, LAYERS))
+    positions = jnp.stack([jnp.arange(3, 3 + S), jnp.arange(1, 1 + S)]).astype(jnp.int32)  # [B, S]
+    slot_segments = None
+    if segments:  # the first row holds two documents, the second one
+        slot_segments = jnp.stack([jnp.where(jnp.arange(S_MAX) < 5, 1, 2), jnp.ones(S_MAX)]).astype(jnp.int32)
+    implementation = Implementation("xla", key_block=block)
+    results = []
+    for filled_only in (False, True):
+        source = SlotCache(slot_segments, filled_only=filled_only)
+        carried = source.begin(cache, rows.k.shape)
+        attended, carried = source.attend(Q, rows, None, carried, positions, 1, 2, implementation=implementation)
+        results.append((attended, source.end(carried, positions)))
+    (want, want_cache), (got, got_cache) = results
+    np.testing.assert_allclose(got, want, atol=TOL)
+    np.testing.assert_array_equal(got_cache.k, want_cache.k)
 
 
 def test_interpolated_tokens_mixes_the_rows():

@@ -53,6 +53,7 @@ from melt_jax.model.attention import (
     Implementation,
     attend,
     attend_earlier_and_own,
+    attend_filled_history_and_own,
     attend_history_and_own,
     causal_mask,
     slot_mask,
@@ -270,9 +271,12 @@ class SlotCache(KVSource):
     in a donated buffer and no slot array is copied through the scans. The tokens in flight occupy
     consecutive positions, as in prefill and decoding. `slot_segment_ids` [B, S_max]: the segment id
     of every slot, for segment-masked attention over the cache (the chunked training forward knows
-    them for the whole sequence in advance)."""
+    them for the whole sequence in advance). `filled_only` (inference: the source of a model called
+    with a cache and no `kv_source`): attention reads only the slots before the positions in flight,
+    block by block (`attend_filled_history_and_own`, forward only), instead of the whole slot array."""
 
     slot_segment_ids: Array | None = None
+    filled_only: bool = flax.struct.field(pytree_node=False, default=False)
 
     def check(self, cache) -> None:
         if not isinstance(cache, KVCache):
@@ -328,6 +332,13 @@ class SlotCache(KVSource):
             k=cache.k.at[slot].set(rows.k.astype(cache.k.dtype)), v=cache.v.at[slot].set(rows.v.astype(cache.v.dtype))
         )
         mask = _history_and_own_mask(self.slot_segment_ids, positions, history.max_length, segment_ids)
+        if self.filled_only:
+            filled = jnp.max(jnp.min(positions, axis=1))  # slots any query may see: before its row's first
+            attended = attend_filled_history_and_own(
+                q, history.k, history.v, slot, rows.k, rows.v, mask, filled,
+                history_block=implementation.key_block,
+            )  # fmt: skip
+            return attended, pending
         attended = attend_history_and_own(
             q, history.k[slot], history.v[slot], rows.k, rows.v, mask, implementation=implementation
         )
@@ -454,6 +465,6 @@ class EarlierRows(KVSource):
 
 
 def default_source(cache) -> KVSource:
-    """The source of an ordinary forward: the cache's slot arrays when there is a cache, else the
-    tokens in flight alone."""
-    return OwnTokens() if cache is None else SlotCache()
+    """The source of an ordinary forward: the cache's slot arrays, read up to the positions in flight
+    (inference: no gradient), when there is a cache, else the tokens in flight alone."""
+    return OwnTokens() if cache is None else SlotCache(filled_only=True)
