@@ -3,6 +3,11 @@
     melt-generate --checkpoint CKPT --tokenizer byte --prompt "3*4=" --max-new-tokens 4
     melt-generate --checkpoint CKPT --tokenizer path/to/tokenizer.json --chat --prompt "Hi" \
         --temperature 0.7 --top-p 0.9 --seed 1 --exit threshold:0.9
+    melt-generate --checkpoint CKPT --tokenizer byte --prompt "3*4=" --speculative 1,4
+
+`--speculative d,k` decodes greedily by self-speculation (melt_jax/inference/speculative.py): rounds
+that draft k tokens with the first d loops and verify them with all loops; it takes no --temperature,
+--exit or --exit-skip.
 
 One prompt is streamed to stdout as it is generated; several (--prompt repeated, or --prompt-file with
 one prompt per line) are generated as one padded batch and printed in order. Generation stops at the
@@ -23,6 +28,7 @@ from melt_jax.errors import DataError, GenerationError, MeltJaxError
 from melt_jax.inference.generation import GenerationResult, generate
 from melt_jax.inference.model_loading import load_model, parse_exit_policy
 from melt_jax.inference.sampling import SamplingConfig
+from melt_jax.inference.speculative import SpeculativeResult, generate_speculative
 from melt_jax.inference.text_settings import cut_at_stops, stop_ids_for, vocab_limit_for
 
 PROG = "melt-generate"
@@ -80,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="decode steps stop computing loops after each token's exit loop (--exit loop:N or threshold:X)",
     )
+    p.add_argument(
+        "--speculative",
+        default=None,
+        metavar="D,K",
+        help="greedy self-speculative decoding: draft K tokens per round with the first D loops, verify with all",
+    )
     p.add_argument("--prefill-chunk", type=int, default=None, help="prefill chunk (MELT default: config.chunk_size)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None, help="cast the weights")
     return p
@@ -109,18 +121,49 @@ def stop_token_ids(tokenizer: Tokenizer, stops: Sequence[str], chat: bool) -> tu
     return tuple(sorted(ids))
 
 
+def parse_speculative(text: str) -> tuple[int, int]:
+    """(draft loops d, block k) from "d,k"; GenerationError otherwise (the ranges are checked by
+    generate_speculative)."""
+    try:
+        d, k = (int(part) for part in text.split(","))
+    except ValueError:
+        raise GenerationError(f"--speculative takes D,K (draft loops, tokens per round), got {text!r}") from None
+    return d, k
+
+
 def timing_line(result: GenerationResult) -> str:
     t = result.timing
     new_tokens = sum(len(row) for row in result.tokens)
+    if isinstance(result, SpeculativeResult):
+        s = result.stats
+        steps = (
+            f"{s.rounds} rounds, {s.accepted}/{s.drafted} drafted tokens accepted ({s.acceptance_rate:.2f}), "
+            f"{t.loops_per_step:.2f} loops per round"
+        )
+    else:
+        steps = f"{t.loops_per_step:.2f} loops per decode step"
     return (
         f"{new_tokens} new tokens for {len(result.tokens)} prompt(s); decode {t.decode_tokens_per_s:.1f} tokens/s "
         f"({t.decode_tokens} tokens in {t.decode_s:.3f} s); prefill {t.prompt_tokens} tokens in {t.prefill_s:.3f} s; "
-        f"compile {t.compile_s:.1f} s; {t.loops_per_step:.2f} loops per decode step; "
-        f"stop: {', '.join(result.stop_reasons)}"
+        f"compile {t.compile_s:.1f} s; {steps}; stop: {', '.join(result.stop_reasons)}"
     )
 
 
+def check_speculative_args(args: argparse.Namespace) -> None:
+    """GenerationError for the options --speculative does not take (it is greedy, all loops verify)."""
+    if args.temperature != 0:
+        raise GenerationError(f"--speculative is greedy only: --temperature must be 0, got {args.temperature}")
+    if args.exit != "last" or args.exit_skip:
+        raise GenerationError(
+            "--speculative verifies with all loops and the last loop's logits: no --exit or --exit-skip"
+        )
+
+
 def run(args: argparse.Namespace) -> None:
+    speculative = None
+    if args.speculative is not None:
+        check_speculative_args(args)
+        speculative = parse_speculative(args.speculative)
     texts = read_prompts(args)
     tokenizer = load_tokenizer(args.tokenizer)
     model, params = load_model(args.checkpoint, args.dtype)
@@ -150,16 +193,18 @@ def run(args: argparse.Namespace) -> None:
             reached.append(stopped)
         return reached
 
-    result = generate(
-        model,
-        params,
-        [tokenizer.encode(text) for text in texts],
-        sampling,
-        exit_policy=parse_exit_policy(args.exit, model.config, skip_loops=args.exit_skip),
+    prompts = [tokenizer.encode(text) for text in texts]
+    segments = dict(
         chunk_size=args.prefill_chunk,
         segment_steps=STREAM_STEPS if watch else None,
         on_segment=on_segment if watch else None,
     )
+    if speculative is None:
+        exit_policy = parse_exit_policy(args.exit, model.config, skip_loops=args.exit_skip)
+        result = generate(model, params, prompts, sampling, exit_policy=exit_policy, **segments)
+    else:
+        d, k = speculative
+        result = generate_speculative(model, params, prompts, sampling, draft_loops=d, block=k, **segments)
     for i, (stream, row) in enumerate(zip(streams, result.tokens)):
         piece, _ = stream.update(decode(row), final=True)
         if len(texts) == 1:

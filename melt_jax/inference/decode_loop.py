@@ -81,15 +81,16 @@ def _record(state: DecodeState, token: Array) -> DecodeState:
     )
 
 
-@functools.partial(jax.jit, static_argnames=("model", "exit_policy", "rule", "chunk_size", "max_new"))
+@functools.partial(jax.jit, static_argnames=("model", "exit_policy", "rule", "chunk_size", "max_new", "extra_slots"))
 def start_generation(
-    model, params, tokens, lengths, limits, seeds, stop_ids, *, exit_policy, rule, chunk_size, max_new
+    model, params, tokens, lengths, limits, seeds, stop_ids, *, exit_policy, rule, chunk_size, max_new, extra_slots=0
 ) -> DecodeState:
     """Prefill of tokens [B, P] (true lengths [B]) and the first new token; see the module docstring.
     limits [B]: most new tokens per row (<= max_new, the size of the new-token buffer and of the
-    cache beyond P); seeds [B]: each row's seed."""
+    cache beyond P); seeds [B]: each row's seed; extra_slots: cache slots beyond P + max_new (room for
+    a decoder that writes rows past the last token it keeps, as speculative decoding does)."""
     batch, seq = tokens.shape
-    cache = model.init_cache(batch, seq + max_new)
+    cache = model.init_cache(batch, seq + max_new + extra_slots)
     hidden, pdf, cache = _prefill_last_hidden(model, params, tokens, lengths, cache, chunk_size)
     chosen, _ = select_hidden(hidden[:, :, None], pdf[:, None], exit_policy)  # [B, 1, H]
     logits = model.apply({"params": params}, chosen[:, 0], method="logits")  # [B, V]

@@ -41,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -277,6 +278,109 @@ def _outputs(state: DecodeState, rows: int, max_new: int) -> tuple[list[list[int
     return tokens, reasons
 
 
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """Prompts validated and laid out for the compiled programs (step 1 of the module docstring).
+
+    tokens [B, P] right-padded prompts, lengths [B], limits [B] (0 for the padding rows), seeds [B],
+    stop_ids [n]; rows: the number of prompts (the first rows); chunk: the prefill chunk; new_slots:
+    N, the new-token buffer; max_new: sampling.max_new_tokens."""
+
+    params: Any
+    tokens: np.ndarray
+    lengths: np.ndarray
+    limits: np.ndarray
+    seeds: np.ndarray
+    stop_ids: np.ndarray
+    rows: int
+    chunk: int
+    new_slots: int
+    max_new: int
+
+    @property
+    def start_args(self) -> tuple:
+        """The traced arguments of a start program (`start_generation`) after the model."""
+        return (self.params, self.tokens, self.lengths, self.limits, self.seeds, self.stop_ids)
+
+
+def prepare_request(
+    model: nn.Module,
+    params,
+    prompts: Sequence[Sequence[int]],
+    sampling: SamplingConfig,
+    *,
+    exit_policy: ExitPolicy,
+    chunk_size: int | None,
+    buckets: Sequence[int] | None,
+    batch_buckets: Sequence[int] | None,
+    seeds: Sequence[int] | None,
+    segment_steps: int | None,
+) -> Request:
+    """Validates a request (GenerationError before anything is compiled) and lays it out in buckets;
+    the arguments are `generate`'s."""
+    check_params(model, params)
+    prompts = check_prompts(prompts, model.config.vocab_size)
+    longest = max(len(p) for p in prompts)
+    chunk_size = _check_setup(model, sampling, exit_policy, chunk_size, segment_steps, longest)
+
+    _check_buckets("buckets", buckets)
+    _check_buckets("batch_buckets", batch_buckets)
+    seeds = _row_seeds(seeds, sampling, len(prompts))
+
+    # P first, then N in the room left: each falls back to its exact size where its bucket would take
+    # the cache past max_position_embeddings (the longest prompt + max_new_tokens always fit).
+    max_new, room = sampling.max_new_tokens, model.config.max_position_embeddings
+    padded = min(bucket_length(longest, buckets), max(longest, room - max_new))
+    new_slots = min(bucket_length(max_new, buckets), max(max_new, room - padded))
+    batch = bucket_length(len(prompts), batch_buckets)
+    tokens, lengths = _pad_prompts(prompts, padded, batch)  # [B, P], [B]
+    return Request(
+        params=jax.tree.map(jnp.asarray, params),
+        tokens=tokens,
+        lengths=lengths,
+        limits=_pad_rows([max_new] * len(prompts), batch, 0),  # [B]: padding rows are done at once
+        seeds=_pad_rows(seeds, batch, 0),
+        stop_ids=_pad_stop_ids(sampling.stop_token_ids),
+        rows=len(prompts),
+        chunk=padded if chunk_size is None else min(chunk_size, padded),
+        new_slots=new_slots,
+        max_new=max_new,
+    )
+
+
+def run_request(
+    model: nn.Module,
+    request: Request,
+    start_program,
+    decode_program,
+    start_static: dict,
+    decode_static: dict,
+    segment_steps: int | None = None,
+    on_segment=None,
+) -> tuple[DecodeState, GenerationResult]:
+    """Compiles and runs a start program (`start_generation`'s arguments, its static ones in
+    start_static beside chunk_size and max_new) and a decode program (`decode_until`'s: params, state,
+    until_step, then decode_static) on `request`, the decode loop in segments as `generate` says.
+    Returns (the final state, the result; its decode_steps are the decode program's steps, state.step
+    - 1)."""
+    static = dict(start_static, chunk_size=request.chunk, max_new=request.new_slots)
+    start, start_compile_s = _compiled(start_program, model, *request.start_args, **static)
+    state, prefill_s = _timed(start, *request.start_args)
+    decode, decode_compile_s = _compiled(decode_program, model, request.params, state, np.int32(0), **decode_static)
+    state, decode_s = _decode_in_segments(decode, request.params, state, request.rows, segment_steps, on_segment)
+    results, reasons = _outputs(state, request.rows, request.max_new)
+    timing = GenerationTiming(
+        compile_s=start_compile_s + decode_compile_s,
+        prefill_s=prefill_s,
+        decode_s=decode_s,
+        prompt_tokens=int(request.lengths[: request.rows].sum()),
+        decode_tokens=int(np.maximum(jax.device_get(state.num_new) - 1, 0).sum()),
+        decode_steps=max(int(jax.device_get(state.step)) - 1, 0),
+        decode_loops=int(jax.device_get(state.loops)),
+    )
+    return state, GenerationResult(tokens=results, stop_reasons=reasons, timing=timing)
+
+
 def generate(
     model: nn.Module,
     params,
@@ -310,42 +414,18 @@ def generate(
                         string). Without segment_steps the loop runs to the end in one call.
     Raises GenerationError on bad input before anything is compiled.
     """
-    check_params(model, params)
-    prompts = check_prompts(prompts, model.config.vocab_size)
-    longest = max(len(p) for p in prompts)
-    chunk_size = _check_setup(model, sampling, exit_policy, chunk_size, segment_steps, longest)
-
-    _check_buckets("buckets", buckets)
-    _check_buckets("batch_buckets", batch_buckets)
-    seeds = _row_seeds(seeds, sampling, len(prompts))
-
-    # P first, then N in the room left: each falls back to its exact size where its bucket would take
-    # the cache past max_position_embeddings (the longest prompt + max_new_tokens always fit).
-    max_new, room = sampling.max_new_tokens, model.config.max_position_embeddings
-    padded = min(bucket_length(longest, buckets), max(longest, room - max_new))
-    new_slots = min(bucket_length(max_new, buckets), max(max_new, room - padded))
-    batch = bucket_length(len(prompts), batch_buckets)
-    tokens, lengths = _pad_prompts(prompts, padded, batch)  # [B, P], [B]
-    limits = _pad_rows([max_new] * len(prompts), batch, 0)  # [B]: padding rows are done at once
-    params = jax.tree.map(jnp.asarray, params)
+    request = prepare_request(
+        model,
+        params,
+        prompts,
+        sampling,
+        exit_policy=exit_policy,
+        chunk_size=chunk_size,
+        buckets=buckets,
+        batch_buckets=batch_buckets,
+        seeds=seeds,
+        segment_steps=segment_steps,
+    )
     static = dict(exit_policy=exit_policy, rule=sampling.token_rule)
-    start_args = (params, tokens, lengths, limits, _pad_rows(seeds, batch, 0), _pad_stop_ids(sampling.stop_token_ids))
-    chunk = padded if chunk_size is None else min(chunk_size, padded)
-
-    start, start_compile_s = _compiled(
-        start_generation, model, *start_args, **static, chunk_size=chunk, max_new=new_slots
-    )
-    state, prefill_s = _timed(start, *start_args)
-    decode, decode_compile_s = _compiled(decode_until, model, params, state, np.int32(0), **static)
-    state, decode_s = _decode_in_segments(decode, params, state, len(prompts), segment_steps, on_segment)
-    results, reasons = _outputs(state, len(prompts), max_new)
-    timing = GenerationTiming(
-        compile_s=start_compile_s + decode_compile_s,
-        prefill_s=prefill_s,
-        decode_s=decode_s,
-        prompt_tokens=int(lengths[: len(prompts)].sum()),
-        decode_tokens=int(np.maximum(jax.device_get(state.num_new) - 1, 0).sum()),
-        decode_steps=max(int(jax.device_get(state.step)) - 1, 0),
-        decode_loops=int(jax.device_get(state.loops)),
-    )
-    return GenerationResult(tokens=results, stop_reasons=reasons, timing=timing)
+    _, result = run_request(model, request, start_generation, decode_until, static, static, segment_steps, on_segment)
+    return result
