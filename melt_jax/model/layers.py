@@ -110,7 +110,7 @@ class Einsum(nn.Module):
         kernel = self.param("kernel", _normal_init(self.init_stddev), self.shape, self.param_dtype)
         if kernel_shape is not None:
             kernel = kernel.reshape(kernel_shape)
-        return jnp.einsum(equation, x, kernel.astype(self.dtype))
+        return jnp.einsum(equation, x, jnp.asarray(kernel, self.dtype))
 
 
 class AttentionProjections(nn.Module):
