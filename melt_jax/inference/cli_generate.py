@@ -30,6 +30,7 @@ from melt_jax.inference.model_loading import load_model, parse_exit_policy
 from melt_jax.inference.sampling import SamplingConfig
 from melt_jax.inference.speculative import SpeculativeResult, generate_speculative
 from melt_jax.inference.text_settings import cut_at_stops, stop_ids_for, vocab_limit_for
+from melt_jax.model.params import param_bytes
 
 PROG = "melt-generate"
 CHAT_END = "<|im_end|>"
@@ -94,6 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--prefill-chunk", type=int, default=None, help="prefill chunk (MELT default: config.chunk_size)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None, help="cast the weights")
+    p.add_argument(
+        "--int8",
+        action="store_true",
+        help="int8 matmul weights with per-channel scales (weight-only; activations in --dtype, or as saved)",
+    )
     return p
 
 
@@ -166,7 +172,9 @@ def run(args: argparse.Namespace) -> None:
         speculative = parse_speculative(args.speculative)
     texts = read_prompts(args)
     tokenizer = load_tokenizer(args.tokenizer)
-    model, params = load_model(args.checkpoint, args.dtype)
+    model, params = load_model(args.checkpoint, args.dtype, int8=args.int8)
+    if args.int8:
+        print(f"int8 weights: params {param_bytes(params) / 2**20:,.2f} MiB", file=sys.stderr)
     if args.chat:
         texts = [chat_prompt(text) for text in texts]
     stops = list(args.stop) + ([CHAT_END] if args.chat else [])

@@ -11,7 +11,8 @@ checkpoint (a melt_jax checkpoint directory, Ouro or MELT), tokenizer ('byte' or
 its folder), batch_size (default 8), exit (last | loop:N | threshold:X | weighted | default, see
 model_loading.parse_exit_policy), max_length (default the config's max_position_embeddings), max_gen_toks
 (default 256), chunk_size (MELT's scoring chunk, default config.chunk_size), prefill_chunk (MELT's
-prefill chunk when generating), dtype (float32 | bfloat16 | float16, default as saved).
+prefill chunk when generating), dtype (float32 | bfloat16 | float16, default as saved), int8 (true |
+false, default false: int8 matmul weights with per-channel scales, melt_jax.inference.quantization).
 
 - loglikelihood: context and continuation are encoded together and split at the context's tokens
   (so that a BPE merge across the boundary is scored as one continuation token); context + continuation
@@ -86,6 +87,15 @@ def _positive_int(name: str, value: Any) -> int:
     return number
 
 
+def _boolean(name: str, value: Any) -> bool:
+    """A model argument that is true or false (lm-eval passes 'true' / 'false' as booleans or strings)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise GenerationError(f"model argument {name} must be true or false, got {value!r}")
+
+
 @register_model(MODEL_NAME)
 class MeltJaxLM(LM):
     """lm-eval's LM interface over a melt_jax Ouro or MELT model (see the module docstring)."""
@@ -101,10 +111,11 @@ class MeltJaxLM(LM):
         chunk_size: int | None = None,
         prefill_chunk: int | None = None,
         dtype: str | None = None,
+        int8: bool | str = False,
         max_batch_size: int | None = None,  # given by lm-eval; batches have a fixed size here
         device: str | None = None,  # given by lm-eval; JAX places arrays on its default device
     ):
-        model, params = load_model(checkpoint, dtype)
+        model, params = load_model(checkpoint, dtype, int8=_boolean("int8", int8))
         options = dict(
             batch_size=batch_size,
             exit_policy=parse_exit_policy(str(exit), model.config),

@@ -22,14 +22,22 @@ from melt_jax.model.registry import MODEL_TYPES, model_for
 Array = jax.Array
 
 
-def load_model(path, dtype: str | None = None) -> tuple[OuroModel, dict]:
+def load_model(path, dtype: str | None = None, int8: bool = False) -> tuple[OuroModel, dict]:
     """(model, params on the default device) of a melt_jax checkpoint directory, Ouro or MELT, in the
     layer layout of inference: the layers unrolled (`config.scan_layers` false; see
-    melt_jax/model/ouro.py), so that decoding reads every weight in place. CheckpointError / ConfigError
-    name what is wrong with the directory."""
+    melt_jax/model/ouro.py), so that decoding reads every weight in place. With `int8`, the matmul
+    weights are int8 with per-channel scales and the activations run in `dtype` (see
+    melt_jax.inference.quantization). CheckpointError / ConfigError name what is wrong with the directory."""
+    if not isinstance(int8, bool):
+        raise GenerationError(f"int8 must be true or false, got {int8!r}")
     config, params = load_params(path, dtype)
     model, params = with_layer_layout(model_for(config), params, scan_layers=False)
-    return model, jax.device_put(params)
+    params = jax.device_put(params)
+    if int8:
+        from melt_jax.inference.quantization import quantize_int8  # qwix only where int8 is asked for
+
+        model, params = quantize_int8(model, params)
+    return model, params
 
 
 def parse_exit_policy(text: str, config: OuroConfig, skip_loops: bool = False) -> ExitPolicy:
@@ -78,6 +86,12 @@ def check_params(model: nn.Module, params) -> None:
         got = {jax.tree_util.keystr(p): tuple(np.shape(x)) for p, x in leaves}
     except Exception as e:  # not a pytree of arrays
         raise GenerationError(f"params are not a tree of arrays: {e}") from None
+    int8_model, int8_params = (any(name.endswith(".qvalue") for name in tree) for tree in (expected, got))
+    if int8_model != int8_params:
+        which = (
+            "the model is int8 but its params are float" if int8_model else "the params are int8 but the model is float"
+        )
+        raise GenerationError(f"{which}; use the (model, params) pair that quantize_int8 returns together")
     missing = sorted(set(expected) - set(got))
     extra = sorted(set(got) - set(expected))
     # A MELT model with a fixed gate has exactly Ouro's params, so the kinds only differ when the trees do.

@@ -110,7 +110,9 @@ class Einsum(nn.Module):
         kernel = self.param("kernel", _normal_init(self.init_stddev), self.shape, self.param_dtype)
         if kernel_shape is not None:
             kernel = kernel.reshape(kernel_shape)
-        return jnp.einsum(equation, x, kernel.astype(self.dtype))
+        # jnp.asarray rather than .astype: qwix casts int8 weights (melt_jax.inference.quantization)
+        # through its interception of jnp.asarray, and their own .astype fails (qwix 0.1.8).
+        return jnp.einsum(equation, x, jnp.asarray(kernel, self.dtype))
 
 
 class AttentionProjections(nn.Module):

@@ -50,8 +50,9 @@ class KVGate(nn.Module):
         """The new latent s [B, S, H]; u itself at the first loop (s_1 = u_1), without computing the
         gate (a lax.cond: the gate's matmuls run only at loops 2..T)."""
         H = self.hidden_size
-        w_z = self.param("w_z", nn.initializers.zeros, (H, H), self.param_dtype).astype(self.dtype)
-        u_z = self.param("u_z", nn.initializers.zeros, (H, H), self.param_dtype).astype(self.dtype)
+        # jnp.asarray, not .astype: see Einsum in melt_jax/model/layers.py (int8 weights).
+        w_z = jnp.asarray(self.param("w_z", nn.initializers.zeros, (H, H), self.param_dtype), self.dtype)
+        u_z = jnp.asarray(self.param("u_z", nn.initializers.zeros, (H, H), self.param_dtype), self.dtype)
         b_z = self.param("b_z", nn.initializers.constant(self.bias_init), (H,), self.param_dtype)
 
         def gated():

@@ -37,6 +37,18 @@ def count_params(params: Params) -> int:
     return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))
 
 
+def param_bytes(params: Params) -> int:
+    """Bytes of the arrays of a param tree, float or int8 (arrays or ShapeDtypeStructs)."""
+    return sum(math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(params))
+
+
+def is_int8_params(params: Params) -> bool:
+    """Whether a param tree holds int8 weights (melt_jax.inference.quantization.quantize_int8: qwix
+    arrays with a `qvalue` field in place of float weights)."""
+    paths = (path for path, _ in jax.tree_util.tree_flatten_with_path(params)[0])
+    return any(getattr(key, "name", None) == "qvalue" for path in paths for key in path)
+
+
 def unstack_layers(params: Params) -> Params:
     """Params of the scanned layout ("layers": every leaf stacked on a leading [L] axis) in the
     unrolled one ("layers_0" .. "layers_{L-1}", each leaf without the L axis); other entries shared."""
@@ -49,6 +61,11 @@ def unstack_layers(params: Params) -> Params:
 
 def stack_layers(params: Params) -> Params:
     """The inverse of `unstack_layers`: "layers_0" .. "layers_{L-1}" stacked into "layers"."""
+    if is_int8_params(params):
+        raise ValueError(
+            "int8 params exist only in the unrolled layout of decoding; training and checkpoints (the scanned "
+            "layout) keep the float params: quantize at load instead (load_model(..., int8=True))"
+        )
     indices = sorted(int(m.group(1)) for key in params if (m := UNROLLED_LAYER.fullmatch(key)))
     if indices != list(range(len(indices))) or not indices:
         raise ValueError(f"params have no unrolled layers layers_0 .. layers_(L-1): {sorted(params)}")
