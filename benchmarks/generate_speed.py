@@ -27,7 +27,7 @@ again: "peak RSS" is that process's peak resident memory during the second gener
 peak minus the resident memory before it (cache, activations, workspace). The KV cache sizes are
 computed from the shapes (OuroConfig.kv_cache_bytes).
 
-    python benchmarks/generate_speed.py [--model small|wide] [--repeats 5]
+    python benchmarks/generate_speed.py [--model small|wide] [--repeats 5] [--speed-only]
 """
 
 from __future__ import annotations
@@ -268,7 +268,8 @@ def print_report(speed: dict, memory: dict, target: float) -> None:
         for model in ("ouro", "melt"):
             jx, pt = speed[f"jax-{model}", batch], speed[f"torch-{model}", batch]
             scanned = speed[f"jax-{model}-scanned", batch]
-            jm, pm = memory[f"jax-{model}", batch], memory[f"torch-{model}", batch]
+            unknown = {"peak": float("nan"), "added": float("nan")}
+            jm, pm = memory.get((f"jax-{model}", batch), unknown), memory.get((f"torch-{model}", batch), unknown)
             cache = configs()[model].kv_cache_bytes(batch, N_PROMPT + N_NEW)
             same = float(np.mean((jx["tokens"] == pt["tokens"]) & (scanned["tokens"] == pt["tokens"])))
             print(
@@ -295,6 +296,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (median)")
     parser.add_argument("--model", choices=sorted(MODELS), default="small", help="small: H=256 L=4; wide: H=1024 L=8")
+    parser.add_argument("--speed-only", action="store_true", help="skip the memory and long-prompt tables")
     parser.add_argument("--memory-worker", nargs=2, metavar=("IMPL", "BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     global HF_CONFIG
@@ -314,11 +316,14 @@ def main() -> None:
     )
     generators = load_generators((*IMPLEMENTATIONS, *SCANNED))
     speed = bench_speed(generators, args.repeats)
-    long = bench_long_context({name: generators[name] for name in ("jax-ouro", "jax-melt")}, args.repeats)
-    del generators
-    memory = bench_memory(args.model)
-    print_report(speed, memory, TARGET_RATIO[args.model])
-    print_long_context(long)
+    if args.speed_only:
+        print_report(speed, {}, TARGET_RATIO[args.model])
+    else:
+        long = bench_long_context({name: generators[name] for name in ("jax-ouro", "jax-melt")}, args.repeats)
+        del generators
+        memory = bench_memory(args.model)
+        print_report(speed, memory, TARGET_RATIO[args.model])
+        print_long_context(long)
     print(f"\n{busy_report(times_at_start)}")
 
 
