@@ -16,7 +16,8 @@ from melt_jax.errors import GenerationError
 from melt_jax.inference import cli_generate
 from melt_jax.inference.decoding import decode_step
 from melt_jax.inference.generation import generate
-from melt_jax.inference.model_loading import check_params, load_model
+from melt_jax.inference.model_loading import load_model
+from melt_jax.inference.param_check import check_params
 from melt_jax.inference.quantization import int8_model, is_int8_model, quantize_int8
 from melt_jax.inference.sampling import SamplingConfig
 from melt_jax.model.config import OuroConfig

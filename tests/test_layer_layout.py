@@ -13,7 +13,8 @@ from melt_jax.checkpoint import load_params, save_params
 from melt_jax.errors import ConfigError, GenerationError
 from melt_jax.inference.decoding import decode_step, prefill
 from melt_jax.inference.generation import generate
-from melt_jax.inference.model_loading import check_params, load_model
+from melt_jax.inference.model_loading import load_model
+from melt_jax.inference.param_check import check_params
 from melt_jax.inference.sampling import SamplingConfig
 from melt_jax.model.config import MeltConfig, OuroConfig
 from melt_jax.model.ouro import INTERMEDIATES

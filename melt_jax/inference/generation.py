@@ -50,7 +50,7 @@ import numpy as np
 
 from melt_jax.errors import ConfigError, GenerationError
 from melt_jax.inference.decode_loop import DecodeState, decode_until, start_generation
-from melt_jax.inference.model_loading import check_params
+from melt_jax.inference.param_check import check_params
 from melt_jax.inference.sampling import SamplingConfig
 from melt_jax.model.chunking import check_chunk_size
 from melt_jax.model.exit import ExitPolicy

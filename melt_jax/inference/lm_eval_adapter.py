@@ -44,7 +44,8 @@ from melt_jax.data.tokenizer import Tokenizer, load_tokenizer
 from melt_jax.errors import GenerationError
 from melt_jax.inference.evaluation import token_log_probs
 from melt_jax.inference.generation import DEFAULT_BUCKETS, bucket_length, generate
-from melt_jax.inference.model_loading import check_params, load_model, parse_exit_policy
+from melt_jax.inference.model_loading import load_model, parse_exit_policy
+from melt_jax.inference.param_check import check_params
 from melt_jax.inference.sampling import SamplingConfig
 from melt_jax.inference.text_settings import cut_at_stops, stop_ids_for, vocab_limit_for
 from melt_jax.model.exit import ExitPolicy

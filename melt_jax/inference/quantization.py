@@ -43,7 +43,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from melt_jax.errors import GenerationError
-from melt_jax.inference.model_loading import check_params
+from melt_jax.inference.param_check import check_params
 from melt_jax.model.params import abstract_params, is_int8_params, with_layer_layout
 
 try:
