@@ -892,7 +892,7 @@ def attend_filled_history_and_own(
         # The last block is moved back to fit the slot array; the slots it shares with the block
         # before were counted there.
         start = jnp.minimum(index * block, max_length - block)
-        corner = (*slot, 0, 0, start, 0)
+        corner = tuple(jnp.asarray(i, jnp.int32) for i in (*slot, 0, 0, start, 0))
         sizes = (*[1] * len(slot), batch, num_kv_heads, block, head_dim)
         keys = jax.lax.dynamic_slice(cache_k, corner, sizes).reshape(sizes[len(slot) :])  # [B, K, block, D]
         values = jax.lax.dynamic_slice(cache_v, corner, sizes).reshape(sizes[len(slot) :])

@@ -155,17 +155,19 @@ class MeltModel(OuroModel):
         """The teacher-forced forward of evaluation on tokens [B, S] (with their segment ids [B, S] if
         given): the values inference computes, chunks of `chunk_size` (default config.chunk_size) from
         position 0, each attending to the final rows of the earlier chunks (the one-pass
-        `sequential_forward`: no gradient is needed, so the two-pass form would compute the same values
-        twice). A sequence that is not a whole number of chunks is right-padded with token 0 (segment
-        0), which changes nothing at the real positions of a causal forward. Returns loop_hidden
-        [T, B, S, H] and exit_pdf [B, S, T] (no logits)."""
+        `sequential_forward`, reading the cache as inference does: no gradient is needed, so the
+        two-pass form would compute the same values twice). A sequence that is not a whole number of
+        chunks is right-padded with token 0 (segment 0), which changes nothing at the real positions
+        of a causal forward. Returns loop_hidden [T, B, S, H] and exit_pdf [B, S, T] (no logits)."""
         seq = tokens.shape[1]
         chunk, padded = padded_chunking(seq, self.config.default_chunk_size if chunk_size is None else chunk_size)
         padding = ((0, 0), (0, padded - seq))
         tokens = jnp.pad(tokens, padding)  # [B, S'] right-padded with id 0
         if segment_ids is not None:
             segment_ids = jnp.pad(segment_ids, padding)
-        out = sequential_forward(self.clone(collect=()), params, tokens, chunk, segment_ids=segment_ids)
+        out = sequential_forward(
+            self.clone(collect=()), params, tokens, chunk, segment_ids=segment_ids, filled_only=True
+        )
         return out.replace(
             loop_hidden=out.loop_hidden[:, :, :seq],
             gate_logits=out.gate_logits[:, :, :seq],

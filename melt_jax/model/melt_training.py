@@ -30,10 +30,18 @@ Array = jax.Array
 
 
 def sequential_forward(
-    model: nn.Module, params, tokens: Array, chunk_size: int, alpha=None, segment_ids: Array | None = None
+    model: nn.Module,
+    params,
+    tokens: Array,
+    chunk_size: int,
+    alpha=None,
+    segment_ids: Array | None = None,
+    filled_only: bool = False,
 ) -> OuroOutput:
     """All loops of MELT on tokens [B, S], chunk after chunk with a cache; full gradient. The cache
-    holds the whole sequence, so its slots' segment ids are `segment_ids` itself.
+    holds the whole sequence, so its slots' segment ids are `segment_ids` itself. `filled_only`
+    (without alpha): each chunk reads only the cache before it, as inference does
+    (`SlotCache.filled_only`): the values of a chunked prefill, but no gradient.
 
     Returns an OuroOutput with loop_hidden [T, B, S, H], gate_logits [T, B, S], exit_pdf, the
     intermediates the model collects ([T, L, B, S, H]) and the final cache; no logits (project
@@ -42,7 +50,10 @@ def sequential_forward(
     batch, seq = tokens.shape
     num_chunks(seq, chunk_size)
     cache = init_training_cache(model.config, batch, seq, alpha is not None)
-    source = SlotCache(segment_ids) if alpha is None else InterpolatedSlotCache(alpha, segment_ids)
+    if alpha is None:
+        source = SlotCache(segment_ids, filled_only=filled_only)
+    else:
+        source = InterpolatedSlotCache(alpha, segment_ids)
 
     def one_chunk(cache, chunk, start):  # chunk [B, C]
         out = model.apply({"params": params}, chunk, cache=cache, kv_source=source, exit_policy=None)
