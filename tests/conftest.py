@@ -11,6 +11,7 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import functools  # noqa: E402
+import gc  # noqa: E402
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -59,3 +60,15 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def release_compiled_programs():
+    """Drops every compiled program after each test module. XLA's CPU backend maps memory regions for
+    each executable it keeps (two test modules leave ~24,000 mappings); over the whole suite they
+    pass the kernel's limit (vm.max_map_count, 65,530 by default), after which a compile crashes
+    the process. Clearing also empties the caches of shared fixtures' programs, which the next module
+    compiles again."""
+    yield
+    jax.clear_caches()
+    gc.collect()
