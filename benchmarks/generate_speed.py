@@ -50,7 +50,8 @@ import torch  # noqa: E402
 from hf_fixtures import random_ouro_state_dict, tiny_hf_config, write_hf_checkpoint  # noqa: E402
 from machine_load import busy_report, cpu_times, machine_line, usable_cores  # noqa: E402
 from ouro_speed import HF_CONFIG as SMALL  # noqa: E402  (the same model as the Ouro speed benchmark)
-from torch_melt_reference import MeltReference, gate_names, random_melt_gates  # noqa: E402
+from tiny_models import with_gates  # noqa: E402
+from torch_melt_reference import MeltReference, random_melt_gates  # noqa: E402
 from torch_reference import OuroReference  # noqa: E402
 
 from melt_jax.convert import load_hf_checkpoint  # noqa: E402
@@ -103,17 +104,19 @@ def prompts_for(batch: int, length: int = N_PROMPT) -> np.ndarray:
 # The four generators on the same weights: generate(prompts [B, P]) -> (decode seconds, tokens [B, N])
 
 
-def load_generators(names=IMPLEMENTATIONS) -> dict:
-    state_dict = random_ouro_state_dict(HF_CONFIG, seed=0)
-    gates = random_melt_gates(HF_CONFIG, seed=1, scale=0.1, bias=-1.0)
+def random_weights(hf_config: dict) -> tuple:
+    """(OuroConfig, Ouro params, MELT params, HF state dict, HF gates) of random Ouro weights (seed 0)
+    read back through a temporary HF checkpoint, and random MELT gates (seed 1) added to them."""
+    state_dict = random_ouro_state_dict(hf_config, seed=0)
+    gates = random_melt_gates(hf_config, seed=1, scale=0.1, bias=-1.0)
     with tempfile.TemporaryDirectory() as folder:
-        write_hf_checkpoint(folder, HF_CONFIG, state_dict)
+        write_hf_checkpoint(folder, hf_config, state_dict)
         config, params = load_hf_checkpoint(folder, dtype="float32")
-    layers = range(config.num_layers)
-    kv_gate = {
-        name: np.stack([gates[gate_names(i)[j]] for i in layers]) for j, name in enumerate(("w_z", "u_z", "b_z"))
-    }
-    melt_params = dict(params, layers=dict(params["layers"], kv_gate=kv_gate))
+    return config, params, with_gates(params, hf_config, gates), state_dict, gates
+
+
+def load_generators(names=IMPLEMENTATIONS) -> dict:
+    config, params, melt_params, state_dict, gates = random_weights(HF_CONFIG)
     torch_state = {k: torch.from_numpy(v) for k, v in state_dict.items()}
     melt_config = configs()["melt"]
     builders = {

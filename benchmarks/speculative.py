@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -35,12 +34,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import jax  # noqa: E402
-from hf_fixtures import random_ouro_state_dict, write_hf_checkpoint  # noqa: E402
+from generate_speed import random_weights  # noqa: E402
 from machine_load import busy_report, cpu_times, machine_line  # noqa: E402
 from ouro_speed import HF_CONFIG as SMALL  # noqa: E402
-from torch_melt_reference import gate_names, random_melt_gates  # noqa: E402
 
-from melt_jax.convert import load_hf_checkpoint  # noqa: E402
 from melt_jax.data.synthetic import SyntheticTaskConfig, generate_example  # noqa: E402
 from melt_jax.data.tokenizer import ByteTokenizer  # noqa: E402
 from melt_jax.inference.generation import generate  # noqa: E402
@@ -58,16 +55,7 @@ BLOCKS = (2, 4, 8)
 
 def random_models() -> dict:
     """name -> (model, params, prompt, max_new) of the random Ouro and MELT (layers unrolled)."""
-    state_dict = random_ouro_state_dict(SMALL, seed=0)
-    gates = random_melt_gates(SMALL, seed=1, scale=0.1, bias=-1.0)
-    with tempfile.TemporaryDirectory() as folder:
-        write_hf_checkpoint(folder, SMALL, state_dict)
-        config, params = load_hf_checkpoint(folder, dtype="float32")
-    layers = range(config.num_layers)
-    kv_gate = {
-        name: np.stack([gates[gate_names(i)[j]] for i in layers]) for j, name in enumerate(("w_z", "u_z", "b_z"))
-    }
-    melt_params = dict(params, layers=dict(params["layers"], kv_gate=kv_gate))
+    config, params, melt_params, _, _ = random_weights(SMALL)
     prompt = np.random.default_rng(0).integers(0, SMALL["vocab_size"], 32).tolist()
     ouro = with_layer_layout(OuroModel(config), params, scan_layers=False)
     melt = with_layer_layout(MeltModel(MeltConfig.from_ouro(config, chunk_size=32)), melt_params, scan_layers=False)

@@ -135,8 +135,9 @@ def test_bad_topologies_exit_2(capsys):
 def test_decode_step_never_copies_the_cache(kind):
     """The decode step compiled on CPU at 1,024 and 8,192 cache positions (float32, batch 3, 4 layers): the cache
     is donated and written in place, so the temporaries grow by at most the slot array being read (k
-    and v of one loop and layer; XLA's CPU backend copies that slice, TPU reads it in place), never by
-    the cache: with a copy of the cache they would grow by 8x the small cache's bytes."""
+    and v of one loop and layer), never by the cache: with a copy of the cache they would grow by 8x
+    the small cache's bytes. (Reading the filled part block by block, they grew by 86 KB when
+    measured, far below one slot array.)"""
     import jax
     import jax.numpy as jnp
 
