@@ -188,6 +188,7 @@ def time_step(loss_fn, host_params, teacher_params, batch, step_number, repeats:
         params=params,
         opt_state=optimizer.init(params),
         rng=jax.random.PRNGKey(0),
+        decay_start=jnp.array(TOTAL_STEPS, jnp.int32),
     )
     step = jax.jit(functools.partial(train_step, loss_fn, optimizer), donate_argnums=0)
 

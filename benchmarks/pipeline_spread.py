@@ -125,7 +125,7 @@ def spread_lines(rows: list[dict]) -> list[str]:
         teacher_loops = [agg("teacher_loops", i) for i in range(num_loops)]
         student_loops = [agg("student_loops", i) for i in range(num_loops)]
         lines.append(
-            f"| {name} | | {agg('teacher_steps')} | {agg('teacher'):.3f} | {loops(teacher_loops)} | "
+            f"| {name} | | {agg('teacher_steps'):.0f} | {agg('teacher'):.3f} | {loops(teacher_loops)} | "
             f"{agg('gain'):+.2f} | "
             f"{agg('student'):.3f} | {loops(student_loops)} | {agg('drop'):+.3f} | {agg('seconds'):.0f} |"
         )

@@ -159,7 +159,10 @@ def test_melt_eval_on_the_synthetic_task(checkpoint, capsys):
     assert code == 2 and "the expression form has no distractors" in capsys.readouterr().err
     code = cli_eval.main([*args, "--hops", "-1"])
     assert code == 2 and "min_hops must be an integer >= 0" in capsys.readouterr().err
+    code = cli_eval.main([*args, "--modulus", "12"])
+    assert code == 2 and "modulus must be at most 10" in capsys.readouterr().err
     code = cli_eval.main(["--checkpoint", str(checkpoint), "--tokenizer", "byte", "--data", "notes.txt", "--hops", "1"])
     assert (
-        code == 2 and "--form / --hops / --distractors / --ops apply to the synthetic task" in capsys.readouterr().err
+        code == 2
+        and "--form / --hops / --distractors / --ops / --modulus apply to the synthetic task" in capsys.readouterr().err
     )

@@ -439,12 +439,12 @@ def test_synthetic_config_options_and_errors():
         synthetic.SyntheticTaskConfig(num_examples=0)
 
 
-def _evaluate_expression(prompt):
-    """Independent evaluation of an expression prompt "d(op d)*=": (value modulo 10, operations)."""
+def _evaluate_expression(prompt, modulus=10):
+    """Independent evaluation of an expression prompt "d(op d)*=": (value modulo `modulus`, operations)."""
     assert re.fullmatch(r"\d([+\-*]\d)*=", prompt), prompt
     value, operations = int(prompt[0]), 0
     for sign, digit in re.findall(r"([+\-*])(\d)", prompt):
-        value = {"+": value + int(digit), "-": value - int(digit), "*": value * int(digit)}[sign] % 10
+        value = {"+": value + int(digit), "-": value - int(digit), "*": value * int(digit)}[sign] % modulus
         operations += 1
     return value, operations
 
@@ -466,6 +466,18 @@ def test_synthetic_expression_form():
         assert text == prompt + answer + "\n"
     assert set(ds["hops"]) == {0, 1, 2, 3, 4}
     assert set(c for p in ds["prompt"] for c in p if c in "+-*") == {"+", "-", "*"}
+
+    mod5 = synthetic.synthetic_reasoning_dataset(
+        synthetic.SyntheticTaskConfig(num_examples=2000, min_hops=2, max_hops=2, ops="+-*", modulus=5, seed=4)
+    )
+    digits = {c for p in mod5["prompt"] for c in p if c.isdigit()}
+    assert digits == {"0", "1", "2", "3", "4"} and set(mod5["answer"]) == digits
+    assert len(set(mod5["prompt"])) > 850  # ~935 expected of the 5 * 3 * 5 * 3 * 5 = 1,125 expressions
+    for prompt, answer in zip(mod5["prompt"], mod5["answer"]):
+        assert str(_evaluate_expression(prompt, modulus=5)[0]) == answer, prompt
+    for bad in (1, 11):
+        with pytest.raises(DataError, match="modulus must be"):
+            synthetic.SyntheticTaskConfig(modulus=bad)
 
 
 def test_exact_match_accuracy():

@@ -545,6 +545,68 @@ def test_stop_at_accuracy_ends_the_stage_and_a_rerun_keeps_it(tmp_path, teacher_
         load_train_config(None, [*fields, "eval_every=0"])
 
 
+def test_decay_factor_falls_linearly_from_the_decay_start():
+    from melt_jax.train.steps import decay_factor
+
+    steps = jnp.arange(12)
+    got = np.asarray(jax.vmap(lambda s: decay_factor(s, jnp.int32(5), 4))(steps))
+    # Updates made at steps 0..4 keep the full rate, 5..8 take 1, 3/4, 1/2, 1/4 of it, later ones none.
+    want = np.array([1, 1, 1, 1, 1, 1, 0.75, 0.5, 0.25, 0, 0, 0], np.float32)
+    np.testing.assert_allclose(got, want, atol=1e-7)
+    assert float(decay_factor(jnp.int32(100), jnp.int32(0), 0)) == 1.0  # no decay
+
+
+def test_decay_at_accuracy_decays_then_ends_the_stage(tmp_path, teacher_dir, model_json, monkeypatch):
+    """With decay_at_accuracy, the first evaluation that reaches it starts the learning-rate decay:
+    the stage ends decay_steps later (not at `steps`), each update's factor is the linear one, the
+    last update is still made (its factor is 1/decay_steps) and later ones would be 0; a rerun resumes
+    as finished. Without a trigger the decay takes the last decay_steps steps."""
+    from melt_jax.train import trainer
+
+    real_evaluate, seen = trainer.evaluate, []
+
+    def evaluate(*args):
+        result = real_evaluate(*args)
+        seen.append(1)
+        return dict(result, accuracy=0.5 * len(seen))  # 0.5 at step 2, 1.0 at step 4
+
+    monkeypatch.setattr(trainer, "evaluate", evaluate)
+    out = tmp_path / "decayed"
+    fields = stage_overrides("looplm", out, teacher_dir, model_json)
+    fields += ["steps=20", "eval_every=2", "eval_batches=1", "checkpoint_every=10", "log_every=1", *MESH_1]
+    cfg = load_train_config(None, [*fields, "decay_at_accuracy=0.9", "decay_steps=3"])
+    messages = []
+    result = run_stage(cfg, log=messages.append)
+    assert result.steps == 7 and any("decays to 0 by step 7" in m for m in messages)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    factors = [(r["step"], r["lr_factor"]) for r in records if "lr_factor" in r]
+    np.testing.assert_allclose([f for _, f in factors], [1, 1, 1, 1, 1, 2 / 3, 1 / 3], atol=1e-6)
+    assert [s for s, _ in factors] == list(range(1, 8))
+    assert RunCheckpoints(out / "checkpoints").latest_step() == 7
+    rerun = run_stage(cfg, log=lambda _: None)
+    assert rerun.steps == 7
+    assert_params_close(final_params(rerun), final_params(result), atol=0)
+    # The run directory holds another model's state: a clear error, not orbax's tree dump.
+    other_model = load_train_config(None, [*fields, "decay_at_accuracy=0.9", "decay_steps=3", "intermediate_size=8"])
+    with pytest.raises(TrainingError, match="does not hold this run's training state .*use a new output_dir"):
+        run_stage(other_model, log=lambda _: None)
+
+    seen.clear()
+    untriggered = load_train_config(None, [*fields, f"output_dir={tmp_path / 'late'}", "steps=6", "decay_steps=4"])
+    assert run_stage(untriggered, log=lambda _: None).steps == 6
+    records = [json.loads(line) for line in (tmp_path / "late" / "metrics.jsonl").read_text().splitlines()]
+    np.testing.assert_allclose([r["lr_factor"] for r in records if "lr_factor" in r], [1, 1, 1, 0.75, 0.5, 0.25])
+
+    for extra, match in (
+        (["decay_at_accuracy=0.9"], "decay_at_accuracy needs decay_steps > 0"),
+        (["decay_steps=21"], r"decay_steps must be in \[0, steps=20\]"),
+        (["decay_steps=3", "decay_at_accuracy=0.9", "stop_at_accuracy=0.9"], "not both"),
+        (["decay_steps=3", "decay_at_accuracy=0.9", "eval_every=0"], "decay_at_accuracy needs eval_every > 0"),
+    ):
+        with pytest.raises(RunConfigError, match=match):
+            load_train_config(None, [*fields, *extra])
+
+
 # --------------------------------------------------------------------------------------------------
 # Bad configurations
 
@@ -595,8 +657,12 @@ def test_pipeline_config_stages(tmp_path):
     stages = config.stage_configs()
     assert [c.stage for c in stages] == ["looplm", "exit_gate", "melt_phase1", "melt_phase2"]
     assert [c.optimizer.warmup_steps for c in stages] == [100, 100, 3, 3]  # teacher_warmup_steps for the teacher
-    # The teacher alone stops at its held-out accuracy; the student stages run their steps.
-    assert [(c.eval_every, c.stop_at_accuracy) for c in stages] == [(250, 1.0), (0, 0.0), (0, 0.0), (0, 0.0)]
+    # The teacher alone decays its constant learning rate from its held-out accuracy on; the student
+    # stages run their steps on the cosine schedule.
+    decays = [(c.eval_every, c.decay_at_accuracy, c.decay_steps, c.optimizer.schedule) for c in stages]
+    assert decays == [(250, 0.95, 500, "constant"), (0, 0.0, 0, "cosine"), (0, 0.0, 0, "cosine"), (0, 0.0, 0, "cosine")]
+    short = load_pipeline_config(None, ["teacher_steps=300"]).stage_configs()[0]
+    assert short.decay_steps == 300  # the decay never asks for more steps than the teacher has
     assert stages[2].teacher == stages[3].teacher == str(tmp_path / "exit_gate" / "model")
     assert stages[3].init_from == str(tmp_path / "melt_phase1" / "model")
     with pytest.raises(RunConfigError, match="teacher_warmup_steps must be >= 0"):
@@ -605,7 +671,7 @@ def test_pipeline_config_stages(tmp_path):
 
 def test_pipeline_on_the_embedded_default(tmp_path):
     """The README's main job as it runs there (`python -m melt_jax.train pipeline`, default settings,
-    one CPU device, XLA's usual optimisation; about 4 minutes on 2 cores): the teacher learns the task,
+    one CPU device, XLA's usual optimisation; 2 to 4 minutes on 2 cores): the teacher learns the task,
     its last loop is at least as accurate as its first, and the MELT student follows it. The bounds
     are those every run of the README's spread table (5 seeds x 1 and 2 XLA threads) meets, since
     another machine's rounding trains another model from the same seed."""
@@ -624,12 +690,12 @@ def test_pipeline_on_the_embedded_default(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["within_margin"] == (done.returncode == 0) and summary["accuracy_margin"] == 0.05
     teacher, student = summary["models"]["teacher (Ouro)"], summary["models"]["student (MELT)"]
-    # The last loop need only be as accurate as the first: in one run of the spread table the first loop
-    # already learned everything.
-    assert teacher["accuracy"] >= 0.5, teacher
+    # Every run of the table ends with the teacher at 1.000 and the student within 0.012 of it. The last
+    # loop need only be as accurate as the first: in one run the first loop already learned everything.
+    assert teacher["accuracy"] >= 0.95, teacher
     assert teacher["loop_accuracy"][-1] >= teacher["loop_accuracy"][0], teacher
     assert teacher["loop_loss"][-1] <= teacher["loop_loss"][0] + 1e-3, teacher
-    assert student["accuracy"] >= teacher["accuracy"] - 0.15, summary
+    assert student["accuracy"] >= teacher["accuracy"] - 0.05 and done.returncode == 0, summary
     assert student["kv_bytes_per_token"] * 4 == teacher["kv_bytes_per_token"]  # T = 4 loops, one shared cache
     assert summary["kv_ratio"] == 0.25
     losses = [

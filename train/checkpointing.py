@@ -15,6 +15,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from melt_jax.errors import TrainingError
+
 
 def abstract_like(tree: Any) -> Any:
     """ShapeDtypeStructs with the shardings of the arrays in `tree` (a restore target)."""
@@ -40,12 +42,18 @@ class RunCheckpoints:
     def restore(self, step: int, target_state: Any) -> tuple[Any, dict]:
         """The state saved at `step`, laid out like `target_state` (arrays or ShapeDtypeStructs with
         shardings), and its meta dict."""
-        restored = self.manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_like(target_state)), meta=ocp.args.JsonRestore()
-            ),
-        )
+        try:
+            restored = self.manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_like(target_state)), meta=ocp.args.JsonRestore()
+                ),
+            )
+        except ValueError as e:  # orbax: the saved tree differs from the target's
+            raise TrainingError(
+                f"the checkpoint at step {step} in {self.directory} does not hold this run's training state "
+                f"(another model, optimizer or state layout; use a new output_dir): {str(e).splitlines()[0]}"
+            ) from None
         return restored["state"], dict(restored["meta"])
 
     def wait(self) -> None:

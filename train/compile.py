@@ -33,7 +33,7 @@ def compile_stage(cfg: TrainConfig, topology: str | None = None) -> CompileRepor
     state = abstract_state(task, mesh, optimizer)
     teacher = task.teacher_params
     step = jit_train_step(
-        task, optimizer, shardings_of(state), None if teacher is None else shardings_of(teacher), mesh
+        task, optimizer, shardings_of(state), None if teacher is None else shardings_of(teacher), mesh, cfg.decay_steps
     )
     batch = abstract_batch(task.batch_fields, cfg.batch_size, cfg.data.seq_len, mesh)
 

@@ -49,6 +49,7 @@ class DataConfig:
     max_hops: int = SyntheticTaskConfig.max_hops  # most operations per example
     distractors: int = SyntheticTaskConfig.num_distractors  # assignments form: unrelated assignments
     ops: str = "".join(SyntheticTaskConfig.ops)  # operations to draw from, e.g. "+-*"
+    modulus: int = SyntheticTaskConfig.modulus  # digits 0..modulus-1, operations modulo it (2..10)
     loss: str = "answer"  # synthetic task: "answer" (loss on the answers only) or "all" (every token)
     shuffle: bool = True
     # Packed rows: true, a token attends only to tokens of its own document (the rows' segment ids,
@@ -64,6 +65,7 @@ class DataConfig:
             max_hops=self.max_hops,
             num_distractors=self.distractors,
             ops=tuple(self.ops),
+            modulus=self.modulus,
             seed=seed,
         )
 
@@ -98,6 +100,12 @@ class TrainConfig:
     # > 0: the stage ends at the first evaluation whose held-out accuracy (last loop) reaches this, before
     # `steps` (which still sets the learning-rate schedule); needs eval_every and the synthetic task.
     stop_at_accuracy: float = 0.0
+    # > 0: warmup-stable-decay. The learning rate (the optimizer's schedule, "constant" for WSD) is
+    # scaled by a factor falling linearly from 1 to 0 over the last decay_steps steps, and the stage
+    # ends with them; with decay_at_accuracy > 0 the decay starts earlier, at the first evaluation
+    # whose held-out accuracy (last loop) reaches it (needs eval_every and the synthetic task).
+    decay_steps: int = 0
+    decay_at_accuracy: float = 0.0
     eval_batches: int = 4  # 0: no evaluation
     checkpoint_every: int = 50
     profile_steps: str = ""  # "START:END": a jax.profiler trace of steps START..END in output_dir/profile
@@ -135,11 +143,24 @@ class TrainConfig:
             raise RunConfigError(f"forward must be 'two_pass' or 'sequential', got {self.forward!r}")
         if not 0 <= self.stop_at_accuracy <= 1:
             raise RunConfigError(f"stop_at_accuracy must be in [0, 1] (0: off), got {self.stop_at_accuracy}")
-        if self.stop_at_accuracy and not (self.eval_every and self.eval_batches and self.data.source == "synthetic"):
+        if not 0 <= self.decay_steps <= self.steps:
             raise RunConfigError(
-                "stop_at_accuracy needs eval_every > 0, eval_batches > 0 and data.source=synthetic "
-                "(the accuracy is measured on the synthetic task's held-out examples)"
+                f"decay_steps must be in [0, steps={self.steps}] (0: no decay), got {self.decay_steps}"
             )
+        if not 0 <= self.decay_at_accuracy <= 1:
+            raise RunConfigError(f"decay_at_accuracy must be in [0, 1] (0: off), got {self.decay_at_accuracy}")
+        if self.decay_at_accuracy and not self.decay_steps:
+            raise RunConfigError("decay_at_accuracy needs decay_steps > 0 (the length of the decay it starts)")
+        if self.decay_at_accuracy and self.stop_at_accuracy:
+            raise RunConfigError(
+                "set stop_at_accuracy (stop at once) or decay_at_accuracy (decay, then stop), not both"
+            )
+        for name in ("stop_at_accuracy", "decay_at_accuracy"):
+            if getattr(self, name) and not (self.eval_every and self.eval_batches and self.data.source == "synthetic"):
+                raise RunConfigError(
+                    f"{name} needs eval_every > 0, eval_batches > 0 and data.source=synthetic "
+                    "(the accuracy is measured on the synthetic task's held-out examples)"
+                )
         self.profile_range()
         if self.remat not in REMAT_POLICIES:
             raise RunConfigError(f"remat must be one of {', '.join(REMAT_POLICIES)}, got {self.remat!r}")

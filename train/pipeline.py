@@ -48,17 +48,21 @@ DEFAULT_TRAIN = TrainConfig(
 class PipelineConfig:
     """Steps and learning rates of each stage; `train` holds the settings all stages share (its
     stage, output_dir, steps, init_from and teacher are set per stage; the teacher's stages warm up
-    for teacher_warmup_steps, the student's for train.optimizer.warmup_steps). The teacher is
-    evaluated every teacher_eval_every steps and stops at the first evaluation with held-out accuracy
-    >= teacher_stop_at_accuracy (0: off), at most teacher_steps (which set its learning-rate
-    schedule). accuracy_margin: the largest drop from teacher to student accuracy that the pipeline
-    reports as within margin."""
+    for teacher_warmup_steps, the student's for train.optimizer.warmup_steps). The teacher trains at
+    a constant learning rate, is evaluated every teacher_eval_every steps, and from the first
+    evaluation with held-out accuracy >= teacher_decay_at_accuracy its learning rate decays linearly
+    to 0 over teacher_decay_steps steps, after which it stops; it takes at most teacher_steps steps,
+    decay included (warmup-stable-decay keyed to the held-out accuracy: when the task is learned
+    varies several-fold over seeds, and a teacher whose learning rate has come down is settled
+    enough to distill). accuracy_margin: the largest drop from teacher to student accuracy that the
+    pipeline reports as within margin."""
 
     output_dir: str = "runs/pipeline"
     teacher_steps: int = 4000
     teacher_warmup_steps: int = 100
     teacher_eval_every: int = 250
-    teacher_stop_at_accuracy: float = 1.0
+    teacher_decay_at_accuracy: float = 0.95
+    teacher_decay_steps: int = 500
     exit_gate_steps: int = 0
     phase1_steps: int = 100
     phase2_steps: int = 100
@@ -72,7 +76,7 @@ class PipelineConfig:
         for name in ("teacher_steps", "phase1_steps", "phase2_steps"):
             if getattr(self, name) < 1:
                 raise RunConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("exit_gate_steps", "teacher_warmup_steps", "teacher_eval_every"):
+        for name in ("exit_gate_steps", "teacher_warmup_steps", "teacher_eval_every", "teacher_decay_steps"):
             if getattr(self, name) < 0:
                 raise RunConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         return self
@@ -82,23 +86,25 @@ class PipelineConfig:
         root = Path(self.output_dir)
         opt = self.train.optimizer
 
-        teacher = (self.teacher_learning_rate, self.teacher_warmup_steps)  # (learning rate, warmup steps)
-        student = (self.student_learning_rate, opt.warmup_steps)
+        exit_gate = dict(learning_rate=self.teacher_learning_rate, warmup_steps=self.teacher_warmup_steps)
+        teacher = dict(exit_gate, schedule="constant")  # the decay follows the held-out accuracy
+        student = dict(learning_rate=self.student_learning_rate, warmup_steps=opt.warmup_steps)
 
         def stage(name, steps, schedule, **fields):
-            lr, warmup = schedule
-            optimizer = dataclasses.replace(
-                opt, learning_rate=lr, gate_learning_rate=self.gate_learning_rate, warmup_steps=warmup
-            )
+            optimizer = dataclasses.replace(opt, gate_learning_rate=self.gate_learning_rate, **schedule)
             return dataclasses.replace(
                 self.train, stage=name, output_dir=str(root / name), steps=steps, optimizer=optimizer, **fields
             ).validate()
 
         teacher_dir = str(root / "looplm" / "model")
-        stopping = dict(eval_every=self.teacher_eval_every, stop_at_accuracy=self.teacher_stop_at_accuracy)
-        configs = [stage("looplm", self.teacher_steps, teacher, init_from=None, teacher=None, **stopping)]
+        decay = dict(
+            eval_every=self.teacher_eval_every,
+            decay_at_accuracy=self.teacher_decay_at_accuracy,
+            decay_steps=min(self.teacher_decay_steps, self.teacher_steps),
+        )
+        configs = [stage("looplm", self.teacher_steps, teacher, init_from=None, teacher=None, **decay)]
         if self.exit_gate_steps:
-            configs.append(stage("exit_gate", self.exit_gate_steps, teacher, init_from=teacher_dir, teacher=None))
+            configs.append(stage("exit_gate", self.exit_gate_steps, exit_gate, init_from=teacher_dir, teacher=None))
             teacher_dir = str(root / "exit_gate" / "model")
         configs.append(stage("melt_phase1", self.phase1_steps, student, init_from=None, teacher=teacher_dir))
         configs.append(

@@ -32,6 +32,10 @@ class TrainState:
     params: Any
     opt_state: Any
     rng: Array  # uint32 [2]
+    # int32 scalar: the step at which the learning-rate decay of TrainConfig.decay_steps starts (the
+    # stage's `steps` when there is none); the trainer moves it earlier when a held-out evaluation
+    # reaches decay_at_accuracy.
+    decay_start: Array
 
 
 def _place(tree: dict, shardings: Any) -> Any:
@@ -63,7 +67,8 @@ def init_state(task: Task, cfg: TrainConfig, mesh, optimizer) -> TrainState:
     opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
     rng = jax.device_put(jax.random.PRNGKey(cfg.seed + 1), replicated(mesh))
     step = jax.device_put(jnp.zeros((), jnp.int32), replicated(mesh))
-    return TrainState(step=step, params=params, opt_state=opt_state, rng=rng)
+    decay_start = jax.device_put(jnp.array(cfg.steps - cfg.decay_steps, jnp.int32), replicated(mesh))
+    return TrainState(step=step, params=params, opt_state=opt_state, rng=rng, decay_start=decay_start)
 
 
 def abstract_state(task: Task, mesh, optimizer) -> TrainState:
@@ -79,6 +84,7 @@ def abstract_state(task: Task, mesh, optimizer) -> TrainState:
         params=abstract_arrays(shapes, shardings),
         opt_state=abstract_arrays(opt_shapes, opt_shardings),
         rng=scalar((2,), jnp.uint32),
+        decay_start=scalar((), jnp.int32),
     )
 
 
@@ -98,19 +104,37 @@ def under_mesh(fn: Callable, mesh) -> Callable:
     return call
 
 
-def train_step(loss: Callable, optimizer, state: TrainState, teacher_params, batch) -> tuple[TrainState, dict]:
+def decay_factor(step: Array, decay_start: Array, decay_steps: int) -> Array:
+    """The learning-rate factor of the update made at `step` (steps taken before it): 1 before
+    decay_start, then falling linearly, 1 - k / decay_steps at decay_start + k, to 0 after
+    decay_steps updates; 1 throughout when decay_steps is 0."""
+    if not decay_steps:
+        return jnp.float32(1.0)
+    remaining = (decay_start + decay_steps - step).astype(jnp.float32)
+    return jnp.clip(remaining / decay_steps, 0.0, 1.0)
+
+
+def train_step(
+    loss: Callable, optimizer, state: TrainState, teacher_params, batch, decay_steps: int = 0
+) -> tuple[TrainState, dict]:
     """One optimizer step: the gradient of loss(params, teacher_params, batch, state.step) -> (loss,
-    metrics), the optimizer update, the step count and RNG advanced; metrics gain the grad norm."""
+    metrics), the optimizer update scaled by `decay_factor` (for AdamW the same as scaling its
+    learning rate, weight decay included), the step count and RNG advanced; metrics gain the grad
+    norm and the learning-rate factor."""
 
     def loss_of(params):
         return loss(params, teacher_params, batch, state.step)
 
     (_, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    factor = decay_factor(state.step, state.decay_start, decay_steps)
+    if decay_steps:
+        updates = jax.tree.map(lambda u: (u * factor).astype(u.dtype), updates)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr_factor=factor)
     rng = jax.random.split(state.rng)[0]
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), metrics
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
+    return new_state, metrics
 
 
 # What a step may read of a batch, [B, S] each; a task names the ones its loss reads (Task.batch_fields).
@@ -125,11 +149,11 @@ def abstract_batch(fields: tuple[str, ...], batch_size: int, seq_len: int, mesh)
     }
 
 
-def jit_train_step(task: Task, optimizer, state_shardings, teacher_shardings, mesh):
+def jit_train_step(task: Task, optimizer, state_shardings, teacher_shardings, mesh, decay_steps: int = 0):
     """`train_step` jitted (state, teacher_params, batch) -> (state, metrics): the state is donated and
     a batch holds the arrays `task.batch_fields`; to be called (or lowered) under `jax.set_mesh(mesh)`,
     which shards activations by the logical rules."""
-    step = functools.partial(train_step, task.loss, optimizer)
+    step = functools.partial(train_step, task.loss, optimizer, decay_steps=decay_steps)
     batch_shardings = {name: batch_sharding(mesh) for name in task.batch_fields}
     return jax.jit(
         step,
@@ -139,6 +163,7 @@ def jit_train_step(task: Task, optimizer, state_shardings, teacher_shardings, me
     )
 
 
-def make_train_step(task: Task, optimizer, state_shardings, teacher_shardings, mesh):
+def make_train_step(task: Task, optimizer, state_shardings, teacher_shardings, mesh, decay_steps: int = 0):
     """The jitted `train_step` (state, teacher_params, batch) -> (state, metrics), called under the mesh."""
-    return under_mesh(jit_train_step(task, optimizer, state_shardings, teacher_shardings, mesh), mesh)
+    jitted = jit_train_step(task, optimizer, state_shardings, teacher_shardings, mesh, decay_steps)
+    return under_mesh(jitted, mesh)

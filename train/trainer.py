@@ -96,7 +96,7 @@ def run_stage(cfg: TrainConfig, *, stop_after: int | None = None, log: Callable[
     state_shardings = shardings_of(state)
     teacher_params = task.teacher_params
     teacher_shardings = None if teacher_params is None else shardings_of(teacher_params)
-    jitted_step = make_train_step(task, optimizer, state_shardings, teacher_shardings, mesh)
+    jitted_step = make_train_step(task, optimizer, state_shardings, teacher_shardings, mesh, cfg.decay_steps)
     eval_steps = make_eval_steps(task, mesh)
 
     checkpoints = RunCheckpoints(out / "checkpoints", cfg.keep_checkpoints, cfg.async_checkpoints)
@@ -112,6 +112,9 @@ def run_stage(cfg: TrainConfig, *, stop_after: int | None = None, log: Callable[
         (out / "run_config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
 
     step = int(state.step)
+    # The stage ends when the learning-rate decay does (decay_start moves earlier at a held-out
+    # accuracy of decay_at_accuracy), at the latest at cfg.steps.
+    end = min(cfg.steps, int(state.decay_start) + cfg.decay_steps) if cfg.decay_steps else cfg.steps
     last_saved = latest
     tokens_per_step = cfg.batch_size * cfg.data.seq_len
     metrics_log = MetricsLog(out, enabled=is_main, tensorboard=cfg.tensorboard, log=log)
@@ -139,7 +142,7 @@ def run_stage(cfg: TrainConfig, *, stop_after: int | None = None, log: Callable[
     steps_this_call = 0
     try:
         profile, tracing = cfg.profile_range(), False
-        while step < cfg.steps and not meta.get("stopped_early"):
+        while step < end and not meta.get("stopped_early"):
             if profile is not None and step + 1 == profile[0] and is_main:
                 jax.profiler.start_trace(str(out / "profile"))
                 tracing = True
@@ -156,7 +159,7 @@ def run_stage(cfg: TrainConfig, *, stop_after: int | None = None, log: Callable[
             steps_this_call += 1
             window_steps += 1
             meta["tokens_seen"] += tokens_per_step
-            if step % cfg.log_every == 0 or step == cfg.steps:
+            if step % cfg.log_every == 0 or step == end:
                 loss = check_finite(metrics, step)
                 elapsed = time.perf_counter() - window_start
                 tokens_per_s = window_steps * tokens_per_step / max(elapsed, 1e-9)
@@ -166,21 +169,29 @@ def run_stage(cfg: TrainConfig, *, stop_after: int | None = None, log: Callable[
                 window_start, window_steps = time.perf_counter(), 0
             if progress is not None:
                 progress.update(1)
-            if cfg.eval_every and cfg.eval_batches and step % cfg.eval_every == 0 and step < cfg.steps:
+            if cfg.eval_every and cfg.eval_batches and step % cfg.eval_every == 0 and step < end:
                 latest_eval, latest_eval_step = evaluate(eval_steps, state.params, data, cfg, mesh), step
                 metrics_log.write({"step": step, "eval": latest_eval})
-                if cfg.stop_at_accuracy and latest_eval.get("accuracy", 0.0) >= cfg.stop_at_accuracy:
+                accuracy = latest_eval.get("accuracy", 0.0)
+                if cfg.stop_at_accuracy and accuracy >= cfg.stop_at_accuracy:
                     meta["stopped_early"] = True
-                    log(f"[{cfg.stage}] held-out accuracy {latest_eval['accuracy']:.3f} at step {step}: stopping")
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps or meta.get("stopped_early"):
+                    log(f"[{cfg.stage}] held-out accuracy {accuracy:.3f} at step {step}: stopping")
+                if cfg.decay_at_accuracy and accuracy >= cfg.decay_at_accuracy and step < int(state.decay_start):
+                    state = state.replace(decay_start=jax.device_put(np.int32(step), state.decay_start.sharding))
+                    end = min(cfg.steps, step + cfg.decay_steps)
+                    log(
+                        f"[{cfg.stage}] held-out accuracy {accuracy:.3f} at step {step}: "
+                        f"learning rate decays to 0 by step {end}"
+                    )
+            if step % cfg.checkpoint_every == 0 or step == end or meta.get("stopped_early"):
                 check_finite(metrics, step)
                 meta["data"] = iterator.state()
                 checkpoints.save(step, state, dict(meta))
                 last_saved = step
-            if stop_after is not None and steps_this_call >= stop_after and step < cfg.steps:
+            if stop_after is not None and steps_this_call >= stop_after and step < end:
                 break
         checkpoints.wait()
-        finished = step >= cfg.steps or meta.get("stopped_early", False)
+        finished = step >= end or meta.get("stopped_early", False)
         if finished:
             if latest_eval is not None and latest_eval_step == step:
                 final_eval = latest_eval

@@ -1,4 +1,5 @@
-"""The embedded default task, generated on the machine: digit arithmetic modulo 10 in one of two forms.
+"""The embedded default task, generated on the machine: digit arithmetic modulo 10 (or a smaller
+`modulus`) in one of two forms.
 
 expression (the default): a digit and `hops` operations with digit operands, evaluated left to right
 modulo 10; the answer ends the line:
@@ -38,10 +39,11 @@ from melt_jax.data.packing import PackedData
 from melt_jax.data.tokenizer import Tokenizer
 from melt_jax.errors import DataError
 
+# Each operation as a function of (x, y) before the modulus is taken.
 OPERATIONS = {
-    "+": lambda x, y: (x + y) % 10,
-    "-": lambda x, y: (x - y) % 10,
-    "*": lambda x, y: (x * y) % 10,
+    "+": lambda x, y: x + y,
+    "-": lambda x, y: x - y,
+    "*": lambda x, y: x * y,
 }
 VARIABLE_NAMES = string.ascii_lowercase
 FORMS = ("expression", "assignments")
@@ -57,7 +59,8 @@ class SyntheticTaskConfig:
     min_hops         fewest operations in the queried chain (0: the query names a digit assignment)
     max_hops         most operations in the queried chain (inclusive)
     num_distractors  assignments per example that the answer does not depend on
-    ops              operations to draw from, a subset of ("+", "-", "*"), applied modulo 10
+    ops              operations to draw from, a subset of ("+", "-", "*")
+    modulus          digits are drawn from 0..modulus-1 and every operation is taken modulo it (2..10)
     seed             seed of the generator (use different seeds for train and eval)
     """
 
@@ -67,6 +70,7 @@ class SyntheticTaskConfig:
     max_hops: int = 1
     num_distractors: int = 0
     ops: tuple[str, ...] = ("+", "*")
+    modulus: int = 10
     seed: int = 0
 
     def __post_init__(self):
@@ -78,11 +82,14 @@ class SyntheticTaskConfig:
             ("min_hops", 0),
             ("max_hops", 0),
             ("num_distractors", 0),
+            ("modulus", 2),
             ("seed", 0),
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise DataError(f"SyntheticTaskConfig.{name} must be an integer >= {minimum}, got {value!r}")
+        if self.modulus > 10:
+            raise DataError(f"SyntheticTaskConfig.modulus must be at most 10 (one-digit values), got {self.modulus}")
         if self.max_hops < self.min_hops:
             raise DataError(f"SyntheticTaskConfig.max_hops {self.max_hops} is below min_hops {self.min_hops}")
         if self.form == "expression" and self.num_distractors:
@@ -111,15 +118,17 @@ def _defined_variable(statement: str) -> str:
     return statement.split("=", 1)[0]
 
 
-def _operations(rng: np.random.Generator, ops: Sequence[str], hops: int) -> tuple[int, list[tuple[str, int]], int]:
+def _operations(
+    rng: np.random.Generator, ops: Sequence[str], hops: int, modulus: int
+) -> tuple[int, list[tuple[str, int]], int]:
     """A start digit, `hops` (operation, operand digit) pairs drawn from `ops`, and the value of
-    applying them to the start in order, modulo 10."""
-    start = value = int(rng.integers(10))
+    applying them to the start in order, modulo `modulus` (digits are below it)."""
+    start = value = int(rng.integers(modulus))
     steps = []
     for _ in range(hops):
         op = ops[int(rng.integers(len(ops)))]
-        operand = int(rng.integers(10))
-        value = OPERATIONS[op](value, operand)
+        operand = int(rng.integers(modulus))
+        value = OPERATIONS[op](value, operand) % modulus
         steps.append((op, operand))
     return start, steps, value
 
@@ -128,13 +137,13 @@ def generate_example(rng: np.random.Generator, config: SyntheticTaskConfig) -> t
     """One example drawn with `rng`: (prompt, answer, hops)."""
     hops = int(rng.integers(config.min_hops, config.max_hops + 1))
     if config.form == "expression":
-        start, steps, value = _operations(rng, config.ops, hops)
+        start, steps, value = _operations(rng, config.ops, hops, config.modulus)
         return str(start) + "".join(f"{op}{operand}" for op, operand in steps) + "=", str(value), hops
 
     letters = rng.permutation(len(VARIABLE_NAMES))[: hops + 1 + config.num_distractors]
     names = [VARIABLE_NAMES[i] for i in letters]
     chain, distractors = names[: hops + 1], names[hops + 1 :]
-    start, steps, value = _operations(rng, config.ops, hops)
+    start, steps, value = _operations(rng, config.ops, hops, config.modulus)
     statements = [f"{chain[0]}={start}"]
     for (previous, name), (op, operand) in zip(itertools.pairwise(chain), steps):
         statements.append(f"{name}={previous}{op}{operand}")
@@ -145,9 +154,9 @@ def generate_example(rng: np.random.Generator, config: SyntheticTaskConfig) -> t
         if defined and rng.random() < 0.5:  # an operation on a variable defined before it
             source = defined[int(rng.integers(len(defined)))]
             op = config.ops[int(rng.integers(len(config.ops)))]
-            statements.insert(position, f"{name}={source}{op}{int(rng.integers(10))}")
+            statements.insert(position, f"{name}={source}{op}{int(rng.integers(config.modulus))}")
         else:
-            statements.insert(position, f"{name}={int(rng.integers(10))}")
+            statements.insert(position, f"{name}={int(rng.integers(config.modulus))}")
 
     prompt = ",".join(statements) + f";{chain[-1]}?"
     return prompt, str(value), hops

@@ -7,7 +7,7 @@ answer accuracy where the dataset has prompt/answer columns (the synthetic task 
     melt-eval --checkpoint CKPT --tokenizer tokenizer.json --data notes.txt --seq-len 512 --json
 
 --data takes what the training program reads (melt_jax.data.pipeline.load_text_dataset): "synthetic[:N]" or a
-local .txt / .json / .jsonl / .parquet file or folder; --form, --hops, --distractors and --ops set the
+local .txt / .json / .jsonl / .parquet file or folder; --form, --hops, --distractors, --ops and --modulus set the
 synthetic task (default: melt_jax.data.synthetic's defaults, the training pipeline's task). Loss: documents
 are tokenized with eos and packed into rows of --seq-len tokens as in training (melt_jax.data.pipeline), every
 token's prediction scored except the first of each document. Accuracy: each prompt + answer is one row,
@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hops", type=int, default=None, help="synthetic task: operations per example")
     p.add_argument("--distractors", type=int, default=None, help="synthetic task (assignments): unrelated assignments")
     p.add_argument("--ops", default=None, help="synthetic task: operations to draw from, e.g. '+-*'")
+    p.add_argument("--modulus", type=int, default=None, help="synthetic task: digits below it, operations modulo it")
     p.add_argument("--text-field", default="text")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per row")
     p.add_argument("--batch-size", type=int, default=8)
@@ -85,7 +86,7 @@ def _check_sizes(args: argparse.Namespace) -> None:
 
 
 def _task(args: argparse.Namespace) -> dict:
-    """The synthetic task fields set by --form / --hops / --distractors / --ops."""
+    """The synthetic task fields set by --form / --hops / --distractors / --ops / --modulus."""
     task = {}
     if args.form is not None:
         task.update(form=args.form)
@@ -95,9 +96,12 @@ def _task(args: argparse.Namespace) -> dict:
         task.update(num_distractors=args.distractors)
     if args.ops is not None:
         task.update(ops=tuple(args.ops))
+    if args.modulus is not None:
+        task.update(modulus=args.modulus)
     if task and not args.data.startswith("synthetic"):
         raise DataError(
-            f"--form / --hops / --distractors / --ops apply to the synthetic task, not to --data {args.data}"
+            "--form / --hops / --distractors / --ops / --modulus apply to the synthetic task, "
+            f"not to --data {args.data}"
         )
     return task
 
