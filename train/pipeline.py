@@ -86,8 +86,8 @@ class PipelineConfig:
         root = Path(self.output_dir)
         opt = self.train.optimizer
 
-        exit_gate = dict(learning_rate=self.teacher_learning_rate, warmup_steps=self.teacher_warmup_steps)
-        teacher = dict(exit_gate, schedule="constant")  # the decay follows the held-out accuracy
+        teacher_rate = dict(learning_rate=self.teacher_learning_rate, warmup_steps=self.teacher_warmup_steps)
+        teacher = dict(teacher_rate, schedule="constant")  # the decay follows the held-out accuracy
         student = dict(learning_rate=self.student_learning_rate, warmup_steps=opt.warmup_steps)
 
         def stage(name, steps, schedule, **fields):
@@ -104,7 +104,7 @@ class PipelineConfig:
         )
         configs = [stage("looplm", self.teacher_steps, teacher, init_from=None, teacher=None, **decay)]
         if self.exit_gate_steps:
-            configs.append(stage("exit_gate", self.exit_gate_steps, exit_gate, init_from=teacher_dir, teacher=None))
+            configs.append(stage("exit_gate", self.exit_gate_steps, teacher_rate, init_from=teacher_dir, teacher=None))
             teacher_dir = str(root / "exit_gate" / "model")
         configs.append(stage("melt_phase1", self.phase1_steps, student, init_from=None, teacher=teacher_dir))
         configs.append(
