@@ -30,6 +30,7 @@ from melt_jax.train.cli import main as train_main
 from melt_jax.train.config import RunConfigError, load_train_config
 from melt_jax.train.objectives import Distillation, exit_gate_loss, looplm_loss, phase1_loss
 from melt_jax.train.pipeline import load_pipeline_config
+from melt_jax.train.tasks import build_task
 from melt_jax.train.trainer import run_stage
 
 SEQ, CHUNK, BATCH = 32, 8, 8
@@ -611,6 +612,21 @@ def test_decay_at_accuracy_decays_then_ends_the_stage(tmp_path, teacher_dir, mod
 # Bad configurations
 
 
+def test_model_overrides_of_a_looplm_from_scratch():
+    """vocab_size, num_layers, intermediate_size and num_heads replace the preset's own; the heads keep
+    the preset's head_dim, with as many key/value heads as query heads."""
+    cfg = load_train_config(
+        None, ["model=tiny", "vocab_size=258", "num_layers=1", "intermediate_size=32", "num_heads=1"]
+    )
+    config = build_task(cfg, mesh=None).config
+    tiny = OuroConfig.preset("tiny")
+    assert (config.vocab_size, config.num_layers, config.intermediate_size) == (258, 1, 32)
+    assert (config.num_heads, config.num_kv_heads, config.head_dim) == (1, 1, tiny.head_dim)
+    assert (config.hidden_size, config.num_loops) == (tiny.hidden_size, tiny.num_loops)
+    kept = build_task(load_train_config(None, ["model=tiny"]), mesh=None).config
+    assert (kept.num_heads, kept.num_kv_heads, kept.intermediate_size) == (4, 2, tiny.intermediate_size)
+
+
 def test_bad_configurations_give_clear_errors(tmp_path, teacher_dir, model_json):
     def overrides(*extra):
         return stage_overrides("melt_phase1", tmp_path / "bad", teacher_dir, model_json) + list(extra)
@@ -625,6 +641,8 @@ def test_bad_configurations_give_clear_errors(tmp_path, teacher_dir, model_json)
         load_train_config(None, overrides("data.form=expression", "data.distractors=2"))
     with pytest.raises(RunConfigError, match="num_layers must be >= 0"):
         load_train_config(None, overrides("num_layers=-1"))
+    with pytest.raises(RunConfigError, match="num_heads must be >= 0"):
+        load_train_config(None, overrides("num_heads=-1"))
     with pytest.raises(ShardingError, match="mesh data=3 x fsdp=1 x tensor=1 = 3 devices, but there are 8"):
         run_stage(load_train_config(None, overrides("mesh.data=3")))
     # A teacher whose shapes differ from the student's.

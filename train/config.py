@@ -78,6 +78,7 @@ class TrainConfig:
     vocab_size: int = 0  # looplm from scratch: > 0 replaces the model's vocab_size (e.g. 258 for bytes)
     num_layers: int = 0  # looplm from scratch: > 0 replaces the model's num_hidden_layers
     intermediate_size: int = 0  # looplm from scratch: > 0 replaces the model's MLP width
+    num_heads: int = 0  # looplm from scratch: > 0 replaces the model's query and key/value heads (MHA)
     init_from: str | None = None  # a melt_jax checkpoint directory to start from
     teacher: str | None = None  # MELT phases: the frozen LoopLM teacher's checkpoint directory
     steps: int = 100
@@ -127,7 +128,7 @@ class TrainConfig:
         for name in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise RunConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("vocab_size", "num_layers", "intermediate_size"):
+        for name in ("vocab_size", "num_layers", "intermediate_size", "num_heads"):
             if getattr(self, name) < 0:
                 raise RunConfigError(f"{name} must be >= 0 (0 keeps the model's own), got {getattr(self, name)}")
         if self.data.loss not in ("answer", "all"):

@@ -65,6 +65,9 @@ def _model_config(cfg: TrainConfig) -> OuroConfig:
         config = config.replace(num_hidden_layers=cfg.num_layers)
     if cfg.intermediate_size > 0:
         config = config.replace(intermediate_size=cfg.intermediate_size)
+    if cfg.num_heads > 0:
+        # head_dim stays the model's: fewer heads narrow the attention rather than widen each head
+        config = config.replace(num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_heads)
     config.validate()
     return config
 
