@@ -68,7 +68,7 @@ from melt_jax.train.objectives import (
     phase2_loss,
 )
 from melt_jax.train.optimizer import OptimizerConfig, build_optimizer
-from melt_jax.train.steps import TrainState, train_step
+from melt_jax.train.steps import NOT_TRIGGERED, TrainState, train_step
 
 BETA = 0.1  # looplm: weight of the exit entropy (TrainConfig.beta)
 ALIGN_BETA = 0.1  # phase 2: weight of the attention alignment (TrainConfig.align_beta)
@@ -188,7 +188,7 @@ def time_step(loss_fn, host_params, teacher_params, batch, step_number, repeats:
         params=params,
         opt_state=optimizer.init(params),
         rng=jax.random.PRNGKey(0),
-        decay_start=jnp.array(TOTAL_STEPS, jnp.int32),
+        decay_start=jnp.array(NOT_TRIGGERED, jnp.int32),
     )
     step = jax.jit(functools.partial(train_step, loss_fn, optimizer), donate_argnums=0)
 

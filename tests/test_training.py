@@ -597,6 +597,14 @@ def test_decay_at_accuracy_decays_then_ends_the_stage(tmp_path, teacher_dir, mod
     assert run_stage(untriggered, log=lambda _: None).steps == 6
     records = [json.loads(line) for line in (tmp_path / "late" / "metrics.jsonl").read_text().splitlines()]
     np.testing.assert_allclose([r["lr_factor"] for r in records if "lr_factor" in r], [1, 1, 1, 0.75, 0.5, 0.25])
+    # Resumed with more steps, an untriggered decay follows the new end: it starts again decay_steps
+    # before step 8, at 4, so updates 7 and 8 take 1/2 and 1/4 of the rate.
+    longer = load_train_config(None, [*fields, f"output_dir={tmp_path / 'late'}", "steps=8", "decay_steps=4"])
+    assert run_stage(longer, log=lambda _: None).steps == 8
+    records = [json.loads(line) for line in (tmp_path / "late" / "metrics.jsonl").read_text().splitlines()]
+    factors = [(r["step"], r["lr_factor"]) for r in records if "lr_factor" in r]
+    assert [s for s, _ in factors] == list(range(1, 9))
+    np.testing.assert_allclose([f for _, f in factors][6:], [0.5, 0.25])
 
     for extra, match in (
         (["decay_at_accuracy=0.9"], "decay_at_accuracy needs decay_steps > 0"),

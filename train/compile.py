@@ -32,9 +32,8 @@ def compile_stage(cfg: TrainConfig, topology: str | None = None) -> CompileRepor
     optimizer = build_optimizer(cfg.optimizer, abstract_params(task.model), cfg.steps, task.trainable)
     state = abstract_state(task, mesh, optimizer)
     teacher = task.teacher_params
-    step = jit_train_step(
-        task, optimizer, shardings_of(state), None if teacher is None else shardings_of(teacher), mesh, cfg.decay_steps
-    )
+    teacher_shardings = None if teacher is None else shardings_of(teacher)
+    step = jit_train_step(task, optimizer, shardings_of(state), teacher_shardings, mesh, cfg.steps, cfg.decay_steps)
     batch = abstract_batch(task.batch_fields, cfg.batch_size, cfg.data.seq_len, mesh)
 
     def lower():

@@ -32,10 +32,13 @@ class TrainState:
     params: Any
     opt_state: Any
     rng: Array  # uint32 [2]
-    # int32 scalar: the step at which the learning-rate decay of TrainConfig.decay_steps starts (the
-    # stage's `steps` when there is none); the trainer moves it earlier when a held-out evaluation
-    # reaches decay_at_accuracy.
+    # int32 scalar: the step at which a held-out evaluation reaching TrainConfig.decay_at_accuracy
+    # started the learning-rate decay, NOT_TRIGGERED until one does. Only this is state: the decay
+    # otherwise starts decay_steps before the stage's `steps`, which a resumed run may change.
     decay_start: Array
+
+
+NOT_TRIGGERED = np.iinfo(np.int32).max
 
 
 def _place(tree: dict, shardings: Any) -> Any:
@@ -67,7 +70,7 @@ def init_state(task: Task, cfg: TrainConfig, mesh, optimizer) -> TrainState:
     opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
     rng = jax.device_put(jax.random.PRNGKey(cfg.seed + 1), replicated(mesh))
     step = jax.device_put(jnp.zeros((), jnp.int32), replicated(mesh))
-    decay_start = jax.device_put(jnp.array(cfg.steps - cfg.decay_steps, jnp.int32), replicated(mesh))
+    decay_start = jax.device_put(jnp.array(NOT_TRIGGERED, jnp.int32), replicated(mesh))
     return TrainState(step=step, params=params, opt_state=opt_state, rng=rng, decay_start=decay_start)
 
 
@@ -104,6 +107,12 @@ def under_mesh(fn: Callable, mesh) -> Callable:
     return call
 
 
+def scheduled_decay_start(triggered: Array | int, steps: int, decay_steps: int) -> Array:
+    """The step at which the learning-rate decay starts: the triggered start (TrainState.decay_start)
+    or decay_steps before the stage's last step, whichever comes first."""
+    return jnp.minimum(triggered, steps - decay_steps)
+
+
 def decay_factor(step: Array, decay_start: Array, decay_steps: int) -> Array:
     """The learning-rate factor of the update made at `step` (steps taken before it): 1 before
     decay_start, then falling linearly, 1 - k / decay_steps at decay_start + k, to 0 after
@@ -115,19 +124,20 @@ def decay_factor(step: Array, decay_start: Array, decay_steps: int) -> Array:
 
 
 def train_step(
-    loss: Callable, optimizer, state: TrainState, teacher_params, batch, decay_steps: int = 0
+    loss: Callable, optimizer, state: TrainState, teacher_params, batch, steps: int = 0, decay_steps: int = 0
 ) -> tuple[TrainState, dict]:
     """One optimizer step: the gradient of loss(params, teacher_params, batch, state.step) -> (loss,
-    metrics), the optimizer update scaled by `decay_factor` (for AdamW the same as scaling its
-    learning rate, weight decay included), the step count and RNG advanced; metrics gain the grad
-    norm and the learning-rate factor."""
+    metrics), the optimizer update scaled by `decay_factor` over the last `decay_steps` of `steps`
+    or from the triggered start (for AdamW the same as scaling its learning rate, weight decay
+    included), the step count and RNG advanced; metrics gain the grad norm and the learning-rate
+    factor."""
 
     def loss_of(params):
         return loss(params, teacher_params, batch, state.step)
 
     (_, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    factor = decay_factor(state.step, state.decay_start, decay_steps)
+    factor = decay_factor(state.step, scheduled_decay_start(state.decay_start, steps, decay_steps), decay_steps)
     if decay_steps:
         updates = jax.tree.map(lambda u: (u * factor).astype(u.dtype), updates)
     params = optax.apply_updates(state.params, updates)
@@ -149,11 +159,13 @@ def abstract_batch(fields: tuple[str, ...], batch_size: int, seq_len: int, mesh)
     }
 
 
-def jit_train_step(task: Task, optimizer, state_shardings, teacher_shardings, mesh, decay_steps: int = 0):
+def jit_train_step(
+    task: Task, optimizer, state_shardings, teacher_shardings, mesh, steps: int = 0, decay_steps: int = 0
+):
     """`train_step` jitted (state, teacher_params, batch) -> (state, metrics): the state is donated and
     a batch holds the arrays `task.batch_fields`; to be called (or lowered) under `jax.set_mesh(mesh)`,
     which shards activations by the logical rules."""
-    step = functools.partial(train_step, task.loss, optimizer, decay_steps=decay_steps)
+    step = functools.partial(train_step, task.loss, optimizer, steps=steps, decay_steps=decay_steps)
     batch_shardings = {name: batch_sharding(mesh) for name in task.batch_fields}
     return jax.jit(
         step,
@@ -163,7 +175,9 @@ def jit_train_step(task: Task, optimizer, state_shardings, teacher_shardings, me
     )
 
 
-def make_train_step(task: Task, optimizer, state_shardings, teacher_shardings, mesh, decay_steps: int = 0):
+def make_train_step(
+    task: Task, optimizer, state_shardings, teacher_shardings, mesh, steps: int = 0, decay_steps: int = 0
+):
     """The jitted `train_step` (state, teacher_params, batch) -> (state, metrics), called under the mesh."""
-    jitted = jit_train_step(task, optimizer, state_shardings, teacher_shardings, mesh, decay_steps)
+    jitted = jit_train_step(task, optimizer, state_shardings, teacher_shardings, mesh, steps, decay_steps)
     return under_mesh(jitted, mesh)

@@ -35,7 +35,7 @@ from melt_jax.train.held_out import evaluate, make_eval_steps
 from melt_jax.train.metrics import MetricsLog
 from melt_jax.train.optimizer import build_optimizer
 from melt_jax.train.stage_data import batch_digest, build_data
-from melt_jax.train.steps import init_state, make_train_step, shardings_of
+from melt_jax.train.steps import init_state, make_train_step, scheduled_decay_start, shardings_of
 from melt_jax.train.tasks import build_task
 
 
@@ -96,7 +96,7 @@ def run_stage(cfg: TrainConfig, *, stop_after: int | None = None, log: Callable[
     state_shardings = shardings_of(state)
     teacher_params = task.teacher_params
     teacher_shardings = None if teacher_params is None else shardings_of(teacher_params)
-    jitted_step = make_train_step(task, optimizer, state_shardings, teacher_shardings, mesh, cfg.decay_steps)
+    jitted_step = make_train_step(task, optimizer, state_shardings, teacher_shardings, mesh, cfg.steps, cfg.decay_steps)
     eval_steps = make_eval_steps(task, mesh)
 
     checkpoints = RunCheckpoints(out / "checkpoints", cfg.keep_checkpoints, cfg.async_checkpoints)
@@ -112,9 +112,10 @@ def run_stage(cfg: TrainConfig, *, stop_after: int | None = None, log: Callable[
         (out / "run_config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
 
     step = int(state.step)
-    # The stage ends when the learning-rate decay does (decay_start moves earlier at a held-out
-    # accuracy of decay_at_accuracy), at the latest at cfg.steps.
-    end = min(cfg.steps, int(state.decay_start) + cfg.decay_steps) if cfg.decay_steps else cfg.steps
+    # The stage ends when the learning-rate decay does (it starts earlier at a held-out accuracy of
+    # decay_at_accuracy), at the latest at cfg.steps.
+    decay_start = int(scheduled_decay_start(int(state.decay_start), cfg.steps, cfg.decay_steps))
+    end = decay_start + cfg.decay_steps
     last_saved = latest
     tokens_per_step = cfg.batch_size * cfg.data.seq_len
     metrics_log = MetricsLog(out, enabled=is_main, tensorboard=cfg.tensorboard, log=log)
@@ -176,9 +177,9 @@ def run_stage(cfg: TrainConfig, *, stop_after: int | None = None, log: Callable[
                 if cfg.stop_at_accuracy and accuracy >= cfg.stop_at_accuracy:
                     meta["stopped_early"] = True
                     log(f"[{cfg.stage}] held-out accuracy {accuracy:.3f} at step {step}: stopping")
-                if cfg.decay_at_accuracy and accuracy >= cfg.decay_at_accuracy and step < int(state.decay_start):
+                if cfg.decay_at_accuracy and accuracy >= cfg.decay_at_accuracy and step < decay_start:
                     state = state.replace(decay_start=jax.device_put(np.int32(step), state.decay_start.sharding))
-                    end = min(cfg.steps, step + cfg.decay_steps)
+                    decay_start, end = step, step + cfg.decay_steps
                     log(
                         f"[{cfg.stage}] held-out accuracy {accuracy:.3f} at step {step}: "
                         f"learning rate decays to 0 by step {end}"
