@@ -547,7 +547,7 @@ def test_stop_at_accuracy_ends_the_stage_and_a_rerun_keeps_it(tmp_path, teacher_
 
 
 def test_decay_factor_falls_linearly_from_the_decay_start():
-    from melt_jax.train.steps import decay_factor
+    from melt_jax.train.steps import decay_factor, train_step
 
     steps = jnp.arange(12)
     got = np.asarray(jax.vmap(lambda s: decay_factor(s, jnp.int32(5), 4))(steps))
@@ -555,6 +555,9 @@ def test_decay_factor_falls_linearly_from_the_decay_start():
     want = np.array([1, 1, 1, 1, 1, 1, 0.75, 0.5, 0.25, 0, 0, 0], np.float32)
     np.testing.assert_allclose(got, want, atol=1e-7)
     assert float(decay_factor(jnp.int32(100), jnp.int32(0), 0)) == 1.0  # no decay
+    # A decay needs the stage's length to know where it starts when no evaluation triggered it.
+    with pytest.raises(ValueError, match="decay_steps=4 needs the stage's steps"):
+        train_step(None, None, None, None, None, steps=0, decay_steps=4)
 
 
 def test_decay_at_accuracy_decays_then_ends_the_stage(tmp_path, teacher_dir, model_json, monkeypatch):

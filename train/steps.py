@@ -131,6 +131,8 @@ def train_step(
     or from the triggered start (for AdamW the same as scaling its learning rate, weight decay
     included), the step count and RNG advanced; metrics gain the grad norm and the learning-rate
     factor."""
+    if decay_steps and not 0 < decay_steps <= steps:
+        raise ValueError(f"train_step: decay_steps={decay_steps} needs the stage's steps >= it, got steps={steps}")
 
     def loss_of(params):
         return loss(params, teacher_params, batch, state.step)
