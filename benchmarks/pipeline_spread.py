@@ -87,9 +87,15 @@ def run_all(seeds: list[int], threads: list[int], root: Path, overrides: list[st
             out = root / f"t{t}_s{s}"
             running.append((t, s, out, start(cores, out, s, overrides)))
             jobs.remove((t, s))
-        for t, s, out, process in running:
-            process.wait()
-            row = result_row(out, t, s, process.returncode, time.perf_counter() - started)
+        # Each run's wall time ends when it does, not when the run listed before it in the batch does.
+        finished = {}
+        while len(finished) < len(running):
+            for index, (_, _, _, process) in enumerate(running):
+                if index not in finished and process.poll() is not None:
+                    finished[index] = time.perf_counter() - started
+            time.sleep(0.2)
+        for index, (t, s, out, process) in enumerate(running):
+            row = result_row(out, t, s, process.returncode, finished[index])
             print(format_row(row), flush=True)
             rows.append(row)
     return rows

@@ -148,15 +148,15 @@ def test_melt_eval_on_the_synthetic_task(checkpoint, capsys):
     assert answers["num_examples"] == 10 and 0 <= answers["accuracy"] <= 1
     code = cli_eval.main([*args, "--seq-len", "48", "--batch-size", "4", "--max-batches", "1"])
     assert code == 0 and "answer accuracy" in capsys.readouterr().out
-    code = cli_eval.main([*args, "--seq-len", "4"])  # "3*4=" and its answer are 5 tokens
-    assert code == 2 and "more than seq_len 4" in capsys.readouterr().err
+    code = cli_eval.main([*args, "--seq-len", "6"])  # "3*4=" and its answer are 5 tokens, "3+4=*2=4" 8
+    assert code == 2 and "more than seq_len 6" in capsys.readouterr().err
     # The assignments form with two operations and a distractor: longer lines than the default's.
     task = ["--form", "assignments", "--hops", "2", "--distractors", "1", "--ops", "+-"]
     code = cli_eval.main([*args, "--seq-len", "48", "--batch-size", "4", *task, "--json"])
     chains = json.loads(capsys.readouterr().out)
     assert code == 0 and chains["loss"]["num_tokens"] > loss["num_tokens"]
     code = cli_eval.main([*args, "--distractors", "2"])
-    assert code == 2 and "the expression form has no distractors" in capsys.readouterr().err
+    assert code == 2 and "the chain form has no distractors" in capsys.readouterr().err
     code = cli_eval.main([*args, "--hops", "-1"])
     assert code == 2 and "min_hops must be an integer >= 0" in capsys.readouterr().err
     code = cli_eval.main([*args, "--modulus", "12"])

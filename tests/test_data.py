@@ -1,5 +1,6 @@
 """Tests of the data pipeline: tokenizers, loading, packing, the batch iterator, the synthetic task."""
 
+import dataclasses
 import json
 import re
 from collections import Counter
@@ -389,7 +390,7 @@ def _solve(prompt):
     return values[query], depth[query], names
 
 
-ASSIGNMENTS = dict(form="assignments", min_hops=2, max_hops=3, num_distractors=1, ops=("+", "-"))
+ASSIGNMENTS = dict(form="assignments", min_hops=2, max_hops=3, num_distractors=1, ops=("+", "-"), modulus=10)
 
 
 def test_synthetic_dataset_is_deterministic_and_correct():
@@ -417,7 +418,7 @@ def test_synthetic_dataset_is_deterministic_and_correct():
 
 def test_synthetic_config_options_and_errors():
     config = synthetic.SyntheticTaskConfig(
-        form="assignments", num_examples=40, min_hops=5, max_hops=5, num_distractors=3, ops=["*"], seed=1
+        form="assignments", num_examples=40, min_hops=5, max_hops=5, num_distractors=3, ops=["*"], modulus=10, seed=1
     )
     assert config.ops == ("*",)
     ds = synthetic.synthetic_reasoning_dataset(config)
@@ -449,15 +450,56 @@ def _evaluate_expression(prompt, modulus=10):
     return value, operations
 
 
+def _evaluate_chain(prompt, modulus):
+    """Independent evaluation of a chain prompt "d(op d=)+": (value modulo `modulus`, operations)."""
+    assert re.fullmatch(r"\d([+\-*]\d=)+", prompt), prompt
+    value, operations = int(prompt[0]), 0
+    for sign, digit in re.findall(r"([+\-*])(\d)=", prompt):
+        value = {"+": value + int(digit), "-": value - int(digit), "*": value * int(digit)}[sign] % modulus
+        operations += 1
+    return value, operations
+
+
+def test_synthetic_chain_form_is_the_default():
+    """The default: one or two + or * modulo 5, each operation ending with '=' ("3+4=*2=" -> 4)."""
+    default = synthetic.synthetic_reasoning_dataset(synthetic.SyntheticTaskConfig(num_examples=3000))
+    assert all(re.fullmatch(r"\d[+*]\d=([+*]\d=)?", p) for p in default["prompt"])
+    assert set(default["hops"]) == {1, 2} and set(default["answer"]) == set("01234")
+    assert 0.45 < np.mean(np.array(default["hops"]) == 2) < 0.55  # hops drawn uniformly
+    assert len(set(default["prompt"])) > 500  # most of the 50 + 500 lines appear
+    for prompt, answer, text, hops in zip(default["prompt"], default["answer"], default["text"], default["hops"]):
+        assert _evaluate_chain(prompt, modulus=5) == (int(answer), hops), prompt
+        assert text == prompt + answer + "\n"
+    assert "3+4=*2=" in default["prompt"] and default["answer"][default["prompt"].index("3+4=*2=")] == "4"
+
+    config = synthetic.SyntheticTaskConfig(form="chain", num_examples=300, max_hops=4, ops="+-*", modulus=10, seed=3)
+    ds = synthetic.synthetic_reasoning_dataset(config)
+    assert ds.to_dict() == synthetic.synthetic_reasoning_dataset(config).to_dict()
+    for prompt, answer, hops in zip(ds["prompt"], ds["answer"], ds["hops"]):
+        assert _evaluate_chain(prompt, modulus=10) == (int(answer), hops), prompt
+    assert set(ds["hops"]) == {1, 2, 3, 4} and len(set(ds["answer"])) == 10
+    # The same draws as the expression form, written with an '=' after each operation.
+    expression = synthetic.synthetic_reasoning_dataset(dataclasses.replace(config, form="expression"))
+    assert [p.replace("=", "") for p in ds["prompt"]] == [p.replace("=", "") for p in expression["prompt"]]
+    assert ds["answer"] == expression["answer"]
+    with pytest.raises(DataError, match="min_hops must be >= 1 in the chain form"):
+        synthetic.SyntheticTaskConfig(min_hops=0)
+    with pytest.raises(DataError, match="the chain form has no distractors"):
+        synthetic.SyntheticTaskConfig(num_distractors=1)
+
+
 def test_synthetic_expression_form():
-    default = synthetic.synthetic_reasoning_dataset(synthetic.SyntheticTaskConfig(num_examples=2000))
-    assert all(re.fullmatch(r"\d[+*]\d=", p) for p in default["prompt"])  # the default: one + or *
+    one_operation = synthetic.SyntheticTaskConfig(form="expression", num_examples=2000, max_hops=1, modulus=10)
+    default = synthetic.synthetic_reasoning_dataset(one_operation)
+    assert all(re.fullmatch(r"\d[+*]\d=", p) for p in default["prompt"])  # one + or *
     assert set(default["hops"]) == {1} and len(set(default["answer"])) == 10
     assert len(set(default["prompt"])) > 195  # nearly all of the 200 sums and products appear
     for prompt, answer in zip(default["prompt"], default["answer"]):
         assert str(_evaluate_expression(prompt)[0]) == answer, prompt
 
-    config = synthetic.SyntheticTaskConfig(num_examples=300, min_hops=0, max_hops=4, ops="+-*", seed=3)
+    config = synthetic.SyntheticTaskConfig(
+        form="expression", num_examples=300, min_hops=0, max_hops=4, ops="+-*", modulus=10, seed=3
+    )
     ds = synthetic.synthetic_reasoning_dataset(config)
     assert ds.to_dict() == synthetic.synthetic_reasoning_dataset(config).to_dict()
     for prompt, answer, text, hops in zip(ds["prompt"], ds["answer"], ds["text"], ds["hops"]):
@@ -468,7 +510,9 @@ def test_synthetic_expression_form():
     assert set(c for p in ds["prompt"] for c in p if c in "+-*") == {"+", "-", "*"}
 
     mod5 = synthetic.synthetic_reasoning_dataset(
-        synthetic.SyntheticTaskConfig(num_examples=2000, min_hops=2, max_hops=2, ops="+-*", modulus=5, seed=4)
+        synthetic.SyntheticTaskConfig(
+            form="expression", num_examples=2000, min_hops=2, max_hops=2, ops="+-*", modulus=5, seed=4
+        )
     )
     digits = {c for p in mod5["prompt"] for c in p if c.isdigit()}
     assert digits == {"0", "1", "2", "3", "4"} and set(mod5["answer"]) == digits

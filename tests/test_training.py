@@ -201,7 +201,9 @@ def test_config_file_with_overrides(tmp_path):
     (tmp_path / "run.yaml").write_text(
         "stage: looplm\nsteps: 7\noptimizer:\n  learning_rate: 0.01\n  schedule: constant\ndata:\n  seq_len: 48\n"
     )
-    cfg = load_train_config(tmp_path / "run.yaml", ["steps=9", "data.max_hops=0", "data.min_hops=0"])
+    cfg = load_train_config(
+        tmp_path / "run.yaml", ["steps=9", "data.form=expression", "data.max_hops=0", "data.min_hops=0"]
+    )
     assert (cfg.steps, cfg.optimizer.learning_rate, cfg.optimizer.schedule, cfg.data.seq_len, cfg.data.max_hops) == (
         9,
         0.01,
@@ -700,8 +702,8 @@ def test_pipeline_config_stages(tmp_path):
 
 def test_pipeline_on_the_embedded_default(tmp_path):
     """The README's main job as it runs there (`python -m melt_jax.train pipeline`, default settings,
-    one CPU device, XLA's usual optimisation; 2 to 4 minutes on 2 cores): the teacher learns the task,
-    its last loop is at least as accurate as its first, and the MELT student follows it. The bounds
+    one CPU device, XLA's usual optimisation; 2 to 3 minutes on 2 cores): the teacher learns the task,
+    its last loop is well above its first, and the MELT student follows it. The bounds
     are those every run of the README's spread (10 seeds x 1 and 2 XLA threads) meets, since
     another machine's rounding trains another model from the same seed."""
     env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
@@ -719,10 +721,10 @@ def test_pipeline_on_the_embedded_default(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["within_margin"] == (done.returncode == 0) and summary["accuracy_margin"] == 0.05
     teacher, student = summary["models"]["teacher (Ouro)"], summary["models"]["student (MELT)"]
-    # Every run of the README's spread (20) ends with the teacher at 1.000 and the student within 0.012 of
-    # it. The last loop need only be as accurate as the first: in two runs the first loop learned everything.
+    # Every run of the README's spread ends with the teacher at 1.000, its last loop 0.59 or more above
+    # its first, and the student within 0.002 of it; the bounds leave room for other machines.
     assert teacher["accuracy"] >= 0.95, teacher
-    assert teacher["loop_accuracy"][-1] >= teacher["loop_accuracy"][0], teacher
+    assert teacher["loop_accuracy"][-1] >= teacher["loop_accuracy"][0] + 0.3, teacher
     assert teacher["loop_loss"][-1] <= teacher["loop_loss"][0] + 1e-3, teacher
     assert student["accuracy"] >= teacher["accuracy"] - 0.05 and done.returncode == 0, summary
     assert student["kv_bytes_per_token"] * 4 == teacher["kv_bytes_per_token"]  # T = 4 loops, one shared cache

@@ -44,7 +44,7 @@ class DataConfig:
     num_examples: int = 20_000  # synthetic corpus size
     eval_examples: int = 256  # held-out synthetic examples for the accuracy metric
     # The synthetic task (melt_jax.data.synthetic.SyntheticTaskConfig; the defaults are its defaults):
-    form: str = SyntheticTaskConfig.form  # "expression" ("3*4=") or "assignments" ("k=3,q=k+4;q?")
+    form: str = SyntheticTaskConfig.form  # "chain" ("3+4=*2="), "expression" ("3+4*2=") or "assignments"
     min_hops: int = SyntheticTaskConfig.min_hops  # fewest operations per example
     max_hops: int = SyntheticTaskConfig.max_hops  # most operations per example
     distractors: int = SyntheticTaskConfig.num_distractors  # assignments form: unrelated assignments

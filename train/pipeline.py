@@ -26,11 +26,11 @@ from melt_jax.train.optimizer import OptimizerConfig
 from melt_jax.train.trainer import StageResult, run_stage
 
 # The embedded default: a one-layer version of the tiny preset (H=64, 4 loops) with a narrow MLP (32)
-# on byte-level text of the synthetic task's default (one addition or multiplication modulo 10,
-# "3+4=7", "3*4=2"), loss on the answers only. One pass through one layer this narrow cannot hold the
-# two tables, so the first loop stays low while the later loops learn them all; with the tiny preset's
-# MLP (128) the first loop learned both tables in some runs (README, "Embedded default", for the
-# spread over seeds and thread counts).
+# on byte-level text of the synthetic task's default (one or two additions or multiplications modulo
+# 5 in the chain form, "3*4=2", "3+4=*2=4"), loss on the answers only, each example attending only to
+# itself (as when it is evaluated, one per row). The second operation needs the first one's result,
+# which a pass must first compute at the first "=", so the first loop cannot answer those lines while
+# the later loops learn them (README, "Embedded default", for the spread over seeds and thread counts).
 DEFAULT_TRAIN = TrainConfig(
     vocab_size=258,
     num_layers=1,
@@ -40,7 +40,7 @@ DEFAULT_TRAIN = TrainConfig(
     log_every=25,
     checkpoint_every=100,
     optimizer=OptimizerConfig(warmup_steps=10),
-    data=DataConfig(seq_len=64, num_examples=20_000, eval_examples=512),
+    data=DataConfig(seq_len=64, num_examples=20_000, eval_examples=512, isolate_documents=True),
 )
 
 

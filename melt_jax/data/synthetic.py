@@ -1,24 +1,30 @@
-"""The embedded default task, generated on the machine: digit arithmetic modulo 10 (or a smaller
-`modulus`) in one of two forms.
+"""The embedded default task, generated on the machine: digit arithmetic modulo 5 (or another
+`modulus` up to 10) in one of three forms.
 
-expression (the default): a digit and `hops` operations with digit operands, evaluated left to right
-modulo 10; the answer ends the line:
+chain (the default): a digit and `hops` operations, each ending with "=" and applied to the value the
+line has so far; the answer, the value after the last "=", ends the line. The intermediate values are
+never written, so a model reads each one where it computed it, at that operation's "=":
 
-    prompt  "3*4="                                    answer "2"      text "3*4=2\\n"
+    prompt  "3+4=*2="                                 answer "4"      text "3+4=*2=4\n"   (modulo 5)
+
+expression: the same operations evaluated left to right with one "=" at the end:
+
+    prompt  "3*4="                                    answer "2"      text "3*4=2\n"      (modulo 10)
 
 assignments: a chain of named variables, each an operation on the one before, with `num_distractors`
 extra assignments (a digit, or an operation on a variable defined before them) inserted at random
 places, and a query for the end of the chain. Variable names are drawn from a shuffled alphabet:
 
-    prompt  "k=3,q=k+4,x=7,m=q-2;m?"                  answer "5"      text "k=3,q=k+4,x=7,m=q-2;m?5\\n"
+    prompt  "k=3,q=k+4,x=7,m=q-2;m?"                  answer "5"      text "k=3,q=k+4,x=7,m=q-2;m?5\n"
 
-Answering takes one sequential step per operation. The default is one operation, an addition or a
-multiplication modulo 10 ("3+4=7", "3*4=2"), chosen so that the loops matter on a CPU budget: the
-pipeline's one-layer LoopLM learns both tables with its later loops within a few CPU minutes, while
-its first loop (one attention and one MLP pass) usually learns only part of them (such as the products
-with a factor 0 or 5, which depend on one digit or its parity). Both operations are mixed because with
-either table alone the first loop can learn more of it, which leaves the later loops less to add.
-Measured per-loop accuracies: README, "Embedded default" and "Embedded task".
+Answering takes one sequential step per operation. The default, one or two additions or
+multiplications modulo 5 in the chain form ("3*4=2", "3+4=*2=4"), is chosen so that the loops matter
+on a CPU budget and on every seed. The second operation of a two-operation line applies to the first
+one's result, which exists only once a pass has computed it at the first "="; a looped model's first
+loop sees nothing but the tokens there, so it could answer such a line only through one table of every
+digit-operation-digit-operation-digit combination (500 modulo 5), which the pipeline's one-layer model
+does not learn in one pass, while its later loops learn the two steps, one table applied twice,
+within a few CPU minutes. Measured per-loop accuracies: README, "Embedded default".
 
 `answer_batch` makes the rows on which `evaluation.teacher_forced_exact_match` scores a model's
 answers without decoding: the answer is predicted exactly under greedy decoding iff every answer
@@ -46,14 +52,16 @@ OPERATIONS = {
     "*": lambda x, y: x * y,
 }
 VARIABLE_NAMES = string.ascii_lowercase
-FORMS = ("expression", "assignments")
+FORMS = ("expression", "chain", "assignments")
 
 
 @dataclasses.dataclass(frozen=True)
 class SyntheticTaskConfig:
     """Settings of the task.
 
-    form             "expression": a digit and operations, "3+4-2=" (evaluated left to right);
+    form             "chain": a digit and operations each ending with "=", "3+4=*2=" (each applied to
+                     the value so far); "expression": a digit and operations, "3+4-2=" (evaluated left
+                     to right);
                      "assignments": named variables, "k=3,q=k+4,m=q-2;m?" (with distractors)
     num_examples     number of examples
     min_hops         fewest operations in the queried chain (0: the query names a digit assignment)
@@ -64,13 +72,13 @@ class SyntheticTaskConfig:
     seed             seed of the generator (use different seeds for train and eval)
     """
 
-    form: str = "expression"
+    form: str = "chain"
     num_examples: int = 10_000
     min_hops: int = 1
-    max_hops: int = 1
+    max_hops: int = 2
     num_distractors: int = 0
     ops: tuple[str, ...] = ("+", "*")
-    modulus: int = 10
+    modulus: int = 5
     seed: int = 0
 
     def __post_init__(self):
@@ -92,10 +100,15 @@ class SyntheticTaskConfig:
             raise DataError(f"SyntheticTaskConfig.modulus must be at most 10 (one-digit values), got {self.modulus}")
         if self.max_hops < self.min_hops:
             raise DataError(f"SyntheticTaskConfig.max_hops {self.max_hops} is below min_hops {self.min_hops}")
-        if self.form == "expression" and self.num_distractors:
+        if self.form != "assignments" and self.num_distractors:
             raise DataError(
-                f"SyntheticTaskConfig.num_distractors is {self.num_distractors}, but the expression form has "
+                f"SyntheticTaskConfig.num_distractors is {self.num_distractors}, but the {self.form} form has "
                 "no distractors (set it to 0, or use form='assignments')"
+            )
+        if self.form == "chain" and self.min_hops < 1:
+            raise DataError(
+                "SyntheticTaskConfig.min_hops must be >= 1 in the chain form (each line ends with an "
+                f"operation's '='), got {self.min_hops}"
             )
         num_variables = self.max_hops + 1 + self.num_distractors
         if num_variables > len(VARIABLE_NAMES):
@@ -139,6 +152,9 @@ def generate_example(rng: np.random.Generator, config: SyntheticTaskConfig) -> t
     if config.form == "expression":
         start, steps, value = _operations(rng, config.ops, hops, config.modulus)
         return str(start) + "".join(f"{op}{operand}" for op, operand in steps) + "=", str(value), hops
+    if config.form == "chain":
+        start, steps, value = _operations(rng, config.ops, hops, config.modulus)
+        return str(start) + "".join(f"{op}{operand}=" for op, operand in steps), str(value), hops
 
     letters = rng.permutation(len(VARIABLE_NAMES))[: hops + 1 + config.num_distractors]
     names = [VARIABLE_NAMES[i] for i in letters]

@@ -59,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="'synthetic[:N]' or a local .txt/.json/.jsonl/.parquet file or folder")
     p.add_argument("--split", default="validation", help="split name (selects the synthetic task's seed)")
     p.add_argument(
-        "--form", default=None, help="synthetic task: 'expression' (3*4=, the default) or 'assignments' (k=3,q=k+4;q?)"
+        "--form",
+        default=None,
+        help="synthetic task: 'chain' (3+4=*2=, the default), 'expression' (3+4*2=) or 'assignments' (k=3,q=k+4;q?)",
     )
     p.add_argument("--hops", type=int, default=None, help="synthetic task: operations per example")
     p.add_argument("--distractors", type=int, default=None, help="synthetic task (assignments): unrelated assignments")
