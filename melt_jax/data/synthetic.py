@@ -5,17 +5,17 @@ chain (the default): a digit and `hops` operations, each ending with "=" and app
 line has so far; the answer, the value after the last "=", ends the line. The intermediate values are
 never written, so a model reads each one where it computed it, at that operation's "=":
 
-    prompt  "3+4=*2="                                 answer "4"      text "3+4=*2=4\n"   (modulo 5)
+    prompt  "3+4=*2="                                 answer "4"      text "3+4=*2=4\\n"   (modulo 5)
 
 expression: the same operations evaluated left to right with one "=" at the end:
 
-    prompt  "3*4="                                    answer "2"      text "3*4=2\n"      (modulo 10)
+    prompt  "3*4="                                    answer "2"      text "3*4=2\\n"      (modulo 10)
 
 assignments: a chain of named variables, each an operation on the one before, with `num_distractors`
 extra assignments (a digit, or an operation on a variable defined before them) inserted at random
 places, and a query for the end of the chain. Variable names are drawn from a shuffled alphabet:
 
-    prompt  "k=3,q=k+4,x=7,m=q-2;m?"                  answer "5"      text "k=3,q=k+4,x=7,m=q-2;m?5\n"
+    prompt  "k=3,q=k+4,x=7,m=q-2;m?"                  answer "5"      text "k=3,q=k+4,x=7,m=q-2;m?5\\n"  (modulo 10)
 
 Answering takes one sequential step per operation. The default, one or two additions or
 multiplications modulo 5 in the chain form ("3*4=2", "3+4=*2=4"), is chosen so that the loops matter
