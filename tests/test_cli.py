@@ -148,6 +148,12 @@ def test_melt_eval_on_the_synthetic_task(checkpoint, capsys):
     assert answers["num_examples"] == 10 and 0 <= answers["accuracy"] <= 1
     code = cli_eval.main([*args, "--seq-len", "48", "--batch-size", "4", "--max-batches", "1"])
     assert code == 0 and "answer accuracy" in capsys.readouterr().out
+    # Each document attending only to itself: the same tokens scored, other losses, the same answers.
+    code = cli_eval.main([*args, "--seq-len", "48", "--batch-size", "4", "--json", "--isolate-documents"])
+    isolated = json.loads(capsys.readouterr().out)
+    assert code == 0 and isolated["loss"]["num_tokens"] == loss["num_tokens"]
+    assert isolated["loss"]["loss_per_loop"] != pytest.approx(loss["loss_per_loop"], rel=1e-4)
+    assert isolated["answers"] == answers
     code = cli_eval.main([*args, "--seq-len", "6"])  # "3*4=" and its answer are 5 tokens, "3+4=*2=4" 8
     assert code == 2 and "more than seq_len 6" in capsys.readouterr().err
     # The assignments form with two operations and a distractor: longer lines than the default's.

@@ -119,3 +119,28 @@ def test_evaluate_dataset_combines_batches():
         evaluate_dataset(model, params, [{"tokens": TOKENS + 300}])
     with pytest.raises(ValueError, match="no batches"):
         evaluate_dataset(model, params, [])
+
+
+@pytest.mark.parametrize("kind", ["ouro", "melt"])
+def test_evaluate_dataset_with_segment_ids_scores_each_document_alone(kind):
+    """Packed documents with their segment ids score as the same documents each in a row of its own;
+    without the ids the second document sees the first, and its losses change."""
+    model, params = tiny_model(kind)
+    first, second = TOKENS[0, :6], TOKENS[1, :8]
+    packed = np.concatenate([first, second])[None]  # [1, 14]
+    segment_ids = np.array([[1] * 6 + [2] * 8], np.int32)
+    packed_mask = np.ones((1, 14), np.float32)
+    packed_mask[0, 6] = 0  # the first token of a document has no prediction within it
+    alone = np.zeros((2, 14), np.int32)  # each document at the start of its own row, padded
+    alone[0, :6], alone[1, :8] = first, second
+    alone_mask = np.zeros((2, 14), np.float32)
+    alone_mask[0, :6], alone_mask[1, :8] = 1, 1
+
+    isolated = evaluate_dataset(
+        model, params, [{"tokens": packed, "loss_mask": packed_mask, "segment_ids": segment_ids}], chunk_size=2
+    )
+    separate = evaluate_dataset(model, params, [{"tokens": alone, "loss_mask": alone_mask}], chunk_size=2)
+    np.testing.assert_allclose(isolated["loss_per_loop"], separate["loss_per_loop"], rtol=1e-5)
+    assert isolated["num_tokens"] == separate["num_tokens"] == 12
+    together = evaluate_dataset(model, params, [{"tokens": packed, "loss_mask": packed_mask}], chunk_size=2)
+    assert np.max(np.abs(np.subtract(together["loss_per_loop"], separate["loss_per_loop"]))) > 1e-3

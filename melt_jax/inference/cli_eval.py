@@ -2,7 +2,7 @@
 answer accuracy where the dataset has prompt/answer columns (the synthetic task does).
 
     melt-eval --checkpoint CKPT --tokenizer byte --data synthetic:512 --split validation
-    melt-eval --checkpoint runs/pipeline/melt_phase2/model --tokenizer byte --data synthetic:512 --seq-len 64
+    melt-eval --checkpoint runs/pipeline/melt_phase2/model --tokenizer byte --data synthetic:512 --isolate-documents
     melt-eval --checkpoint CKPT --tokenizer byte --data synthetic:512 --form assignments --hops 2 --distractors 1
     melt-eval --checkpoint CKPT --tokenizer tokenizer.json --data notes.txt --seq-len 512 --json
 
@@ -10,11 +10,12 @@ answer accuracy where the dataset has prompt/answer columns (the synthetic task 
 local .txt / .json / .jsonl / .parquet file or folder; --form, --hops, --distractors, --ops and --modulus set the
 synthetic task (default: melt_jax.data.synthetic's defaults, the training pipeline's task). Loss: documents
 are tokenized with eos and packed into rows of --seq-len tokens as in training (melt_jax.data.pipeline), every
-token's prediction scored except the first of each document. Accuracy: each prompt + answer is one row,
-and an example counts as correct when every answer token is the argmax at the position before it, i.e.
-when greedy decoding after the prompt reproduces the answer (melt_jax.inference.evaluation.answer_accuracy). MELT
-is evaluated in chunks of --chunk-size (default its config's chunk size). Bad input: a message on
-stderr, exit 2.
+token's prediction scored except the first of each document; with --isolate-documents each token attends
+only within its document (as the pipeline's models were trained), else to every earlier token of its row.
+Accuracy: each prompt + answer is one row, and an example counts as correct when every answer token is
+the argmax at the position before it, i.e. when greedy decoding after the prompt reproduces the answer
+(melt_jax.inference.evaluation.answer_accuracy). MELT is evaluated in chunks of --chunk-size (default its
+config's chunk size). Bad input: a message on stderr, exit 2.
 """
 
 from __future__ import annotations
@@ -67,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distractors", type=int, default=None, help="synthetic task (assignments): unrelated assignments")
     p.add_argument("--ops", default=None, help="synthetic task: operations to draw from, e.g. '+-*'")
     p.add_argument("--modulus", type=int, default=None, help="synthetic task: digits below it, operations modulo it")
+    p.add_argument(
+        "--isolate-documents",
+        action="store_true",
+        help="loss on packed text: each token attends only within its document (for models trained with "
+        "data.isolate_documents=true, such as the pipeline's)",
+    )
     p.add_argument("--text-field", default="text")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per row")
     p.add_argument("--batch-size", type=int, default=8)
@@ -120,6 +127,8 @@ def evaluate(args: argparse.Namespace) -> dict:
     if packed.num_rows == 0:
         raise DataError(f"data source {args.data!r} has no text to evaluate")
     arrays = {"tokens": packed.tokens, "loss_mask": packed.loss_mask}
+    if args.isolate_documents:
+        arrays["segment_ids"] = packed.segment_ids
     batches = fixed_size_batches(arrays, args.batch_size, args.max_batches)
     results = {"loss": evaluate_dataset(model, params, batches, policy, args.chunk_size)}
     if {"prompt", "answer"} <= set(dataset.column_names):

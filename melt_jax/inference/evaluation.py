@@ -193,10 +193,11 @@ def token_log_probs(
 
 
 @functools.partial(jax.jit, static_argnames=("model", "exit_policy", "chunk_size"))
-def _batch_metrics(model, params, tokens, loss_mask, answer_mask, row_mask, exit_policy, chunk_size):
+def _batch_metrics(model, params, tokens, loss_mask, answer_mask, row_mask, exit_policy, chunk_size, segment_ids):
     """LossSums of a batch and, with an answer mask (else None), its (exact matches, rows) counted
-    over row_mask [B]: one forward for both."""
-    hidden, exit_pdf = hidden_states(model, params, tokens, chunk_size)
+    over row_mask [B]: one forward for both, each token attending within its segment where
+    segment_ids [B, S] are given (else None)."""
+    hidden, exit_pdf = hidden_states(model, params, tokens, chunk_size, segment_ids)
     sums = _loss_sums_of(model, params, hidden, exit_pdf, tokens, loss_mask, exit_policy)
     if answer_mask is None:
         return sums, None
@@ -235,6 +236,8 @@ def evaluate_dataset(
         loss_mask    [B, S] weight of each token's prediction (default: every token after the first)
         answer_mask  [B, S] optional, 1 at answer tokens (see `answer_accuracy`)
         row_mask     [B] optional, 0 for padding rows that must not count as examples
+        segment_ids  int [B, S] optional, packed documents: each token attends only within its
+                     segment (as a model trained with isolated documents saw them)
 
     Returns {"loss_per_loop": [T floats], "perplexity_per_loop": [...], "loss": the exit policy's
     loss, "perplexity", "num_tokens" (total weight), "num_batches", and, with answer masks,
@@ -251,8 +254,17 @@ def evaluate_dataset(
             loss_mask = np.ones(tokens.shape, np.float32)
         answer_mask = jnp.asarray(batch["answer_mask"]) if "answer_mask" in batch else None
         row_mask = jnp.asarray(batch.get("row_mask", np.ones(tokens.shape[0], bool)), bool)
+        segment_ids = jnp.asarray(batch["segment_ids"], jnp.int32) if "segment_ids" in batch else None
         sums, counts = _batch_metrics(
-            model, params, tokens, jnp.asarray(loss_mask, jnp.float32), answer_mask, row_mask, exit_policy, chunk_size
+            model,
+            params,
+            tokens,
+            jnp.asarray(loss_mask, jnp.float32),
+            answer_mask,
+            row_mask,
+            exit_policy,
+            chunk_size,
+            segment_ids,
         )
         total = sums if total is None else total + sums
         if counts is not None:
