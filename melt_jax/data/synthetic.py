@@ -149,12 +149,11 @@ def _operations(
 def generate_example(rng: np.random.Generator, config: SyntheticTaskConfig) -> tuple[str, str, int]:
     """One example drawn with `rng`: (prompt, answer, hops)."""
     hops = int(rng.integers(config.min_hops, config.max_hops + 1))
-    if config.form == "expression":
+    if config.form in ("expression", "chain"):
         start, steps, value = _operations(rng, config.ops, hops, config.modulus)
+        if config.form == "chain":  # an "=" after each operation, where its (unwritten) value is computed
+            return str(start) + "".join(f"{op}{operand}=" for op, operand in steps), str(value), hops
         return str(start) + "".join(f"{op}{operand}" for op, operand in steps) + "=", str(value), hops
-    if config.form == "chain":
-        start, steps, value = _operations(rng, config.ops, hops, config.modulus)
-        return str(start) + "".join(f"{op}{operand}=" for op, operand in steps), str(value), hops
 
     letters = rng.permutation(len(VARIABLE_NAMES))[: hops + 1 + config.num_distractors]
     names = [VARIABLE_NAMES[i] for i in letters]
