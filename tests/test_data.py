@@ -440,21 +440,15 @@ def test_synthetic_config_options_and_errors():
         synthetic.SyntheticTaskConfig(num_examples=0)
 
 
-def _evaluate_expression(prompt, modulus=10):
-    """Independent evaluation of an expression prompt "d(op d)*=": (value modulo `modulus`, operations)."""
-    assert re.fullmatch(r"\d([+\-*]\d)*=", prompt), prompt
+PROMPT_PATTERNS = {"expression": r"\d([+\-*]\d)*=", "chain": r"\d([+\-*]\d=)+"}
+
+
+def _evaluate(prompt, modulus=10, form="expression"):
+    """Independent evaluation of an expression prompt "d(op d)*=" or a chain prompt "d(op d=)+", each
+    operation applied to the value so far: (value modulo `modulus`, operations)."""
+    assert re.fullmatch(PROMPT_PATTERNS[form], prompt), prompt
     value, operations = int(prompt[0]), 0
     for sign, digit in re.findall(r"([+\-*])(\d)", prompt):
-        value = {"+": value + int(digit), "-": value - int(digit), "*": value * int(digit)}[sign] % modulus
-        operations += 1
-    return value, operations
-
-
-def _evaluate_chain(prompt, modulus):
-    """Independent evaluation of a chain prompt "d(op d=)+": (value modulo `modulus`, operations)."""
-    assert re.fullmatch(r"\d([+\-*]\d=)+", prompt), prompt
-    value, operations = int(prompt[0]), 0
-    for sign, digit in re.findall(r"([+\-*])(\d)=", prompt):
         value = {"+": value + int(digit), "-": value - int(digit), "*": value * int(digit)}[sign] % modulus
         operations += 1
     return value, operations
@@ -468,7 +462,7 @@ def test_synthetic_chain_form_is_the_default():
     assert 0.45 < np.mean(np.array(default["hops"]) == 2) < 0.55  # hops drawn uniformly
     assert len(set(default["prompt"])) > 500  # most of the 50 + 500 lines appear
     for prompt, answer, text, hops in zip(default["prompt"], default["answer"], default["text"], default["hops"]):
-        assert _evaluate_chain(prompt, modulus=5) == (int(answer), hops), prompt
+        assert _evaluate(prompt, modulus=5, form="chain") == (int(answer), hops), prompt
         assert text == prompt + answer + "\n"
     assert "3+4=*2=" in default["prompt"] and default["answer"][default["prompt"].index("3+4=*2=")] == "4"
 
@@ -476,7 +470,7 @@ def test_synthetic_chain_form_is_the_default():
     ds = synthetic.synthetic_reasoning_dataset(config)
     assert ds.to_dict() == synthetic.synthetic_reasoning_dataset(config).to_dict()
     for prompt, answer, hops in zip(ds["prompt"], ds["answer"], ds["hops"]):
-        assert _evaluate_chain(prompt, modulus=10) == (int(answer), hops), prompt
+        assert _evaluate(prompt, modulus=10, form="chain") == (int(answer), hops), prompt
     assert set(ds["hops"]) == {1, 2, 3, 4} and len(set(ds["answer"])) == 10
     # The same draws as the expression form, written with an '=' after each operation.
     expression = synthetic.synthetic_reasoning_dataset(dataclasses.replace(config, form="expression"))
@@ -495,7 +489,7 @@ def test_synthetic_expression_form():
     assert set(default["hops"]) == {1} and len(set(default["answer"])) == 10
     assert len(set(default["prompt"])) > 195  # nearly all of the 200 sums and products appear
     for prompt, answer in zip(default["prompt"], default["answer"]):
-        assert str(_evaluate_expression(prompt)[0]) == answer, prompt
+        assert str(_evaluate(prompt)[0]) == answer, prompt
 
     config = synthetic.SyntheticTaskConfig(
         form="expression", num_examples=300, min_hops=0, max_hops=4, ops="+-*", modulus=10, seed=3
@@ -503,7 +497,7 @@ def test_synthetic_expression_form():
     ds = synthetic.synthetic_reasoning_dataset(config)
     assert ds.to_dict() == synthetic.synthetic_reasoning_dataset(config).to_dict()
     for prompt, answer, text, hops in zip(ds["prompt"], ds["answer"], ds["text"], ds["hops"]):
-        value, operations = _evaluate_expression(prompt)
+        value, operations = _evaluate(prompt)
         assert (str(value), operations) == (answer, hops), prompt
         assert text == prompt + answer + "\n"
     assert set(ds["hops"]) == {0, 1, 2, 3, 4}
@@ -518,7 +512,7 @@ def test_synthetic_expression_form():
     assert digits == {"0", "1", "2", "3", "4"} and set(mod5["answer"]) == digits
     assert len(set(mod5["prompt"])) > 850  # ~935 expected of the 5 * 3 * 5 * 3 * 5 = 1,125 expressions
     for prompt, answer in zip(mod5["prompt"], mod5["answer"]):
-        assert str(_evaluate_expression(prompt, modulus=5)[0]) == answer, prompt
+        assert str(_evaluate(prompt, modulus=5)[0]) == answer, prompt
     for bad in (1, 11):
         with pytest.raises(DataError, match="modulus must be"):
             synthetic.SyntheticTaskConfig(modulus=bad)
