@@ -24,27 +24,23 @@ from __future__ import annotations
 import argparse
 import functools
 import statistics
-import sys
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from machine_load import busy_report, cpu_times, machine_line
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-from machine_load import busy_report, cpu_times, machine_line  # noqa: E402
-
-from melt_jax.data.synthetic import SyntheticTaskConfig, answer_batch, synthetic_reasoning_dataset  # noqa: E402
-from melt_jax.data.tokenizer import load_tokenizer  # noqa: E402
-from melt_jax.inference.generation import generate  # noqa: E402
-from melt_jax.inference.model_loading import load_model  # noqa: E402
-from melt_jax.inference.sampling import SamplingConfig  # noqa: E402
-from melt_jax.model.chunking import scan_chunks  # noqa: E402
-from melt_jax.model.config import OuroConfig  # noqa: E402
-from melt_jax.model.exit import ExitPolicy  # noqa: E402
-from melt_jax.model.params import init_params, with_layer_layout  # noqa: E402
-from melt_jax.model.registry import model_for  # noqa: E402
+from melt_jax.data.synthetic import SyntheticTaskConfig, answer_batch, synthetic_reasoning_dataset
+from melt_jax.data.tokenizer import load_tokenizer
+from melt_jax.inference.generation import generate
+from melt_jax.inference.model_loading import load_model
+from melt_jax.inference.sampling import SamplingConfig
+from melt_jax.model.chunking import scan_chunks
+from melt_jax.model.config import OuroConfig
+from melt_jax.model.exit import ExitPolicy
+from melt_jax.model.params import init_params, with_layer_layout
+from melt_jax.model.registry import model_for
 
 NUM_EXAMPLES = 64
 SEQ_LEN = 16  # one task text ("3+4=7\n" and the like) per row

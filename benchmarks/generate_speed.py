@@ -1,5 +1,5 @@
 """Generation speed and memory: melt_jax's jitted sampler (Ouro and MELT) against the eager PyTorch
-references (tests/torch_reference.OuroReference, tests/torch_melt_reference.MeltReference) on the same
+references (melt_jax.testing.torch_ouro.OuroReference, melt_jax.testing.torch_melt.MeltReference) on the same
 weights, on CPU.
 
 Model (--model): "small" H=256, L=4 layers, T=4 loops, 4 heads of 64 (MHA), I=688, V=1024; "wide" H=1024,
@@ -39,28 +39,23 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
+import jax
 import numpy as np
+import torch
+from machine_load import busy_report, cpu_times, machine_line, usable_cores
+from ouro_speed import HF_CONFIG as SMALL  # (the same model as the Ouro speed benchmark)
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-import jax  # noqa: E402
-import torch  # noqa: E402
-from hf_fixtures import random_ouro_state_dict, tiny_hf_config, write_hf_checkpoint  # noqa: E402
-from machine_load import busy_report, cpu_times, machine_line, usable_cores  # noqa: E402
-from ouro_speed import HF_CONFIG as SMALL  # noqa: E402  (the same model as the Ouro speed benchmark)
-from tiny_models import with_gates  # noqa: E402
-from torch_melt_reference import MeltReference, random_melt_gates  # noqa: E402
-from torch_reference import OuroReference  # noqa: E402
-
-from melt_jax.convert import load_hf_checkpoint  # noqa: E402
-from melt_jax.inference.generation import generate  # noqa: E402
-from melt_jax.inference.sampling import SamplingConfig  # noqa: E402
-from melt_jax.model.config import MeltConfig, OuroConfig  # noqa: E402
-from melt_jax.model.melt import MeltModel  # noqa: E402
-from melt_jax.model.ouro import OuroModel  # noqa: E402
-from melt_jax.model.params import with_layer_layout  # noqa: E402
+from melt_jax.convert import load_hf_checkpoint
+from melt_jax.inference.generation import generate
+from melt_jax.inference.sampling import SamplingConfig
+from melt_jax.model.config import MeltConfig, OuroConfig
+from melt_jax.model.melt import MeltModel
+from melt_jax.model.ouro import OuroModel
+from melt_jax.model.params import with_layer_layout
+from melt_jax.testing.hf_checkpoints import random_ouro_state_dict, tiny_hf_config, with_gates, write_hf_checkpoint
+from melt_jax.testing.torch_melt import MeltReference, random_melt_gates
+from melt_jax.testing.torch_ouro import OuroReference
 
 N_PROMPT = 32
 N_NEW = 128

@@ -1,4 +1,4 @@
-"""Speed of the JAX Ouro model against the eager PyTorch reference (tests/torch_reference.py), on CPU.
+"""Speed of the JAX Ouro model against the eager PyTorch reference (melt_jax/testing/torch_ouro.py), on CPU.
 
 One small Ouro model (H=256, L=4 layers, T=4 loops, 4 heads of 64, MHA, I=688, V=1024, float32) with
 the same random weights in both: they are written to a temporary Hugging Face checkpoint, which
@@ -34,27 +34,23 @@ import argparse
 import functools
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import torch
+from machine_load import busy_report, cpu_times, machine_line, usable_cores
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import torch  # noqa: E402
-from hf_fixtures import random_ouro_state_dict, tiny_hf_config, write_hf_checkpoint  # noqa: E402
-from machine_load import busy_report, cpu_times, machine_line, usable_cores  # noqa: E402
-from torch_reference import OuroReference  # noqa: E402
-
-from melt_jax.convert import load_hf_checkpoint  # noqa: E402
-from melt_jax.inference.decoding import decode_step, forward, prefill  # noqa: E402
-from melt_jax.model.cache import init_cache  # noqa: E402
-from melt_jax.model.exit import ExitPolicy  # noqa: E402
-from melt_jax.model.ouro import OuroModel  # noqa: E402
+from melt_jax.convert import load_hf_checkpoint
+from melt_jax.inference.decoding import decode_step, forward, prefill
+from melt_jax.model.cache import init_cache
+from melt_jax.model.exit import ExitPolicy
+from melt_jax.model.ouro import OuroModel
+from melt_jax.testing.hf_checkpoints import random_ouro_state_dict, tiny_hf_config, write_hf_checkpoint
+from melt_jax.testing.torch_ouro import OuroReference
 
 HF_CONFIG = tiny_hf_config(
     vocab_size=1024,

@@ -26,28 +26,24 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 from pathlib import Path
 
+import jax
 import numpy as np
+from generate_speed import random_weights
+from machine_load import busy_report, cpu_times, machine_line
+from ouro_speed import HF_CONFIG as SMALL
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-import jax  # noqa: E402
-from generate_speed import random_weights  # noqa: E402
-from machine_load import busy_report, cpu_times, machine_line  # noqa: E402
-from ouro_speed import HF_CONFIG as SMALL  # noqa: E402
-
-from melt_jax.data.synthetic import SyntheticTaskConfig, generate_example  # noqa: E402
-from melt_jax.data.tokenizer import ByteTokenizer  # noqa: E402
-from melt_jax.inference.generation import generate  # noqa: E402
-from melt_jax.inference.model_loading import load_model  # noqa: E402
-from melt_jax.inference.sampling import SamplingConfig  # noqa: E402
-from melt_jax.inference.speculative import generate_speculative  # noqa: E402
-from melt_jax.model.config import MeltConfig  # noqa: E402
-from melt_jax.model.melt import MeltModel  # noqa: E402
-from melt_jax.model.ouro import OuroModel  # noqa: E402
-from melt_jax.model.params import with_layer_layout  # noqa: E402
+from melt_jax.data.synthetic import SyntheticTaskConfig, generate_example
+from melt_jax.data.tokenizer import ByteTokenizer
+from melt_jax.inference.generation import generate
+from melt_jax.inference.model_loading import load_model
+from melt_jax.inference.sampling import SamplingConfig
+from melt_jax.inference.speculative import generate_speculative
+from melt_jax.model.config import MeltConfig
+from melt_jax.model.melt import MeltModel
+from melt_jax.model.ouro import OuroModel
+from melt_jax.model.params import with_layer_layout
 
 DRAFT_LOOPS = (1, 2)
 BLOCKS = (2, 4, 8)

@@ -21,24 +21,19 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from machine_load import busy_report, cpu_times, machine_line
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-from machine_load import busy_report, cpu_times, machine_line  # noqa: E402
-
-from melt_jax.aot import compile_and_measure  # noqa: E402
-from melt_jax.inference.decoding import decode_step  # noqa: E402
-from melt_jax.inference.generation import generate  # noqa: E402
-from melt_jax.inference.sampling import SamplingConfig  # noqa: E402
-from melt_jax.model.config import MeltConfig, OuroConfig  # noqa: E402
-from melt_jax.model.params import abstract_params, init_params  # noqa: E402
-from melt_jax.model.registry import model_for  # noqa: E402
+from melt_jax.aot import compile_and_measure
+from melt_jax.inference.decoding import decode_step
+from melt_jax.inference.generation import generate
+from melt_jax.inference.sampling import SamplingConfig
+from melt_jax.model.config import MeltConfig, OuroConfig
+from melt_jax.model.params import abstract_params, init_params
+from melt_jax.model.registry import model_for
 
 MIB = 2**20
 OURO = OuroConfig(

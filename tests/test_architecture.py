@@ -106,3 +106,15 @@ def test_no_branch_on_the_model_kind_outside_the_model_files():
     # The check must be able to fail: a branch written into a module is found.
     assert _kind_branches(ast.parse("if config.model_type == 'melt':\n    pass\n")) == [1]
     assert _kind_branches(ast.parse("isinstance(model, (OuroModel, MeltModel))")) == [1]
+
+
+def test_the_references_stay_independent_of_the_library():
+    """melt_jax.testing's checkpoints and PyTorch references import nothing of the library (an error
+    there cannot hide in them), and the library never imports them."""
+    for name, tree in MODULES.items():
+        deps = _imports(name, tree)
+        if name.startswith("melt_jax.testing"):
+            assert all(d.startswith("melt_jax.testing") for d in deps), f"{name} imports {sorted(deps)}"
+        else:
+            assert not any(d.startswith("melt_jax.testing") for d in deps), f"{name} imports {sorted(deps)}"
+    assert _imports("melt_jax.testing.torch_melt", MODULES["melt_jax.testing.torch_melt"])  # real edges seen

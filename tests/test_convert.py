@@ -18,7 +18,6 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-from hf_fixtures import random_ouro_state_dict, tiny_hf_config, write_hf_checkpoint
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
@@ -30,6 +29,7 @@ from melt_jax.convert.mapping import OURO_RULES, flatten_params, hf_tensor_plan,
 from melt_jax.model.config import ConfigError, OuroConfig
 from melt_jax.model.ouro import OuroModel
 from melt_jax.model.params import abstract_params
+from melt_jax.testing.hf_checkpoints import random_ouro_state_dict, tiny_hf_config, write_hf_checkpoint
 
 GOLDEN_DIR = Path(__file__).parent / "data" / "ouro-tiny"
 BF16 = np.dtype(ml_dtypes.bfloat16)

@@ -5,12 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from torch_reference import exit_pdf_from_gate_logits
 
 from melt_jax.errors import GenerationError
 from melt_jax.inference.model_loading import parse_exit_policy
 from melt_jax.model.config import OuroConfig
 from melt_jax.model.exit import ExitPolicy, cumulative_exit_probs, exit_distribution, threshold_exit_loops
+from melt_jax.testing.torch_ouro import exit_pdf_from_gate_logits
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

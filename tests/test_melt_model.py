@@ -6,9 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hf_fixtures import random_ouro_state_dict, tiny_hf_config, write_hf_checkpoint
 from tiny_models import DEFAULT, LOOPED, Structure
-from torch_melt_reference import ouro_last_loop_sharing_decode
 
 from melt_jax.convert import load_hf_checkpoint
 from melt_jax.inference.decoding import decode_step, prefill
@@ -17,6 +15,8 @@ from melt_jax.model.config import MeltConfig, OuroConfig
 from melt_jax.model.losses import mean_next_token_loss
 from melt_jax.model.melt import MeltModel
 from melt_jax.model.params import abstract_params, count_params
+from melt_jax.testing.hf_checkpoints import random_ouro_state_dict, tiny_hf_config, write_hf_checkpoint
+from melt_jax.testing.torch_melt import ouro_last_loop_sharing_decode
 
 TOL = 1e-4  # JAX in fp32 against the reference in float64; logits are of magnitude ~10
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

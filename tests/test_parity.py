@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 from tiny_models import DIAGONAL
-from torch_reference import OuroReference
 
 from melt_jax.convert import load_hf_checkpoint
 from melt_jax.inference.decoding import forward
 from melt_jax.model.exit import ExitPolicy, select_hidden
 from melt_jax.model.losses import mean_next_token_loss, next_token_cross_entropy
 from melt_jax.model.ouro import OuroModel
+from melt_jax.testing.torch_ouro import OuroReference
 
 GOLDEN = Path(__file__).parent / "data" / "ouro-tiny"
 TOL = 1e-4  # fp32 on both sides; observed differences are ~1e-6 of logits of magnitude ~10.

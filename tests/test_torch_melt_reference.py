@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import torch
 from tiny_models import DIAGONAL, LOOPED
-from torch_melt_reference import MeltReference, gate_names, ouro_last_loop_sharing_decode
-from torch_reference import OuroReference, apply_rope, rms_norm, rope_cos_sin
+
+from melt_jax.testing.torch_melt import MeltReference, gate_names, ouro_last_loop_sharing_decode
+from melt_jax.testing.torch_ouro import OuroReference, apply_rope, rms_norm, rope_cos_sin
 
 TOL = 1e-10
 S = 12

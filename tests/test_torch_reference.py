@@ -17,7 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from tiny_models import DIAGONAL, GROUPED
-from torch_reference import (
+
+from melt_jax.testing.torch_ouro import (
     OuroReference,
     apply_rope,
     exit_pdf_from_gate_logits,

@@ -6,7 +6,7 @@ A `Structure` is what changes the shape of the computation rather than its numbe
 a second loop (one loop reading rows another loop wrote) run over `LOOPED` instead.
 
 The models are built by the session fixtures of tests/conftest.py (`checkpoint_of`, `ouro_of`,
-`melt_of`), once per structure, from the HF-layout fixtures of hf_fixtures.py: numpy weights read
+`melt_of`), once per structure, from the HF-layout checkpoints of melt_jax.testing.hf_checkpoints: numpy weights read
 by the converter, so building one compiles nothing.
 """
 
@@ -49,8 +49,8 @@ class TinyCheckpoint:
     @functools.cached_property
     def gates(self) -> dict[str, np.ndarray]:
         """W_z, U_z = 0.1 N(0, 1), b_z = -1: open enough that the shared rows differ from any one loop's.
-        (Built on first use: torch_melt_reference imports torch.)"""
-        from torch_melt_reference import random_melt_gates
+        (Built on first use: melt_jax.testing.torch_melt imports torch.)"""
+        from melt_jax.testing.hf_checkpoints import random_melt_gates
 
         return random_melt_gates(self.hf_config, seed=6, scale=0.1, bias=-1.0)
 
@@ -58,7 +58,8 @@ class TinyCheckpoint:
     def melt_reference(self):
         """The float64 PyTorch MELT reference of these weights and gates (built on first use)."""
         import torch
-        from torch_melt_reference import MeltReference
+
+        from melt_jax.testing.torch_melt import MeltReference
 
         return MeltReference(self.hf_config, self.state_dict, self.gates, dtype=torch.float64)
 
@@ -97,7 +98,7 @@ class TinyMelt:
 def build_checkpoint(structure: Structure) -> TinyCheckpoint:
     """H=64, L=2, 4 query heads of 16, I=96, V=128 (tiny_hf_config), rope_theta 50 so that positions
     matter over short prompts."""
-    from hf_fixtures import random_ouro_state_dict, tiny_hf_config
+    from melt_jax.testing.hf_checkpoints import random_ouro_state_dict, tiny_hf_config
 
     hf_config = tiny_hf_config(
         num_attention_heads=NUM_HEADS,
@@ -109,28 +110,17 @@ def build_checkpoint(structure: Structure) -> TinyCheckpoint:
 
 
 def build_ouro(checkpoint: TinyCheckpoint, folder: Path) -> TinyOuro:
-    from hf_fixtures import write_hf_checkpoint
-
     from melt_jax.convert import load_hf_checkpoint
+    from melt_jax.testing.hf_checkpoints import write_hf_checkpoint
 
     path = write_hf_checkpoint(folder, checkpoint.hf_config, checkpoint.state_dict)
     config, params = load_hf_checkpoint(path, dtype="float32")
     return TinyOuro(checkpoint, path, config, params)
 
 
-def with_gates(params: dict, hf_config: dict, gates: dict[str, np.ndarray]) -> dict:
-    """Ouro params plus MELT gates given under their HF names."""
-    from torch_melt_reference import gate_names
-
-    layers = range(hf_config["num_hidden_layers"])
-    stacked = [np.stack([gates[gate_names(i)[j]] for i in layers]) for j in range(3)]
-    params = dict(params)
-    params["layers"] = dict(params["layers"], kv_gate=dict(zip(("w_z", "u_z", "b_z"), stacked)))
-    return params
-
-
 def build_melt(ouro: TinyOuro) -> TinyMelt:
     from melt_jax.model.config import MeltConfig
+    from melt_jax.testing.hf_checkpoints import with_gates
 
     config = MeltConfig.from_ouro(ouro.config, chunk_size=8)
     return TinyMelt(ouro, config, with_gates(ouro.params, ouro.hf_config, ouro.checkpoint.gates))

@@ -483,9 +483,9 @@ class OuroReference:
 
 def random_ouro(seed: int = 0, **config_fields) -> tuple[dict, dict[str, torch.Tensor]]:
     """A small random Ouro checkpoint: (hf_config dict, float32 state_dict with HF names), built by
-    tests/hf_fixtures.py; `config_fields` override its tiny defaults (MHA unless num_key_value_heads
+    melt_jax/testing/hf_checkpoints.py; `config_fields` override its tiny defaults (MHA unless num_key_value_heads
     is given). Every tensor has distinct values (norm weights around 1, a non-zero gate bias)."""
-    from hf_fixtures import random_ouro_state_dict, tiny_hf_config
+    from melt_jax.testing.hf_checkpoints import random_ouro_state_dict, tiny_hf_config
 
     config_fields.setdefault("num_key_value_heads", config_fields.get("num_attention_heads", 4))
     cfg = tiny_hf_config(**config_fields)

@@ -1,6 +1,6 @@
 """An independent, eager PyTorch implementation of MELT, written from its definition (docs/melt.md).
 
-MELT is Ouro (see tests/torch_reference.py) with a gated, per-layer shared KV cache: one K row and one
+MELT is Ouro (see melt_jax/testing/torch_ouro.py) with a gated, per-layer shared KV cache: one K row and one
 V row per token and layer, updated over the loops of that token instead of one row per loop.
 
 For layer l, token i, loop t (1-based in the equations, 0-based in the code) with u_t = N1(h):
@@ -35,7 +35,7 @@ Two independent ways to run the chunked forward are implemented, and tested agai
   with a mask choosing, per (query, key) pair, the pass-1 final row (earlier chunk) or the current-loop
   row (same chunk).
 
-Precision policy: that of tests/torch_reference.py (model dtype everywhere; RMSNorm statistics, RoPE and
+Precision policy: that of melt_jax/testing/torch_ouro.py (model dtype everywhere; RMSNorm statistics, RoPE and
 softmax in float32, or float64 for a float64 model). Default dtype here: float64.
 
 ``ouro_last_loop_sharing_decode`` is a third, MELT-free reference: Ouro decoding where every token
@@ -51,7 +51,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch_reference import (
+
+from melt_jax.testing.hf_checkpoints import gate_names, random_melt_gates
+from melt_jax.testing.torch_ouro import (
     OuroReference,
     _compute_dtype,
     _to_numpy,
@@ -63,32 +65,6 @@ from torch_reference import (
 )
 
 __all__ = ["MeltReference", "random_melt_gates", "ouro_last_loop_sharing_decode", "gate_names"]
-
-
-def gate_names(layer: int) -> tuple[str, str, str]:
-    """(W_z, U_z, b_z) tensor names of layer `layer`."""
-    p = f"model.layers.{layer}.kv_gate."
-    return p + "w_z.weight", p + "u_z.weight", p + "b_z"
-
-
-def random_melt_gates(hf_config: dict, seed: int = 0, scale: float = 0.1, bias: float = -1.0) -> dict[str, np.ndarray]:
-    """Random MELT gate parameters for every layer of `hf_config`, float32 numpy:
-
-    ``model.layers.{i}.kv_gate.w_z.weight`` [H, H] = scale * N(0, 1)
-    ``model.layers.{i}.kv_gate.u_z.weight`` [H, H] = scale * N(0, 1)
-    ``model.layers.{i}.kv_gate.b_z``        [H]    = bias (constant)
-
-    Convention: z = sigmoid(u @ W_z + s_prev @ U_z + b_z) with u, s_prev row vectors [..., H] and
-    W_z, U_z stored as [H_in, H_out] (used without a transpose)."""
-    H = int(hf_config["hidden_size"])
-    rng = np.random.default_rng(seed)
-    gates = {}
-    for i in range(int(hf_config["num_hidden_layers"])):
-        w, u, b = gate_names(i)
-        gates[w] = (scale * rng.standard_normal((H, H))).astype(np.float32)
-        gates[u] = (scale * rng.standard_normal((H, H))).astype(np.float32)
-        gates[b] = np.full((H,), bias, dtype=np.float32)
-    return gates
 
 
 def _chunk_lengths(S: int, chunk_size) -> list[int]:

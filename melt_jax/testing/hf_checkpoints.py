@@ -1,12 +1,15 @@
-"""Tiny Ouro checkpoints in Hugging Face layout, written without the converter, for tests.
+"""Tiny Ouro and MELT checkpoints in Hugging Face layout, written without the converter.
 
     tiny_hf_config(**overrides)                    an Ouro config.json dict
     random_ouro_state_dict(hf_config, seed, dtype) HF tensor name -> numpy array, random values
     write_hf_checkpoint(path, hf_config, state_dict, layout, dtype)
                                                    config.json + model.safetensors / shards / .bin
+    gate_names(layer), random_melt_gates(hf_config, seed, scale, bias)
+                                                   MELT's gate tensors under their HF names
+    with_gates(params, hf_config, gates)           melt_jax Ouro params plus those gates
 
-The tensor names and shapes here are written out from the Ouro checkpoint layout, independently of the converter's
-table (convert/mapping.py), so tests that import these files check that table.
+The tensor names and shapes here are written out from the Ouro checkpoint layout, independently of the
+converter's table (convert/mapping.py), so tests that build checkpoints with them check that table.
 """
 
 from __future__ import annotations
@@ -178,3 +181,38 @@ def write_hf_checkpoint(
     else:
         raise ValueError(f"unknown layout {layout!r}; expected 'safetensors', 'sharded' or 'bin'")
     return path
+
+
+def gate_names(layer: int) -> tuple[str, str, str]:
+    """(W_z, U_z, b_z) tensor names of layer `layer`."""
+    p = f"model.layers.{layer}.kv_gate."
+    return p + "w_z.weight", p + "u_z.weight", p + "b_z"
+
+
+def random_melt_gates(hf_config: dict, seed: int = 0, scale: float = 0.1, bias: float = -1.0) -> dict[str, np.ndarray]:
+    """Random MELT gate parameters for every layer of `hf_config`, float32 numpy:
+
+    ``model.layers.{i}.kv_gate.w_z.weight`` [H, H] = scale * N(0, 1)
+    ``model.layers.{i}.kv_gate.u_z.weight`` [H, H] = scale * N(0, 1)
+    ``model.layers.{i}.kv_gate.b_z``        [H]    = bias (constant)
+
+    Convention: z = sigmoid(u @ W_z + s_prev @ U_z + b_z) with u, s_prev row vectors [..., H] and
+    W_z, U_z stored as [H_in, H_out] (used without a transpose)."""
+    H = int(hf_config["hidden_size"])
+    rng = np.random.default_rng(seed)
+    gates = {}
+    for i in range(int(hf_config["num_hidden_layers"])):
+        w, u, b = gate_names(i)
+        gates[w] = (scale * rng.standard_normal((H, H))).astype(np.float32)
+        gates[u] = (scale * rng.standard_normal((H, H))).astype(np.float32)
+        gates[b] = np.full((H,), bias, dtype=np.float32)
+    return gates
+
+
+def with_gates(params: dict, hf_config: dict, gates: dict[str, np.ndarray]) -> dict:
+    """Ouro params plus MELT gates given under their HF names."""
+    layers = range(hf_config["num_hidden_layers"])
+    stacked = [np.stack([gates[gate_names(i)[j]] for i in layers]) for j in range(3)]
+    params = dict(params)
+    params["layers"] = dict(params["layers"], kv_gate=dict(zip(("w_z", "u_z", "b_z"), stacked)))
+    return params
