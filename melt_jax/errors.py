@@ -1,6 +1,8 @@
-"""The errors melt_jax raises for bad input: each names what is wrong. Every one derives from
-MeltJaxError, which the command lines catch to print a one-line message and exit with status 2 (the
-converter: 1); each also derives from ValueError, the kind of error it is."""
+"""The errors melt_jax raises for bad input and for runs that cannot go on: each names what is
+wrong. Every one derives from MeltJaxError, which the command lines catch to print a one-line message
+and exit with status 2 (the converter: 1). Each subclass also derives from the built-in kind of error
+it is: ValueError for a bad config, data, checkpoint, mesh or generation setting, RuntimeError for a
+training run that cannot go on (TrainingError)."""
 
 from __future__ import annotations
 

@@ -704,7 +704,7 @@ def test_pipeline_on_the_embedded_default(tmp_path):
     """The README's main job as it runs there (`python -m melt_jax.train pipeline`, default settings,
     one CPU device, XLA's usual optimisation; 2 to 3 minutes on 2 cores): the teacher learns the task,
     its last loop is well above its first, and the MELT student follows it. The bounds
-    are those every run of the README's spread (10 seeds x 1 and 2 XLA threads) meets, since
+    are those every run of the spread in docs/measured.md (seeds x 1 and 2 XLA threads) meets, since
     another machine's rounding trains another model from the same seed."""
     env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
     out = tmp_path / "pipeline"
@@ -721,7 +721,7 @@ def test_pipeline_on_the_embedded_default(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["within_margin"] == (done.returncode == 0) and summary["accuracy_margin"] == 0.05
     teacher, student = summary["models"]["teacher (Ouro)"], summary["models"]["student (MELT)"]
-    # Every run of the README's spread ends with the teacher at 1.000, its last loop 0.59 or more above
+    # Every run of the spread in docs/measured.md ends with the teacher at 1.000, its last loop 0.59 or more above
     # its first, and the student within 0.002 of it; the bounds leave room for other machines.
     assert teacher["accuracy"] >= 0.95, teacher
     assert teacher["loop_accuracy"][-1] >= teacher["loop_accuracy"][0] + 0.3, teacher

@@ -30,7 +30,7 @@ from melt_jax.train.trainer import StageResult, run_stage
 # 5 in the chain form, "3*4=2", "3+4=*2=4"), loss on the answers only, each example attending only to
 # itself (as when it is evaluated, one per row). The second operation needs the first one's result,
 # which a pass must first compute at the first "=", so the first loop cannot answer those lines while
-# the later loops learn them (README, "Embedded default", for the spread over seeds and thread counts).
+# the later loops learn them (docs/measured.md, "Embedded default: spread over seeds and thread counts").
 DEFAULT_TRAIN = TrainConfig(
     vocab_size=258,
     num_layers=1,

@@ -24,7 +24,8 @@ one's result, which exists only once a pass has computed it at the first "="; a 
 loop sees nothing but the tokens there, so it could answer such a line only through one table of every
 digit-operation-digit-operation-digit combination (500 modulo 5), which the pipeline's one-layer model
 does not learn in one pass, while its later loops learn the two steps, one table applied twice,
-within a few CPU minutes. Measured per-loop accuracies: README, "Embedded default".
+within a few CPU minutes. Measured per-loop accuracies: docs/measured.md, "Embedded default: spread
+over seeds and thread counts".
 
 `answer_batch` makes the rows on which `evaluation.teacher_forced_exact_match` scores a model's
 answers without decoding: the answer is predicted exactly under greedy decoding iff every answer
