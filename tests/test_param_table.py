@@ -107,3 +107,16 @@ def test_melt_gates_start_as_the_model_initialises_them():
         if spec.when == param_table.MELT:
             np.testing.assert_array_equal(added[spec.path], fresh[spec.path], err_msg=spec.path)
     assert model_type_of_params(added) == "melt" and model_type_of_params(param_paths(ouro_params)) == "ouro"
+
+
+def test_param_paths_and_their_inverse():
+    params = {"layers": {"mlp": {"up": 1, "down": 2}}, "embedder": {"embedding": 3}}
+    flat = param_paths(params)
+    assert flat == {"embedder/embedding": 3, "layers/mlp/down": 2, "layers/mlp/up": 1}
+    assert param_table.params_from_paths(flat) == params
+    by_names = param_paths(params, key=param_table.key_names)
+    assert by_names[("layers", "mlp", "up")] == 1 and param_table.params_from_paths(by_names) == params
+    assert param_paths(params, key=jax.tree_util.keystr)["['embedder']['embedding']"] == 3
+    grown = param_table.params_from_paths({"layers/gate/b": 4}, base=params)
+    assert grown["layers"]["gate"] == {"b": 4} and "gate" not in params["layers"]
+    assert grown["embedder"] is params["embedder"]
