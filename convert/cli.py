@@ -12,7 +12,6 @@ exits with status 1, leaving no output behind.
 from __future__ import annotations
 
 import argparse
-import math
 import re
 import sys
 import time
@@ -20,11 +19,12 @@ import time
 from melt_jax.checkpoint import check_destination, load_params, numpy_dtype, save_params
 from melt_jax.dtypes import STORABLE_NAMES
 from melt_jax.errors import CheckpointError, ConfigError
+from melt_jax.model.params import count_params
 
 from .errors import ConversionError
 from .hf_export import DEFAULT_MAX_SHARD_BYTES, save_hf_checkpoint
 from .hf_import import load_hf_checkpoint
-from .mapping import flatten_params, hf_tensor_plan
+from .mapping import hf_tensor_plan
 
 _SIZE_UNITS = {
     "": 1,
@@ -60,8 +60,7 @@ def _format_bytes(n: int) -> str:
 
 def _summary(action: str, config, params, dtype: str, seconds: float, dest: str) -> str:
     """One line: tensors, parameters, bytes (in `dtype`), seconds."""
-    leaves = flatten_params(params).values()
-    num_params = sum(math.prod(leaf.shape) for leaf in leaves)
+    num_params = count_params(params)
     num_bytes = num_params * numpy_dtype(dtype).itemsize
     return (
         f"{action}: {len(hf_tensor_plan(config))} tensors, {num_params:,} parameters, "

@@ -20,11 +20,13 @@ from tqdm import tqdm
 
 from melt_jax import dtypes
 from melt_jax.checkpoint import atomic_directory, check_destination, numpy_dtype
+from melt_jax.inference.param_check import param_mismatches
 from melt_jax.model.config import OuroConfig
+from melt_jax.model.param_table import param_paths
 
 from .errors import ConversionError
 from .hf_import import CONFIG_FILE, SAFETENSORS_FILE, SAFETENSORS_INDEX
-from .mapping import HFTensor, flatten_params, hf_tensor_plan, param_shapes
+from .mapping import HFTensor, hf_tensor_plan, param_shapes
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # 5 GB, the transformers default
 
@@ -85,17 +87,16 @@ def plan_shards(sizes: list[int], max_shard_bytes: int) -> list[list[int]]:
 def check_params(config: OuroConfig, params: dict) -> dict[str, Any]:
     """The flat '/'-path -> array dict of `params`; raises ConversionError naming a missing,
     unexpected or misshapen param."""
-    flat = flatten_params(params)
+    flat = param_paths(params)
     expected = param_shapes(config)
-    missing = [p for p in expected if p not in flat]
-    if missing:
-        raise ConversionError(f"missing param(s): {', '.join(missing)}")
-    unexpected = sorted(p for p in flat if p not in expected)
-    if unexpected:
-        raise ConversionError(f"unexpected param(s): {', '.join(unexpected)}")
-    for name, shape in expected.items():
-        if tuple(flat[name].shape) != shape:
-            raise ConversionError(f"param {name} has shape {list(flat[name].shape)}, expected {list(shape)}")
+    mismatches = param_mismatches(expected, {name: tuple(leaf.shape) for name, leaf in flat.items()})
+    if mismatches.missing:
+        raise ConversionError(f"missing param(s): {', '.join(mismatches.missing)}")
+    if mismatches.unexpected:
+        raise ConversionError(f"unexpected param(s): {', '.join(sorted(mismatches.unexpected))}")
+    if mismatches.misshapen:
+        name = mismatches.misshapen[0]
+        raise ConversionError(f"param {name} has shape {list(flat[name].shape)}, expected {list(expected[name])}")
     return flat
 
 

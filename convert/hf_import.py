@@ -28,10 +28,11 @@ from tqdm import tqdm
 from melt_jax import dtypes
 from melt_jax.checkpoint import numpy_dtype
 from melt_jax.model.config import OuroConfig
+from melt_jax.model.param_table import params_from_paths
 from melt_jax.model.registry import config_from_json_file
 
 from .errors import ConversionError
-from .mapping import hf_tensor_plan, is_ignored_hf_tensor, rules_for, unflatten_params
+from .mapping import hf_tensor_plan, is_ignored_hf_tensor, rules_for
 
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
@@ -234,4 +235,4 @@ def load_hf_checkpoint(
             del tensor
     finally:
         reader.close()
-    return config, unflatten_params(flat)
+    return config, params_from_paths(flat)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -30,13 +29,11 @@ __all__ = [
     "HFTensor",
     "TensorRule",
     "eval_shape",
-    "flatten_params",
     "hf_tensor_plan",
     "is_ignored_hf_tensor",
     "model_dims",
     "param_shapes",
     "rules_for",
-    "unflatten_params",
 ]
 
 
@@ -154,31 +151,3 @@ def hf_tensor_plan(config: Any, rules: tuple[TensorRule, ...] = OURO_RULES) -> l
             for i in range(config.num_hidden_layers):
                 plan.extend(HFTensor(r.hf_name(i), r, i) for r in layer_rules)
     return plan
-
-
-# --------------------------------------------------------------------------------------------------
-# Nested params dicts <-> flat '/'-paths
-
-
-def flatten_params(params: Mapping, prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": x}} -> {"a/b": x} (any Mapping, e.g. a flax FrozenDict, counts as a dict)."""
-    flat = {}
-    for key, value in params.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flatten_params(value, path + "/"))
-        else:
-            flat[path] = value
-    return flat
-
-
-def unflatten_params(flat: dict[str, Any]) -> dict:
-    """{"a/b": x} -> {"a": {"b": x}}."""
-    params: dict = {}
-    for path, value in flat.items():
-        *parents, leaf = path.split("/")
-        node = params
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    return params

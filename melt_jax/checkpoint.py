@@ -32,6 +32,7 @@ import orbax.checkpoint as ocp
 from melt_jax import dtypes
 from melt_jax.errors import CheckpointError, ConfigError
 from melt_jax.model.config import RUNTIME_FIELDS, OuroConfig
+from melt_jax.model.param_table import key_names, param_paths, params_from_paths
 from melt_jax.model.params import stack_layers
 from melt_jax.model.registry import config_from_json_file
 from melt_jax.sharding import param_sharding
@@ -143,22 +144,6 @@ def save_tree(path: str | os.PathLike, tree: Any) -> None:
         checkpointer.close()
 
 
-def _leaves(tree: dict, prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
-    """(key path, leaf) of every leaf of a nested dict."""
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            yield from _leaves(value, prefix + (key,))
-        else:
-            yield prefix + (key,), value
-
-
-def _nest(keys: tuple[str, ...], leaf: Any) -> dict:
-    """("a", "b"), x -> {"a": {"b": x}}."""
-    for key in reversed(keys):
-        leaf = {key: leaf}
-    return leaf
-
-
 def load_tree(
     path: str | os.PathLike,
     dtype: str | None = None,
@@ -190,7 +175,8 @@ def load_tree(
         tree = getattr(getattr(metadata, "item_metadata", metadata), "tree", metadata)
         if not isinstance(tree, dict):
             raise CheckpointError(f"the orbax checkpoint in {path} does not hold a nested dict of arrays")
-        leaves = list(_leaves(tree))
+        # (key path, leaf metadata) in jax's leaf order, the order orbax saves (and lists) leaves in
+        leaves = list(param_paths(tree, key=key_names).items())
         restored_leaves = {}
         for keys, leaf_metadata in sorted(leaves, key=lambda kv: -math.prod(getattr(kv[1], "shape", ()) or ())):
             if sharding_of is None:
@@ -199,7 +185,9 @@ def load_tree(
                 sharding = sharding_of(keys, tuple(leaf_metadata.shape))
                 restore_args = ocp.ArrayRestoreArgs(restore_type=jax.Array, sharding=sharding, dtype=np_dtype)
             args = ocp.args.PyTreeRestore(
-                item=_nest(keys, leaf_metadata), restore_args=_nest(keys, restore_args), partial_restore=True
+                item=params_from_paths({keys: leaf_metadata}),
+                restore_args=params_from_paths({keys: restore_args}),
+                partial_restore=True,
             )
             try:
                 restored = checkpointer.restore(path, args=args)
@@ -210,13 +198,7 @@ def load_tree(
             for key in keys:
                 restored = restored[key]
             restored_leaves[keys] = restored
-        out: dict = {}
-        for keys, _ in leaves:  # in the saved order
-            node = out
-            for key in keys[:-1]:
-                node = node.setdefault(key, {})
-            node[keys[-1]] = restored_leaves[keys]
-        return out
+        return params_from_paths({keys: restored_leaves[keys] for keys, _ in leaves})
     finally:
         checkpointer.close()
 

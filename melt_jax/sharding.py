@@ -27,7 +27,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from melt_jax.errors import ShardingError
-from melt_jax.model.param_table import find_param, stacked_path
+from melt_jax.model.param_table import find_param, key_names, stacked_path
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -115,13 +115,9 @@ def logical_axes_of(path: tuple[str, ...], ndim: int) -> tuple[str | None, ...]:
     return axes
 
 
-def _key_path(path) -> tuple[str, ...]:
-    return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
-
-
 def param_logical_axes(params: Any) -> Any:
     """The tree of params with each leaf replaced by its logical axis names."""
-    return jax.tree_util.tree_map_with_path(lambda path, x: logical_axes_of(_key_path(path), len(x.shape)), params)
+    return jax.tree_util.tree_map_with_path(lambda path, x: logical_axes_of(key_names(path), len(x.shape)), params)
 
 
 def partition_spec(shape: Sequence[int], logical: Sequence[str | None], mesh: Mesh) -> PartitionSpec:
@@ -158,7 +154,7 @@ def param_sharding(path: tuple[str, ...], shape: Sequence[int], mesh: Mesh) -> N
 
 def param_shardings(params: Any, mesh: Mesh) -> Any:
     """NamedShardings of a param tree (arrays or ShapeDtypeStructs) on `mesh`."""
-    return jax.tree_util.tree_map_with_path(lambda path, x: param_sharding(_key_path(path), x.shape, mesh), params)
+    return jax.tree_util.tree_map_with_path(lambda path, x: param_sharding(key_names(path), x.shape, mesh), params)
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
@@ -197,7 +193,7 @@ def shardings_following_params(tree: Any, params: Any, shardings: Any, mesh: Mes
     ends with a param's path and has its shape gets that param's sharding; other leaves (step counts)
     are replicated."""
     by_path = {
-        _key_path(path): (x.shape, s)
+        key_names(path): (x.shape, s)
         for (path, x), s in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(shardings))
     }
 

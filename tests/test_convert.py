@@ -25,9 +25,10 @@ from melt_jax import checkpoint
 from melt_jax.checkpoint import CheckpointError, load_params, save_params
 from melt_jax.convert import ConversionError, hf_export, load_hf_checkpoint, save_hf_checkpoint
 from melt_jax.convert.cli import main, parse_size
-from melt_jax.convert.mapping import OURO_RULES, flatten_params, hf_tensor_plan, param_shapes, unflatten_params
+from melt_jax.convert.mapping import OURO_RULES, hf_tensor_plan, param_shapes
 from melt_jax.model.config import ConfigError, OuroConfig
 from melt_jax.model.ouro import OuroModel
+from melt_jax.model.param_table import param_paths, params_from_paths
 from melt_jax.model.params import abstract_params
 from melt_jax.testing.hf_checkpoints import random_ouro_state_dict, tiny_hf_config, write_hf_checkpoint
 
@@ -41,7 +42,7 @@ def bits(a: np.ndarray) -> np.ndarray:
 
 
 def assert_same_params(a: dict, b: dict) -> None:
-    fa, fb = flatten_params(a), flatten_params(b)
+    fa, fb = param_paths(a), param_paths(b)
     assert sorted(fa) == sorted(fb)
     for name in fa:
         x, y = np.asarray(fa[name]), np.asarray(fb[name])
@@ -113,7 +114,7 @@ def test_table_parameter_counts_of_real_models(preset, count):
 def test_table_matches_the_model_params(tied):
     config = OuroConfig.from_hf_config(tiny_hf_config(tie_word_embeddings=tied))
     abstract = abstract_params(OuroModel(config))
-    assert {k: tuple(v.shape) for k, v in flatten_params(abstract).items()} == param_shapes(config)
+    assert {k: tuple(v.shape) for k, v in param_paths(abstract).items()} == param_shapes(config)
 
 
 def test_plan_order_and_names(hf_config):
@@ -154,7 +155,7 @@ def test_import_shapes_dtypes_and_config(imported, hf_config):
         "exit_gate/bias": (1,),
         "lm_head/kernel": (H, V),
     }
-    flat = flatten_params(params)
+    flat = param_paths(params)
     assert {k: v.shape for k, v in flat.items()} == expected
     assert all(isinstance(v, np.ndarray) and v.dtype == np.float32 for v in flat.values())
 
@@ -210,9 +211,9 @@ def test_bf16_source_imports_to_fp32_and_bf16(tmp_path, hf_config, state_dict, l
     _, p32 = load_hf_checkpoint(folder, "float32")
     config, p16 = load_hf_checkpoint(folder, "bfloat16")
     assert config.param_dtype == config.dtype == "bfloat16"
-    assert flatten_params(p16)["layers/mlp/up_proj/kernel"].dtype == BF16
+    assert param_paths(p16)["layers/mlp/up_proj/kernel"].dtype == BF16
     # fp32 holds bf16 exactly: casting the fp32 import down gives the bf16 import.
-    assert_same_params({k: v.astype(BF16) for k, v in flatten_params(p32).items()}, flatten_params(p16))
+    assert_same_params({k: v.astype(BF16) for k, v in param_paths(p32).items()}, param_paths(p16))
     np.testing.assert_array_equal(
         bits(p16["embedder"]["embedding"]), bits(state_dict["model.embed_tokens.weight"].astype(BF16))
     )
@@ -261,7 +262,7 @@ def test_rotary_buffers_are_ignored(tmp_path, hf_config, state_dict, imported):
 @pytest.mark.skipif(not GOLDEN_DIR.is_dir(), reason="golden checkpoint tests/data/ouro-tiny not present")
 def test_golden_checkpoint(tmp_path):
     config, params = load_hf_checkpoint(GOLDEN_DIR)
-    flat = flatten_params(params)
+    flat = param_paths(params)
     assert {k: v.shape for k, v in flat.items()} == param_shapes(config)
     source = read_hf_tensors(GOLDEN_DIR)
     np.testing.assert_array_equal(
@@ -328,8 +329,8 @@ def test_sharded_export(tmp_path, imported, state_dict):
 
 def test_export_of_jax_arrays(tmp_path, imported, state_dict):
     config, params = imported
-    jax_params = {k: jnp.asarray(v) for k, v in flatten_params(params).items()}
-    save_hf_checkpoint(config, unflatten_params(jax_params), tmp_path / "out")
+    jax_params = {k: jnp.asarray(v) for k, v in param_paths(params).items()}
+    save_hf_checkpoint(config, params_from_paths(jax_params), tmp_path / "out")
     assert_same_tensors(read_hf_tensors(tmp_path / "out"), state_dict)
 
 
@@ -363,7 +364,7 @@ def test_orbax_round_trip_is_bit_exact(tmp_path, hf_dir, dtype):
     config2, params2 = load_params(tmp_path / "ckpt")
     assert config2 == config and config2.param_dtype == config2.dtype == dtype
     assert_same_params(params2, params)
-    assert all(isinstance(v, np.ndarray) for v in flatten_params(params2).values())
+    assert all(isinstance(v, np.ndarray) for v in param_paths(params2).values())
 
 
 def test_orbax_load_with_cast_and_jax_arrays(tmp_path, imported):
@@ -413,7 +414,7 @@ def test_cli_import_export_end_to_end(tmp_path, hf_config, state_dict, capsys):
     assert "27 tensors" in out and "78,465 parameters" in out and "(bfloat16)" in out
     config, params = load_params(tmp_path / "ckpt")
     assert config.param_dtype == "bfloat16"
-    assert flatten_params(params)["lm_head/kernel"].dtype == BF16
+    assert param_paths(params)["lm_head/kernel"].dtype == BF16
 
     assert main(["export", str(tmp_path / "ckpt"), str(tmp_path / "hf"), "--max-shard-size", "50KB"]) == 0
     assert "export: 27 tensors" in capsys.readouterr().out
@@ -519,10 +520,10 @@ def exporting(params):
 
     def setup(inputs: Inputs) -> Attempt:
         config, good = inputs.imported
-        flat = dict(flatten_params(good))
+        flat = dict(param_paths(good))
         params(flat)
         dest = inputs.tmp_path / "out"
-        return Attempt(lambda: save_hf_checkpoint(config, unflatten_params(flat), dest), dest, dest)
+        return Attempt(lambda: save_hf_checkpoint(config, params_from_paths(flat), dest), dest, dest)
 
     return setup
 

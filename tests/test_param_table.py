@@ -8,14 +8,13 @@ import jax
 import numpy as np
 import pytest
 
-from melt_jax.convert.mapping import flatten_params
 from melt_jax.errors import ShardingError
 from melt_jax.model import param_table
 from melt_jax.model.config import MeltConfig, OuroConfig
 from melt_jax.model.melt import MeltModel
 from melt_jax.model.ouro import OuroModel
 from melt_jax.model.ouro_to_melt import melt_from_ouro
-from melt_jax.model.param_table import PARAMS, ParamSpec, model_type_of_params, param_shapes
+from melt_jax.model.param_table import PARAMS, ParamSpec, model_type_of_params, param_paths, param_shapes
 from melt_jax.model.params import abstract_params, init_params
 from melt_jax.sharding import LOGICAL_RULES, logical_axes_of
 from melt_jax.train.optimizer import _decay_mask, param_groups
@@ -34,7 +33,7 @@ def tiny_config(model_type: str, tied: bool, kv_heads: int, **fields) -> OuroCon
 @pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
 def test_table_shapes_equal_the_model_params(model_type, tied, kv_heads):
     config = tiny_config(model_type, tied, kv_heads, param_dtype="bfloat16")
-    abstract = flatten_params(abstract_params(MODELS[model_type](config)))
+    abstract = param_paths(abstract_params(MODELS[model_type](config)))
     assert {k: tuple(v.shape) for k, v in abstract.items()} == param_shapes(config)
     assert {v.dtype for v in abstract.values()} == {np.dtype("bfloat16")}
 
@@ -43,7 +42,7 @@ def test_table_shapes_equal_the_model_params(model_type, tied, kv_heads):
 def test_table_shapes_of_the_real_models(preset):
     for config in (OuroConfig.preset(preset), MeltConfig.from_ouro(OuroConfig.preset(preset))):
         model = MODELS[config.model_type](config)
-        abstract = flatten_params(abstract_params(model))
+        abstract = param_paths(abstract_params(model))
         assert {k: tuple(v.shape) for k, v in abstract.items()} == param_shapes(config)
 
 
@@ -83,13 +82,13 @@ def test_logical_axes_come_from_the_table():
 def test_optimizer_groups_and_decay_come_from_the_table():
     config = tiny_config("melt", tied=False, kv_heads=2)
     params = abstract_params(MeltModel(config))
-    decay = flatten_params(_decay_mask(params))
+    decay = param_paths(_decay_mask(params))
     no_decay = sorted(path for path, d in decay.items() if not d)
     assert no_decay == sorted([p for p in decay if p.endswith("/scale")] + ["exit_gate/bias", "layers/kv_gate/b_z"])
-    groups = flatten_params(param_groups(params))
+    groups = param_paths(param_groups(params))
     assert sorted(p for p, g in groups.items() if g == "gate") == [f"layers/kv_gate/{n}" for n in ("b_z", "u_z", "w_z")]
     assert {g for p, g in groups.items() if "kv_gate" not in p} == {"loop_lm"}
-    stage2 = flatten_params(param_groups(params, "exit_gate"))
+    stage2 = param_paths(param_groups(params, "exit_gate"))
     assert sorted(p for p, g in stage2.items() if g == "loop_lm") == ["exit_gate/bias", "exit_gate/kernel"]
     assert {g for p, g in stage2.items() if not p.startswith("exit_gate/")} == {"frozen"}
     with pytest.raises(ValueError, match="no row in the parameter table"):
@@ -102,9 +101,22 @@ def test_melt_gates_start_as_the_model_initialises_them():
     ouro = tiny_config("ouro", tied=False, kv_heads=2)
     ouro_params = jax.tree.map(np.asarray, init_params(OuroModel(ouro), jax.random.key(0)))
     config, params = melt_from_ouro(ouro, ouro_params, gate_bias_init=-2.5)
-    fresh = flatten_params(init_params(MeltModel(config), jax.random.key(1)))
-    added = flatten_params(params)
+    fresh = param_paths(init_params(MeltModel(config), jax.random.key(1)))
+    added = param_paths(params)
     for spec in PARAMS:
         if spec.when == param_table.MELT:
             np.testing.assert_array_equal(added[spec.path], fresh[spec.path], err_msg=spec.path)
-    assert model_type_of_params(added) == "melt" and model_type_of_params(flatten_params(ouro_params)) == "ouro"
+    assert model_type_of_params(added) == "melt" and model_type_of_params(param_paths(ouro_params)) == "ouro"
+
+
+def test_param_paths_and_their_inverse():
+    params = {"layers": {"mlp": {"up": 1, "down": 2}}, "embedder": {"embedding": 3}}
+    flat = param_paths(params)
+    assert flat == {"embedder/embedding": 3, "layers/mlp/down": 2, "layers/mlp/up": 1}
+    assert param_table.params_from_paths(flat) == params
+    by_names = param_paths(params, key=param_table.key_names)
+    assert by_names[("layers", "mlp", "up")] == 1 and param_table.params_from_paths(by_names) == params
+    assert param_paths(params, key=jax.tree_util.keystr)["['embedder']['embedding']"] == 3
+    grown = param_table.params_from_paths({"layers/gate/b": 4}, base=params)
+    assert grown["layers"]["gate"] == {"b": 4} and "gate" not in params["layers"]
+    assert grown["embedder"] is params["embedder"]

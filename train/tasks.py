@@ -8,15 +8,16 @@ import functools
 from collections.abc import Callable
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 
 from melt_jax.aot import abstract_arrays
 from melt_jax.checkpoint import load_config, load_params
 from melt_jax.errors import ConfigError, TrainingError
+from melt_jax.inference.param_check import param_mismatches
 from melt_jax.model.config import MeltConfig, OuroConfig
 from melt_jax.model.ouro import OuroModel
 from melt_jax.model.ouro_to_melt import melt_from_ouro
+from melt_jax.model.param_table import param_paths
 from melt_jax.model.params import abstract_params
 from melt_jax.model.registry import config_from_json_file, model_for, require_model_type
 from melt_jax.sharding import param_shardings
@@ -73,18 +74,19 @@ def _model_config(cfg: TrainConfig) -> OuroConfig:
 
 
 def _check_same_shapes(student: dict, teacher: dict, what: str) -> None:
-    """TrainingError naming the first teacher param whose shape differs from the student's."""
-    flat_teacher = {tuple(str(k.key) for k in path): x for path, x in jax.tree_util.tree_leaves_with_path(teacher)}
-    flat_student = {tuple(str(k.key) for k in path): x for path, x in jax.tree_util.tree_leaves_with_path(student)}
-    for path, x in flat_teacher.items():
-        name = "/".join(path)
-        if path not in flat_student:
-            raise TrainingError(f"{what}: the student has no param {name}")
-        if tuple(flat_student[path].shape) != tuple(x.shape):
-            raise TrainingError(
-                f"{what}: param {name} has shape {tuple(x.shape)} in the teacher "
-                f"but {tuple(flat_student[path].shape)} in the student"
-            )
+    """TrainingError naming the first teacher param the student lacks, else the first whose shape
+    differs from the student's."""
+    teacher_shapes = {name: tuple(x.shape) for name, x in param_paths(teacher).items()}
+    student_shapes = {name: tuple(x.shape) for name, x in param_paths(student).items()}
+    mismatches = param_mismatches(teacher_shapes, student_shapes)
+    if mismatches.missing:
+        raise TrainingError(f"{what}: the student has no param {mismatches.missing[0]}")
+    if mismatches.misshapen:
+        name = mismatches.misshapen[0]
+        raise TrainingError(
+            f"{what}: param {name} has shape {teacher_shapes[name]} in the teacher "
+            f"but {student_shapes[name]} in the student"
+        )
 
 
 def _load_checkpoint(

@@ -40,7 +40,6 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax import traverse_util
 
 from melt_jax.errors import GenerationError
 from melt_jax.inference.param_check import check_params
@@ -92,19 +91,14 @@ def quantize_int8(model: nn.Module, params: Params) -> tuple[nn.Module, Params]:
     quantized = int8_model(model)
     target = abstract_params(quantized)  # the int8 tree: qwix records there how each weight is rounded
 
-    int8_paths = {path for path, leaf in traverse_util.flatten_dict(target).items() if _is_int8_leaf(leaf)}
+    def as_float32(weight, int8_weight):
+        # Rounded from float32 values whatever the weights' dtype; the other params keep theirs.
+        # `int8_weight`: the weight's subtree of the int8 tree (qwix's arrays, or the float leaf).
+        return jnp.asarray(weight, jnp.float32) if is_int8_params(int8_weight) else weight
 
     @jax.jit
     def quantize(params):
-        flat = traverse_util.flatten_dict(params)
-        # Rounded from float32 values whatever the weights' dtype; the other params keep theirs.
-        flat = {path: jnp.asarray(x, jnp.float32) if path in int8_paths else x for path, x in flat.items()}
-        return qwix.quantize_params(traverse_util.unflatten_dict(flat), target)
+        return qwix.quantize_params(jax.tree.map(as_float32, params, target), target)
 
     int8_params = quantize(params)
     return quantized, int8_params
-
-
-def _is_int8_leaf(leaf) -> bool:
-    """Whether a leaf of qwix's abstract int8 tree (flattened as dicts) is an int8 weight."""
-    return isinstance(getattr(leaf, "array", None), qwix.QArray)

@@ -23,4 +23,4 @@ def melt_from_ouro(ouro_config: OuroConfig, ouro_params: dict, **melt_fields) ->
         for spec in param_table.PARAMS
         if spec.when in param_table.MELT_ONLY and spec.exists(config)
     }
-    return config, param_table.with_params(ouro_params, new)
+    return config, param_table.params_from_paths(new, base=ouro_params)

@@ -18,6 +18,9 @@ o: in = N*D -> [N, D]).
 
 Adding a parameter to a model is creating it in the flax module and adding its row here; the tests
 (tests/test_param_table.py) check that the rows and the modules agree.
+
+The rows are keyed by '/'-path; `param_paths` gives a param tree as a flat dict of such paths and
+`params_from_paths` builds the tree back.
 """
 
 from __future__ import annotations
@@ -25,8 +28,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any
+
+import jax
 
 LAYER = "{i}"  # placeholder for the layer index in per-layer HF names
 
@@ -196,11 +201,6 @@ def stacked_path(path: str) -> str:
 BY_PATH: dict[str, ParamSpec] = {spec.path: spec for spec in PARAMS}
 
 
-def path_of(key_path: Iterable[Any]) -> str:
-    """The '/'-path of a jax key path (DictKey, GetAttrKey or plain keys)."""
-    return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in key_path)
-
-
 def find_param(path: str | Sequence[str]) -> ParamSpec | None:
     """The row of the param at `path` ('a/b' or ("a", "b")); None when the table has none."""
     return BY_PATH.get(path if isinstance(path, str) else "/".join(path))
@@ -235,15 +235,39 @@ def model_type_of_params(paths: Iterable[str]) -> str:
     return "ouro"
 
 
-def with_params(params: Mapping, new: Mapping[str, Any]) -> dict:
-    """`params` (a nested dict) plus the leaves `new` ('/'-path -> array). The dicts along the new
-    paths are copies; everything else is shared with `params`."""
-    out = dict(params)
-    for path, value in new.items():
-        *parents, leaf = path.split("/")
+# --------------------------------------------------------------------------------------------------
+# Paths: a param tree as a flat dict keyed by each leaf's path
+
+
+def key_names(key_path: Iterable[Any]) -> tuple[str, ...]:
+    """The names along a jax key path (DictKey, GetAttrKey or plain keys): ("layers", "attn", ...)."""
+    return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in key_path)
+
+
+def path_of(key_path: Iterable[Any]) -> str:
+    """The '/'-path of a jax key path: "layers/attn/q_proj/kernel"."""
+    return "/".join(key_names(key_path))
+
+
+def param_paths(params: Any, key: Callable[[tuple], Hashable] = path_of) -> dict[Hashable, Any]:
+    """Every leaf of a param tree by its path, in jax's leaf order (dict keys sorted):
+    {"a": {"b": x}} -> {"a/b": x}. `key` turns a jax key path into the dict's key: `path_of` (the
+    '/'-path), `key_names` (the tuple of names) or `jax.tree_util.keystr` ("['a']['b']"). Any pytree
+    works (a flax FrozenDict counts as a dict); an int8 weight's qwix arrays are nodes, their leaves
+    ending in "array/qvalue" and "array/scale"."""
+    return {key(key_path): leaf for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
+def params_from_paths(flat: Mapping[str | tuple[str, ...], Any], base: Mapping | None = None) -> dict:
+    """The inverse of `param_paths`: {"a/b": x} (or {("a", "b"): x}) -> {"a": {"b": x}}, the dicts in
+    the order of `flat`. With `base` (a nested dict), the leaves are added to it: the dicts along the
+    new paths are copies, everything else is shared with `base`."""
+    out = dict(base or {})
+    for path, value in flat.items():
+        *parents, leaf = path.split("/") if isinstance(path, str) else path
         node = out
-        for key in parents:
-            node[key] = dict(node.get(key, {}))
-            node = node[key]
+        for name in parents:
+            node[name] = dict(node.get(name, {}))
+            node = node[name]
         node[leaf] = value
     return out

@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from melt_jax.model.param_table import UNROLLED_LAYER
+from melt_jax.model.param_table import UNROLLED_LAYER, key_names, param_paths
 
 Params = dict
 
@@ -43,10 +43,10 @@ def param_bytes(params: Params) -> int:
 
 
 def is_int8_params(params: Params) -> bool:
-    """Whether a param tree holds int8 weights (melt_jax.inference.quantization.quantize_int8: qwix
-    arrays with a `qvalue` field in place of float weights)."""
-    paths = (path for path, _ in jax.tree_util.tree_flatten_with_path(params)[0])
-    return any(getattr(key, "name", None) == "qvalue" for path in paths for key in path)
+    """Whether a param tree (or one weight of it) holds int8 weights
+    (melt_jax.inference.quantization.quantize_int8: qwix arrays with a `qvalue` field in place of
+    float weights); works on arrays and ShapeDtypeStructs alike."""
+    return any(names[-1:] == ("qvalue",) for names in param_paths(params, key=key_names))
 
 
 def unstack_layers(params: Params) -> Params:
