@@ -1,4 +1,4 @@
-"""Attention implementations (melt_jax/model/attention.py): blockwise equals dense in values and
+"""Attention implementations (melt_jax/model/attention/): blockwise equals dense in values and
 gradients on every attention path (causal, cache slots, the two-pass pattern; grouped heads, segment
 masks, blocks that do not divide the sequence, bf16); the blockwise gradient does not materialise
 [S, M]; the splash kernel (through its interpreter on this CPU) and the cuDNN wrapper (through
@@ -18,7 +18,13 @@ from melt_jax.inference.decoding import decode_step, prefill
 from melt_jax.model.attention import (
     AUTO_DENSE_MAX_LOGITS,
     DENSE,
+    KERNEL_CALLS,
+    KERNELS,
     Implementation,
+    OwnTokens,
+    Rows,
+    SlotCache,
+    TokenContext,
     attend,
     attend_earlier_and_own,
     blockwise_attention,
@@ -30,7 +36,6 @@ from melt_jax.model.attention import (
 from melt_jax.model.cache import KVCache, init_cache
 from melt_jax.model.config import MeltConfig, OuroConfig
 from melt_jax.model.exit import ExitPolicy
-from melt_jax.model.kv_sources import OwnTokens, Rows, SlotCache
 from melt_jax.model.losses import mean_next_token_loss
 from melt_jax.model.melt import MeltModel
 from melt_jax.model.melt_training import two_pass_forward
@@ -70,6 +75,11 @@ def _blockwise(query_block, key_block):
 
 def _tokens(seq):
     return jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (B, seq))  # [B, S]
+
+
+def _context(positions, segment_ids=None):
+    """The TokenContext a KV source reads (positions, segment ids); no rotary tables."""
+    return TokenContext(positions=positions, cos=None, sin=None, segment_ids=segment_ids)
 
 
 # Row 0: two documents and padding; row 1: one document, then padding.
@@ -425,6 +435,10 @@ def test_unknown_implementations_and_block_sizes_are_named():
     assert load_train_config(None, ["attention=splash"]).attention == "splash"
 
 
+def test_every_kernel_has_its_calls():
+    assert tuple(KERNEL_CALLS) == tuple(KERNELS)
+
+
 def test_auto_is_dense_for_few_logits_and_blockwise_for_many():
     auto = Implementation("auto")
     assert auto.resolve(24, 24) == "xla"
@@ -454,9 +468,9 @@ def test_a_cache_needs_its_slots_segment_ids_for_segment_masking():
     rows = Rows(k=_normal(23, (B, 3, 2, D)), v=_normal(24, (B, 3, 2, D)))
     q, positions, ids = _normal(25, (B, 3, N, D)), _tokens(3), jnp.ones((B, 3), jnp.int32)
 
-    def slot_cache_attend(source, **ids):
+    def slot_cache_attend(source, segment_ids=None):
         carried = source.begin(cache, rows.k.shape)
-        return source.attend(q, rows, None, carried, positions, 0, 0, **ids)
+        return source.attend(q, rows, None, carried, _context(positions, segment_ids), 0, 0)
 
     with pytest.raises(ConfigError, match=r"segment ids over a cache need the segment ids of its slots"):
         slot_cache_attend(SlotCache(), segment_ids=ids)
@@ -465,7 +479,7 @@ def test_a_cache_needs_its_slots_segment_ids_for_segment_masking():
     with_ids, _ = slot_cache_attend(SlotCache(slot_ids), segment_ids=slot_ids[:, :3])
     derived, _ = slot_cache_attend(SlotCache(slot_ids))
     np.testing.assert_array_equal(with_ids, derived)
-    own, _ = OwnTokens().attend(q, rows, None, None, positions, 0, 0, segment_ids=slot_ids[:, :3])
+    own, _ = OwnTokens().attend(q, rows, None, None, _context(positions, slot_ids[:, :3]), 0, 0)
     np.testing.assert_allclose(derived, own, atol=TOL)  # the empty cache adds nothing visible
 
 

@@ -1,5 +1,5 @@
-"""Each KV source alone (melt_jax/model/kv_sources.py) against attention written out in numpy: which keys
-a query sees, what is written where in the cache, and how interpolation mixes the two row sets."""
+"""Each KV source alone (melt_jax/model/attention/kv_sources.py) against attention written out in numpy: which
+keys a query sees, what is written where in the cache, and how interpolation mixes the two row sets."""
 
 import jax
 import jax.numpy as jnp
@@ -7,19 +7,20 @@ import numpy as np
 import pytest
 
 from melt_jax.errors import ConfigError
-from melt_jax.model.attention import Implementation
-from melt_jax.model.cache import KVCache
-from melt_jax.model.kv_sources import (
+from melt_jax.model.attention import (
     EarlierRows,
+    Implementation,
     InterpolatedCache,
     InterpolatedSlotCache,
     InterpolatedTokens,
     OwnTokens,
     Rows,
     SlotCache,
+    TokenContext,
     default_source,
     slot_index,
 )
+from melt_jax.model.cache import KVCache
 
 B, S, N, K, D = 2, 6, 4, 2, 8
 LOOPS, LAYERS, S_MAX = 3, 2, 10
@@ -64,6 +65,11 @@ def _empty_cache(slots) -> KVCache:
     return KVCache(k=earlier, v=_random(51, shape), end_index=jnp.full((B,), 3, jnp.int32))
 
 
+def _context(positions):
+    """The TokenContext a KV source reads (positions); no rotary tables."""
+    return TokenContext(positions=positions, cos=None, sin=None)
+
+
 Q = _random(0, (B, S, N, D))
 POSITIONS = jnp.broadcast_to(jnp.arange(3, 3 + S, dtype=jnp.int32), (B, S))  # after 3 cached tokens
 
@@ -75,7 +81,7 @@ def test_slot_index_follows_the_cache_layout():
 
 def test_own_tokens_is_causal_attention_among_the_tokens_in_flight():
     rows = _rows(1)
-    attended, cache = OwnTokens().attend(Q, rows, None, None, POSITIONS, 0, 0)
+    attended, cache = OwnTokens().attend(Q, rows, None, None, _context(POSITIONS), 0, 0)
     keys, values, visible = _causal_over(rows.k, rows.v, POSITIONS, np.arange(3, 3 + S))
     np.testing.assert_allclose(attended, _attention(Q, keys, values, visible), atol=TOL)
     assert cache is None
@@ -85,7 +91,7 @@ def _slot_cache_call(source, rows, cache, layer, loop):
     """One attend of a slot-cache source between its begin and end, as a model call runs it for one
     (loop, layer): (attended, the cache after the call)."""
     carried = source.begin(cache, rows.k.shape)
-    attended, carried = source.attend(Q, rows, None, carried, POSITIONS, layer, loop)
+    attended, carried = source.attend(Q, rows, None, carried, _context(POSITIONS), layer, loop)
     return attended, source.end(carried, POSITIONS)
 
 
@@ -125,7 +131,9 @@ def test_reading_only_the_filled_slots_changes_nothing(block, segments):
     for filled_only in (False, True):
         source = SlotCache(slot_segments, filled_only=filled_only)
         carried = source.begin(cache, rows.k.shape)
-        attended, carried = source.attend(Q, rows, None, carried, positions, 1, 2, implementation=implementation)
+        attended, carried = source.attend(
+            Q, rows, None, carried, _context(positions), 1, 2, implementation=implementation
+        )
         results.append((attended, source.end(carried, positions)))
     (want, want_cache), (got, got_cache) = results
     np.testing.assert_allclose(got, want, atol=TOL)
@@ -135,12 +143,12 @@ def test_reading_only_the_filled_slots_changes_nothing(block, segments):
 def test_interpolated_tokens_mixes_the_rows():
     rows, ouro_rows = _rows(3), _rows(5)
     for alpha, expected_rows in ((1.0, rows), (0.0, ouro_rows)):
-        got, _ = InterpolatedTokens(jnp.float32(alpha)).attend(Q, rows, ouro_rows, None, POSITIONS, 0, 0)
-        want, _ = OwnTokens().attend(Q, expected_rows, None, None, POSITIONS, 0, 0)
+        got, _ = InterpolatedTokens(jnp.float32(alpha)).attend(Q, rows, ouro_rows, None, _context(POSITIONS), 0, 0)
+        want, _ = OwnTokens().attend(Q, expected_rows, None, None, _context(POSITIONS), 0, 0)
         np.testing.assert_allclose(got, want, atol=TOL)
     mixed = Rows(k=0.3 * rows.k + 0.7 * ouro_rows.k, v=0.3 * rows.v + 0.7 * ouro_rows.v)
-    got, _ = InterpolatedTokens(jnp.float32(0.3)).attend(Q, rows, ouro_rows, None, POSITIONS, 0, 0)
-    np.testing.assert_allclose(got, OwnTokens().attend(Q, mixed, None, None, POSITIONS, 0, 0)[0], atol=TOL)
+    got, _ = InterpolatedTokens(jnp.float32(0.3)).attend(Q, rows, ouro_rows, None, _context(POSITIONS), 0, 0)
+    np.testing.assert_allclose(got, OwnTokens().attend(Q, mixed, None, None, _context(POSITIONS), 0, 0)[0], atol=TOL)
 
 
 def test_interpolated_slot_cache_writes_both_caches_and_mixes_them():
@@ -149,7 +157,7 @@ def test_interpolated_slot_cache_writes_both_caches_and_mixes_them():
     cache = InterpolatedCache(melt=_empty_cache((LAYERS,)), ouro=_empty_cache((LOOPS, LAYERS)))
     for alpha, plain_cache, plain_rows in ((1.0, cache.melt, rows), (0.0, cache.ouro, ouro_rows)):
         source = InterpolatedSlotCache(jnp.float32(alpha))
-        got, new_cache = source.attend(Q, rows, ouro_rows, cache, POSITIONS, layer, loop)
+        got, new_cache = source.attend(Q, rows, ouro_rows, cache, _context(POSITIONS), layer, loop)
         want, want_cache = _slot_cache_call(SlotCache(), plain_rows, plain_cache, layer, loop)
         np.testing.assert_allclose(got, want, atol=TOL)
         written = new_cache.melt if alpha == 1.0 else new_cache.ouro
@@ -180,13 +188,15 @@ def test_earlier_rows_sees_earlier_chunks_rows_and_its_own_chunk(chunk):
     rows, layer, loop = _rows(11), 1, 2
     stored = KVCache(k=_random(13, (LAYERS, B, K, S, D)), v=_random(14, (LAYERS, B, K, S, D)), end_index=None)
     positions = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
-    got, cache = EarlierRows(rows=stored, chunk_size=chunk).attend(Q, rows, None, None, positions, layer, loop)
+    got, cache = EarlierRows(rows=stored, chunk_size=chunk).attend(
+        Q, rows, None, None, _context(positions), layer, loop
+    )
     earlier_k = np.asarray(stored.k[layer]).transpose(0, 2, 1, 3)  # [B, S, K, D]
     earlier_v = np.asarray(stored.v[layer]).transpose(0, 2, 1, 3)
     np.testing.assert_allclose(got, _earlier_reference(Q, earlier_k, earlier_v, rows, chunk), atol=TOL)
     assert cache is None
     if chunk == S:  # one chunk: nothing earlier, the tokens alone
-        np.testing.assert_allclose(got, OwnTokens().attend(Q, rows, None, None, positions, 0, 0)[0], atol=TOL)
+        np.testing.assert_allclose(got, OwnTokens().attend(Q, rows, None, None, _context(positions), 0, 0)[0], atol=TOL)
 
 
 def test_earlier_rows_with_alpha_mixes_stored_and_own_rows():
@@ -198,7 +208,7 @@ def test_earlier_rows_with_alpha_mixes_stored_and_own_rows():
     positions = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
     source = EarlierRows(rows=InterpolatedCache(melt=melt, ouro=ouro), chunk_size=chunk, alpha=jnp.float32(alpha))
     assert source.interpolates and not EarlierRows(rows=melt, chunk_size=chunk).interpolates
-    got, _ = source.attend(Q, rows, ouro_rows, None, positions, layer, loop)
+    got, _ = source.attend(Q, rows, ouro_rows, None, _context(positions), layer, loop)
     mix = lambda a, b: alpha * np.asarray(a) + (1 - alpha) * np.asarray(b)  # noqa: E731
     earlier_k = mix(melt.k[layer], ouro.k[loop, layer]).transpose(0, 2, 1, 3)
     earlier_v = mix(melt.v[layer], ouro.v[loop, layer]).transpose(0, 2, 1, 3)

@@ -15,7 +15,7 @@ the rows of the positions before it), goes through:
    loops >= d copy loop d-1's rows; MELT: the shared row is loop d-1's gated row).
 2. Verify: one forward of all T loops over the block [last, x_1, .., x_k] at positions e_b .. e_b + k,
    with the end index back at e_b. Its queries see the cache slots before e_b only
-   (kv_sources._history_and_own_mask hides every slot at or after the first position in flight), so
+   (attention.masks.history_and_own_mask hides every slot at or after the first position in flight), so
    the draft rows are never read, and it writes the rows of all k + 1 positions anew. y_i, the argmax
    of the last loop's logits at position e_b + i, is the verifier's token for position e_b + i + 1.
 3. Accept: n_b = the number of leading i with x_{i+1} == y_i. The row records y_0 .. y_{n_b} (the

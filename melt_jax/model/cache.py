@@ -12,12 +12,16 @@ laid out heads first ([B, K, S_max, D]) so that attention reads each head's keys
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import flax.struct
 import jax
 import jax.numpy as jnp
 
 from melt_jax.errors import ConfigError
-from melt_jax.model.config import OuroConfig
+
+if TYPE_CHECKING:  # config.py imports the attention package, whose KV sources import this module
+    from melt_jax.model.config import OuroConfig
 
 Array = jax.Array
 

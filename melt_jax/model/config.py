@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from melt_jax import dtypes
 from melt_jax.errors import ConfigError
-from melt_jax.model.attention import DEFAULT_BLOCK, Implementation, check_implementation
+from melt_jax.model.attention.implementation import DEFAULT_BLOCK, Implementation, check_implementation
 from melt_jax.model.chunking import check_chunk_size
 
 OURO_MODEL_TYPE = "ouro"

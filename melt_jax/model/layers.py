@@ -1,5 +1,5 @@
 """Building blocks shared by Ouro and MELT: RMSNorm, rotary embeddings, the attention projections and
-the SwiGLU MLP. Attention itself (softmax over the keys a query sees) is melt_jax/model/attention.py.
+the SwiGLU MLP. Attention itself (softmax over the keys a query sees) is the package melt_jax/model/attention/.
 
 Letters in shape comments and einsum strings: B batch, S tokens, H hidden, N query heads, K key/value
 heads, D head dim, I MLP width, V vocabulary. T is kept for the loop count, as everywhere else in

@@ -21,12 +21,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from melt_jax.model.attention import KVSource, Rows, TokenContext
 from melt_jax.model.chunking import padded_chunking
 from melt_jax.model.config import MeltConfig
-from melt_jax.model.kv_sources import KVSource, Rows
 from melt_jax.model.layers import HIDDEN_AXES, apply_rope
 from melt_jax.model.melt_training import sequential_forward
-from melt_jax.model.ouro import OuroDecoderLayer, OuroModel, OuroOutput, TokenContext
+from melt_jax.model.ouro import OuroDecoderLayer, OuroModel, OuroOutput
 from melt_jax.sharding import constrain
 
 Array = jax.Array
@@ -127,7 +127,8 @@ class MeltDecoderLayer(OuroDecoderLayer):
         if source.interpolates:  # Ouro's rows of these tokens at this loop
             k_ouro, v_ouro = self.attn.keys_values(u)
             ouro_rows = Rows(k=apply_rope(k_ouro, ctx.cos, ctx.sin), v=v_ouro)
-        attended, cache = self.attend(source, q, rows, ouro_rows, cache, ctx, layer_index, loop_index)
+        implementation = self.config.attention_implementation
+        attended, cache = source.attend(q, rows, ouro_rows, cache, ctx, layer_index, loop_index, implementation)
         return self.attn.output(attended), cache, s
 
 
@@ -138,7 +139,7 @@ class MeltModel(OuroModel):
     chunk attends to the final rows of the earlier tokens in the cache and to its own loop-t rows, and
     leaves its final rows in the cache. Without a cache, the tokens form one chunk. The training
     variants (phase-1 interpolation, the two-pass forward's pass 2) are KV sources passed as
-    `kv_source=` (melt_jax.model.kv_sources).
+    `kv_source=` (melt_jax.model.attention).
     """
 
     config: MeltConfig

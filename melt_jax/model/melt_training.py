@@ -21,9 +21,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from melt_jax.model.attention import EarlierRows, InterpolatedSlotCache, SlotCache, init_training_cache
 from melt_jax.model.chunking import num_chunks, scan_chunks
 from melt_jax.model.exit import exit_distribution
-from melt_jax.model.kv_sources import EarlierRows, InterpolatedSlotCache, SlotCache, init_training_cache
 from melt_jax.model.ouro import OuroOutput
 
 Array = jax.Array

@@ -28,10 +28,10 @@ import jax
 import jax.numpy as jnp
 
 from melt_jax.errors import ConfigError
+from melt_jax.model.attention import KVSource, Rows, TokenContext, default_source
 from melt_jax.model.cache import KVCache, init_cache
 from melt_jax.model.config import OuroConfig
 from melt_jax.model.exit import ExitPolicy, exit_distribution, select_hidden
-from melt_jax.model.kv_sources import KVSource, Rows, default_source
 from melt_jax.model.layers import (
     HIDDEN_AXES,
     MLP,
@@ -49,18 +49,6 @@ Array = jax.Array
 
 # Per-layer intermediates a caller may ask for, each stacked to [T, L, B, S, H].
 INTERMEDIATES = ("layer_output", "attention_output")
-
-
-@flax.struct.dataclass
-class TokenContext:
-    """What every layer of every loop needs about the tokens in flight."""
-
-    positions: Array  # [B, S] int32
-    cos: Array  # [B, S, D] float32
-    sin: Array  # [B, S, D] float32
-    segment_ids: Array | None = None  # [B, S] int32: a token attends only within its segment
-    # The positions increase along every row (the model made them): see KVSource.attend.
-    in_order: bool = flax.struct.field(pytree_node=False, default=False)
 
 
 @flax.struct.dataclass
@@ -122,33 +110,17 @@ class OuroDecoderLayer(nn.Module):
 
     def attention(self, u: Array, ctx: TokenContext, cache, layer_state, source: KVSource, layer_index, loop_index):
         """The attention sublayer on u = N1(h) [B, S, H]: queries, keys and values from u, attended
-        through `source` (see melt_jax.model.kv_sources), whose cache slot array of (loop, layer) holds this
-        layer's rows at this loop. Returns (output [B, S, H] after o_proj, cache, layer_state): Ouro
-        keeps no per-layer state across loops."""
+        through `source` (a KV source of melt_jax.model.attention), whose cache slot array of (loop,
+        layer) holds this layer's rows at this loop, computed the way the config's `attention` says.
+        Returns (output [B, S, H] after o_proj, cache, layer_state): Ouro keeps no per-layer state
+        across loops."""
         q = apply_rope(self.attn.queries(u), ctx.cos, ctx.sin)  # [B, S, N, D]
         k, v = self.attn.keys_values(u)  # [B, S, K, D]
         rows = Rows(k=apply_rope(k, ctx.cos, ctx.sin), v=v)
         # Ouro's rows are the Ouro rows an interpolating source mixes with (alpha then changes nothing).
-        attended, cache = self.attend(source, q, rows, rows, cache, ctx, layer_index, loop_index)
+        implementation = self.config.attention_implementation
+        attended, cache = source.attend(q, rows, rows, cache, ctx, layer_index, loop_index, implementation)
         return self.attn.output(attended), cache, layer_state
-
-    def attend(
-        self, source: KVSource, q: Array, rows: Rows, ouro_rows, cache, ctx: TokenContext, layer_index, loop_index
-    ):
-        """`source.attend` for the tokens of `ctx` (their positions and segment ids), computed the way
-        the config's `attention` says."""
-        return source.attend(
-            q,
-            rows,
-            ouro_rows,
-            cache,
-            ctx.positions,
-            layer_index,
-            loop_index,
-            segment_ids=ctx.segment_ids,
-            in_order=ctx.in_order,
-            implementation=self.config.attention_implementation,
-        )
 
     def __call__(self, carry, xs, ctx: TokenContext, loop_index, source: KVSource):
         """One layer at one loop: carry (h [B, S, H], cache), xs (layer_index, this layer's state from
@@ -373,7 +345,7 @@ class OuroModel(nn.Module):
         the returned cache has end_index advanced by S. `segment_ids` [B, S] (packed documents: the
         1-based document index within a row, 0 at padding): a token attends only to tokens of its own
         segment; the positions stay as given (RoPE does not restart per document). `kv_source` says
-        where attention reads keys and values (melt_jax.model.kv_sources; default: the cache's slot
+        where attention reads keys and values (melt_jax.model.attention; default: the cache's slot
         arrays, or the tokens alone). How attention is computed is `config.attention`.
         """
         source = default_source(cache) if kv_source is None else kv_source

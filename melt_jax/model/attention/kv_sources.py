@@ -4,13 +4,13 @@ A layer computes, for the tokens in flight at one loop, queries q [B, S, N, D] a
 keys (after RoPE) and values [B, S, K, D]; a KV source combines those rows with whatever else the
 tokens see, and says what the cache becomes:
 
-    source.attend(q, rows, ouro_rows, cache, positions, layer_index, loop_index,
-                  *, segment_ids=None, in_order=False, implementation=DENSE) -> (attended, cache)
+    source.attend(q, rows, ouro_rows, cache, ctx, layer_index, loop_index, implementation)
+        -> (attended, cache)
 
 | source                 | cache carried        | the tokens in flight attend to                                  |
 |------------------------|----------------------|-----------------------------------------------------------------|
 | `OwnTokens`            | none                 | each other, causally (a full forward, or one chunk)             |
-| `SlotCache`            | KVCache              | the cache's slot array of this (loop, layer) after writing rows |
+| `SlotCache`            | KVCache              | the cache's slot array of this (loop, layer) and their own rows |
 | `InterpolatedTokens`   | none                 | each other, rows mixed alpha * MELT + (1 - alpha) * Ouro        |
 | `InterpolatedSlotCache`| InterpolatedCache    | both caches' slot arrays, mixed the same way                    |
 | `EarlierRows`          | none                 | pass-1 rows of earlier chunks and own-chunk rows (two-pass)     |
@@ -21,45 +21,43 @@ only the cache is carried. `ouro_rows` are the keys and values Ouro would comput
 the layer input instead of MELT's gated latent); the layer computes them only for a source with
 `interpolates = True`. See docs/melt.md, 'Phase 1: interpolation' and 'Training forwards'.
 
-How attention is computed is not the source's business: the layer passes its config's choice as
-`attend(..., implementation=config.attention_implementation)` and the source hands it on to
-melt_jax.model.attention (`attend` or `attend_earlier_and_own`), so every path computes the way the
-config says (or, for a kernel, falls back where it cannot) and a source built by a caller follows the
-model it is passed to. The layer also
-passes the tokens' `segment_ids` [B, S] (packed documents; None without): sources whose keys are the
-tokens in flight, or their pass-1 rows (`EarlierRows`), use them for the keys as well; the slot caches
-take their slots' ids [B, S_max] as a field (`SlotCache(slot_segment_ids)`). It passes `in_order=True`
-when it made the positions itself (they increase along every row): the sources whose tokens in flight
-attend to each other (`OwnTokens`, `InterpolatedTokens`) then describe an in-order mask, which the
-attention kernels ("splash", "cudnn") compute; the others do not need it. See docs/melt.md, 'Attention
-implementations'.
+`ctx` is the call's TokenContext: the sources read the tokens' positions [B, S], their segment ids
+[B, S] (packed documents; None without) and `in_order` (the model made the positions: they increase
+along every row). Sources whose keys are the tokens in flight, or their pass-1 rows (`EarlierRows`),
+use the segment ids for the keys as well; the slot caches take their slots' ids [B, S_max] as a field
+(`SlotCache(slot_segment_ids)`). The masks come from masks.py (`own_tokens_mask`, `cache_mask`,
+`history_and_own_mask`); only the sources whose tokens in flight attend to each other (`OwnTokens`,
+`InterpolatedTokens`) have an in-order mask, which the kernels take.
 
-Adding a source: a subclass of `KVSource` here with `check` and `attend`; a model uses it when a
-caller passes it as `kv_source=` (see docs/melt.md, 'Adding a cache variant or attention path').
+How attention is computed is not the source's business: the layer passes its config's choice
+(`config.attention_implementation`) and the source hands it on to the entry points of dispatch.py,
+so every path computes the way the config says (or, for a kernel, falls back where it cannot) and a
+source built by a caller follows the model it is passed to.
+
+A source has six methods, all but `attend` with defaults in `KVSource`: `check(cache)` (before the
+loops), `begin(cache, rows_shape)` and `end(carried, positions)` (what the loops carry, and the cache
+after them), `freeze(carried, exited)` and `fill_skipped(carried, loops_run)` (skipping loops; only
+the slot caches can), and `attend`.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 
 from melt_jax.errors import ConfigError
-from melt_jax.model.attention import (
-    DENSE,
-    CausalMask,
-    Implementation,
-    attend,
-    attend_earlier_and_own,
-    attend_filled_history_and_own,
-    attend_history_and_own,
-    causal_mask,
-    slot_mask,
-)
+from melt_jax.model.attention.context import TokenContext
+from melt_jax.model.attention.dispatch import attend, attend_earlier_and_own, attend_history_and_own
+from melt_jax.model.attention.filled_history import attend_filled_history_and_own
+from melt_jax.model.attention.implementation import DENSE, Implementation
+from melt_jax.model.attention.masks import cache_mask, history_and_own_mask, own_tokens_mask
 from melt_jax.model.cache import KVCache, init_cache, write_all_rows, write_rows
-from melt_jax.model.config import MeltConfig
+
+if TYPE_CHECKING:  # config.py imports this package (implementation.py): a type only here
+    from melt_jax.model.config import MeltConfig
 
 Array = jax.Array
 
@@ -123,58 +121,6 @@ def _mixed(alpha: Array, rows: Rows, ouro_rows: Rows) -> Rows:
     return Rows(k=interpolate(alpha, rows.k, ouro_rows.k), v=interpolate(alpha, rows.v, ouro_rows.v))
 
 
-def _own_tokens_mask(positions: Array, segment_ids: Array | None, in_order: bool):
-    """The tokens in flight attending to each other: causal over their positions [B, S], within
-    their segments when segment ids [B, S] are given; `in_order` when the positions increase along
-    every row."""
-    return causal_mask(positions, positions, segment_ids, segment_ids, in_order=in_order)
-
-
-def _query_segments(slot_segments: Array | None, positions: Array, segment_ids: Array | None) -> Array | None:
-    """The segment ids [B, S] of queries at positions [B, S] attending over a cache whose slots have
-    the ids slot_segments [B, S_max]: their own ids when given, else the slots' ids at their positions;
-    None without slot ids (no segment masking over the cache; ConfigError if the queries have ids)."""
-    if slot_segments is None:
-        if segment_ids is not None:
-            raise ConfigError(
-                "segment ids over a cache need the segment ids of its slots: pass them to the KV source "
-                "(SlotCache(slot_segment_ids=...) or InterpolatedSlotCache(alpha, slot_segment_ids=...))"
-            )
-        return None
-    if segment_ids is None:
-        return jnp.take_along_axis(slot_segments, positions, axis=1, mode="clip")  # [B, S]
-    return segment_ids
-
-
-def _cache_mask(slot_segments: Array | None, positions: Array, max_length: int, segment_ids: Array | None):
-    """Queries at positions [B, S] over a slot array of `max_length` slots: causal, and with the
-    slots' segment ids [B, S_max] only the slots of the query's segment (_query_segments)."""
-    query_segments = _query_segments(slot_segments, positions, segment_ids)
-    if query_segments is None:
-        return slot_mask(positions, max_length)
-    return slot_mask(positions, max_length, query_segments, slot_segments)
-
-
-def _history_and_own_mask(
-    slot_segments: Array | None, positions: Array, max_length: int, segment_ids: Array | None
-) -> CausalMask:
-    """Queries at positions [B, S] over the keys [cache slots (S_max), tokens in flight (S)]: a slot is
-    visible when it precedes the first position in flight (later slots hold nothing yet, or what the
-    tokens in flight replace), the tokens in flight causally; with segment ids only keys of the
-    query's segment (_query_segments)."""
-    batch = positions.shape[0]
-    slots = jnp.broadcast_to(jnp.arange(max_length, dtype=jnp.int32), (batch, max_length))  # [B, S_max]
-    start = jnp.min(positions, axis=1, keepdims=True)  # [B, 1]
-    # A slot at or after the first position in flight gets a position no query reaches.
-    unreachable = jnp.iinfo(jnp.int32).max
-    key_positions = jnp.concatenate([jnp.where(slots < start, slots, unreachable), positions], axis=1)
-    query_segments = _query_segments(slot_segments, positions, segment_ids)
-    if query_segments is None:
-        return causal_mask(positions, key_positions)
-    key_segments = jnp.concatenate([slot_segments, query_segments], axis=1)
-    return causal_mask(positions, key_positions, query_segments, key_segments)
-
-
 class KVSource(flax.struct.PyTreeNode):
     """Where attention reads keys and values from (see the module docstring)."""
 
@@ -212,42 +158,24 @@ class KVSource(flax.struct.PyTreeNode):
         rows: Rows,
         ouro_rows: Rows | None,
         cache,
-        positions: Array,
+        ctx: TokenContext,
         layer_index,
         loop_index,
-        *,
-        segment_ids: Array | None = None,
-        in_order: bool = False,
         implementation: Implementation = DENSE,
     ) -> tuple[Array, object]:
         """(attended [B, S, N, D] before the output projection, the updated cache) for queries q [B, S,
-        N, D] (after RoPE) of the tokens at positions [B, S], with their segment ids [B, S] if given
-        (a token sees only tokens of its segment), computed by `implementation` (melt_jax.model.attention;
-        the model passes its config's choice). `in_order`: the positions increase along every row (the
-        model made them), so the tokens in flight see each other in index order, a mask the attention
-        kernels take (`CausalMask.in_order`)."""
+        N, D] (after RoPE) of the tokens of `ctx` (their positions; their segment ids if any: a token
+        sees only tokens of its segment; `in_order`: the positions increase along every row, so the
+        tokens in flight see each other in index order, a mask the kernels take), at (layer_index,
+        loop_index), computed by `implementation` (the model passes its config's choice)."""
         raise NotImplementedError
 
 
 class OwnTokens(KVSource):
     """No cache: the tokens in flight attend to each other causally (a full forward, or one chunk)."""
 
-    def attend(
-        self,
-        q,
-        rows,
-        ouro_rows,
-        cache,
-        positions,
-        layer_index,
-        loop_index,
-        *,
-        segment_ids=None,
-        in_order=False,
-        implementation=DENSE,
-    ):
-        mask = _own_tokens_mask(positions, segment_ids, in_order)
-        return attend(q, rows.k, rows.v, mask, implementation=implementation), cache
+    def attend(self, q, rows, ouro_rows, cache, ctx, layer_index, loop_index, implementation=DENSE):
+        return attend(q, rows.k, rows.v, own_tokens_mask(ctx), implementation=implementation), cache
 
 
 @flax.struct.dataclass
@@ -305,20 +233,7 @@ class SlotCache(KVSource):
             k=jnp.where(skipped, carried.k[last], carried.k), v=jnp.where(skipped, carried.v[last], carried.v)
         )
 
-    def attend(
-        self,
-        q,
-        rows,
-        ouro_rows,
-        cache,
-        positions,
-        layer_index,
-        loop_index,
-        *,
-        segment_ids=None,
-        in_order=False,
-        implementation=DENSE,
-    ):
+    def attend(self, q, rows, ouro_rows, cache, ctx, layer_index, loop_index, implementation=DENSE):
         history = cache.history
         slot = slot_index(history, layer_index, loop_index)
         if cache.frozen is not None:  # exited tokens keep the row they wrote last, at their exit loop
@@ -331,9 +246,9 @@ class SlotCache(KVSource):
         pending = cache.replace(
             k=cache.k.at[slot].set(rows.k.astype(cache.k.dtype)), v=cache.v.at[slot].set(rows.v.astype(cache.v.dtype))
         )
-        mask = _history_and_own_mask(self.slot_segment_ids, positions, history.max_length, segment_ids)
+        mask = history_and_own_mask(ctx, history.max_length, self.slot_segment_ids)
         if self.filled_only:
-            filled = jnp.max(jnp.min(positions, axis=1))  # slots any query may see: before its row's first
+            filled = jnp.max(jnp.min(ctx.positions, axis=1))  # slots any query may see: before its row's first
             attended = attend_filled_history_and_own(
                 q, history.k, history.v, slot, rows.k, rows.v, mask, filled,
                 history_block=implementation.key_block,
@@ -352,23 +267,9 @@ class InterpolatedTokens(KVSource):
     alpha: Array
     interpolates: ClassVar[bool] = True
 
-    def attend(
-        self,
-        q,
-        rows,
-        ouro_rows,
-        cache,
-        positions,
-        layer_index,
-        loop_index,
-        *,
-        segment_ids=None,
-        in_order=False,
-        implementation=DENSE,
-    ):
+    def attend(self, q, rows, ouro_rows, cache, ctx, layer_index, loop_index, implementation=DENSE):
         mixed = _mixed(self.alpha, rows, ouro_rows)
-        mask = _own_tokens_mask(positions, segment_ids, in_order)
-        return attend(q, mixed.k, mixed.v, mask, implementation=implementation), cache
+        return attend(q, mixed.k, mixed.v, own_tokens_mask(ctx), implementation=implementation), cache
 
 
 class InterpolatedSlotCache(KVSource):
@@ -385,21 +286,8 @@ class InterpolatedSlotCache(KVSource):
         if not isinstance(cache, InterpolatedCache):
             raise ConfigError(f"InterpolatedSlotCache needs an InterpolatedCache, got {type(cache).__name__}")
 
-    def attend(
-        self,
-        q,
-        rows,
-        ouro_rows,
-        cache,
-        positions,
-        layer_index,
-        loop_index,
-        *,
-        segment_ids=None,
-        in_order=False,
-        implementation=DENSE,
-    ):
-        melt, ouro = cache.melt, cache.ouro
+    def attend(self, q, rows, ouro_rows, cache, ctx, layer_index, loop_index, implementation=DENSE):
+        melt, ouro, positions = cache.melt, cache.ouro, ctx.positions
         melt_slot, ouro_slot = slot_index(melt, layer_index, loop_index), slot_index(ouro, layer_index, loop_index)
         melt_k = write_rows(melt.k, melt_slot, rows.k, positions)
         melt_v = write_rows(melt.v, melt_slot, rows.v, positions)
@@ -408,7 +296,7 @@ class InterpolatedSlotCache(KVSource):
         keys = interpolate(self.alpha, melt_k[melt_slot], ouro_k[ouro_slot])  # [B, K, S_max, D]
         values = interpolate(self.alpha, melt_v[melt_slot], ouro_v[ouro_slot])
         cache = InterpolatedCache(melt=melt.replace(k=melt_k, v=melt_v), ouro=ouro.replace(k=ouro_k, v=ouro_v))
-        mask = _cache_mask(self.slot_segment_ids, positions, melt.max_length, segment_ids)
+        mask = cache_mask(ctx, melt.max_length, self.slot_segment_ids)
         return attend(q, keys, values, mask, implementation=implementation, kv_heads_first=True), cache
 
 
@@ -427,20 +315,7 @@ class EarlierRows(KVSource):
     def interpolates(self) -> bool:
         return self.alpha is not None
 
-    def attend(
-        self,
-        q,
-        rows,
-        ouro_rows,
-        cache,
-        positions,
-        layer_index,
-        loop_index,
-        *,
-        segment_ids=None,
-        in_order=False,
-        implementation=DENSE,
-    ):
+    def attend(self, q, rows, ouro_rows, cache, ctx, layer_index, loop_index, implementation=DENSE):
         if self.alpha is None:
             slot = slot_index(self.rows, layer_index, loop_index)
             earlier_k, earlier_v = self.rows.k[slot], self.rows.v[slot]
@@ -458,7 +333,7 @@ class EarlierRows(KVSource):
             rows.k,
             rows.v,
             self.chunk_size,
-            segment_ids=segment_ids,
+            segment_ids=ctx.segment_ids,
             implementation=implementation,
         )
         return attended, cache

@@ -1,0 +1,143 @@
+"""Which implementation computes an attention call, and the call.
+
+    attend(q, k, v, mask, implementation=..., kv_heads_first=...)           causal (+ segments)
+    attend_earlier_and_own(q, earlier_k, earlier_v, k, v, chunk_size, ...)  MELT's two-pass pattern
+    attend_history_and_own(q, history_k, history_v, k, v, mask, ...)       a slot array + rows in flight
+
+`Implementation.choose` gives the name: "xla" (dense.py), "blockwise" (blockwise.py), or a kernel of
+KERNEL_CALLS where the kernel takes the call. Where a kernel does not take it (the slot cache of
+decoding and prefill, whose positions in flight are known only when running; positions the caller
+gave; for cudnn also segment ids, float32 and the two-pass pattern) it falls back to "auto"'s choice:
+dense for few logits (decoding stays dense and fast), blockwise for many (long prefills keep linear
+memory). "auto" itself never picks a kernel: the kernels are checked against dense on the CPU (splash
+interpreted, the cuDNN wrapper through the "xla" implementation of the same API) and compiled for TPU
+topologies, not timed on the accelerators. All give the same values to float32 rounding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from melt_jax.model.attention.blockwise import blockwise_attention
+from melt_jax.model.attention.cudnn import cudnn_attend, cudnn_takes
+from melt_jax.model.attention.dense import dense_attention, dense_earlier_and_own, dense_history_and_own
+from melt_jax.model.attention.implementation import DENSE, Implementation
+from melt_jax.model.attention.masks import CausalMask, EarlierAndOwnMask
+from melt_jax.model.attention.splash import splash_attend, splash_earlier_and_own, splash_takes
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelCalls:
+    """How the entry points call a kernel module.
+
+    takes(q, mask) -> bool: whether the kernel computes `attend` with this mask and these shapes.
+    attend(q, k, v, mask, implementation, kv_heads_first) -> [B, S, N, D]: `attend` through the kernel.
+    earlier_and_own(q, earlier_k, earlier_v, k, v, chunk_size, segment_ids, implementation): the
+    two-pass pattern through the kernel, or None where the kernel does not take it.
+    """
+
+    takes: Callable[[Array, CausalMask], bool]
+    attend: Callable[..., Array]
+    earlier_and_own: Callable[..., Array] | None = None
+
+
+# One line per kernel of implementation.KERNELS.
+KERNEL_CALLS = {
+    "splash": KernelCalls(takes=splash_takes, attend=splash_attend, earlier_and_own=splash_earlier_and_own),
+    "cudnn": KernelCalls(takes=cudnn_takes, attend=cudnn_attend),
+}
+
+
+def attend(
+    q: Array,
+    k: Array,
+    v: Array,
+    mask: CausalMask,
+    *,
+    implementation: Implementation = DENSE,
+    kv_heads_first: bool = False,
+) -> Array:
+    """Causal attention of q [B, S, N, D] over k, v [B, M, K, D] (or [B, K, M, D] with
+    kv_heads_first, the cache layout) with the keys `mask` makes visible. Returns [B, S, N, D].
+    A kernel computes the calls its `takes` accepts: in-order masks (`CausalMask.in_order`: the
+    tokens in flight attending to each other); "cudnn" without segment ids and only in bf16/fp16
+    (`cudnn_takes`)."""
+    mask.check()
+    num_keys = k.shape[2] if kv_heads_first else k.shape[1]
+    kernel = KERNEL_CALLS.get(implementation.name)
+    chosen = implementation.choose(q.shape[1], num_keys, kernel is not None and kernel.takes(q, mask))
+    if chosen == "xla":
+        return dense_attention(q, k, v, mask.dense(), kv_heads_first=kv_heads_first)
+    if chosen == "blockwise":
+        blocks = dict(query_block=implementation.query_block, key_block=implementation.key_block)
+        return blockwise_attention(q, k, v, mask, kv_heads_first=kv_heads_first, **blocks)
+    return kernel.attend(q, k, v, mask, implementation, kv_heads_first)
+
+
+def attend_earlier_and_own(
+    q: Array,
+    earlier_k: Array,
+    earlier_v: Array,
+    k: Array,
+    v: Array,
+    chunk_size: int,
+    *,
+    segment_ids: Array | None = None,
+    implementation: Implementation = DENSE,
+) -> Array:
+    """MELT's two-pass attention over a sequence cut into chunks of `chunk_size`: token i sees the
+    `earlier_*` rows of all tokens of earlier chunks and the current rows (k, v) of the tokens of its
+    own chunk at positions <= i, in one softmax over both key sets; with segment ids [B, S] only the
+    rows of tokens of its own segment.
+
+    q [B, S, N, D]; earlier_k, earlier_v [B, K, S, D] (cache layout); k, v [B, S, K, D]; S a multiple
+    of chunk_size. Returns [B, S, N, D]. A kernel with `earlier_and_own` computes it ("splash": its
+    mask is known when tracing); "cudnn" does not ("auto"'s choice instead).
+    """
+    batch, seq = q.shape[:2]
+    kernel = KERNEL_CALLS.get(implementation.name)
+    takes = kernel is not None and kernel.earlier_and_own is not None
+    chosen = implementation.choose(seq, seq, kernel_takes=takes)
+    if chosen == "xla":
+        return dense_earlier_and_own(q, earlier_k, earlier_v, k, v, chunk_size, segment_ids)
+    if chosen == "blockwise":
+        mask = EarlierAndOwnMask.of(batch, seq, chunk_size, segment_ids)
+        return _blockwise_over_stored_and_own(q, earlier_k, earlier_v, k, v, mask, implementation)
+    return kernel.earlier_and_own(q, earlier_k, earlier_v, k, v, chunk_size, segment_ids, implementation)
+
+
+def _blockwise_over_stored_and_own(q, stored_k, stored_v, k, v, mask, implementation: Implementation) -> Array:
+    """Blockwise attention of q [B, S, N, D] over stored rows [B, K, M, D] (cache layout) followed by the
+    rows in flight [B, S, K, D], joined into one key set of M + S keys that `mask` describes."""
+    keys = jnp.concatenate([stored_k, k.transpose(0, 2, 1, 3).astype(stored_k.dtype)], axis=2)  # [B, K, M + S, D]
+    values = jnp.concatenate([stored_v, v.transpose(0, 2, 1, 3).astype(stored_v.dtype)], axis=2)
+    blocks = dict(query_block=implementation.query_block, key_block=implementation.key_block)
+    return blockwise_attention(q, keys, values, mask, kv_heads_first=True, **blocks)
+
+
+def attend_history_and_own(
+    q: Array,
+    history_k: Array,
+    history_v: Array,
+    k: Array,
+    v: Array,
+    mask: CausalMask,
+    *,
+    implementation: Implementation = DENSE,
+) -> Array:
+    """Attention of q [B, S, N, D] over two key sets in one softmax: a cache slot array history_k,
+    history_v [B, K, S_max, D] and the rows of the tokens in flight k, v [B, S, K, D]; `mask`
+    describes the S_max + S keys in that order. Dense reads the slot array where it lies (no copy of
+    it joined to the new rows); blockwise joins them. The kernels do not take this mask (the
+    positions in flight are known only when running): "auto"'s choice instead. Returns [B, S, N, D]."""
+    mask.check()
+    max_length = history_k.shape[2]
+    if implementation.choose(q.shape[1], max_length + k.shape[1]) != "xla":
+        return _blockwise_over_stored_and_own(q, history_k, history_v, k, v, mask, implementation)
+    return dense_history_and_own(q, history_k, history_v, k, v, mask)
