@@ -22,7 +22,7 @@ dispatch.py, which picks the implementation that computes it.
 Implementations (`Implementation.name`, the model config's `attention` field): "xla", "blockwise",
 "auto" ("xla" while S * M <= AUTO_DENSE_MAX_LOGITS logits per head, "blockwise" above), and the
 kernels "splash" and "cudnn" for the calls they take, "auto"'s choice elsewhere. Their speed is
-measured by benchmarks/attention_speed.py (figures in the README); each module says what it computes.
+measured by benchmarks/attention_speed.py (figures in docs/measured.md); each module says what it computes.
 
 Letters in shape comments and einsum strings: B batch, S query tokens, M key/value tokens, N query
 heads, K key/value heads, G query heads per kv head (N = K * G; query head n reads kv head n // G),
