@@ -1,2 +1,52 @@
 """Data for training and evaluation: text sources, tokenizers, packing into rows, the resumable batch
-iterator and the embedded synthetic task."""
+iterator and the embedded synthetic task.
+
+Import from this package (`from melt_jax.data import load_tokenizer, BatchIterator`); the modules
+inside it import each other directly.
+"""
+
+from melt_jax.data.packing import PackedData, pack_documents
+from melt_jax.data.pipeline import (
+    SYNTHETIC_SOURCE,
+    BatchIterator,
+    build_train_data,
+    check_text_field,
+    load_text_dataset,
+    tokenize_dataset,
+)
+from melt_jax.data.synthetic import (
+    FORMS,
+    OPERATIONS,
+    SyntheticTaskConfig,
+    answer_batch,
+    exact_match_accuracy,
+    generate_example,
+    pack_answer_examples,
+    synthetic_reasoning_dataset,
+)
+from melt_jax.data.tokenizer import EOS_TOKEN, PAD_TOKEN, ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
+
+__all__ = [
+    "EOS_TOKEN",
+    "FORMS",
+    "OPERATIONS",
+    "PAD_TOKEN",
+    "SYNTHETIC_SOURCE",
+    "BatchIterator",
+    "ByteTokenizer",
+    "HFTokenizer",
+    "PackedData",
+    "SyntheticTaskConfig",
+    "Tokenizer",
+    "answer_batch",
+    "build_train_data",
+    "check_text_field",
+    "exact_match_accuracy",
+    "generate_example",
+    "load_text_dataset",
+    "load_tokenizer",
+    "pack_answer_examples",
+    "pack_documents",
+    "synthetic_reasoning_dataset",
+    "tokenize_dataset",
+]
