@@ -13,7 +13,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 from melt_jax.checkpoint import save_params
 from melt_jax.data.tokenizer import ByteTokenizer, load_tokenizer
-from melt_jax.inference import cli_eval, cli_generate
+from melt_jax.inference import cli_eval, cli_generate, text_generation
 from melt_jax.inference.generation import generate
 from melt_jax.inference.sampling import SamplingConfig
 
@@ -59,7 +59,7 @@ def test_a_batch_of_prompts_with_a_stop_string(checkpoint, capsys):
 
 
 def test_text_stream_holds_back_what_may_still_change():
-    stream = cli_generate.TextStream(["STOP"])
+    stream = text_generation.TextStream(["STOP"])
     assert stream.update("abcdef") == ("abc", False)  # "def" may begin "STOP"
     assert stream.update("abcdefST\ufffd") == ("de", False)  # a partial character is held too
     assert stream.update("abcdefSTOPxyz") == ("f", True)
@@ -78,8 +78,8 @@ def _chat_tokenizer(path: Path) -> Path:
 
 def test_chat_template_and_its_stop_token(checkpoint, tmp_path, capsys):
     tokenizer = load_tokenizer(str(_chat_tokenizer(tmp_path)))
-    assert cli_generate.stop_token_ids(tokenizer, ["<|im_end|>"], chat=True) == (0, 2)
-    assert tokenizer.encode(cli_generate.chat_prompt("hi")) == [1, 4, 7, 6, 2, 7, 1, 5, 7]
+    assert text_generation.stop_token_ids(tokenizer, ["<|im_end|>"], chat=True) == (0, 2)
+    assert tokenizer.encode(text_generation.chat_prompt("hi")) == [1, 4, 7, 6, 2, 7, 1, 5, 7]
     code, _, err = _generate(capsys, checkpoint, "--chat", "--prompt", "hi")
     assert code == 2 and "needs a tokenizer with the <|im_end|> token" in err
     code = cli_generate.main(
