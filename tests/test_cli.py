@@ -66,6 +66,22 @@ def test_text_stream_holds_back_what_may_still_change():
     assert stream.update("abcdefSTOPxyz", final=True) == ("", True)
 
 
+def test_text_generator_streams_the_text_it_returns():
+    model, params = tiny_model("ouro")
+    expected = _greedy_texts(PROMPTS[:2])
+    stop = expected[0][3:5]
+    generator = text_generation.TextGenerator(
+        model, params, TOKENIZER, SamplingConfig(max_new_tokens=12), stops=(stop,), segment_steps=3
+    )
+    run = generator.start(PROMPTS[:2], stream=True)
+    streamed = ["", ""]
+    for pieces in run:
+        assert len(pieces) == 2
+        streamed = [text + piece for text, piece in zip(streamed, pieces)]
+    texts = [t.split(stop, 1)[0] for t in expected]
+    assert streamed == run.result().texts == generator.generate(PROMPTS[:2]).texts == texts
+
+
 def _chat_tokenizer(path: Path) -> Path:
     """A word-level tokenizer.json with Ouro's special tokens at Ouro's ids (0, 1, 2)."""
     words = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "[UNK]", "user", "assistant", "hi", "\n"]

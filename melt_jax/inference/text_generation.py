@@ -91,7 +91,7 @@ class TextResult:
     generation: GenerationResult  # the tokens, why each row ended, the timing
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # params are arrays: compared by identity
 class TextGenerator:
     """A model and its tokenizer with the text settings of generation (see the module docstring).
 
