@@ -6,7 +6,7 @@ bf16 shapes for one chip of a TPU topology (libtpu's compiler: no TPU needed;
 `pip install -e ".[tpu]"`) at batch 1, 2, 4, ... until the compiler refuses it, then bisects to the
 largest batch that fits. Prints per batch the weights, the KV cache, the step's temporaries (and
 their share of the cache) and the peak against the chip's memory; then the sampler's first program
-(`melt_jax.inference.decode_loop.start_generation`: an empty cache, the chunked prefill of one
+(`melt_jax.inference.decoding.start_generation`: an empty cache, the chunked prefill of one
 prompt of the context length in chunks of --chunk tokens, keeping only the last position's hidden
 state, and the first new token) at batch 1.
 
@@ -28,8 +28,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from melt_jax.aot import GIB, CompileReport, compile_and_measure, topology_devices
-from melt_jax.inference.decode_loop import start_generation
-from melt_jax.inference.decoding import decode_step
+from melt_jax.inference.decoding import decode_step, start_generation
 from melt_jax.inference.sampling import SamplingConfig
 from melt_jax.model.config import MeltConfig, OuroConfig
 from melt_jax.model.exit import ExitPolicy

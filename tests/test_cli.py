@@ -13,7 +13,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 from melt_jax.checkpoint import save_params
 from melt_jax.data.tokenizer import ByteTokenizer, load_tokenizer
-from melt_jax.inference import cli_eval, cli_generate
+from melt_jax.inference import cli_eval, cli_generate, text_generation
 from melt_jax.inference.generation import generate
 from melt_jax.inference.sampling import SamplingConfig
 
@@ -59,11 +59,27 @@ def test_a_batch_of_prompts_with_a_stop_string(checkpoint, capsys):
 
 
 def test_text_stream_holds_back_what_may_still_change():
-    stream = cli_generate.TextStream(["STOP"])
+    stream = text_generation.TextStream(["STOP"])
     assert stream.update("abcdef") == ("abc", False)  # "def" may begin "STOP"
     assert stream.update("abcdefST\ufffd") == ("de", False)  # a partial character is held too
     assert stream.update("abcdefSTOPxyz") == ("f", True)
     assert stream.update("abcdefSTOPxyz", final=True) == ("", True)
+
+
+def test_text_generator_streams_the_text_it_returns():
+    model, params = tiny_model("ouro")
+    expected = _greedy_texts(PROMPTS[:2])
+    stop = expected[0][3:5]
+    generator = text_generation.TextGenerator(
+        model, params, TOKENIZER, SamplingConfig(max_new_tokens=12), stops=(stop,), segment_steps=3
+    )
+    run = generator.start(PROMPTS[:2], stream=True)
+    streamed = ["", ""]
+    for pieces in run:
+        assert len(pieces) == 2
+        streamed = [text + piece for text, piece in zip(streamed, pieces)]
+    texts = [t.split(stop, 1)[0] for t in expected]
+    assert streamed == run.result().texts == generator.generate(PROMPTS[:2]).texts == texts
 
 
 def _chat_tokenizer(path: Path) -> Path:
@@ -78,8 +94,8 @@ def _chat_tokenizer(path: Path) -> Path:
 
 def test_chat_template_and_its_stop_token(checkpoint, tmp_path, capsys):
     tokenizer = load_tokenizer(str(_chat_tokenizer(tmp_path)))
-    assert cli_generate.stop_token_ids(tokenizer, ["<|im_end|>"], chat=True) == (0, 2)
-    assert tokenizer.encode(cli_generate.chat_prompt("hi")) == [1, 4, 7, 6, 2, 7, 1, 5, 7]
+    assert text_generation.stop_token_ids(tokenizer, ["<|im_end|>"], chat=True) == (0, 2)
+    assert tokenizer.encode(text_generation.chat_prompt("hi")) == [1, 4, 7, 6, 2, 7, 1, 5, 7]
     code, _, err = _generate(capsys, checkpoint, "--chat", "--prompt", "hi")
     assert code == 2 and "needs a tokenizer with the <|im_end|> token" in err
     code = cli_generate.main(

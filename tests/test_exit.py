@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from melt_jax.errors import GenerationError
-from melt_jax.inference.model_loading import parse_exit_policy
 from melt_jax.model.config import OuroConfig
 from melt_jax.model.exit import ExitPolicy, cumulative_exit_probs, exit_distribution, threshold_exit_loops
 from melt_jax.testing.torch_ouro import exit_pdf_from_gate_logits
@@ -77,11 +76,11 @@ def test_exit_policy_validation():
 
 def test_exit_policy_command_line_forms():
     config = OuroConfig.preset("tiny", total_ut_steps=4)
-    assert parse_exit_policy("last", config) == ExitPolicy.last()
-    assert parse_exit_policy("loop:2", config) == ExitPolicy.at_loop(2)
-    assert parse_exit_policy("step:2", config) == ExitPolicy.at_loop(2)  # the older spelling
-    assert parse_exit_policy("threshold:0.5", config) == ExitPolicy.at_threshold(0.5)
-    assert parse_exit_policy("weighted", config) == ExitPolicy.weighted()
+    assert ExitPolicy.parse("last", config) == ExitPolicy.last()
+    assert ExitPolicy.parse("loop:2", config) == ExitPolicy.at_loop(2)
+    assert ExitPolicy.parse("step:2", config) == ExitPolicy.at_loop(2)  # the older spelling
+    assert ExitPolicy.parse("threshold:0.5", config) == ExitPolicy.at_threshold(0.5)
+    assert ExitPolicy.parse("weighted", config) == ExitPolicy.weighted()
     for bad in ("loop:4", "loop:x", "first", "threshold"):
         with pytest.raises(GenerationError, match="bad exit policy"):
-            parse_exit_policy(bad, config)
+            ExitPolicy.parse(bad, config)

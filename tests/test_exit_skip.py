@@ -19,7 +19,6 @@ import pytest
 from melt_jax.errors import ConfigError, GenerationError
 from melt_jax.inference.decoding import prefill
 from melt_jax.inference.generation import generate
-from melt_jax.inference.model_loading import parse_exit_policy
 from melt_jax.inference.sampling import SamplingConfig
 from melt_jax.model.config import MeltConfig, OuroConfig
 from melt_jax.model.exit import ExitPolicy
@@ -157,8 +156,8 @@ def test_policies_that_choose_no_single_loop_cannot_skip():
         with pytest.raises(ValueError, match="cannot skip loops"):
             ExitPolicy(kind, skip_loops=True)
     with pytest.raises(GenerationError, match="cannot skip loops"):
-        parse_exit_policy("weighted", OURO, skip_loops=True)
-    assert parse_exit_policy("threshold:0.7", OURO, skip_loops=True) == ExitPolicy.at_threshold(0.7, skip_loops=True)
+        ExitPolicy.parse("weighted", OURO, skip_loops=True)
+    assert ExitPolicy.parse("threshold:0.7", OURO, skip_loops=True) == ExitPolicy.at_threshold(0.7, skip_loops=True)
 
 
 def test_skipping_needs_a_cache_and_collects_no_intermediates(model_and_params):

@@ -91,7 +91,7 @@ def loop_cross_entropies(model: OuroModel, params, loop_hidden: Array, tokens: A
     """Next-token loss of every loop: loop_hidden [T, B, S, H] -> float32 [T, B, S-1]."""
 
     def one_block(hidden, targets):  # [B, s, H], [B, s]
-        logits = model.apply({"params": params}, hidden, method=OuroModel.logits)
+        logits = model.project_logits(params, hidden)
         return -target_log_probs(logits, targets)
 
     return map_loop_blocks(one_block, (loop_hidden[:, :, :-1],), (tokens[:, 1:],))
@@ -198,8 +198,8 @@ class Distillation:
         teacher_params = jax.lax.stop_gradient(teacher_params)
 
         def one_block(student_h, teacher_h):  # [B, s, H]
-            student_logits = self.student.apply({"params": params}, student_h, method=MeltModel.logits)
-            teacher_logits = self.teacher.apply({"params": teacher_params}, teacher_h, method=OuroModel.logits)
+            student_logits = self.student.project_logits(params, student_h)
+            teacher_logits = self.teacher.project_logits(teacher_params, teacher_h)
             return kl_divergence(teacher_logits, student_logits)
 
         teacher_hidden = jax.lax.stop_gradient(teacher_hidden)

@@ -32,7 +32,8 @@ from melt_jax.data.synthetic import answer_batch
 from melt_jax.data.tokenizer import load_tokenizer
 from melt_jax.errors import DataError, MeltJaxError
 from melt_jax.inference.evaluation import evaluate_dataset
-from melt_jax.inference.model_loading import load_model, parse_exit_policy
+from melt_jax.inference.model_loading import load_model
+from melt_jax.model.exit import ExitPolicy
 
 PROG = "melt-eval"
 
@@ -121,7 +122,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     _check_sizes(args)
     tokenizer = load_tokenizer(args.tokenizer)
     model, params = load_model(args.checkpoint, args.dtype)
-    policy = parse_exit_policy(args.exit, model.config)
+    policy = ExitPolicy.parse(args.exit, model.config)
     dataset = load_text_dataset(args.data, split=args.split, text_field=args.text_field, synthetic_task=_task(args))
     packed = pack_documents(tokenize_dataset(dataset, tokenizer, args.text_field), args.seq_len, tokenizer.pad_id)
     if packed.num_rows == 0:

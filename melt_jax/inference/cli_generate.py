@@ -19,46 +19,21 @@ reported on stderr with exit status 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from melt_jax.data.tokenizer import Tokenizer, load_tokenizer
-from melt_jax.errors import DataError, GenerationError, MeltJaxError
-from melt_jax.inference.generation import GenerationResult, generate
-from melt_jax.inference.model_loading import load_model, parse_exit_policy
+from melt_jax.errors import GenerationError, MeltJaxError
+from melt_jax.inference.generation import GenerationResult
 from melt_jax.inference.sampling import SamplingConfig
-from melt_jax.inference.speculative import SpeculativeResult, generate_speculative
-from melt_jax.inference.text_settings import cut_at_stops, stop_ids_for, vocab_limit_for
+from melt_jax.inference.speculative import SpeculativeResult
+from melt_jax.inference.text_generation import TextGenerator
+from melt_jax.model.exit import ExitPolicy
 from melt_jax.model.params import param_bytes
 
 PROG = "melt-generate"
-CHAT_END = "<|im_end|>"
 STREAM_STEPS = 4  # decode steps between two prints when streaming
-
-
-def chat_prompt(text: str) -> str:
-    """`text` as one user turn of the ChatML template, followed by the assistant's turn opening."""
-    return f"<|im_start|>user\n{text}{CHAT_END}\n<|im_start|>assistant\n"
-
-
-class TextStream:
-    """Turns the growing decoded text of one row into pieces safe to print: nothing that a later token
-    may still change (a partial UTF-8 character at the end) or that may be the start of a stop string."""
-
-    def __init__(self, stops: Sequence[str]):
-        self.stops = [s for s in stops if s]
-        self.hold = max((len(s) - 1 for s in self.stops), default=0)
-        self.printed = 0
-
-    def update(self, text: str, final: bool = False) -> tuple[str, bool]:
-        """(new text to print, whether a stop string was reached) for the decoded text so far."""
-        text, stopped = cut_at_stops(text, self.stops)
-        if not (final or stopped):
-            text = text.rstrip("\ufffd")
-            text = text[: max(len(text) - self.hold, self.printed)]
-        piece, self.printed = text[self.printed :], max(len(text), self.printed)
-        return piece, stopped
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,17 +91,6 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
-def stop_token_ids(tokenizer: Tokenizer, stops: Sequence[str], chat: bool) -> tuple[int, ...]:
-    """The eos id, `<|im_end|>` with --chat, and the stop strings that are one token."""
-    ids = stop_ids_for(tokenizer, stops)
-    if chat:
-        try:
-            ids.add(tokenizer.token_to_id(CHAT_END))
-        except DataError:
-            raise GenerationError(f"--chat needs a tokenizer with the {CHAT_END} token") from None
-    return tuple(sorted(ids))
-
-
 def parse_speculative(text: str) -> tuple[int, int]:
     """(draft loops d, block k) from "d,k"; GenerationError otherwise (the ranges are checked by
     generate_speculative)."""
@@ -171,56 +135,41 @@ def run(args: argparse.Namespace) -> None:
         check_speculative_args(args)
         speculative = parse_speculative(args.speculative)
     texts = read_prompts(args)
-    tokenizer = load_tokenizer(args.tokenizer)
-    model, params = load_model(args.checkpoint, args.dtype, int8=args.int8)
+    generator = TextGenerator.load(args.checkpoint, args.tokenizer, args.dtype, int8=args.int8)
     if args.int8:
-        print(f"int8 weights: params {param_bytes(params) / 2**20:,.2f} MiB", file=sys.stderr)
-    if args.chat:
-        texts = [chat_prompt(text) for text in texts]
-    stops = list(args.stop) + ([CHAT_END] if args.chat else [])
+        print(f"int8 weights: params {param_bytes(generator.params) / 2**20:,.2f} MiB", file=sys.stderr)
     sampling = SamplingConfig(
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
         max_new_tokens=args.max_new_tokens,
-        stop_token_ids=stop_token_ids(tokenizer, stops, args.chat),
         seed=args.seed,
-        vocab_limit=vocab_limit_for(tokenizer, model.config),
     )
-    streams = [TextStream(stops) for _ in texts]
-    decode = lambda row: tokenizer.decode(row, skip_special_tokens=False)  # noqa: E731
-    watch = len(texts) == 1 or bool(stops)  # stream, or check stop strings, between decode segments
-
-    def on_segment(rows: list[list[int]]) -> list[bool]:
-        reached = []
-        for stream, row in zip(streams, rows):
-            piece, stopped = stream.update(decode(row))
-            if len(texts) == 1:
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-            reached.append(stopped)
-        return reached
-
-    prompts = [tokenizer.encode(text) for text in texts]
-    segments = dict(
-        chunk_size=args.prefill_chunk,
-        segment_steps=STREAM_STEPS if watch else None,
-        on_segment=on_segment if watch else None,
+    config = generator.model.config
+    generator = dataclasses.replace(
+        generator,
+        sampling=sampling,
+        stops=tuple(args.stop),
+        chat=args.chat,
+        exit_policy=ExitPolicy.last() if speculative else ExitPolicy.parse(args.exit, config, args.exit_skip),
+        prefill_chunk=args.prefill_chunk,
+        speculative=speculative,
+        segment_steps=STREAM_STEPS,
     )
-    if speculative is None:
-        exit_policy = parse_exit_policy(args.exit, model.config, skip_loops=args.exit_skip)
-        result = generate(model, params, prompts, sampling, exit_policy=exit_policy, **segments)
+    single = len(texts) == 1
+    run = generator.start(texts, stream=single)
+    for pieces in run:
+        if single:
+            sys.stdout.write(pieces[0])
+            sys.stdout.flush()
+    result = run.result()
+    if single:
+        sys.stdout.write("\n")
     else:
-        d, k = speculative
-        result = generate_speculative(model, params, prompts, sampling, draft_loops=d, block=k, **segments)
-    for i, (stream, row) in enumerate(zip(streams, result.tokens)):
-        piece, _ = stream.update(decode(row), final=True)
-        if len(texts) == 1:
-            sys.stdout.write(piece + "\n")
-        else:
-            sys.stdout.write(f"=== {i} ===\n{cut_at_stops(decode(row), stops)[0]}\n")
+        for i, text in enumerate(result.texts):
+            sys.stdout.write(f"=== {i} ===\n{text}\n")
     sys.stdout.flush()
-    print(timing_line(result), file=sys.stderr)
+    print(timing_line(result.generation), file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -59,16 +59,11 @@ def hidden_states(
     return out.loop_hidden, out.exit_pdf
 
 
-def project(model: nn.Module, params, hidden: Array) -> Array:
-    """The LM head on hidden states [..., H] -> logits [..., V]."""
-    return model.apply({"params": params}, hidden, method="logits")
-
-
 def loop_logits(model: nn.Module, params, tokens: Array, chunk_size: int | None = None) -> Array:
     """Every loop's logits [T, B, S, V] of a teacher-forced forward on tokens [B, S] (see the module
     docstring for MELT's chunking). Memory grows with T * V; `loss_sums` avoids it."""
     hidden, _ = hidden_states(model, params, tokens, chunk_size)
-    return project(model, params, hidden)
+    return model.project_logits(params, hidden)
 
 
 def _weighted_ce_sum(logits: Array, tokens: Array, weights: Array) -> Array:
@@ -120,7 +115,7 @@ def _loss_sums_of(
     weights = loss_mask.astype(jnp.float32)  # [B, S]
 
     def loop_loss(_, h):  # h [B, S, H]
-        return None, _weighted_ce_sum(project(model, params, h), tokens, weights)
+        return None, _weighted_ce_sum(model.project_logits(params, h), tokens, weights)
 
     _, per_loop = jax.lax.scan(loop_loss, None, hidden)  # [T]
     loop = exit_policy.fixed_loop(hidden.shape[0])
@@ -129,7 +124,7 @@ def _loss_sums_of(
         policy = per_loop[loop]
     else:
         chosen, _ = select_hidden(hidden, exit_pdf, exit_policy)  # [B, S, H]
-        policy = _weighted_ce_sum(project(model, params, chosen), tokens, weights)
+        policy = _weighted_ce_sum(model.project_logits(params, chosen), tokens, weights)
     return LossSums(per_loop=per_loop, policy=policy, weight=jnp.sum(weights[:, 1:]))
 
 
@@ -161,7 +156,7 @@ def _policy_matches(
 ) -> Array:
     """`answer_accuracy` from the forward's hidden states [T, B, S, H] and exit distribution."""
     chosen, _ = select_hidden(hidden, exit_pdf, exit_policy)  # [B, S, H]
-    return answer_matches(project(model, params, chosen[:, :-1]), tokens, answer_mask)
+    return answer_matches(model.project_logits(params, chosen[:, :-1]), tokens, answer_mask)
 
 
 def loop_answer_matches(
@@ -169,7 +164,7 @@ def loop_answer_matches(
 ) -> Array:
     """`answer_accuracy` of every loop's logits: bool [T, B] (loops projected one at a time)."""
     hidden, _ = hidden_states(model, params, tokens, chunk_size)  # [T, B, S, H]
-    return jax.lax.map(lambda h: answer_matches(project(model, params, h[:, :-1]), tokens, answer_mask), hidden)
+    return jax.lax.map(lambda h: answer_matches(model.project_logits(params, h[:, :-1]), tokens, answer_mask), hidden)
 
 
 def token_log_probs(
@@ -184,7 +179,7 @@ def token_log_probs(
     bool [B, S-1] (what lm-evaluation-harness's loglikelihood needs)."""
     hidden, exit_pdf = hidden_states(model, params, tokens, chunk_size)
     chosen, _ = select_hidden(hidden, exit_pdf, exit_policy)  # [B, S, H]
-    logits = project(model, params, chosen[:, :-1])  # [B, S-1, V]
+    logits = model.project_logits(params, chosen[:, :-1])  # [B, S-1, V]
     return target_log_probs(logits, tokens[:, 1:]), jnp.argmax(logits, axis=-1) == tokens[:, 1:]
 
 

@@ -9,7 +9,7 @@
 `melt-lm-eval` is lm-eval's own command line with this model registered. Model arguments:
 checkpoint (a melt_jax checkpoint directory, Ouro or MELT), tokenizer ('byte' or a tokenizer.json or
 its folder), batch_size (default 8), exit (last | loop:N | threshold:X | weighted | default, see
-model_loading.parse_exit_policy), max_length (default the config's max_position_embeddings), max_gen_toks
+melt_jax.model.exit.ExitPolicy.parse), max_length (default the config's max_position_embeddings), max_gen_toks
 (default 256), chunk_size (MELT's scoring chunk, default config.chunk_size), prefill_chunk (MELT's
 prefill chunk when generating), dtype (float32 | bfloat16 | float16, default as saved), int8 (true |
 false, default false: int8 matmul weights with per-channel scales, melt_jax.inference.quantization).
@@ -20,8 +20,9 @@ false, default false: int8 matmul weights with per-channel scales, melt_jax.infe
   teacher-forced forward (`evaluation.token_log_probs`; MELT: chunked like inference).
 - loglikelihood_rolling: disjoint windows of max_length predictions (lm-eval's window helpers), the
   first conditioned on the eos token.
-- generate_until: `generation.generate` with the eos token and single-token stop strings as stop
-  tokens, other stop strings checked between decode segments, the text cut at the first stop string.
+- generate_until: `text_generation.TextGenerator` with the eos token and single-token stop strings as
+  stop tokens, other stop strings checked between decode segments, the text cut at the first stop
+  string.
   Each request draws with its own seed (the generation arguments' `seed`, default 0), so its text does
   not depend on the batch it lands in; the k-th copy of an identical request (lm-eval's `repeats`)
   draws with seed + k, so that repeated samples differ.
@@ -31,6 +32,7 @@ compiled programs stays small.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from collections.abc import Sequence
@@ -40,14 +42,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from melt_jax.data.tokenizer import Tokenizer, load_tokenizer
+from melt_jax.data.tokenizer import Tokenizer
 from melt_jax.errors import GenerationError
+from melt_jax.inference.batching import DEFAULT_BUCKETS, bucket_length
 from melt_jax.inference.evaluation import token_log_probs
-from melt_jax.inference.generation import DEFAULT_BUCKETS, bucket_length, generate
-from melt_jax.inference.model_loading import load_model, parse_exit_policy
 from melt_jax.inference.param_check import check_params
 from melt_jax.inference.sampling import SamplingConfig
-from melt_jax.inference.text_settings import cut_at_stops, stop_ids_for, vocab_limit_for
+from melt_jax.inference.text_generation import TextGenerator
 from melt_jax.model.exit import ExitPolicy
 
 try:
@@ -116,16 +117,16 @@ class MeltJaxLM(LM):
         max_batch_size: int | None = None,  # given by lm-eval; batches have a fixed size here
         device: str | None = None,  # given by lm-eval; JAX places arrays on its default device
     ):
-        model, params = load_model(checkpoint, dtype, int8=_boolean("int8", int8))
+        loaded = TextGenerator.load(checkpoint, tokenizer, dtype, int8=_boolean("int8", int8))
         options = dict(
             batch_size=batch_size,
-            exit_policy=parse_exit_policy(str(exit), model.config),
+            exit_policy=ExitPolicy.parse(str(exit), loaded.model.config),
             max_length=max_length,
             max_gen_toks=max_gen_toks,
             chunk_size=chunk_size,
             prefill_chunk=prefill_chunk,
         )
-        self._setup(model, params, load_tokenizer(tokenizer), **options)
+        self._setup(loaded.model, loaded.params, loaded.tokenizer, **options)
 
     @classmethod
     def from_model(cls, model, params, tokenizer: Tokenizer, **options) -> MeltJaxLM:
@@ -163,6 +164,14 @@ class MeltJaxLM(LM):
         self.max_gen_toks = _positive_int("max_gen_toks", max_gen_toks)
         self.chunk_size = None if chunk_size is None else _positive_int("chunk_size", chunk_size)
         self.prefill_chunk = None if prefill_chunk is None else _positive_int("prefill_chunk", prefill_chunk)
+        self.generator = TextGenerator(
+            model,
+            params,
+            tokenizer,
+            exit_policy=exit_policy,
+            prefill_chunk=self.prefill_chunk,
+            segment_steps=STOP_CHECK_STEPS,
+        )
 
     @property
     def eot_token_id(self) -> int:
@@ -259,13 +268,11 @@ class MeltJaxLM(LM):
             top_k=None if top_k is None else int(top_k),
             top_p=None if top_p is None else float(top_p),
             max_new_tokens=_positive_int("max_gen_toks", kwargs.pop("max_gen_toks")),
-            stop_token_ids=tuple(sorted(stop_ids_for(self.tokenizer, until))),
             seed=int(kwargs.pop("seed", 0)),
-            vocab_limit=vocab_limit_for(self.tokenizer, self.model.config),
         )
         if kwargs:
             logger.warning("melt_jax ignores the generation arguments %s", sorted(kwargs))
-        return sampling, until
+        return dataclasses.replace(self.generator, sampling=sampling, stops=tuple(until)).sampling_config(), until
 
     def _prompt_ids(self, context: str, max_new_tokens: int) -> list[int]:
         room = min(self.max_length, self.model.config.max_position_embeddings) - max_new_tokens
@@ -277,10 +284,6 @@ class MeltJaxLM(LM):
         self._check_ids(ids, "a context")
         return ids[-room:]
 
-    def _reached_stop(self, rows: list[list[int]], until: list[str]) -> list[bool]:
-        """Per row of tokens so far, whether its text contains a stop string."""
-        return [cut_at_stops(self.tokenizer.decode(row, skip_special_tokens=False), until)[1] for row in rows]
-
     def generate_until(self, requests) -> list[str]:
         groups: dict[str, list[int]] = {}
         for index, request in enumerate(requests):
@@ -288,6 +291,7 @@ class MeltJaxLM(LM):
         outputs: list[str] = [""] * len(requests)
         for indices in groups.values():
             sampling, until = self._sampling(requests[indices[0]].args[1])
+            generator = dataclasses.replace(self.generator, sampling=sampling, stops=tuple(until))
             copies: dict[str, int] = {}  # context -> copies seen so far in this group
             seeds = []
             for i in indices:
@@ -297,20 +301,11 @@ class MeltJaxLM(LM):
             for start in range(0, len(indices), self.batch_size):
                 batch = indices[start : start + self.batch_size]
                 prompts = [self._prompt_ids(requests[i].args[0], sampling.max_new_tokens) for i in batch]
-                result = generate(
-                    self.model,
-                    self.params,
-                    prompts,
-                    sampling,
-                    exit_policy=self.exit_policy,
-                    chunk_size=self.prefill_chunk,
-                    batch_buckets=(self.batch_size,),
-                    seeds=seeds[start : start + self.batch_size],
-                    segment_steps=STOP_CHECK_STEPS,
-                    on_segment=functools.partial(self._reached_stop, until=until),
+                result = generator.generate(
+                    prompts, seeds=seeds[start : start + self.batch_size], batch_buckets=(self.batch_size,)
                 )
-                for i, tokens in zip(batch, result.tokens):
-                    outputs[i] = cut_at_stops(self.tokenizer.decode(tokens, skip_special_tokens=False), until)[0]
+                for i, text in zip(batch, result.texts):
+                    outputs[i] = text
                     self.cache_hook.add_partial("generate_until", requests[i].args, outputs[i])
         return outputs
 

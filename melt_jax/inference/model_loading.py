@@ -1,16 +1,11 @@
-"""Loading a model for inference from a checkpoint directory, and reading an exit policy from its
-command-line form."""
+"""Loading a model for inference from a checkpoint directory."""
 
 from __future__ import annotations
-
-import dataclasses
 
 import jax
 
 from melt_jax.checkpoint import load_params
 from melt_jax.errors import GenerationError
-from melt_jax.model.config import OuroConfig
-from melt_jax.model.exit import ExitPolicy
 from melt_jax.model.ouro import OuroModel
 from melt_jax.model.params import with_layer_layout
 from melt_jax.model.registry import model_for
@@ -34,31 +29,3 @@ def load_model(path, dtype: str | None = None, int8: bool = False) -> tuple[Ouro
 
         model, params = quantize_int8(model, params)
     return model, params
-
-
-def parse_exit_policy(text: str, config: OuroConfig, skip_loops: bool = False) -> ExitPolicy:
-    """An exit policy from its command-line form: 'last', 'loop:N' (0-based; 'step:N' is read the same), 'threshold:X',
-    'weighted', or 'default' (what upstream Ouro returns: config.early_exit_step / _threshold); with
-    `skip_loops`, one that skips the loops after the exit ('loop:N', 'threshold:X' or a 'default'
-    that is one of them)."""
-    name, _, value = text.partition(":")
-    try:
-        if name in ("last", "weighted") and not value:
-            policy = ExitPolicy(name)
-        elif name == "default" and not value:
-            policy = ExitPolicy.upstream_default(config)
-        elif name in ("loop", "step") and value:
-            policy = ExitPolicy.at_loop(int(value))
-        elif name == "threshold" and value:
-            policy = ExitPolicy.at_threshold(float(value))
-        else:
-            raise ValueError("unknown form")
-        policy.validate(config.num_loops)
-        if skip_loops:
-            policy = dataclasses.replace(policy, skip_loops=True)
-    except ValueError as e:
-        raise GenerationError(
-            f"bad exit policy {text!r} ({e}); expected last, loop:N (0 <= N < {config.num_loops}), "
-            "threshold:X, weighted or default"
-        ) from None
-    return policy

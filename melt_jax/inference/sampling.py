@@ -107,15 +107,3 @@ def next_tokens(logits: Array, keys: Array, rule: TokenRule) -> Array:
 def draw_keys(row_keys: Array, index: Array) -> Array:
     """The keys [B] of new-token `index` from the per-row keys [B]: fold_in(row key, index)."""
     return jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, index)
-
-
-# --------------------------------------------------------------------------------------------------
-# The compiled programs
-
-
-# --------------------------------------------------------------------------------------------------
-# Text-level settings shared by the command line and the lm-eval adapter
-
-
-# --------------------------------------------------------------------------------------------------
-# Host side: validation and the loop over segments

@@ -53,14 +53,9 @@ import jax
 import jax.numpy as jnp
 
 from melt_jax.errors import GenerationError
-from melt_jax.inference.decode_loop import DecodeState, start_generation
-from melt_jax.inference.generation import (
-    DEFAULT_BATCH_BUCKETS,
-    DEFAULT_BUCKETS,
-    GenerationResult,
-    prepare_request,
-    run_request,
-)
+from melt_jax.inference.batching import DEFAULT_BATCH_BUCKETS, DEFAULT_BUCKETS, prepare_request
+from melt_jax.inference.decoding import DecodeState, start_generation
+from melt_jax.inference.generation import GenerationResult, GenerationRun
 from melt_jax.inference.sampling import SamplingConfig, TokenRule, next_tokens
 from melt_jax.model.exit import ExitPolicy
 
@@ -222,6 +217,62 @@ def _check_speculation(model, sampling: SamplingConfig, draft_loops, block) -> N
         raise GenerationError(f"block (tokens drafted per round) must be a positive integer, got {block!r}")
 
 
+class SpeculativeRun(GenerationRun):
+    """A GenerationRun of `start_speculative` and `speculate_until`: its segments count rounds and
+    its result is a SpeculativeResult."""
+
+    def __init__(self, model, request, draft_loops: int, block: int, rule: TokenRule, segment_steps=None):
+        start_static = dict(rule=rule, block=block)
+        decode_static = dict(rule=rule, draft_loops=draft_loops, block=block)
+        super().__init__(model, request, start_speculative, speculate_until, start_static, decode_static, segment_steps)
+        self.block = block
+
+    def result(self) -> SpeculativeResult:
+        result = super().result()
+        rows, block = self.request.rows, self.block
+        drafted, accepted, token_rounds = jax.device_get(
+            (self.state.drafted, self.state.accepted, self.state.token_rounds)
+        )
+        stats = SpeculativeStats(
+            rounds=result.timing.decode_steps,
+            row_rounds=int(drafted[:rows].sum()) // block,
+            drafted=int(drafted[:rows].sum()),
+            accepted=int(accepted[:rows].sum()),
+        )
+        rounds = [token_rounds[b, : len(tokens)].tolist() for b, tokens in enumerate(result.tokens)]
+        return SpeculativeResult(**vars(result), stats=stats, token_rounds=rounds)
+
+
+def speculative_run(
+    model: nn.Module,
+    params,
+    prompts: Sequence[Sequence[int]],
+    sampling: SamplingConfig = SamplingConfig(),
+    *,
+    draft_loops: int = 1,
+    block: int = 4,
+    chunk_size: int | None = None,
+    buckets: Sequence[int] | None = DEFAULT_BUCKETS,
+    batch_buckets: Sequence[int] | None = DEFAULT_BATCH_BUCKETS,
+    segment_steps: int | None = None,
+) -> SpeculativeRun:
+    """`generate_speculative`'s request, prefilled, with its rounds still to run (see GenerationRun)."""
+    _check_speculation(model, sampling, draft_loops, block)
+    request = prepare_request(
+        model,
+        params,
+        prompts,
+        sampling,
+        exit_policy=ExitPolicy.last(),
+        chunk_size=chunk_size,
+        buckets=buckets,
+        batch_buckets=batch_buckets,
+        seeds=None,
+        segment_steps=segment_steps,
+    )
+    return SpeculativeRun(model, request, draft_loops, block, sampling.token_rule, segment_steps)
+
+
 def generate_speculative(
     model: nn.Module,
     params,
@@ -242,32 +293,16 @@ def generate_speculative(
     with segments counted in rounds. Compiled programs: one for the prefill, one for the rounds; both
     depend on (the buckets, draft_loops, block, vocab_limit). Raises GenerationError on bad input,
     a temperature above 0 included, before anything is compiled."""
-    _check_speculation(model, sampling, draft_loops, block)
-    request = prepare_request(
+    run = speculative_run(
         model,
         params,
         prompts,
         sampling,
-        exit_policy=ExitPolicy.last(),
+        draft_loops=draft_loops,
+        block=block,
         chunk_size=chunk_size,
         buckets=buckets,
         batch_buckets=batch_buckets,
-        seeds=None,
         segment_steps=segment_steps,
     )
-    rule = sampling.token_rule
-    start_static = dict(rule=rule, block=block)
-    decode_static = dict(rule=rule, draft_loops=draft_loops, block=block)
-    state, result = run_request(
-        model, request, start_speculative, speculate_until, start_static, decode_static, segment_steps, on_segment
-    )
-    rows = request.rows
-    drafted, accepted, token_rounds = jax.device_get((state.drafted, state.accepted, state.token_rounds))
-    stats = SpeculativeStats(
-        rounds=result.timing.decode_steps,
-        row_rounds=int(drafted[:rows].sum()) // block,
-        drafted=int(drafted[:rows].sum()),
-        accepted=int(accepted[:rows].sum()),
-    )
-    rounds = [token_rounds[b, : len(tokens)].tolist() for b, tokens in enumerate(result.tokens)]
-    return SpeculativeResult(**vars(result), stats=stats, token_rounds=rounds)
+    return run.run(on_segment)

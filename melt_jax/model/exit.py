@@ -14,6 +14,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from melt_jax.errors import GenerationError
 from melt_jax.model.config import OuroConfig
 
 Array = jax.Array
@@ -164,6 +165,35 @@ class ExitPolicy:
         if config.early_exit_threshold is not None:
             return cls.at_threshold(config.early_exit_threshold)
         return cls.last()
+
+    @classmethod
+    def parse(cls, text: str, config: OuroConfig, skip_loops: bool = False) -> ExitPolicy:
+        """An exit policy from its text form (the command lines' --exit, the lm-eval adapter's exit):
+        'last', 'loop:N' (0-based; 'step:N' is read the same), 'threshold:X', 'weighted', or 'default'
+        (what upstream Ouro returns: config.early_exit_step / _threshold); with `skip_loops`, one that
+        skips the loops after the exit ('loop:N', 'threshold:X' or a 'default' that is one of them).
+        GenerationError names the text and the forms it may take."""
+        name, _, value = text.partition(":")
+        try:
+            if name in ("last", "weighted") and not value:
+                policy = cls(name)
+            elif name == "default" and not value:
+                policy = cls.upstream_default(config)
+            elif name in ("loop", "step") and value:
+                policy = cls.at_loop(int(value))
+            elif name == "threshold" and value:
+                policy = cls.at_threshold(float(value))
+            else:
+                raise ValueError("unknown form")
+            policy.validate(config.num_loops)
+            if skip_loops:
+                policy = dataclasses.replace(policy, skip_loops=True)
+        except ValueError as e:
+            raise GenerationError(
+                f"bad exit policy {text!r} ({e}); expected last, loop:N (0 <= N < {config.num_loops}), "
+                "threshold:X, weighted or default"
+            ) from None
+        return policy
 
     def fixed_loop(self, num_loops: int) -> int | None:
         """The loop every token exits at ('last', 'loop'), or None when it depends on the token."""

@@ -200,6 +200,11 @@ class OuroModel(nn.Module):
             logits = constrain(logits, (None,) * (logits.ndim - 3) + ("batch", "length", "vocab"))
         return logits
 
+    def project_logits(self, params, hidden: Array) -> Array:
+        """`logits` called from outside the model with its params: hidden [..., H] -> logits [..., V].
+        The one projection that inference, evaluation and the training objectives use."""
+        return self.apply({"params": params}, hidden, method="logits")
+
     def token_context(
         self, tokens: Array, positions: Array | None, cache: KVCache | None, segment_ids: Array | None = None
     ) -> TokenContext:
