@@ -67,7 +67,7 @@ def train_teacher(out: Path, steps: int) -> Path:
 
 
 def last_evaluation(metrics_path: Path) -> dict:
-    """The last evaluation record of a stage's metrics.jsonl (accuracy, loop_accuracy, loop_loss)."""
+    """The last evaluation record of a stage's metrics.jsonl (accuracy, accuracy_per_loop, loss_per_loop, ...)."""
     records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     return [r["eval"] for r in records if "eval" in r][-1]
 
@@ -96,8 +96,8 @@ def run_variant(out: Path, teacher: Path, seed: int, settings: dict, steps: int)
     return {
         "accuracy": result.evaluation["accuracy"],
         "token_by_token_accuracy": decoded[-1],
-        "loop_accuracy": result.evaluation["loop_accuracy"],
-        "loop_loss": result.evaluation["loop_loss"],
+        "accuracy_per_loop": result.evaluation["accuracy_per_loop"],
+        "loss_per_loop": result.evaluation["loss_per_loop"],
         "kd": result.final_metrics["kd"],
         "seconds": round(time.perf_counter() - started, 1),
     }
@@ -111,15 +111,17 @@ def spread(values: list[float], fmt: str = "{:.3f}") -> str:
 
 
 def table(results: dict, teacher: dict) -> str:
+    teacher_loops = " ".join(f"{x:.2f}" for x in teacher["accuracy_per_loop"])
     lines = [
         "| variant | accuracy, mean (min..max) | token by token | per-loop accuracy (mean) | KD, mean (min..max) "
         "| paper |",
         "|---|---:|---:|---|---:|---|",
-        f"| teacher (Ouro) | {teacher['accuracy']:.3f} | = | {' '.join(f'{x:.2f}' for x in teacher['loop_accuracy'])} "
-        "| - | - |",
+        f"| teacher (Ouro) | {teacher['accuracy']:.3f} | = | {teacher_loops} | - | - |",
     ]
     for name, runs in results.items():
-        loops = [statistics.fmean(r["loop_accuracy"][t] for r in runs) for t in range(len(runs[0]["loop_accuracy"]))]
+        loops = [
+            statistics.fmean(r["accuracy_per_loop"][t] for r in runs) for t in range(len(runs[0]["accuracy_per_loop"]))
+        ]
         lines.append(
             f"| {name} | {spread([r['accuracy'] for r in runs])} "
             f"| {spread([r['token_by_token_accuracy'] for r in runs])} | {' '.join(f'{x:.2f}' for x in loops)} "

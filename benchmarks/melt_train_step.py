@@ -99,10 +99,9 @@ _CALLED = re.compile(r"\b(calls|to_apply|body|condition|true_computation|false_c
 _BRANCHES = re.compile(r"\bbranch_computations=\{([^}]*)\}")
 
 
-def executed_dot_flops(hlo_text: str) -> tuple[float, int]:
-    """Dot FLOPs of an optimised HLO module (`compiled.as_text()`), following fusions and calls, each
-    while body counted known_trip_count times. Returns (FLOPs, number of while loops whose trip count
-    is not known: their bodies are counted once)."""
+def hlo_computations(hlo_text: str) -> tuple[dict[str, list[str]], str | None]:
+    """The instruction lines of each computation of an HLO module's text, by name, and the name of
+    the ENTRY computation."""
     computations: dict[str, list[str]] = {}
     entry, current = None, None
     for line in hlo_text.splitlines():
@@ -116,44 +115,74 @@ def executed_dot_flops(hlo_text: str) -> tuple[float, int]:
             current = None
         elif current is not None:
             computations[current].append(line)
+    return computations, entry
 
-    unknown_loops = 0
-    memo: dict[str, float] = {}
 
-    def flops_of(name: str) -> float:
-        nonlocal unknown_loops
-        if name in memo:
-            return memo[name]
-        memo[name] = 0.0  # guards against cycles
+def _dot_flops(line: str, inst: re.Match, shapes: dict[str, list[int]]) -> float:
+    """2 * (output elements) * (contracted size) of the dot instruction `line`."""
+    lhs = re.findall(r"%([\w.\-]+)", inst.group(5))[0]
+    contracting = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", line).group(1)
+    size = np.prod([shapes[lhs][int(d)] for d in contracting.split(",") if d])
+    return 2.0 * np.prod(shapes[inst.group(1)]) * size
+
+
+class _DotFlopCounter:
+    """Dot FLOPs of the computations of one HLO module, each computed once (memoised), counting the
+    while loops whose trip count is not known."""
+
+    def __init__(self, computations: dict[str, list[str]]):
+        self.computations = computations
+        self.unknown_loops = 0
+        self.memo: dict[str, float] = {}
+
+    def flops_of(self, name: str) -> float:
+        """Dot FLOPs of computation `name` and of what it calls."""
+        if name in self.memo:
+            return self.memo[name]
+        self.memo[name] = 0.0  # guards against cycles
         shapes: dict[str, list[int]] = {}
         total = 0.0
-        for line in computations.get(name, []):
-            inst = _INSTRUCTION.match(line)
-            if inst:
-                shapes[inst.group(1)] = [int(d) for d in inst.group(3).split(",") if d]
-                if inst.group(4) == "dot":
-                    lhs = re.findall(r"%([\w.\-]+)", inst.group(5))[0]
-                    contracting = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", line).group(1)
-                    size = np.prod([shapes[lhs][int(d)] for d in contracting.split(",") if d])
-                    total += 2.0 * np.prod(shapes[inst.group(1)]) * size
-            times = 1
-            if re.search(r"\swhile\(", line):
-                trip = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', line)
-                if trip:
-                    times = int(trip.group(1))
-                else:
-                    unknown_loops += 1
-            branches = [flops_of(c) for c in re.findall(r"%?([\w.\-]+)", ",".join(_BRANCHES.findall(line)))]
-            for attribute, called in _CALLED.findall(line):
-                if attribute in ("true_computation", "false_computation"):
-                    branches.append(flops_of(called))
-                else:
-                    total += times * flops_of(called)
-            total += max(branches, default=0.0)  # a conditional runs one branch: count the largest
-        memo[name] = total
+        for line in self.computations.get(name, []):
+            total = self._add_line(total, line, shapes)
+        self.memo[name] = total
         return total
 
-    return flops_of(entry), unknown_loops
+    def _add_line(self, total: float, line: str, shapes: dict[str, list[int]]) -> float:
+        """`total` plus the FLOPs of one instruction: its own dot, the computations it calls (a while
+        body times its trip count) and the largest of a conditional's branches."""
+        inst = _INSTRUCTION.match(line)
+        if inst:
+            shapes[inst.group(1)] = [int(d) for d in inst.group(3).split(",") if d]
+            if inst.group(4) == "dot":
+                total += _dot_flops(line, inst, shapes)
+        times = self._times(line)
+        branches = [self.flops_of(c) for c in re.findall(r"%?([\w.\-]+)", ",".join(_BRANCHES.findall(line)))]
+        for attribute, called in _CALLED.findall(line):
+            if attribute in ("true_computation", "false_computation"):
+                branches.append(self.flops_of(called))
+            else:
+                total += times * self.flops_of(called)
+        return total + max(branches, default=0.0)  # a conditional runs one branch: count the largest
+
+    def _times(self, line: str) -> int:
+        """How many times the instruction runs what it calls: a while loop's known trip count, else 1
+        (an unknown trip count is counted in unknown_loops)."""
+        if not re.search(r"\swhile\(", line):
+            return 1
+        trip = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', line)
+        if trip:
+            return int(trip.group(1))
+        self.unknown_loops += 1
+        return 1
+
+
+def executed_dot_flops(hlo_text: str) -> tuple[float, int]:
+    """Dot FLOPs of an optimised HLO module (`compiled.as_text()`), following fusions and calls, each
+    while body counted known_trip_count times. Returns (FLOPs, number of while loops whose trip count
+    is not known: their bodies are counted once)."""
+    computations, entry = hlo_computations(hlo_text)
+    counter = _DotFlopCounter(computations)
+    return counter.flops_of(entry), counter.unknown_loops
 
 
 def matmul_peak(n: int, repeats: int = 7) -> float:

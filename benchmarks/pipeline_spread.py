@@ -64,10 +64,10 @@ def result_row(out: Path, threads: int, seed: int, returncode: int, seconds: flo
         row,
         teacher=teacher["accuracy"],
         teacher_steps=teacher.get("steps", 0),
-        teacher_loops=teacher["loop_accuracy"],
+        teacher_loops=teacher["accuracy_per_loop"],
         student=student["accuracy"],
-        student_loops=student["loop_accuracy"],
-        gain=teacher["loop_accuracy"][-1] - teacher["loop_accuracy"][0],
+        student_loops=student["accuracy_per_loop"],
+        gain=teacher["accuracy_per_loop"][-1] - teacher["accuracy_per_loop"][0],
         drop=summary["accuracy_drop"],
     )
 

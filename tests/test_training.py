@@ -275,11 +275,11 @@ def test_metrics_go_to_jsonl_and_tensorboard(phase_runs):
 
 
 def test_metrics_log_flattens_records_and_works_without_tensorboard(tmp_path, monkeypatch):
-    record = {"step": 7, "loss": 0.5, "eval": {"loop_loss": [2.0, 1.0], "accuracy": 0.25}}
+    record = {"step": 7, "loss": 0.5, "eval": {"loss_per_loop": [2.0, 1.0], "accuracy": 0.25}}
     assert metrics.scalars(record) == {
         "loss": 0.5,
-        "eval/loop_loss/loop_1": 2.0,
-        "eval/loop_loss/loop_2": 1.0,
+        "eval/loss_per_loop/loop_1": 2.0,
+        "eval/loss_per_loop/loop_2": 1.0,
         "eval/accuracy": 0.25,
     }
     monkeypatch.setattr(metrics, "tensorboard_available", lambda: False)
@@ -290,6 +290,41 @@ def test_metrics_log_flattens_records_and_works_without_tensorboard(tmp_path, mo
     assert messages == ["tensorboardX is not installed: metrics go to metrics.jsonl only"]
     assert json.loads((tmp_path / "metrics.jsonl").read_text()) == record
     assert not (tmp_path / "tensorboard").exists()
+
+
+def test_held_out_evaluation_reports_what_melt_eval_does(tmp_path, teacher_dir, model_json):
+    """The held-out evaluation has evaluate_dataset's keys (melt-eval's) and its values on the same
+    rows, the last loop as the exit; its per-loop accuracy ends with that accuracy."""
+    from melt_jax.inference.evaluation import evaluate_dataset
+    from melt_jax.model.exit import ExitPolicy
+    from melt_jax.train.held_out import evaluate, make_eval_steps
+    from melt_jax.train.stage_data import build_data
+
+    fields = stage_overrides("looplm", tmp_path, teacher_dir, model_json) + ["eval_batches=2", *MESH_1]
+    cfg = load_train_config(None, fields)
+    mesh = make_mesh(cfg.mesh)
+    task, data = build_task(cfg, mesh), build_data(cfg)
+    params = load_params(teacher_dir)[1]
+    got = evaluate(make_eval_steps(task, mesh), params, data, cfg, mesh)
+
+    held = data.held_out.as_dict()
+    rows = [{k: held[k][i * BATCH : (i + 1) * BATCH] for k in ("tokens", "loss_mask")} for i in range(2)]
+    want = evaluate_dataset(task.model, params, rows, ExitPolicy.last())
+    answers = data.answers
+    whole = answers["tokens"].shape[0] // BATCH * BATCH
+    answer_rows = [
+        {"tokens": answers["tokens"][i : i + BATCH], "answer_mask": answers["answer_mask"][i : i + BATCH]}
+        for i in range(0, whole, BATCH)
+    ]
+    want_answers = evaluate_dataset(task.model, params, answer_rows, ExitPolicy.last())
+
+    assert set(got) == set(want) | set(want_answers) | {"accuracy_per_loop"}
+    for key in ("loss_per_loop", "perplexity_per_loop", "loss", "perplexity", "num_tokens"):
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-5, err_msg=key)
+    assert got["num_batches"] == want["num_batches"] == 2
+    assert got["num_examples"] == want_answers["num_examples"] == whole
+    assert got["accuracy"] == want_answers["accuracy"] == got["accuracy_per_loop"][-1]
+    assert len(got["accuracy_per_loop"]) == MODEL.total_ut_steps
 
 
 @pytest.mark.parametrize("stage", ["looplm", "melt_phase1", "melt_phase2"])
@@ -724,12 +759,11 @@ def test_pipeline_on_the_embedded_default(tmp_path):
     # Every run of the spread in docs/measured.md ends with the teacher at 1.000, its last loop 0.59 or more above
     # its first, and the student within 0.002 of it; the bounds leave room for other machines.
     assert teacher["accuracy"] >= 0.95, teacher
-    assert teacher["loop_accuracy"][-1] >= teacher["loop_accuracy"][0] + 0.3, teacher
-    assert teacher["loop_loss"][-1] <= teacher["loop_loss"][0] + 1e-3, teacher
+    assert teacher["accuracy_per_loop"][-1] >= teacher["accuracy_per_loop"][0] + 0.3, teacher
+    assert teacher["loss_per_loop"][-1] <= teacher["loss_per_loop"][0] + 1e-3, teacher
     assert student["accuracy"] >= teacher["accuracy"] - 0.05 and done.returncode == 0, summary
     assert student["kv_bytes_per_token"] * 4 == teacher["kv_bytes_per_token"]  # T = 4 loops, one shared cache
     assert summary["kv_ratio"] == 0.25
-    losses = [
-        json.loads(l)["loss"] for l in (out / "looplm" / "metrics.jsonl").read_text().splitlines() if '"loss"' in l
-    ]
+    records = [json.loads(line) for line in (out / "looplm" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]  # the training steps' records, not the evaluations'
     assert losses[-1] < losses[0] - 1.0  # the teacher's training loss falls

@@ -123,14 +123,32 @@ class TrainConfig:
         return _parse_profile_steps(self.profile_steps, self.steps)
 
     def validate(self) -> TrainConfig:
+        """Raises RunConfigError naming the first field whose value cannot describe a runnable stage;
+        returns the config."""
         if self.stage not in STAGES:
             raise RunConfigError(f"stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
+        self._check_counts()
+        self._check_data()
+        if self.forward not in ("two_pass", "sequential"):
+            raise RunConfigError(f"forward must be 'two_pass' or 'sequential', got {self.forward!r}")
+        self._check_schedule()
+        self._check_accuracy_triggers()
+        self.profile_range()
+        self._check_model_choices()
+        self._check_stage_inputs()
+        return self
+
+    def _check_counts(self) -> None:
+        """Step counts and the batch are >= 1; the model-size overrides >= 0."""
         for name in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise RunConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("vocab_size", "num_layers", "intermediate_size", "num_heads"):
             if getattr(self, name) < 0:
                 raise RunConfigError(f"{name} must be >= 0 (0 keeps the model's own), got {getattr(self, name)}")
+
+    def _check_data(self) -> None:
+        """The loss kind, the row length and, for the synthetic source, its task."""
         if self.data.loss not in ("answer", "all"):
             raise RunConfigError(f"data.loss must be 'answer' or 'all', got {self.data.loss!r}")
         if self.data.seq_len < 2:
@@ -140,8 +158,10 @@ class TrainConfig:
                 self.data.synthetic_task(num_examples=1, seed=0)
             except DataError as e:
                 raise RunConfigError(f"data: {e}") from None
-        if self.forward not in ("two_pass", "sequential"):
-            raise RunConfigError(f"forward must be 'two_pass' or 'sequential', got {self.forward!r}")
+
+    def _check_schedule(self) -> None:
+        """The accuracy thresholds are fractions; the decay fits in the stage and has a length when an
+        accuracy starts it."""
         if not 0 <= self.stop_at_accuracy <= 1:
             raise RunConfigError(f"stop_at_accuracy must be in [0, 1] (0: off), got {self.stop_at_accuracy}")
         if not 0 <= self.decay_steps <= self.steps:
@@ -152,17 +172,24 @@ class TrainConfig:
             raise RunConfigError(f"decay_at_accuracy must be in [0, 1] (0: off), got {self.decay_at_accuracy}")
         if self.decay_at_accuracy and not self.decay_steps:
             raise RunConfigError("decay_at_accuracy needs decay_steps > 0 (the length of the decay it starts)")
+
+    def _check_accuracy_triggers(self) -> None:
+        """At most one of stop_at_accuracy and decay_at_accuracy, and a held-out accuracy to trigger it."""
         if self.decay_at_accuracy and self.stop_at_accuracy:
             raise RunConfigError(
                 "set stop_at_accuracy (stop at once) or decay_at_accuracy (decay, then stop), not both"
             )
+        measured = self.eval_every and self.eval_batches and self.data.source == "synthetic"
         for name in ("stop_at_accuracy", "decay_at_accuracy"):
-            if getattr(self, name) and not (self.eval_every and self.eval_batches and self.data.source == "synthetic"):
+            if getattr(self, name) and not measured:
                 raise RunConfigError(
                     f"{name} needs eval_every > 0, eval_batches > 0 and data.source=synthetic "
                     "(the accuracy is measured on the synthetic task's held-out examples)"
                 )
-        self.profile_range()
+
+    def _check_model_choices(self) -> None:
+        """Known remat policy, MELT gate and attention implementation; a chunk that divides the rows
+        of a MELT stage."""
         if self.remat not in REMAT_POLICIES:
             raise RunConfigError(f"remat must be one of {', '.join(REMAT_POLICIES)}, got {self.remat!r}")
         if self.gate not in GATES:
@@ -174,11 +201,13 @@ class TrainConfig:
                 num_chunks(self.data.seq_len, self.chunk_size, "data.seq_len")
         except ConfigError as e:
             raise RunConfigError(str(e)) from None
+
+    def _check_stage_inputs(self) -> None:
+        """The checkpoints a stage starts from are named."""
         if self.stage.startswith("melt") and not self.teacher:
             raise RunConfigError(f"stage {self.stage} needs teacher= (the LoopLM checkpoint to distill)")
         if self.stage in ("exit_gate", "melt_phase2") and not self.init_from:
             raise RunConfigError(f"stage {self.stage} needs init_from= (the checkpoint to continue from)")
-        return self
 
 
 def _parse_profile_steps(text: str, total_steps: int) -> tuple[int, int] | None:

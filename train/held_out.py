@@ -1,5 +1,9 @@
 """Evaluation during training: per-loop loss and perplexity on held-out rows, and per-loop
-exact-match accuracy on the synthetic task's held-out examples, jitted under the run's mesh."""
+exact-match accuracy on the synthetic task's held-out examples, jitted under the run's mesh.
+
+The result has the keys of `evaluation.evaluate_dataset` (what melt-eval reports), computed with
+evaluation's functions; the loop over batches is this module's own because its rows are global
+arrays on the run's mesh, fed by every process, and its accuracy is reported for every loop."""
 
 from __future__ import annotations
 
@@ -56,29 +60,59 @@ def _global_rows(rows: np.ndarray, mesh) -> Array:
     return global_batch_array(rows[start : start + per_process], mesh)
 
 
-def evaluate(steps: EvalSteps, params, data: StageData, cfg: TrainConfig, mesh) -> dict:
-    """Per-loop loss and perplexity on held-out rows; per-loop exact-match accuracy on the synthetic
-    task's held-out examples (teacher-forced answer tokens all argmax = greedy exact match)."""
+def held_out_loss(steps: EvalSteps, params, data: StageData, cfg: TrainConfig, mesh) -> tuple[evaluation.LossSums, int]:
+    """The loss sums of up to cfg.eval_batches batches of held-out rows (rows reused cyclically when
+    there are fewer than a batch), and the number of batches."""
     batch = cfg.batch_size
     total = None
     held = data.held_out.as_dict()
     n = held["tokens"].shape[0]
-    for i in range(min(cfg.eval_batches, max(1, n // batch))):
+    num_batches = min(cfg.eval_batches, max(1, n // batch))
+    for i in range(num_batches):
         rows = np.arange(i * batch, (i + 1) * batch) % n
         tokens, loss_mask = (_global_rows(held[name][rows], mesh) for name in ("tokens", "loss_mask"))
         segment_ids = _global_rows(held["segment_ids"][rows], mesh) if cfg.data.isolate_documents else None
         sums = steps.loss(params, tokens, loss_mask, segment_ids)
         total = sums if total is None else total + sums
-    loop_loss = np.asarray(total.per_loop) / max(float(total.weight), 1.0)
-    result = {"loop_loss": [float(x) for x in loop_loss], "loop_ppl": [evaluation.perplexity(x) for x in loop_loss]}
+    return total, num_batches
+
+
+def held_out_matches(
+    steps: EvalSteps, params, answers: dict[str, np.ndarray], batch: int, mesh
+) -> tuple[np.ndarray, int]:
+    """Per-loop exact-match counts [T] over the whole batches of the held-out examples, and the
+    number of examples counted."""
+    tokens, answer_mask = answers["tokens"], answers["answer_mask"]
+    correct, total_rows = 0, 0
+    for start in range(0, tokens.shape[0] - batch + 1, batch):
+        t = _global_rows(tokens[start : start + batch], mesh)
+        a = _global_rows(answer_mask[start : start + batch], mesh)
+        correct = correct + np.asarray(steps.correct(params, t, a))
+        total_rows += batch
+    return np.atleast_1d(correct), total_rows
+
+
+def evaluate(steps: EvalSteps, params, data: StageData, cfg: TrainConfig, mesh) -> dict:
+    """Per-loop loss and perplexity on held-out rows; per-loop exact-match accuracy on the synthetic
+    task's held-out examples (teacher-forced answer tokens all argmax = greedy exact match).
+
+    The keys are those of `evaluation.evaluate_dataset` (what melt-eval reports) with the last loop as
+    the exit: "loss_per_loop", "perplexity_per_loop", "loss", "perplexity", "num_tokens",
+    "num_batches" and, for the synthetic task, "accuracy_per_loop", "accuracy", "num_examples"."""
+    total, num_batches = held_out_loss(steps, params, data, cfg, mesh)
+    weight = float(total.weight)
+    loss_per_loop = [float(x) for x in np.asarray(total.per_loop) / max(weight, 1.0)]
+    result = {
+        "loss_per_loop": loss_per_loop,
+        "perplexity_per_loop": [evaluation.perplexity(x) for x in loss_per_loop],
+        "loss": loss_per_loop[-1],
+        "perplexity": evaluation.perplexity(loss_per_loop[-1]),
+        "num_tokens": weight,
+        "num_batches": num_batches,
+    }
     if data.answers is not None:
-        tokens, answer_mask = data.answers["tokens"], data.answers["answer_mask"]
-        correct, total_rows = 0, 0
-        for start in range(0, tokens.shape[0] - batch + 1, batch):
-            t = _global_rows(tokens[start : start + batch], mesh)
-            a = _global_rows(answer_mask[start : start + batch], mesh)
-            correct = correct + np.asarray(steps.correct(params, t, a))
-            total_rows += batch
-        result["loop_accuracy"] = [float(c) / max(total_rows, 1) for c in np.atleast_1d(correct)]
-        result["accuracy"] = result["loop_accuracy"][-1]
+        correct, num_examples = held_out_matches(steps, params, data.answers, cfg.batch_size, mesh)
+        result["accuracy_per_loop"] = [float(c) / max(num_examples, 1) for c in correct]
+        result["accuracy"] = result["accuracy_per_loop"][-1]
+        result["num_examples"] = num_examples
     return result

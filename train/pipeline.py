@@ -138,8 +138,8 @@ def summarize(config: PipelineConfig, teacher: StageResult, student: StageResult
         model_config = load_config(result.model_dir)
         rows[name] = {
             "accuracy": result.evaluation.get("accuracy"),
-            "loop_accuracy": result.evaluation.get("loop_accuracy"),
-            "loop_loss": result.evaluation["loop_loss"],
+            "accuracy_per_loop": result.evaluation.get("accuracy_per_loop"),
+            "loss_per_loop": result.evaluation["loss_per_loop"],
             "steps": result.steps,
             "kv_bytes_per_token": model_config.kv_bytes_per_token(),
             "kv_bytes_per_sequence": model_config.kv_cache_bytes(1, seq_len),
@@ -164,8 +164,8 @@ def format_summary(summary: dict, seconds: float) -> str:
     ]
     for name, row in summary["models"].items():
         acc = "-" if row["accuracy"] is None else f"{row['accuracy']:.3f}"
-        loop_acc = "-" if row["loop_accuracy"] is None else " ".join(f"{x:.2f}" for x in row["loop_accuracy"])
-        loss = " ".join(f"{x:.3f}" for x in row["loop_loss"])
+        loop_acc = "-" if row["accuracy_per_loop"] is None else " ".join(f"{x:.2f}" for x in row["accuracy_per_loop"])
+        loss = " ".join(f"{x:.3f}" for x in row["loss_per_loop"])
         lines.append(f"| {name} | {acc} | {loop_acc} | {loss} | {row['kv_bytes_per_token']:,} |")
     verdict = "within" if summary["within_margin"] else "NOT within"
     lines.append(
@@ -185,7 +185,7 @@ def run_pipeline(config: PipelineConfig, log: Callable[[str], None] = print) -> 
         result = run_stage(stage_config, log=log)
         ev = result.evaluation
         acc = f", accuracy {ev['accuracy']:.3f}" if "accuracy" in ev else ""
-        log(f"   done in {result.seconds:.0f} s: per-loop loss {[round(x, 3) for x in ev['loop_loss']]}{acc}")
+        log(f"   done in {result.seconds:.0f} s: per-loop loss {[round(x, 3) for x in ev['loss_per_loop']]}{acc}")
         results.append(result)
     teacher = results[-3]  # the LoopLM the student was distilled from
     summary = summarize(config, teacher, results[-1])

@@ -1,8 +1,10 @@
 """The training loop of one stage: data, task, state and steps put together, with logging and checkpoints.
 
-`run_stage(config)` trains one stage (see train/config.py) and leaves in config.output_dir:
+`run_stage(config)` trains one stage (see train/config.py): a loop that draws a batch, runs the step
+and calls the hooks due after it (train/hooks.py: metrics, progress, held-out evaluation and the
+decay or stop its accuracy triggers, checkpoints, profiling). It leaves in config.output_dir:
   checkpoints/<step>/   orbax CheckpointManager checkpoints (resumed from automatically)
-  metrics.jsonl         one JSON record per logged step and per evaluation
+  metrics.jsonl         one JSON record per logged step and per evaluation (train/held_out.py's keys)
   tensorboard/          the same as TensorBoard scalars, when tensorboardX is installed
   model/                the final model (config.json + params, melt_jax.checkpoint layout)
 """
@@ -11,10 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
@@ -32,15 +34,30 @@ from melt_jax.sharding import (
 from melt_jax.train.checkpointing import RunCheckpoints
 from melt_jax.train.config import TrainConfig, to_dict
 from melt_jax.train.held_out import evaluate, make_eval_steps
+from melt_jax.train.hooks import (
+    DecayAtAccuracy,
+    HeldOutEvaluation,
+    Hooks,
+    LogMetrics,
+    Profiler,
+    ProgressBar,
+    SaveCheckpoint,
+    StageRun,
+    StopAtAccuracy,
+    format_metrics,
+)
 from melt_jax.train.metrics import MetricsLog
 from melt_jax.train.optimizer import build_optimizer
-from melt_jax.train.stage_data import batch_digest, build_data
+from melt_jax.train.stage_data import StageData, batch_digest, build_data
 from melt_jax.train.steps import init_state, make_train_step, scheduled_decay_start, shardings_of
-from melt_jax.train.tasks import build_task
+from melt_jax.train.tasks import Task, build_task
 
 
 @dataclasses.dataclass
 class StageResult:
+    """What a call of run_stage leaves: the steps reached, the last step's metrics, the final held-out
+    evaluation (train/held_out.py's `evaluate`; {} when the stage is not finished or not evaluated)."""
+
     output_dir: Path
     model_dir: Path
     steps: int
@@ -58,31 +75,45 @@ def _host_params(params) -> dict:
     return jax.tree.map(np.asarray, params)
 
 
-def _format(metrics: dict) -> dict:
-    out = {}
-    for k, v in metrics.items():
-        v = np.asarray(v)
-        out[k] = float(v) if v.ndim == 0 else [float(x) for x in v.reshape(-1)]
-    return out
+def _is_main() -> bool:
+    return jax.process_index() == 0
 
 
-def run_stage(cfg: TrainConfig, *, stop_after: int | None = None, log: Callable[[str], None] = print) -> StageResult:
-    """Trains one stage to cfg.steps, resuming from the run's latest checkpoint if there is one.
-    `stop_after` ends this call after that many steps of this call (an interruption, for tests)."""
-    cfg.validate()
-    started = time.perf_counter()
-    is_main = jax.process_index() == 0
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    mesh = make_mesh(cfg.mesh)
-    check_batch_divisible(cfg.batch_size, mesh)
-    task = build_task(cfg, mesh)
-    data = build_data(cfg)
+@dataclasses.dataclass
+class _Stage:
+    """What a stage trains with: the mesh, task and data, the data iterator, the jitted training
+    step `train_step(state, teacher_params, batch) -> (state, metrics)` from `state` (freshly
+    initialised), and the held-out evaluation `evaluate(params) -> dict`."""
+
+    cfg: TrainConfig
+    mesh: Any
+    task: Task
+    data: StageData
+    iterator: BatchIterator
+    state: Any
+    train_step: Callable
+    evaluate: Callable[[Any], dict]
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg.batch_size * self.cfg.data.seq_len
+
+
+def _check_vocab(cfg: TrainConfig, task: Task, data: StageData) -> None:
     if data.tokenizer.vocab_size > task.config.vocab_size:
         raise TrainingError(
             f"tokenizer {cfg.data.tokenizer} has {data.tokenizer.vocab_size} tokens "
             f"but the model's vocab_size is {task.config.vocab_size}"
         )
+
+
+def _build_stage(cfg: TrainConfig) -> _Stage:
+    """The mesh, task, data, initial state and jitted programs of a stage."""
+    mesh = make_mesh(cfg.mesh)
+    check_batch_divisible(cfg.batch_size, mesh)
+    task = build_task(cfg, mesh)
+    data = build_data(cfg)
+    _check_vocab(cfg, task, data)
     iterator = BatchIterator(
         data.train,
         cfg.batch_size,
@@ -93,130 +124,149 @@ def run_stage(cfg: TrainConfig, *, stop_after: int | None = None, log: Callable[
     )
     optimizer = build_optimizer(cfg.optimizer, abstract_params(task.model), cfg.steps, task.trainable)
     state = init_state(task, cfg, mesh, optimizer)
-    state_shardings = shardings_of(state)
-    teacher_params = task.teacher_params
-    teacher_shardings = None if teacher_params is None else shardings_of(teacher_params)
-    jitted_step = make_train_step(task, optimizer, state_shardings, teacher_shardings, mesh, cfg.steps, cfg.decay_steps)
+    teacher_shardings = None if task.teacher_params is None else shardings_of(task.teacher_params)
+    train_step = make_train_step(
+        task, optimizer, shardings_of(state), teacher_shardings, mesh, cfg.steps, cfg.decay_steps
+    )
     eval_steps = make_eval_steps(task, mesh)
 
-    checkpoints = RunCheckpoints(out / "checkpoints", cfg.keep_checkpoints, cfg.async_checkpoints)
-    meta = {"stage": cfg.stage, "tokens_seen": 0, "batch_digest": "", "data": iterator.state()}
+    def evaluate_params(params) -> dict:
+        return evaluate(eval_steps, params, data, cfg, mesh)
+
+    return _Stage(cfg, mesh, task, data, iterator, state, train_step, evaluate_params)
+
+
+def _start_run(cfg: TrainConfig, stage: _Stage, checkpoints: RunCheckpoints, log: Callable[[str], None]) -> StageRun:
+    """The run at its start: resumed from the latest checkpoint if there is one, else at step 0.
+    The stage ends when the learning-rate decay does (it starts earlier at a held-out accuracy of
+    decay_at_accuracy), at the latest at cfg.steps."""
+    state = stage.state
+    meta = {"stage": cfg.stage, "tokens_seen": 0, "batch_digest": "", "data": stage.iterator.state()}
     latest = checkpoints.latest_step()
     if latest is not None:
         state, meta = checkpoints.restore(latest, state)
         if meta.get("stage") != cfg.stage:
-            raise TrainingError(f"{out} holds checkpoints of stage {meta.get('stage')!r}, not {cfg.stage!r}")
-        iterator.restore(meta["data"])
-        log(f"[{cfg.stage}] resumed from step {latest} in {checkpoints.directory}")
-    if is_main:
-        (out / "run_config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
-
-    step = int(state.step)
-    # The stage ends when the learning-rate decay does (it starts earlier at a held-out accuracy of
-    # decay_at_accuracy), at the latest at cfg.steps.
-    decay_start = int(scheduled_decay_start(int(state.decay_start), cfg.steps, cfg.decay_steps))
-    end = decay_start + cfg.decay_steps
-    last_saved = latest
-    tokens_per_step = cfg.batch_size * cfg.data.seq_len
-    metrics_log = MetricsLog(out, enabled=is_main, tensorboard=cfg.tensorboard, log=log)
-    progress = None
-    if is_main and cfg.progress:
-        from tqdm import tqdm
-
-        progress = tqdm(total=cfg.steps, initial=step, desc=cfg.stage, unit="step", dynamic_ncols=True)
-
-    def check_finite(metrics, at_loop):
-        loss = float(metrics["loss"])
-        if not math.isfinite(loss):
-            where = f"step {last_saved}" if last_saved is not None else "none yet"
             raise TrainingError(
-                f"[{cfg.stage}] loss is {loss} at step {at_loop}: stopping. "
-                f"Last good checkpoint: {where} in {checkpoints.directory}"
+                f"{Path(cfg.output_dir)} holds checkpoints of stage {meta.get('stage')!r}, not {cfg.stage!r}"
             )
-        return loss
+        stage.iterator.restore(meta["data"])
+        log(f"[{cfg.stage}] resumed from step {latest} in {checkpoints.directory}")
+    decay_start = int(scheduled_decay_start(int(state.decay_start), cfg.steps, cfg.decay_steps))
+    return StageRun(
+        stage=cfg.stage,
+        state=state,
+        meta=meta,
+        step=int(state.step),
+        decay_start=decay_start,
+        end=decay_start + cfg.decay_steps,
+        checkpoint_dir=checkpoints.directory,
+        log=log,
+        last_saved=latest,
+    )
 
-    metrics: dict = {}
-    model_dir = out / "model"
-    final_eval: dict = {}
-    latest_eval, latest_eval_step = None, None
-    window_start, window_steps = time.perf_counter(), 0
+
+def _stage_hooks(
+    cfg: TrainConfig, stage: _Stage, run: StageRun, checkpoints: RunCheckpoints, metrics_log: MetricsLog
+) -> Hooks:
+    """The hooks of a stage, in the order they run after a step: profiling, metrics and progress,
+    held-out evaluation and what its accuracy triggers, checkpoints."""
+    hooks = Hooks()
+    profile = cfg.profile_range()
+    if profile is not None and _is_main():
+        profiler = Profiler(Path(cfg.output_dir) / "profile", *profile)
+        hooks.add_before_step(profiler.start)
+        hooks.add(profiler.stop)
+        hooks.add_closer(profiler.close)
+    progress = ProgressBar(cfg.stage, cfg.steps, run.step) if _is_main() and cfg.progress else None
+    hooks.add(LogMetrics(metrics_log, stage.tokens_per_step, run.step, progress), every=cfg.log_every, at_end=True)
+    if progress is not None:
+        hooks.add(progress.advance)
+        hooks.add_closer(progress.close)
+    eval_every = cfg.eval_every if cfg.eval_batches else 0
+    hooks.add(HeldOutEvaluation(stage.evaluate, metrics_log), every=eval_every)
+    if cfg.stop_at_accuracy:
+        hooks.add(StopAtAccuracy(cfg.stop_at_accuracy), every=eval_every)
+    if cfg.decay_at_accuracy:
+        hooks.add(DecayAtAccuracy(cfg.decay_at_accuracy, cfg.decay_steps), every=eval_every)
+    hooks.add(SaveCheckpoint(checkpoints, stage.iterator.state), every=cfg.checkpoint_every, at_end=True)
+    return hooks
+
+
+def _take_step(run: StageRun, stage: _Stage) -> None:
+    """Draws the next batch and runs the training step on it."""
+    local = next(stage.iterator)
+    run.meta["batch_digest"] = batch_digest(local, run.meta["batch_digest"])
+    batch = {name: global_batch_array(local[name], stage.mesh) for name in stage.task.batch_fields}
+    run.state, run.metrics = stage.train_step(run.state, stage.task.teacher_params, batch)
+    run.step += 1
+    run.meta["tokens_seen"] += stage.tokens_per_step
+
+
+def _train(run: StageRun, stage: _Stage, hooks: Hooks, stop_after: int | None) -> None:
+    """Steps until the stage ends (or stops early), calling the hooks due after each step; with
+    `stop_after`, at most that many steps."""
     steps_this_call = 0
+    while run.step < run.end and not run.stopped_early:
+        hooks.before_step(run)
+        _take_step(run, stage)
+        steps_this_call += 1
+        hooks.after_step(run)
+        if stop_after is not None and steps_this_call >= stop_after and run.step < run.end:
+            break
+
+
+def _final_evaluation(run: StageRun, stage: _Stage, metrics_log: MetricsLog) -> dict:
+    """The held-out evaluation of the final params: the one made after the last step if there was
+    one, else a new one (written to the MetricsLog); {} without evaluation batches."""
+    if run.evaluated_now():
+        return run.evaluation
+    if not stage.cfg.eval_batches:
+        return {}
+    result = stage.evaluate(run.state.params)
+    metrics_log.write({"step": run.step, "eval": result})
+    return result
+
+
+def _save_model(model_dir: Path, stage: _Stage, params) -> None:
+    """The final params as a melt_jax checkpoint (written by the main process)."""
+    host = _host_params(params)
+    if _is_main():
+        save_params(model_dir, stage.task.config, host, overwrite=True)
+    multihost_utils.sync_global_devices("model saved")
+
+
+def run_stage(cfg: TrainConfig, *, stop_after: int | None = None, log: Callable[[str], None] = print) -> StageResult:
+    """Trains one stage to cfg.steps, resuming from the run's latest checkpoint if there is one.
+    `stop_after` ends this call after that many steps of this call (an interruption, for tests)."""
+    cfg.validate()
+    started = time.perf_counter()
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stage = _build_stage(cfg)
+    checkpoints = RunCheckpoints(out / "checkpoints", cfg.keep_checkpoints, cfg.async_checkpoints)
+    run = _start_run(cfg, stage, checkpoints, log)
+    if _is_main():
+        (out / "run_config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+    metrics_log = MetricsLog(out, enabled=_is_main(), tensorboard=cfg.tensorboard, log=log)
+    hooks = _stage_hooks(cfg, stage, run, checkpoints, metrics_log)
+    evaluation: dict = {}
     try:
-        profile, tracing = cfg.profile_range(), False
-        while step < end and not meta.get("stopped_early"):
-            if profile is not None and step + 1 == profile[0] and is_main:
-                jax.profiler.start_trace(str(out / "profile"))
-                tracing = True
-            local = next(iterator)
-            meta["batch_digest"] = batch_digest(local, meta["batch_digest"])
-            batch = {name: global_batch_array(local[name], mesh) for name in task.batch_fields}
-            state, metrics = jitted_step(state, teacher_params, batch)
-            step += 1
-            if profile is not None and step == profile[1] and is_main:
-                jax.block_until_ready(state)
-                jax.profiler.stop_trace()
-                tracing = False
-                log(f"[{cfg.stage}] profile of steps {profile[0]}..{profile[1]} in {out / 'profile'}")
-            steps_this_call += 1
-            window_steps += 1
-            meta["tokens_seen"] += tokens_per_step
-            if step % cfg.log_every == 0 or step == end:
-                loss = check_finite(metrics, step)
-                elapsed = time.perf_counter() - window_start
-                tokens_per_s = window_steps * tokens_per_step / max(elapsed, 1e-9)
-                metrics_log.write({"step": step, "tokens_per_s": tokens_per_s, **_format(metrics)})
-                if progress is not None:
-                    progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
-                window_start, window_steps = time.perf_counter(), 0
-            if progress is not None:
-                progress.update(1)
-            if cfg.eval_every and cfg.eval_batches and step % cfg.eval_every == 0 and step < end:
-                latest_eval, latest_eval_step = evaluate(eval_steps, state.params, data, cfg, mesh), step
-                metrics_log.write({"step": step, "eval": latest_eval})
-                accuracy = latest_eval.get("accuracy", 0.0)
-                if cfg.stop_at_accuracy and accuracy >= cfg.stop_at_accuracy:
-                    meta["stopped_early"] = True
-                    log(f"[{cfg.stage}] held-out accuracy {accuracy:.3f} at step {step}: stopping")
-                if cfg.decay_at_accuracy and accuracy >= cfg.decay_at_accuracy and step < decay_start:
-                    state = state.replace(decay_start=jax.device_put(np.int32(step), state.decay_start.sharding))
-                    decay_start, end = step, step + cfg.decay_steps
-                    log(
-                        f"[{cfg.stage}] held-out accuracy {accuracy:.3f} at step {step}: "
-                        f"learning rate decays to 0 by step {end}"
-                    )
-            if step % cfg.checkpoint_every == 0 or step == end or meta.get("stopped_early"):
-                check_finite(metrics, step)
-                meta["data"] = iterator.state()
-                checkpoints.save(step, state, dict(meta))
-                last_saved = step
-            if stop_after is not None and steps_this_call >= stop_after and step < end:
-                break
+        _train(run, stage, hooks, stop_after)
         checkpoints.wait()
-        finished = step >= end or meta.get("stopped_early", False)
-        if finished:
-            if latest_eval is not None and latest_eval_step == step:
-                final_eval = latest_eval
-            elif cfg.eval_batches:
-                final_eval = evaluate(eval_steps, state.params, data, cfg, mesh)
-                metrics_log.write({"step": step, "eval": final_eval})
-            host = _host_params(state.params)
-            if is_main:
-                save_params(model_dir, task.config, host, overwrite=True)
-            multihost_utils.sync_global_devices("model saved")
+        if run.finished:
+            evaluation = _final_evaluation(run, stage, metrics_log)
+            _save_model(out / "model", stage, run.state.params)
     finally:
-        if tracing:
-            jax.profiler.stop_trace()
-        if progress is not None:
-            progress.close()
+        hooks.close()
         checkpoints.close()
         metrics_log.close()
     return StageResult(
         output_dir=out,
-        model_dir=model_dir,
-        steps=step,
-        final_metrics=_format(metrics) if metrics else {},
-        evaluation=final_eval,
-        tokens_seen=meta["tokens_seen"],
-        batch_digest=meta["batch_digest"],
+        model_dir=out / "model",
+        steps=run.step,
+        final_metrics=format_metrics(run.metrics) if run.metrics else {},
+        evaluation=evaluation,
+        tokens_seen=run.meta["tokens_seen"],
+        batch_digest=run.meta["batch_digest"],
         seconds=time.perf_counter() - started,
     )

@@ -94,8 +94,8 @@ class OuroConfig:
     dtype: str = "float32"  # activations
     param_dtype: str = "float32"  # parameters
     remat: str = "none"  # what the backward pass recomputes of each layer, one of REMAT_POLICIES
-    # How attention is computed (melt_jax/model/attention.py): "xla" (dense, the default), "blockwise"
-    # (never builds S x M logits) or "auto" (dense for short sequences, blockwise for long ones).
+    # How attention is computed: one of the implementations of melt_jax.model.attention (its
+    # IMPLEMENTATIONS, checked by `check_implementation`); dense XLA attention by default.
     attention: str = "xla"
     attention_query_block: int = DEFAULT_BLOCK  # blockwise: queries per block (clipped to the sequence)
     attention_key_block: int = DEFAULT_BLOCK  # blockwise: keys per block
@@ -183,6 +183,17 @@ class OuroConfig:
 
     def validate(self) -> None:
         """Raises ConfigError naming the first field whose value cannot describe a runnable model."""
+        self._check_sizes()
+        self._check_heads()
+        self._check_supported_features()
+        self._check_layer_types()
+        self._check_early_exit()
+        self._check_runtime_fields()
+        if self.rope_theta <= 0:
+            raise ConfigError(f"config field rope_theta must be positive, got {self.rope_theta}")
+
+    def _check_sizes(self) -> None:
+        """The shape fields are positive integers, the loop count an integer >= 1."""
         for name in (
             "vocab_size",
             "hidden_size",
@@ -200,6 +211,9 @@ class OuroConfig:
             raise ConfigError(
                 f"config field total_ut_steps (loops T) must be an integer >= 1, got {self.total_ut_steps!r}"
             )
+
+    def _check_heads(self) -> None:
+        """Key/value heads group the query heads evenly; rotary embeddings need an even head_dim."""
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"num_key_value_heads ({self.num_key_value_heads}) must divide num_attention_heads "
@@ -207,24 +221,37 @@ class OuroConfig:
             )
         if self.head_dim % 2:
             raise ConfigError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+
+    def _check_supported_features(self) -> None:
+        """The upstream options this library does not implement are off."""
         if self.hidden_act != "silu":
             raise ConfigError(f"config field hidden_act: only 'silu' is supported, got {self.hidden_act!r}")
         if self.rope_scaling is not None:
             raise ConfigError(f"config field rope_scaling: only null is supported, got {self.rope_scaling!r}")
         if self.use_sliding_window:
             raise ConfigError("config field use_sliding_window: sliding-window attention is not supported")
-        if self.layer_types is not None:
-            if len(self.layer_types) != self.num_hidden_layers:
-                raise ConfigError(
-                    f"config field layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers"
-                )
-            bad = sorted({t for t in self.layer_types if t != "full_attention"})
-            if bad:
-                raise ConfigError(f"config field layer_types: only 'full_attention' is supported, got {bad}")
+
+    def _check_layer_types(self) -> None:
+        """layer_types, when given, names one full-attention layer per decoder layer."""
+        if self.layer_types is None:
+            return
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ConfigError(
+                f"config field layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers"
+            )
+        bad = sorted({t for t in self.layer_types if t != "full_attention"})
+        if bad:
+            raise ConfigError(f"config field layer_types: only 'full_attention' is supported, got {bad}")
+
+    def _check_early_exit(self) -> None:
+        """early_exit_step, when given, is one of the T loops."""
         if self.early_exit_step is not None and not 0 <= self.early_exit_step < self.total_ut_steps:
             raise ConfigError(
                 f"config field early_exit_step ({self.early_exit_step}) must be in [0, {self.total_ut_steps})"
             )
+
+    def _check_runtime_fields(self) -> None:
+        """The RUNTIME_FIELDS name known dtypes, remat policy and attention implementation."""
         for name in ("dtype", "param_dtype"):
             dtypes.lookup(getattr(self, name), error=ConfigError, what=f"config field {name}")
         if not isinstance(self.scan_layers, bool):
@@ -234,8 +261,6 @@ class OuroConfig:
         check_implementation(
             self.attention, self.attention_query_block, self.attention_key_block, "config field attention"
         )
-        if self.rope_theta <= 0:
-            raise ConfigError(f"config field rope_theta must be positive, got {self.rope_theta}")
 
     # ----------------------------------------------------------------------------------------------
     # Hugging Face config.json

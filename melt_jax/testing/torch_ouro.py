@@ -349,41 +349,57 @@ class OuroReference:
 
     def _select(self, step_logits: torch.Tensor, pdf: torch.Tensor, mode: str, step, threshold, cumsum):
         """Torch version of select_logits. step_logits [T,B,S,V], pdf [B,S,T], both model dtype."""
-        T = self.T
-        B, S = pdf.shape[:2]
         if mode == "default":
-            # upstream default: exit_at_step (config.early_exit_step) > threshold > last loop
-            if step is None:
-                step = self.early_exit_step
-            if threshold is None:
-                threshold = self.early_exit_threshold
-            if step is not None:
-                mode = "step"
-            elif threshold is not None:
-                mode = "threshold"
-            else:
-                mode = "last"
+            mode, step, threshold = self._default_mode(step, threshold)
         if mode == "last":
-            return step_logits[T - 1], torch.full((B, S), T - 1, dtype=torch.int64)
+            return self._select_step(step_logits, pdf, self.T - 1)
         if mode == "step":
             if step is None:
                 raise ValueError("mode 'step' needs step")
-            step = int(step)
-            if not 0 <= step < T:
-                raise ValueError(f"step {step} out of range [0, {T})")
-            return step_logits[step], torch.full((B, S), step, dtype=torch.int64)
+            return self._select_step(step_logits, pdf, step)
         if mode == "threshold":
-            if threshold is None:
-                threshold = self.early_exit_threshold if self.early_exit_threshold is not None else 1.0
-            steps = threshold_exit_loops(pdf, threshold, cumsum)  # [B, S]
-            idx = steps[None, :, :, None].expand(1, B, S, step_logits.shape[-1])
-            return torch.gather(step_logits, 0, idx)[0], steps
+            return self._select_threshold(step_logits, pdf, threshold, cumsum)
         if mode == "weighted":
-            mixed = pdf[..., 0, None] * step_logits[0]
-            for t in range(1, T):
-                mixed = mixed + pdf[..., t, None] * step_logits[t]
-            return mixed, None
+            return self._select_weighted(step_logits, pdf)
         raise ValueError(f"unknown mode {mode!r}; one of {MODES}")
+
+    def _default_mode(self, step, threshold) -> tuple[str, int | None, float | None]:
+        """upstream default: exit_at_step (config.early_exit_step) > threshold > last loop.
+        Returns (mode, step, threshold) with the config's values filled in."""
+        if step is None:
+            step = self.early_exit_step
+        if threshold is None:
+            threshold = self.early_exit_threshold
+        if step is not None:
+            return "step", step, threshold
+        if threshold is not None:
+            return "threshold", step, threshold
+        return "last", step, threshold
+
+    def _select_step(self, step_logits: torch.Tensor, pdf: torch.Tensor, step):
+        """Loop `step`'s logits [B,S,V] for every token, and that loop as the exit [B,S]."""
+        B, S = pdf.shape[:2]
+        step = int(step)
+        if not 0 <= step < self.T:
+            raise ValueError(f"step {step} out of range [0, {self.T})")
+        return step_logits[step], torch.full((B, S), step, dtype=torch.int64)
+
+    def _select_threshold(self, step_logits: torch.Tensor, pdf: torch.Tensor, threshold, cumsum):
+        """Per token the logits of the first loop whose cumulative exit probability reaches
+        `threshold` (None: the config's, else 1.0), and those loops [B,S]."""
+        B, S = pdf.shape[:2]
+        if threshold is None:
+            threshold = self.early_exit_threshold if self.early_exit_threshold is not None else 1.0
+        steps = threshold_exit_loops(pdf, threshold, cumsum)  # [B, S]
+        idx = steps[None, :, :, None].expand(1, B, S, step_logits.shape[-1])
+        return torch.gather(step_logits, 0, idx)[0], steps
+
+    def _select_weighted(self, step_logits: torch.Tensor, pdf: torch.Tensor):
+        """The exit-probability-weighted mix of the loops' logits, sum_t pdf[..., t] * logits[t]."""
+        mixed = pdf[..., 0, None] * step_logits[0]
+        for t in range(1, self.T):
+            mixed = mixed + pdf[..., t, None] * step_logits[t]
+        return mixed, None
 
     def select_logits(
         self,
