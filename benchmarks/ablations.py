@@ -32,8 +32,8 @@ import jax
 import numpy as np
 
 from melt_jax.checkpoint import load_params
-from melt_jax.inference.evaluation import loop_answer_matches
-from melt_jax.model.registry import model_for
+from melt_jax.inference import loop_answer_matches
+from melt_jax.model import model_for
 from melt_jax.train.pipeline import PipelineConfig
 from melt_jax.train.stage_data import held_out_answers
 from melt_jax.train.trainer import run_stage

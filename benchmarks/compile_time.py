@@ -32,12 +32,8 @@ import jax
 import jax.numpy as jnp
 from machine_load import busy_report, cpu_times, machine_line  # noqa: E402
 
-from melt_jax.inference.decoding import decode_step, forward
-from melt_jax.model.cache import init_cache
-from melt_jax.model.config import OuroConfig
-from melt_jax.model.exit import ExitPolicy
-from melt_jax.model.ouro import OuroModel
-from melt_jax.model.params import abstract_params
+from melt_jax.inference import decode_step, forward
+from melt_jax.model import ExitPolicy, OuroConfig, OuroModel, abstract_params, init_cache
 
 BASE = dict(
     vocab_size=1024,

@@ -30,7 +30,7 @@ from melt_jax.checkpoint import numpy_dtype
 from melt_jax.convert.hf_export import write_safetensors
 from melt_jax.convert.mapping import hf_tensor_plan
 from melt_jax.dtypes import STORABLE_NAMES
-from melt_jax.model.config import OuroConfig
+from melt_jax.model import OuroConfig
 
 GB = 1e9
 

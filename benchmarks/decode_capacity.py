@@ -28,12 +28,8 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from melt_jax.aot import GIB, CompileReport, compile_and_measure, topology_devices
-from melt_jax.inference.decoding import decode_step, start_generation
-from melt_jax.inference.sampling import SamplingConfig
-from melt_jax.model.config import MeltConfig, OuroConfig
-from melt_jax.model.exit import ExitPolicy
-from melt_jax.model.params import abstract_params
-from melt_jax.model.registry import model_for
+from melt_jax.inference import SamplingConfig, decode_step, start_generation
+from melt_jax.model import ExitPolicy, MeltConfig, OuroConfig, abstract_params, model_for
 
 
 def models(preset: str, chunk: int) -> dict:

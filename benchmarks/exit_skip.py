@@ -31,16 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 from machine_load import busy_report, cpu_times, machine_line
 
-from melt_jax.data.synthetic import SyntheticTaskConfig, answer_batch, synthetic_reasoning_dataset
-from melt_jax.data.tokenizer import load_tokenizer
-from melt_jax.inference.generation import generate
-from melt_jax.inference.model_loading import load_model
-from melt_jax.inference.sampling import SamplingConfig
-from melt_jax.model.chunking import scan_chunks
-from melt_jax.model.config import OuroConfig
-from melt_jax.model.exit import ExitPolicy
-from melt_jax.model.params import init_params, with_layer_layout
-from melt_jax.model.registry import model_for
+from melt_jax.data import SyntheticTaskConfig, answer_batch, load_tokenizer, synthetic_reasoning_dataset
+from melt_jax.inference import SamplingConfig, generate, load_model
+from melt_jax.model import ExitPolicy, OuroConfig, init_params, model_for, scan_chunks, with_layer_layout
 
 NUM_EXAMPLES = 64
 SEQ_LEN = 16  # one task text ("3+4=7\n" and the like) per row

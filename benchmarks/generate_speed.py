@@ -47,12 +47,8 @@ from machine_load import busy_report, cpu_times, machine_line, usable_cores
 from ouro_speed import HF_CONFIG as SMALL  # (the same model as the Ouro speed benchmark)
 
 from melt_jax.convert import load_hf_checkpoint
-from melt_jax.inference.generation import generate
-from melt_jax.inference.sampling import SamplingConfig
-from melt_jax.model.config import MeltConfig, OuroConfig
-from melt_jax.model.melt import MeltModel
-from melt_jax.model.ouro import OuroModel
-from melt_jax.model.params import with_layer_layout
+from melt_jax.inference import SamplingConfig, generate
+from melt_jax.model import MeltConfig, MeltModel, OuroConfig, OuroModel, with_layer_layout
 from melt_jax.testing.hf_checkpoints import random_ouro_state_dict, tiny_hf_config, with_gates, write_hf_checkpoint
 from melt_jax.testing.torch_melt import MeltReference, random_melt_gates
 from melt_jax.testing.torch_ouro import OuroReference

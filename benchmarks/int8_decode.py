@@ -53,20 +53,29 @@ from decode_capacity import on_device  # noqa: E402
 from machine_load import busy_report, cpu_times, machine_line  # noqa: E402
 
 from melt_jax.aot import topology_devices  # noqa: E402
-from melt_jax.data.pipeline import load_text_dataset  # noqa: E402
-from melt_jax.data.synthetic import answer_batch  # noqa: E402
-from melt_jax.data.tokenizer import ByteTokenizer  # noqa: E402
+from melt_jax.data import (
+    ByteTokenizer,  # noqa: E402
+    answer_batch,  # noqa: E402
+    load_text_dataset,  # noqa: E402
+)
 from melt_jax.errors import ConfigError  # noqa: E402
-from melt_jax.inference.decoding import decode_step  # noqa: E402
-from melt_jax.inference.evaluation import loop_answer_matches, loop_logits  # noqa: E402
-from melt_jax.inference.generation import generate  # noqa: E402
-from melt_jax.inference.model_loading import load_model  # noqa: E402
+from melt_jax.inference import (  # noqa: E402
+    SamplingConfig,  # noqa: E402
+    decode_step,  # noqa: E402
+    generate,  # noqa: E402
+    load_model,  # noqa: E402
+    loop_answer_matches,
+    loop_logits,
+)
 from melt_jax.inference.quantization import int8_model, quantize_int8  # noqa: E402
-from melt_jax.inference.sampling import SamplingConfig  # noqa: E402
-from melt_jax.model.config import OuroConfig  # noqa: E402
-from melt_jax.model.ouro import OuroModel  # noqa: E402
-from melt_jax.model.params import abstract_params, init_params, param_bytes  # noqa: E402
-from melt_jax.model.registry import model_for  # noqa: E402
+from melt_jax.model import (  # noqa: E402
+    OuroConfig,  # noqa: E402
+    OuroModel,  # noqa: E402
+    abstract_params,
+    init_params,
+    model_for,  # noqa: E402
+    param_bytes,
+)
 
 VARIANTS = ("float32", "bf16", "int8+bf16", "int8+f32")
 COMPARISONS = (("bf16", "float32"), ("int8+bf16", "bf16"), ("int8+f32", "float32"))

@@ -55,11 +55,7 @@ import numpy as np
 import optax
 from machine_load import busy_report, cpu_times, machine_line
 
-from melt_jax.model.config import OuroConfig
-from melt_jax.model.melt import MeltModel
-from melt_jax.model.ouro import OuroModel
-from melt_jax.model.ouro_to_melt import melt_from_ouro
-from melt_jax.model.params import init_params
+from melt_jax.model import MeltModel, OuroConfig, OuroModel, init_params, melt_from_ouro
 from melt_jax.train.objectives import (
     Distillation,
     linear_alpha,

@@ -21,11 +21,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from melt_jax.inference.decoding import decode_step
-from melt_jax.model.config import MeltConfig, OuroConfig
-from melt_jax.model.melt import MeltModel
-from melt_jax.model.ouro import OuroModel
-from melt_jax.model.params import abstract_params
+from melt_jax.inference import decode_step
+from melt_jax.model import MeltConfig, MeltModel, OuroConfig, OuroModel, abstract_params
 
 GB = 1e9
 LENGTHS = [1000, 2000, 4000, 8000, 16000, 32000]

@@ -45,10 +45,8 @@ import torch
 from machine_load import busy_report, cpu_times, machine_line, usable_cores
 
 from melt_jax.convert import load_hf_checkpoint
-from melt_jax.inference.decoding import decode_step, forward, prefill
-from melt_jax.model.cache import init_cache
-from melt_jax.model.exit import ExitPolicy
-from melt_jax.model.ouro import OuroModel
+from melt_jax.inference import decode_step, forward, prefill
+from melt_jax.model import ExitPolicy, OuroModel, init_cache
 from melt_jax.testing.hf_checkpoints import random_ouro_state_dict, tiny_hf_config, write_hf_checkpoint
 from melt_jax.testing.torch_ouro import OuroReference
 

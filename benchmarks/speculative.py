@@ -34,16 +34,9 @@ from generate_speed import random_weights
 from machine_load import busy_report, cpu_times, machine_line
 from ouro_speed import HF_CONFIG as SMALL
 
-from melt_jax.data.synthetic import SyntheticTaskConfig, generate_example
-from melt_jax.data.tokenizer import ByteTokenizer
-from melt_jax.inference.generation import generate
-from melt_jax.inference.model_loading import load_model
-from melt_jax.inference.sampling import SamplingConfig
-from melt_jax.inference.speculative import generate_speculative
-from melt_jax.model.config import MeltConfig
-from melt_jax.model.melt import MeltModel
-from melt_jax.model.ouro import OuroModel
-from melt_jax.model.params import with_layer_layout
+from melt_jax.data import ByteTokenizer, SyntheticTaskConfig, generate_example
+from melt_jax.inference import SamplingConfig, generate, generate_speculative, load_model
+from melt_jax.model import MeltConfig, MeltModel, OuroModel, with_layer_layout
 
 DRAFT_LOOPS = (1, 2)
 BLOCKS = (2, 4, 8)

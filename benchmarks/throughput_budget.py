@@ -28,12 +28,8 @@ import numpy as np
 from machine_load import busy_report, cpu_times, machine_line
 
 from melt_jax.aot import compile_and_measure
-from melt_jax.inference.decoding import decode_step
-from melt_jax.inference.generation import generate
-from melt_jax.inference.sampling import SamplingConfig
-from melt_jax.model.config import MeltConfig, OuroConfig
-from melt_jax.model.params import abstract_params, init_params
-from melt_jax.model.registry import model_for
+from melt_jax.inference import SamplingConfig, decode_step, generate
+from melt_jax.model import MeltConfig, OuroConfig, abstract_params, init_params, model_for
 
 MIB = 2**20
 OURO = OuroConfig(

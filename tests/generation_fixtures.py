@@ -12,10 +12,7 @@ import functools
 import jax
 import numpy as np
 
-from melt_jax.model.config import MeltConfig, OuroConfig
-from melt_jax.model.melt import MeltModel
-from melt_jax.model.ouro import OuroModel
-from melt_jax.model.params import init_params
+from melt_jax.model import MeltConfig, MeltModel, OuroConfig, OuroModel, init_params
 
 OURO_CONFIG = OuroConfig(
     vocab_size=258,

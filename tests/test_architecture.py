@@ -142,3 +142,36 @@ def test_no_library_module_over_the_size_bound():
             sources[f"{package}:{path.relative_to(ROOT / folder)}"] = path.read_text()
     assert _long_modules(sources) == {}
     assert _long_modules({"long.py": "x = 1\n" * (MAX_MODULE_LINES + 1)}) == {"long.py": MAX_MODULE_LINES + 1}
+
+
+def _exported(package: str) -> set[str]:
+    """The names in `package`'s __all__, read from its __init__.py."""
+    for node in MODULES[package].body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__all__" for t in node.targets):
+            return {element.value for element in node.value.elts}
+    return set()
+
+
+PUBLIC_PACKAGES = ("melt_jax.model", "melt_jax.model.attention", "melt_jax.inference", "melt_jax.data")
+
+
+def _private_reach(tree: ast.Module) -> list[str]:
+    """`from <package>.<module> import name` of names the package exports itself."""
+    exported = {package: _exported(package) for package in PUBLIC_PACKAGES}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            package = node.module.rsplit(".", 1)[0]
+            found += [f"{node.module}.{a.name}" for a in node.names if a.name in exported.get(package, ())]
+    return found
+
+
+def test_tests_and_benchmarks_import_the_public_names():
+    assert all(_exported(package) for package in PUBLIC_PACKAGES)
+    found = {}
+    for folder in ("tests", "benchmarks"):
+        for path in sorted((ROOT / folder).glob("*.py")):
+            if reached := _private_reach(ast.parse(path.read_text())):
+                found[f"{folder}/{path.name}"] = reached
+    assert found == {}, found
+    assert _private_reach(ast.parse("from melt_jax.model.ouro import OuroModel")) == ["melt_jax.model.ouro.OuroModel"]

@@ -14,7 +14,18 @@ from tiny_models import DEFAULT
 
 from melt_jax.checkpoint import load_config, save_params
 from melt_jax.errors import ConfigError
-from melt_jax.inference.decoding import decode_step, prefill
+from melt_jax.inference import decode_step, prefill
+from melt_jax.model import (
+    ExitPolicy,
+    KVCache,
+    MeltConfig,
+    MeltModel,
+    OuroConfig,
+    OuroModel,
+    init_cache,
+    mean_next_token_loss,
+    two_pass_forward,
+)
 from melt_jax.model.attention import (
     AUTO_DENSE_MAX_LOGITS,
     DENSE,
@@ -33,13 +44,6 @@ from melt_jax.model.attention import (
     cudnn_takes,
     slot_mask,
 )
-from melt_jax.model.cache import KVCache, init_cache
-from melt_jax.model.config import MeltConfig, OuroConfig
-from melt_jax.model.exit import ExitPolicy
-from melt_jax.model.losses import mean_next_token_loss
-from melt_jax.model.melt import MeltModel
-from melt_jax.model.melt_training import two_pass_forward
-from melt_jax.model.ouro import OuroModel
 from melt_jax.sharding import MeshConfig, make_mesh
 
 B, N, D = 2, 4, 8

@@ -12,10 +12,8 @@ from generation_fixtures import tiny_model
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from melt_jax.checkpoint import save_params
-from melt_jax.data.tokenizer import ByteTokenizer, load_tokenizer
-from melt_jax.inference import cli_eval, cli_generate, text_generation
-from melt_jax.inference.generation import generate
-from melt_jax.inference.sampling import SamplingConfig
+from melt_jax.data import ByteTokenizer, load_tokenizer
+from melt_jax.inference import SamplingConfig, cli_eval, cli_generate, generate, text_generation
 
 TOKENIZER = ByteTokenizer()
 PROMPTS = ["k=3,q=k+4;q?", "hello", "abc", "x=1;x?"]

@@ -8,7 +8,7 @@ import pytest
 
 from melt_jax.aot import CompileReport, topology_devices
 from melt_jax.errors import ConfigError
-from melt_jax.model.config import MeltConfig, OuroConfig
+from melt_jax.model import MeltConfig, OuroConfig
 from melt_jax.train.cli import main as train_main
 from melt_jax.train.compile import compile_stage
 from melt_jax.train.config import load_train_config
@@ -141,9 +141,8 @@ def test_decode_step_never_copies_the_cache(kind):
     import jax
     import jax.numpy as jnp
 
-    from melt_jax.inference.decoding import decode_step
-    from melt_jax.model.params import abstract_params
-    from melt_jax.model.registry import model_for
+    from melt_jax.inference import decode_step
+    from melt_jax.model import abstract_params, model_for
 
     ouro = OuroConfig.preset("tiny", vocab_size=258, num_hidden_layers=4)  # a slot array: 1/4 of MELT's cache
     model = model_for(ouro if kind == "ouro" else MeltConfig.from_ouro(ouro))

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from melt_jax.model.config import ConfigError, OuroConfig
+from melt_jax.model import OuroConfig
+from melt_jax.model.config import ConfigError
 
 
 def _hf(**overrides):

@@ -26,10 +26,8 @@ from melt_jax.checkpoint import CheckpointError, load_params, save_params
 from melt_jax.convert import ConversionError, hf_export, load_hf_checkpoint, save_hf_checkpoint
 from melt_jax.convert.cli import main, parse_size
 from melt_jax.convert.mapping import OURO_RULES, hf_tensor_plan, param_shapes
-from melt_jax.model.config import ConfigError, OuroConfig
-from melt_jax.model.ouro import OuroModel
-from melt_jax.model.param_table import param_paths, params_from_paths
-from melt_jax.model.params import abstract_params
+from melt_jax.model import OuroConfig, OuroModel, abstract_params, param_paths, params_from_paths
+from melt_jax.model.config import ConfigError
 from melt_jax.testing.hf_checkpoints import random_ouro_state_dict, tiny_hf_config, write_hf_checkpoint
 
 GOLDEN_DIR = Path(__file__).parent / "data" / "ouro-tiny"

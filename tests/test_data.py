@@ -10,11 +10,17 @@ import numpy as np
 import pytest
 import tokenizers
 
+from melt_jax.data import (
+    BatchIterator,
+    ByteTokenizer,
+    HFTokenizer,
+    PackedData,
+    load_tokenizer,
+    pack_documents,
+    synthetic,
+)
 from melt_jax.data import pipeline as data_lib
-from melt_jax.data import synthetic
-from melt_jax.data.packing import PackedData, pack_documents
-from melt_jax.data.pipeline import BatchIterator, DataError
-from melt_jax.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
+from melt_jax.data.pipeline import DataError
 from melt_jax.inference import evaluation
 
 # --------------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from safetensors.numpy import save_file
 from melt_jax import dtypes
 from melt_jax.checkpoint import numpy_dtype
 from melt_jax.errors import CheckpointError, ConfigError
-from melt_jax.model.config import OuroConfig
+from melt_jax.model import OuroConfig
 
 
 def test_dtype_table():

@@ -7,20 +7,19 @@ import numpy as np
 import pytest
 from generation_fixtures import tiny_model
 
-from melt_jax.inference.decoding import forward, prefill
-from melt_jax.inference.evaluation import (
+from melt_jax.inference import (
+    SamplingConfig,
     answer_accuracy,
     evaluate_dataset,
+    forward,
+    generate,
     loop_answer_matches,
     loop_logits,
     loss_sums,
     per_loop_losses,
+    prefill,
 )
-from melt_jax.inference.generation import generate
-from melt_jax.inference.sampling import SamplingConfig
-from melt_jax.model.cache import init_cache
-from melt_jax.model.exit import ExitPolicy
-from melt_jax.model.losses import next_token_cross_entropy
+from melt_jax.model import ExitPolicy, init_cache, next_token_cross_entropy
 
 TOKENS = np.random.default_rng(0).integers(0, 258, size=(4, 14)).astype(np.int32)  # 14: not a multiple of 4
 MASK = (np.random.default_rng(1).random((4, 14)) < 0.7).astype(np.float32)

@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from melt_jax.errors import GenerationError
-from melt_jax.model.config import OuroConfig
-from melt_jax.model.exit import ExitPolicy, cumulative_exit_probs, exit_distribution, threshold_exit_loops
+from melt_jax.model import ExitPolicy, OuroConfig, cumulative_exit_probs, exit_distribution, threshold_exit_loops
 from melt_jax.testing.torch_ouro import exit_pdf_from_gate_logits
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

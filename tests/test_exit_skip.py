@@ -17,14 +17,8 @@ import numpy as np
 import pytest
 
 from melt_jax.errors import ConfigError, GenerationError
-from melt_jax.inference.decoding import prefill
-from melt_jax.inference.generation import generate
-from melt_jax.inference.sampling import SamplingConfig
-from melt_jax.model.config import MeltConfig, OuroConfig
-from melt_jax.model.exit import ExitPolicy
-from melt_jax.model.ouro import INTERMEDIATES
-from melt_jax.model.params import init_params
-from melt_jax.model.registry import model_for
+from melt_jax.inference import SamplingConfig, generate, prefill
+from melt_jax.model import INTERMEDIATES, ExitPolicy, MeltConfig, OuroConfig, init_params, model_for
 
 OURO = OuroConfig(
     vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,

@@ -7,13 +7,19 @@ import numpy as np
 import pytest
 
 from melt_jax.errors import ConfigError
-from melt_jax.inference.decoding import prefill
-from melt_jax.model.config import GATES, MeltConfig, OuroConfig
-from melt_jax.model.melt import MeltModel, make_gate
-from melt_jax.model.ouro import OuroModel
-from melt_jax.model.ouro_to_melt import melt_from_ouro
-from melt_jax.model.param_table import param_shapes
-from melt_jax.model.params import abstract_params, init_params
+from melt_jax.inference import prefill
+from melt_jax.model import (
+    GATES,
+    MeltConfig,
+    MeltModel,
+    OuroConfig,
+    OuroModel,
+    abstract_params,
+    init_params,
+    melt_from_ouro,
+    param_shapes,
+)
+from melt_jax.model.melt import make_gate
 from melt_jax.train.config import RunConfigError, TrainConfig
 
 OURO = OuroConfig.preset("tiny", total_ut_steps=3, num_hidden_layers=1, hidden_size=32, intermediate_size=64)

@@ -11,18 +11,19 @@ import pytest
 from generation_fixtures import tiny_model
 
 from melt_jax.checkpoint import save_params
-from melt_jax.data.tokenizer import ByteTokenizer
+from melt_jax.data import ByteTokenizer
 from melt_jax.errors import GenerationError
-from melt_jax.inference import cli_generate
-from melt_jax.inference.decoding import decode_step
-from melt_jax.inference.generation import generate
-from melt_jax.inference.model_loading import load_model
-from melt_jax.inference.param_check import check_params
+from melt_jax.inference import SamplingConfig, check_params, cli_generate, decode_step, generate, load_model
 from melt_jax.inference.quantization import int8_model, is_int8_model, quantize_int8
-from melt_jax.inference.sampling import SamplingConfig
-from melt_jax.model.config import OuroConfig
-from melt_jax.model.ouro import OuroModel
-from melt_jax.model.params import abstract_params, is_int8_params, param_bytes, stack_layers, with_layer_layout
+from melt_jax.model import (
+    OuroConfig,
+    OuroModel,
+    abstract_params,
+    is_int8_params,
+    param_bytes,
+    stack_layers,
+    with_layer_layout,
+)
 
 KINDS = ["ouro", "melt"]
 PROMPTS = [[5, 9, 2, 7, 1], [3, 8, 200, 17]]

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from melt_jax.errors import ConfigError
+from melt_jax.model import KVCache
 from melt_jax.model.attention import (
     EarlierRows,
     Implementation,
@@ -20,7 +21,6 @@ from melt_jax.model.attention import (
     default_source,
     slot_index,
 )
-from melt_jax.model.cache import KVCache
 
 B, S, N, K, D = 2, 6, 4, 2, 8
 LOOPS, LAYERS, S_MAX = 3, 2, 10

@@ -11,15 +11,17 @@ from tiny_models import DEFAULT
 
 from melt_jax.checkpoint import load_params, save_params
 from melt_jax.errors import ConfigError, GenerationError
-from melt_jax.inference.decoding import decode_step, prefill
-from melt_jax.inference.generation import generate
-from melt_jax.inference.model_loading import load_model
-from melt_jax.inference.param_check import check_params
-from melt_jax.inference.sampling import SamplingConfig
-from melt_jax.model.config import MeltConfig, OuroConfig
-from melt_jax.model.ouro import INTERMEDIATES
-from melt_jax.model.params import abstract_params, stack_layers, unstack_layers, with_layer_layout
-from melt_jax.model.registry import model_for
+from melt_jax.inference import SamplingConfig, check_params, decode_step, generate, load_model, prefill
+from melt_jax.model import (
+    INTERMEDIATES,
+    MeltConfig,
+    OuroConfig,
+    abstract_params,
+    model_for,
+    stack_layers,
+    unstack_layers,
+    with_layer_layout,
+)
 from melt_jax.sharding import MeshConfig, make_mesh, param_shardings
 
 

@@ -13,13 +13,11 @@ from generation_fixtures import tiny_model
 from lm_eval.api.instance import Instance
 
 from melt_jax.checkpoint import save_params
-from melt_jax.data.tokenizer import ByteTokenizer
+from melt_jax.data import ByteTokenizer
 from melt_jax.errors import GenerationError
-from melt_jax.inference.decoding import forward, prefill
-from melt_jax.inference.generation import generate
+from melt_jax.inference import SamplingConfig, forward, generate, prefill
 from melt_jax.inference.lm_eval_adapter import MeltJaxLM
-from melt_jax.inference.sampling import SamplingConfig
-from melt_jax.model.cache import init_cache
+from melt_jax.model import init_cache
 
 BATCH = 4
 TOKENIZER = ByteTokenizer()

@@ -9,12 +9,16 @@ import pytest
 from tiny_models import DEFAULT, LOOPED, Structure
 
 from melt_jax.convert import load_hf_checkpoint
-from melt_jax.inference.decoding import decode_step, prefill
-from melt_jax.model.cache import init_cache
-from melt_jax.model.config import MeltConfig, OuroConfig
-from melt_jax.model.losses import mean_next_token_loss
-from melt_jax.model.melt import MeltModel
-from melt_jax.model.params import abstract_params, count_params
+from melt_jax.inference import decode_step, prefill
+from melt_jax.model import (
+    MeltConfig,
+    MeltModel,
+    OuroConfig,
+    abstract_params,
+    count_params,
+    init_cache,
+    mean_next_token_loss,
+)
 from melt_jax.testing.hf_checkpoints import random_ouro_state_dict, tiny_hf_config, write_hf_checkpoint
 from melt_jax.testing.torch_melt import ouro_last_loop_sharing_decode
 

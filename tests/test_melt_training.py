@@ -8,12 +8,8 @@ import numpy as np
 import pytest
 from tiny_models import DEFAULT, Structure
 
-from melt_jax.inference.decoding import forward, prefill
-from melt_jax.model.cache import init_cache
-from melt_jax.model.losses import mean_next_token_loss
-from melt_jax.model.melt import MeltModel
-from melt_jax.model.melt_training import sequential_forward, two_pass_forward
-from melt_jax.model.ouro import OuroModel
+from melt_jax.inference import forward, prefill
+from melt_jax.model import MeltModel, OuroModel, init_cache, mean_next_token_loss, sequential_forward, two_pass_forward
 
 TOL = 1e-4  # JAX in fp32 against the reference in float64; logits of magnitude ~10
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

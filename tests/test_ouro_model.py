@@ -8,12 +8,8 @@ import numpy as np
 import pytest
 from tiny_models import DEFAULT, DIAGONAL, Structure
 
-from melt_jax.inference.decoding import decode_step, forward, prefill
-from melt_jax.model.cache import init_cache
-from melt_jax.model.config import OuroConfig
-from melt_jax.model.exit import ExitPolicy
-from melt_jax.model.ouro import OuroModel
-from melt_jax.model.params import abstract_params, count_params
+from melt_jax.inference import decode_step, forward, prefill
+from melt_jax.model import ExitPolicy, OuroConfig, OuroModel, abstract_params, count_params, init_cache
 
 
 @pytest.mark.parametrize("name, expected", [("ouro-1.4b", 1_434_652_673), ("ouro-2.6b", 2_667_974_657)])

@@ -9,13 +9,20 @@ import numpy as np
 import pytest
 
 from melt_jax.errors import ShardingError
-from melt_jax.model import param_table
-from melt_jax.model.config import MeltConfig, OuroConfig
-from melt_jax.model.melt import MeltModel
-from melt_jax.model.ouro import OuroModel
-from melt_jax.model.ouro_to_melt import melt_from_ouro
-from melt_jax.model.param_table import PARAMS, ParamSpec, model_type_of_params, param_paths, param_shapes
-from melt_jax.model.params import abstract_params, init_params
+from melt_jax.model import (
+    MeltConfig,
+    MeltModel,
+    OuroConfig,
+    OuroModel,
+    ParamSpec,
+    abstract_params,
+    init_params,
+    melt_from_ouro,
+    param_paths,
+    param_shapes,
+    param_table,
+)
+from melt_jax.model.param_table import PARAMS, model_type_of_params
 from melt_jax.sharding import LOGICAL_RULES, logical_axes_of
 from melt_jax.train.optimizer import _decay_mask, param_groups
 

@@ -11,10 +11,8 @@ import torch
 from tiny_models import DIAGONAL
 
 from melt_jax.convert import load_hf_checkpoint
-from melt_jax.inference.decoding import forward
-from melt_jax.model.exit import ExitPolicy, select_hidden
-from melt_jax.model.losses import mean_next_token_loss, next_token_cross_entropy
-from melt_jax.model.ouro import OuroModel
+from melt_jax.inference import forward
+from melt_jax.model import ExitPolicy, OuroModel, mean_next_token_loss, next_token_cross_entropy, select_hidden
 from melt_jax.testing.torch_ouro import OuroReference
 
 GOLDEN = Path(__file__).parent / "data" / "ouro-tiny"
@@ -126,8 +124,8 @@ def test_golden_upstream_outputs(golden):
 
 
 def test_golden_cached_decode(golden):
-    from melt_jax.inference.decoding import decode_step, prefill
-    from melt_jax.model.cache import init_cache
+    from melt_jax.inference import decode_step, prefill
+    from melt_jax.model import init_cache
 
     config, params, ref = golden
     model = OuroModel(config)

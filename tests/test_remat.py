@@ -8,9 +8,7 @@ import numpy as np
 import pytest
 from tiny_models import DEFAULT
 
-from melt_jax.model.config import REMAT_POLICIES
-from melt_jax.model.melt import MeltModel
-from melt_jax.model.ouro import OuroModel
+from melt_jax.model import REMAT_POLICIES, MeltModel, OuroModel
 from melt_jax.train.objectives import Distillation, looplm_loss, phase1_loss, phase2_loss
 
 POLICIES = [p for p in REMAT_POLICIES if p != "none"]
@@ -63,8 +61,7 @@ def test_remat_keeps_losses_and_gradients(melt_of, without_remat, policy):
 def test_remat_keeps_fewer_activations():
     """The gradient of a 4-loop, 4-layer model compiled on CPU: recomputing the whole layer keeps less
     than keeping everything, and keeping the matmul outputs lies between."""
-    from melt_jax.model.config import OuroConfig
-    from melt_jax.model.params import abstract_params
+    from melt_jax.model import OuroConfig, abstract_params
 
     config = OuroConfig.preset("tiny", num_hidden_layers=4, vocab_size=64)
     tokens = jax.ShapeDtypeStruct((4, 256), jnp.int32)

@@ -17,12 +17,9 @@ import pytest
 from generation_fixtures import tiny_model
 
 from melt_jax.errors import GenerationError
-from melt_jax.inference.decoding import decode_step, forward
-from melt_jax.inference.evaluation import loop_logits
-from melt_jax.inference.generation import LENGTH, STOP_TOKEN, STOPPED, generate
-from melt_jax.inference.sampling import SamplingConfig, TokenRule, next_tokens, top_k_filter, top_p_filter
-from melt_jax.model.cache import init_cache
-from melt_jax.model.exit import ExitPolicy
+from melt_jax.inference import LENGTH, STOP_TOKEN, STOPPED, SamplingConfig, decode_step, forward, generate, loop_logits
+from melt_jax.inference.sampling import TokenRule, next_tokens, top_k_filter, top_p_filter
+from melt_jax.model import ExitPolicy, init_cache
 
 PROMPTS = [[11, 200, 3, 45, 6, 78, 9], [250, 8], [100, 101, 102, 103, 104], list(range(30, 43))]
 MAX_NEW = 12

@@ -18,10 +18,7 @@ import pytest
 from generation_fixtures import tiny_model
 
 from melt_jax.errors import GenerationError
-from melt_jax.inference import cli_generate
-from melt_jax.inference.generation import STOP_TOKEN, generate
-from melt_jax.inference.sampling import SamplingConfig
-from melt_jax.inference.speculative import generate_speculative
+from melt_jax.inference import STOP_TOKEN, SamplingConfig, cli_generate, generate, generate_speculative
 
 PROMPTS = [[11, 200, 3, 45, 6, 78, 9], [250, 8], [100, 101, 102, 103, 104], list(range(30, 43))]
 MAX_NEW = 12

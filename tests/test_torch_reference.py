@@ -18,11 +18,11 @@ import torch
 from safetensors.torch import load_file
 from tiny_models import DIAGONAL, GROUPED
 
+from melt_jax.testing.hf_checkpoints import random_ouro
 from melt_jax.testing.torch_ouro import (
     OuroReference,
     apply_rope,
     exit_pdf_from_gate_logits,
-    random_ouro,
     rope_cos_sin,
     threshold_exit_loops,
 )

@@ -18,11 +18,7 @@ from jax.sharding import PartitionSpec as P
 
 from melt_jax.checkpoint import load_config, load_params, save_params
 from melt_jax.errors import TrainingError
-from melt_jax.model.config import OuroConfig
-from melt_jax.model.melt import MeltModel
-from melt_jax.model.ouro import OuroModel
-from melt_jax.model.ouro_to_melt import melt_from_ouro
-from melt_jax.model.params import init_params
+from melt_jax.model import MeltModel, OuroConfig, OuroModel, init_params, melt_from_ouro
 from melt_jax.sharding import MeshConfig, ShardingError, batch_sharding, constrain, make_mesh, param_shardings
 from melt_jax.train import metrics
 from melt_jax.train.checkpointing import RunCheckpoints
@@ -295,8 +291,8 @@ def test_metrics_log_flattens_records_and_works_without_tensorboard(tmp_path, mo
 def test_held_out_evaluation_reports_what_melt_eval_does(tmp_path, teacher_dir, model_json):
     """The held-out evaluation has evaluate_dataset's keys (melt-eval's) and its values on the same
     rows, the last loop as the exit; its per-loop accuracy ends with that accuracy."""
-    from melt_jax.inference.evaluation import evaluate_dataset
-    from melt_jax.model.exit import ExitPolicy
+    from melt_jax.inference import evaluate_dataset
+    from melt_jax.model import ExitPolicy
     from melt_jax.train.held_out import evaluate, make_eval_steps
     from melt_jax.train.stage_data import build_data
 

@@ -119,7 +119,7 @@ def build_ouro(checkpoint: TinyCheckpoint, folder: Path) -> TinyOuro:
 
 
 def build_melt(ouro: TinyOuro) -> TinyMelt:
-    from melt_jax.model.config import MeltConfig
+    from melt_jax.model import MeltConfig
     from melt_jax.testing.hf_checkpoints import with_gates
 
     config = MeltConfig.from_ouro(ouro.config, chunk_size=8)

@@ -32,6 +32,9 @@ from melt_jax.inference.evaluation import (
     token_log_probs,
 )
 from melt_jax.inference.generation import (
+    LENGTH,
+    STOP_TOKEN,
+    STOPPED,
     GenerationResult,
     GenerationRun,
     GenerationTiming,
@@ -60,6 +63,9 @@ from melt_jax.inference.text_generation import (
 __all__ = [
     "DEFAULT_BATCH_BUCKETS",
     "DEFAULT_BUCKETS",
+    "LENGTH",
+    "STOPPED",
+    "STOP_TOKEN",
     "DecodeState",
     "GenerationResult",
     "GenerationRun",

@@ -7,6 +7,7 @@
     gate_names(layer), random_melt_gates(hf_config, seed, scale, bias)
                                                    MELT's gate tensors under their HF names
     with_gates(params, hf_config, gates)           melt_jax Ouro params plus those gates
+    random_ouro(seed, **config_fields)             (hf_config, state dict of torch tensors), needs torch
 
 The tensor names and shapes here are written out from the Ouro checkpoint layout, independently of the
 converter's table (convert/mapping.py), so tests that build checkpoints with them check that table.
@@ -216,3 +217,15 @@ def with_gates(params: dict, hf_config: dict, gates: dict[str, np.ndarray]) -> d
     params = dict(params)
     params["layers"] = dict(params["layers"], kv_gate=dict(zip(("w_z", "u_z", "b_z"), stacked)))
     return params
+
+
+def random_ouro(seed: int = 0, **config_fields) -> tuple[dict, dict]:
+    """A small random Ouro checkpoint: (hf_config dict, float32 state dict of torch tensors with HF
+    names); `config_fields` override tiny_hf_config's defaults (MHA unless num_key_value_heads is
+    given). Every tensor has distinct values (norm weights around 1, a non-zero gate bias)."""
+    import torch
+
+    config_fields.setdefault("num_key_value_heads", config_fields.get("num_attention_heads", 4))
+    cfg = tiny_hf_config(**config_fields)
+    sd = {k: torch.from_numpy(v) for k, v in random_ouro_state_dict(cfg, seed=seed).items()}
+    return cfg, sd

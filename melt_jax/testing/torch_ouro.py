@@ -17,8 +17,8 @@ float32 (exact); :meth:`OuroReference.select_logits` casts them back to the mode
 anything that depends on rounding (the exit cumsum), so the round trip is lossless.
 
 Public API: :class:`OuroReference` (``forward``, ``select_logits``, ``loss``, ``per_step_ce``,
-``decode``, ``from_pretrained``), plus :func:`random_ouro` to build small random checkpoints and
-:func:`exit_pdf_from_gate_logits` / :func:`threshold_exit_loops` for the exit rule alone.
+``decode``, ``from_pretrained``), and :func:`exit_pdf_from_gate_logits` / :func:`threshold_exit_loops`
+for the exit rule alone.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ import torch.nn.functional as F
 
 __all__ = [
     "OuroReference",
-    "random_ouro",
     "exit_pdf_from_gate_logits",
     "threshold_exit_loops",
     "rope_cos_sin",
@@ -490,20 +489,3 @@ class OuroReference:
             chunks.append(logits)
         assert all(kv[0].shape[2] == S - 1 for kv in cache)
         return _to_numpy(torch.cat(chunks, dim=1))
-
-
-# --------------------------------------------------------------------------------------------------
-# random checkpoints for tests
-# --------------------------------------------------------------------------------------------------
-
-
-def random_ouro(seed: int = 0, **config_fields) -> tuple[dict, dict[str, torch.Tensor]]:
-    """A small random Ouro checkpoint: (hf_config dict, float32 state_dict with HF names), built by
-    melt_jax/testing/hf_checkpoints.py; `config_fields` override its tiny defaults (MHA unless num_key_value_heads
-    is given). Every tensor has distinct values (norm weights around 1, a non-zero gate bias)."""
-    from melt_jax.testing.hf_checkpoints import random_ouro_state_dict, tiny_hf_config
-
-    config_fields.setdefault("num_key_value_heads", config_fields.get("num_attention_heads", 4))
-    cfg = tiny_hf_config(**config_fields)
-    sd = {k: torch.from_numpy(v) for k, v in random_ouro_state_dict(cfg, seed=seed).items()}
-    return cfg, sd
