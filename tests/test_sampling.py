@@ -17,7 +17,17 @@ import pytest
 from generation_fixtures import tiny_model
 
 from melt_jax.errors import GenerationError
-from melt_jax.inference import LENGTH, STOP_TOKEN, STOPPED, SamplingConfig, decode_step, forward, generate, loop_logits
+from melt_jax.inference import (
+    LENGTH,
+    STOP_TOKEN,
+    STOPPED,
+    SamplingConfig,
+    decode_step,
+    forward,
+    generate,
+    generation_run,
+    loop_logits,
+)
 from melt_jax.inference.sampling import TokenRule, next_tokens, top_k_filter, top_p_filter
 from melt_jax.model import ExitPolicy, init_cache
 
@@ -127,18 +137,19 @@ def test_stop_tokens_end_generation(kind):
 def test_segments_stream_the_same_tokens_and_can_stop_rows():
     model, params = tiny_model("ouro")
     seen = []
-
-    def on_segment(tokens):
+    run = generation_run(model, params, PROMPTS, GREEDY, segment_steps=5)
+    for tokens in run:
         seen.append([len(t) for t in tokens])
-        return [len(t) >= 4 for t in tokens] if len(seen) == 3 else None  # stop every row after segment 2
-
-    result = generate(model, params, PROMPTS, GREEDY, segment_steps=5, on_segment=on_segment)
+        if len(seen) == 3:
+            run.finish([len(t) >= 4 for t in tokens])  # stop every row after segment 2
+    result = run.result()
     assert seen[:2] == [[1] * 4, [6] * 4]
     assert result.tokens == [t[:11] for t in _greedy("ouro").tokens]
     assert result.stop_reasons == [STOPPED] * 4
 
-    streamed = generate(model, params, PROMPTS, GREEDY, segment_steps=5, on_segment=lambda tokens: None)
-    assert streamed.tokens == _greedy("ouro").tokens
+    streamed = generation_run(model, params, PROMPTS, GREEDY, segment_steps=5)
+    segments = list(streamed)  # iterated to the end, no row finished early
+    assert len(segments) > 2 and streamed.result().tokens == _greedy("ouro").tokens
 
 
 def test_sampling_with_a_seed_is_reproducible():
@@ -191,14 +202,20 @@ def test_other_batch_sizes_and_max_new_tokens_in_the_same_buckets_compile_nothin
     # Batches of 3 and 4 share the batch bucket 4, max_new_tokens 5 and 7 the length bucket 16.
     model, params = tiny_model("ouro")
     sampling = SamplingConfig(temperature=0.9, top_k=40, max_new_tokens=5)  # compiled by no other test
-    streamed = dict(segment_steps=2, on_segment=lambda rows: [len(row) > 5 for row in rows])
+
+    def streamed(prompts, sampling):
+        run = generation_run(model, params, prompts, sampling, segment_steps=2)
+        for rows in run:
+            run.finish([len(row) > 5 for row in rows])
+        return run.result()
+
     with _counting_compiles() as first:
-        generate(model, params, PROMPTS[:3], sampling, **streamed)
+        streamed(PROMPTS[:3], sampling)
     with _counting_compiles() as same_buckets:
         for prompts, max_new in [(PROMPTS, 7), (PROMPTS[:3], 7), (PROMPTS[1:], 5), (PROMPTS[:2][::-1] * 2, 6)]:
-            generate(model, params, prompts, dataclasses.replace(sampling, max_new_tokens=max_new, seed=1), **streamed)
+            streamed(prompts, dataclasses.replace(sampling, max_new_tokens=max_new, seed=1))
     with _counting_compiles() as next_bucket:
-        generate(model, params, PROMPTS + PROMPTS[:1], sampling, **streamed)  # 5 prompts: bucket 8
+        streamed(PROMPTS + PROMPTS[:1], sampling)  # 5 prompts: bucket 8
     assert first and next_bucket  # the count sees compilations
     assert same_buckets == []
 

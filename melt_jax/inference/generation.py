@@ -2,7 +2,12 @@
 
     result = generate(model, params, [[12, 7, 99], [5]], SamplingConfig(max_new_tokens=32))
     result.tokens        # per prompt, the new tokens (without the prompt or the stop token)
-    result.stop_reasons  # per prompt: 'stop_token', 'length' or 'stopped' (asked by `on_segment`)
+    result.stop_reasons  # per prompt: 'stop_token', 'length' or 'stopped' (ended by `GenerationRun.finish`)
+
+    run = generation_run(model, params, prompts, sampling, segment_steps=4)
+    for rows in run:         # each prompt's new tokens so far, after the prefill and every segment
+        run.finish(flags)    # optional: one bool per prompt, the rows to end now (e.g. on a stop string)
+    result = run.result()
 
 How a batch of prompts of different lengths is run:
 1. Host (melt_jax/inference/batching.py): validate everything (`GenerationError`) and round the
@@ -27,8 +32,7 @@ How a batch of prompts of different lengths is run:
    of max_new_tokens, a traced value, reached), writing into a fixed [B, N] buffer. Finished rows keep
    running (fixed shapes) but record nothing; the loop ends when every row is done. With
    `segment_steps` the same loop is run segment by segment: a `GenerationRun` gives the tokens after
-   each one as it is iterated (melt_jax/inference/text_generation.py streams text from it), and
-   `on_segment` sees them.
+   each one as it is iterated (melt_jax/inference/text_generation.py streams text from it).
 
 Random draws: each request has its own seed, as in serving engines (vLLM's per-request seed): row b's
 seed is `seeds[b]`, or sampling.seed for every row when `seeds` is not given, and the row draws its new
@@ -43,7 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import flax.linen as nn
 import jax
@@ -185,16 +189,6 @@ class GenerationRun:
         while self.advance():
             yield self.tokens()
 
-    def run(self, on_segment: Callable[[list[list[int]]], Sequence[bool] | None] | None = None) -> GenerationResult:
-        """The result, with on_segment(tokens so far) called after the prefill and every segment; it
-        may return the flags of the rows to finish now."""
-        if on_segment is not None:
-            for rows in self:
-                stop_rows = on_segment(rows)
-                if stop_rows is not None:
-                    self.finish(stop_rows)
-        return self.result()
-
     def result(self) -> GenerationResult:
         """Runs the decode loop to the end; the result (its decode_steps are the decode program's
         steps, state.step - 1)."""
@@ -227,7 +221,8 @@ def generation_run(
     seeds: Sequence[int] | None = None,
     segment_steps: int | None = None,
 ) -> GenerationRun:
-    """`generate`'s request, prefilled, with its decode loop still to run (see GenerationRun)."""
+    """`generate`'s request, prefilled, with its decode loop still to run segment by segment as the
+    returned GenerationRun is iterated (`segment_steps` decode steps each; without it, one segment)."""
     request = prepare_request(
         model,
         params,
@@ -255,8 +250,6 @@ def generate(
     buckets: Sequence[int] | None = DEFAULT_BUCKETS,
     batch_buckets: Sequence[int] | None = DEFAULT_BATCH_BUCKETS,
     seeds: Sequence[int] | None = None,
-    segment_steps: int | None = None,
-    on_segment: Callable[[list[list[int]]], Sequence[bool] | None] | None = None,
 ) -> GenerationResult:
     """Generates up to sampling.max_new_tokens tokens after each prompt (lists of token ids).
 
@@ -271,10 +264,7 @@ def generate(
                         so that other numbers of prompts reuse the compiled programs (None: exact)
     seeds               one seed per prompt (None: sampling.seed for every prompt); a prompt's
                         tokens depend only on the prompt and its seed, see the module docstring
-    segment_steps       run the decode loop this many steps at a time, calling on_segment(tokens per
-                        row so far, stop tokens included) after the prefill and after every segment;
-                        on_segment may return a list of bools, the rows to finish now (e.g. on a stop
-                        string). Without segment_steps the loop runs to the end in one call.
+    Streaming (the tokens after every segment of the decode loop) is `generation_run`.
     Raises GenerationError on bad input before anything is compiled.
     """
     run = generation_run(
@@ -287,6 +277,5 @@ def generate(
         buckets=buckets,
         batch_buckets=batch_buckets,
         seeds=seeds,
-        segment_steps=segment_steps,
     )
-    return run.run(on_segment)
+    return run.result()

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import flax.struct
@@ -256,7 +256,8 @@ def speculative_run(
     batch_buckets: Sequence[int] | None = DEFAULT_BATCH_BUCKETS,
     segment_steps: int | None = None,
 ) -> SpeculativeRun:
-    """`generate_speculative`'s request, prefilled, with its rounds still to run (see GenerationRun)."""
+    """`generate_speculative`'s request, prefilled, with its rounds still to run segment by segment
+    (`segment_steps` rounds each) as the returned run is iterated (see GenerationRun)."""
     _check_speculation(model, sampling, draft_loops, block)
     request = prepare_request(
         model,
@@ -284,13 +285,11 @@ def generate_speculative(
     chunk_size: int | None = None,
     buckets: Sequence[int] | None = DEFAULT_BUCKETS,
     batch_buckets: Sequence[int] | None = DEFAULT_BATCH_BUCKETS,
-    segment_steps: int | None = None,
-    on_segment: Callable[[list[list[int]]], Sequence[bool] | None] | None = None,
 ) -> SpeculativeResult:
     """Greedy generation of up to sampling.max_new_tokens tokens after each prompt, drafting `block`
     tokens per round with the first `draft_loops` loops and verifying them with all loops (module
-    docstring). chunk_size, buckets, batch_buckets as in `generate`; segment_steps and on_segment too,
-    with segments counted in rounds. Compiled programs: one for the prefill, one for the rounds; both
+    docstring). chunk_size, buckets, batch_buckets as in `generate`; streaming is
+    `speculative_run`, with segments counted in rounds. Compiled programs: one for the prefill, one for the rounds; both
     depend on (the buckets, draft_loops, block, vocab_limit). Raises GenerationError on bad input,
     a temperature above 0 included, before anything is compiled."""
     run = speculative_run(
@@ -303,6 +302,5 @@ def generate_speculative(
         chunk_size=chunk_size,
         buckets=buckets,
         batch_buckets=batch_buckets,
-        segment_steps=segment_steps,
     )
-    return run.run(on_segment)
+    return run.result()
