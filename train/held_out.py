@@ -100,16 +100,7 @@ def evaluate(steps: EvalSteps, params, data: StageData, cfg: TrainConfig, mesh) 
     the exit: "loss_per_loop", "perplexity_per_loop", "loss", "perplexity", "num_tokens",
     "num_batches" and, for the synthetic task, "accuracy_per_loop", "accuracy", "num_examples"."""
     total, num_batches = held_out_loss(steps, params, data, cfg, mesh)
-    weight = float(total.weight)
-    loss_per_loop = [float(x) for x in np.asarray(total.per_loop) / max(weight, 1.0)]
-    result = {
-        "loss_per_loop": loss_per_loop,
-        "perplexity_per_loop": [evaluation.perplexity(x) for x in loss_per_loop],
-        "loss": loss_per_loop[-1],
-        "perplexity": evaluation.perplexity(loss_per_loop[-1]),
-        "num_tokens": weight,
-        "num_batches": num_batches,
-    }
+    result = total.report(num_batches)
     if data.answers is not None:
         correct, num_examples = held_out_matches(steps, params, data.answers, cfg.batch_size, mesh)
         result["accuracy_per_loop"] = [float(c) / max(num_examples, 1) for c in correct]

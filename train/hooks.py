@@ -29,9 +29,10 @@ class StageRun:
 
     state: the TrainState; metrics: the last step's metrics (device arrays, {} before the first);
     meta: what a checkpoint saves beside the state (stage, tokens_seen, batch_digest, data position,
-    stopped_early once a held-out accuracy stopped the stage); step: the steps taken so far; end: the
-    step the stage ends at (decay_start + decay_steps); evaluation: the latest held-out evaluation,
-    made after step evaluation_step; last_saved: the step of the latest checkpoint (None: none yet).
+    stopped_early once a held-out accuracy stopped the stage); step: the steps taken so far;
+    decay_start: the step the learning-rate decay starts at, decay_steps: its length (the stage ends
+    where it ends, `end`); evaluation: the latest held-out evaluation, made after step
+    evaluation_step; last_saved: the step of the latest checkpoint (None: none yet).
     """
 
     stage: str
@@ -39,13 +40,18 @@ class StageRun:
     meta: dict
     step: int
     decay_start: int
-    end: int
+    decay_steps: int
     checkpoint_dir: Path
     log: Callable[[str], None]
     last_saved: int | None = None
     metrics: dict = dataclasses.field(default_factory=dict)
     evaluation: dict | None = None
     evaluation_step: int | None = None
+
+    @property
+    def end(self) -> int:
+        """The step the stage ends at: where the decay ends."""
+        return self.decay_start + self.decay_steps
 
     @property
     def stopped_early(self) -> bool:
@@ -222,9 +228,8 @@ class DecayAtAccuracy:
     `threshold` before the scheduled decay start: TrainState.decay_start becomes this step, and the
     stage ends `decay_steps` later."""
 
-    def __init__(self, threshold: float, decay_steps: int):
+    def __init__(self, threshold: float):
         self.threshold = threshold
-        self.decay_steps = decay_steps
 
     def __call__(self, run: StageRun) -> None:
         accuracy = _accuracy_now(run)
@@ -232,7 +237,7 @@ class DecayAtAccuracy:
             return
         sharding = run.state.decay_start.sharding
         run.state = run.state.replace(decay_start=jax.device_put(np.int32(run.step), sharding))
-        run.decay_start, run.end = run.step, run.step + self.decay_steps
+        run.decay_start = run.step
         run.log(
             f"[{run.stage}] held-out accuracy {accuracy:.3f} at step {run.step}: "
             f"learning rate decays to 0 by step {run.end}"

@@ -158,7 +158,7 @@ def _start_run(cfg: TrainConfig, stage: _Stage, checkpoints: RunCheckpoints, log
         meta=meta,
         step=int(state.step),
         decay_start=decay_start,
-        end=decay_start + cfg.decay_steps,
+        decay_steps=cfg.decay_steps,
         checkpoint_dir=checkpoints.directory,
         log=log,
         last_saved=latest,
@@ -187,7 +187,7 @@ def _stage_hooks(
     if cfg.stop_at_accuracy:
         hooks.add(StopAtAccuracy(cfg.stop_at_accuracy), every=eval_every)
     if cfg.decay_at_accuracy:
-        hooks.add(DecayAtAccuracy(cfg.decay_at_accuracy, cfg.decay_steps), every=eval_every)
+        hooks.add(DecayAtAccuracy(cfg.decay_at_accuracy), every=eval_every)
     hooks.add(SaveCheckpoint(checkpoints, stage.iterator.state), every=cfg.checkpoint_every, at_end=True)
     return hooks
 

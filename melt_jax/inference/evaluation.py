@@ -47,6 +47,21 @@ class LossSums:
     def __add__(self, other: LossSums) -> LossSums:
         return jax.tree.map(jnp.add, self, other)
 
+    def report(self, num_batches: int) -> dict:
+        """The weighted means as melt-eval reports them: {"loss_per_loop", "perplexity_per_loop",
+        "loss" (the exit policy's), "perplexity", "num_tokens" (total weight), "num_batches"}."""
+        weight = float(self.weight)
+        per_loop = [float(x) / weight for x in np.asarray(self.per_loop)]
+        loss = float(self.policy) / weight
+        return {
+            "loss_per_loop": per_loop,
+            "perplexity_per_loop": [perplexity(x) for x in per_loop],
+            "loss": loss,
+            "perplexity": perplexity(loss),
+            "num_tokens": weight,
+            "num_batches": num_batches,
+        }
+
 
 def hidden_states(
     model: nn.Module, params, tokens: Array, chunk_size: int | None = None, segment_ids: Array | None = None
@@ -267,19 +282,9 @@ def evaluate_dataset(
         num_batches += 1
     if total is None:
         raise ValueError("evaluate_dataset got no batches")
-    weight = float(total.weight)
-    if weight <= 0:
+    if float(total.weight) <= 0:
         raise ValueError("evaluate_dataset: the loss masks of all batches are empty; nothing to score")
-    per_loop = [float(x) / weight for x in np.asarray(total.per_loop)]
-    loss = float(total.policy) / weight
-    result = {
-        "loss_per_loop": per_loop,
-        "perplexity_per_loop": [perplexity(x) for x in per_loop],
-        "loss": loss,
-        "perplexity": perplexity(loss),
-        "num_tokens": weight,
-        "num_batches": num_batches,
-    }
+    result = total.report(num_batches)
     if examples:
         result["accuracy"] = correct / examples
         result["num_examples"] = examples

@@ -221,8 +221,23 @@ def generation_run(
     seeds: Sequence[int] | None = None,
     segment_steps: int | None = None,
 ) -> GenerationRun:
-    """`generate`'s request, prefilled, with its decode loop still to run segment by segment as the
-    returned GenerationRun is iterated (`segment_steps` decode steps each; without it, one segment)."""
+    """A request prefilled, with its decode loop still to run segment by segment as the returned
+    GenerationRun is iterated; `result()` runs the rest.
+
+    exit_policy         which loop's logits choose the tokens (Ouro and MELT run all loops)
+    chunk_size          chunk of the prompt prefill (default config.default_chunk_size: MELT's
+                        chunk_size, 1 = exactly token-by-token decoding; Ouro: the whole prompt, its
+                        values do not depend on it)
+    buckets             the longest prompt and max_new_tokens are each rounded up to one of these
+                        (the prompt buffer and the new-token buffer), so that requests of other
+                        lengths reuse the compiled programs (None: exact sizes)
+    batch_buckets       the batch is padded with rows whose results are dropped up to one of these,
+                        so that other numbers of prompts reuse the compiled programs (None: exact)
+    seeds               one seed per prompt (None: sampling.seed for every prompt); a prompt's
+                        tokens depend only on the prompt and its seed, see the module docstring
+    segment_steps       decode steps per segment (None: the whole loop is one segment)
+    Raises GenerationError on bad input before anything is compiled.
+    """
     request = prepare_request(
         model,
         params,
@@ -240,42 +255,8 @@ def generation_run(
 
 
 def generate(
-    model: nn.Module,
-    params,
-    prompts: Sequence[Sequence[int]],
-    sampling: SamplingConfig = SamplingConfig(),
-    *,
-    exit_policy: ExitPolicy = ExitPolicy(),
-    chunk_size: int | None = None,
-    buckets: Sequence[int] | None = DEFAULT_BUCKETS,
-    batch_buckets: Sequence[int] | None = DEFAULT_BATCH_BUCKETS,
-    seeds: Sequence[int] | None = None,
+    model: nn.Module, params, prompts: Sequence[Sequence[int]], sampling: SamplingConfig = SamplingConfig(), **options
 ) -> GenerationResult:
-    """Generates up to sampling.max_new_tokens tokens after each prompt (lists of token ids).
-
-    exit_policy         which loop's logits choose the tokens (Ouro and MELT run all loops)
-    chunk_size          chunk of the prompt prefill (default config.default_chunk_size: MELT's
-                        chunk_size, 1 = exactly token-by-token decoding; Ouro: the whole prompt, its
-                        values do not depend on it)
-    buckets             the longest prompt and max_new_tokens are each rounded up to one of these
-                        (the prompt buffer and the new-token buffer), so that requests of other
-                        lengths reuse the compiled programs (None: exact sizes)
-    batch_buckets       the batch is padded with rows whose results are dropped up to one of these,
-                        so that other numbers of prompts reuse the compiled programs (None: exact)
-    seeds               one seed per prompt (None: sampling.seed for every prompt); a prompt's
-                        tokens depend only on the prompt and its seed, see the module docstring
-    Streaming (the tokens after every segment of the decode loop) is `generation_run`.
-    Raises GenerationError on bad input before anything is compiled.
-    """
-    run = generation_run(
-        model,
-        params,
-        prompts,
-        sampling,
-        exit_policy=exit_policy,
-        chunk_size=chunk_size,
-        buckets=buckets,
-        batch_buckets=batch_buckets,
-        seeds=seeds,
-    )
-    return run.result()
+    """Generates up to sampling.max_new_tokens tokens after each prompt (lists of token ids): the
+    request of `generation_run` (same options) run to the end."""
+    return generation_run(model, params, prompts, sampling, **options).result()

@@ -256,8 +256,13 @@ def speculative_run(
     batch_buckets: Sequence[int] | None = DEFAULT_BATCH_BUCKETS,
     segment_steps: int | None = None,
 ) -> SpeculativeRun:
-    """`generate_speculative`'s request, prefilled, with its rounds still to run segment by segment
-    (`segment_steps` rounds each) as the returned run is iterated (see GenerationRun)."""
+    """Greedy self-speculative generation of up to sampling.max_new_tokens tokens after each prompt,
+    prefilled, with its rounds still to run segment by segment (`segment_steps` rounds each) as the
+    returned run is iterated (see GenerationRun). Each round drafts `block` tokens with the first
+    `draft_loops` loops and verifies them with all loops (module docstring). chunk_size, buckets,
+    batch_buckets as in `generation_run`. Compiled programs: one for the prefill, one for the rounds;
+    both depend on (the buckets, draft_loops, block, vocab_limit). Raises GenerationError on bad input,
+    a temperature above 0 included, before anything is compiled."""
     _check_speculation(model, sampling, draft_loops, block)
     request = prepare_request(
         model,
@@ -275,32 +280,7 @@ def speculative_run(
 
 
 def generate_speculative(
-    model: nn.Module,
-    params,
-    prompts: Sequence[Sequence[int]],
-    sampling: SamplingConfig = SamplingConfig(),
-    *,
-    draft_loops: int = 1,
-    block: int = 4,
-    chunk_size: int | None = None,
-    buckets: Sequence[int] | None = DEFAULT_BUCKETS,
-    batch_buckets: Sequence[int] | None = DEFAULT_BATCH_BUCKETS,
+    model: nn.Module, params, prompts: Sequence[Sequence[int]], sampling: SamplingConfig = SamplingConfig(), **options
 ) -> SpeculativeResult:
-    """Greedy generation of up to sampling.max_new_tokens tokens after each prompt, drafting `block`
-    tokens per round with the first `draft_loops` loops and verifying them with all loops (module
-    docstring). chunk_size, buckets, batch_buckets as in `generate`; streaming is
-    `speculative_run`, with segments counted in rounds. Compiled programs: one for the prefill, one for the rounds; both
-    depend on (the buckets, draft_loops, block, vocab_limit). Raises GenerationError on bad input,
-    a temperature above 0 included, before anything is compiled."""
-    run = speculative_run(
-        model,
-        params,
-        prompts,
-        sampling,
-        draft_loops=draft_loops,
-        block=block,
-        chunk_size=chunk_size,
-        buckets=buckets,
-        batch_buckets=batch_buckets,
-    )
-    return run.result()
+    """`speculative_run`'s request (same options) run to the end."""
+    return speculative_run(model, params, prompts, sampling, **options).result()
