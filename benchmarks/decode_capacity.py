@@ -3,7 +3,8 @@
 For each model, in the layer layout of inference (layers unrolled, as `load_model` gives them),
 compiles the jit decode step (`melt_jax.inference.decoding.decode_step`, cache donated) on abstract
 bf16 shapes for one chip of a TPU topology (libtpu's compiler: no TPU needed;
-`pip install -e ".[tpu]"`) at batch 1, 2, 4, ... until the compiler refuses it, then bisects to the
+`pip install -e ".[tpu]"`) or one GPU (`--topology gpu:h200`: XLA's GPU compiler, no GPU needed;
+`pip install -e ".[cuda]"`) at batch 1, 2, 4, ... until the compiler refuses it, then bisects to the
 largest batch that fits. Prints per batch the weights, the KV cache, the step's temporaries (and
 their share of the cache) and the peak against the chip's memory; then the sampler's first program
 (`melt_jax.inference.decoding.start_generation`: an empty cache, the chunked prefill of one
@@ -51,7 +52,7 @@ def decode_report(model, device, batch: int, context: int) -> tuple[CompileRepor
     params = on_device(abstract_params(model), device)
     cache = on_device(jax.eval_shape(lambda: model.init_cache(batch, context)), device)
     token = on_device(jax.ShapeDtypeStruct((batch,), jnp.int32), device)
-    report = compile_and_measure(lambda: decode_step.lower(model, params, token, cache), [device])
+    report = compile_and_measure(lambda: traced_for(device, decode_step.lower, model, params, token, cache), [device])
     return report, nbytes(params), nbytes(cache)
 
 
@@ -63,9 +64,18 @@ def prefill_report(model, device, context: int, chunk: int) -> CompileReport:
     stop_ids = on_device(jax.ShapeDtypeStruct((8,), jnp.int32), device)
     static = dict(exit_policy=ExitPolicy(), rule=SamplingConfig().token_rule, chunk_size=chunk, max_new=1)
     return compile_and_measure(
-        lambda: start_generation.lower(model, params, tokens, per_row, per_row, per_row, stop_ids, **static),
+        lambda: traced_for(
+            device, start_generation.lower, model, params, tokens, per_row, per_row, per_row, stop_ids, **static
+        ),
         [device],
     )
+
+
+def traced_for(device, lower, *args, **kwargs):
+    """`lower(*args, **kwargs)` traced under a mesh of `device`, so that the model makes the choices of
+    that device's platform (melt_jax.model.attention.target_platform)."""
+    with jax.set_mesh(Mesh([device], ("one",))):
+        return lower(*args, **kwargs)
 
 
 def largest_batch(model, device, context: int, max_batch: int, log) -> tuple[int, list[dict]]:
@@ -96,13 +106,17 @@ def format_row(name: str, row: dict) -> str:
     share = "-" if row["temp"] is None else f"{100 * row['temp'] / row['cache']:.1f}%"
     return (
         f"| {name} | {row['batch']} | {gib(row['weights'])} | {gib(row['cache'])} | {gib(row['temp'])} | {share} | "
-        f"{gib(row['peak'])} | {'yes' if row['fits'] else 'no'} |"
+        f"{gib(row['peak'])} | {'yes' if row['fits'] else 'no'} | {row['kernels']} | {row['while_loops']} |"
     )
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--topology", default="v6e:1x1", help='a TPU topology, or "local"')
+    parser.add_argument(
+        "--topology",
+        default="v6e:1x1",
+        help='a TPU topology, a GPU ("gpu:h200", "gpu:h100"; the cuda extra), or "local"',
+    )
     parser.add_argument("--context", type=int, default=32768)
     parser.add_argument("--chunk", type=int, default=512, help="prefill chunk (and MELT's chunk_size)")
     parser.add_argument("--preset", default="ouro-1.4b")
@@ -113,8 +127,11 @@ def main() -> int:
     device = topology_devices(None if args.topology == "local" else args.topology)[0]
     results = {}
     print(f"## Decode at context {args.context:,} on one {device.device_kind} ({args.preset}, bf16)\n")
-    print("| model | batch | weights GiB | KV cache GiB | temporaries GiB | temp / cache | peak GiB | fits |")
-    print("|---|---:|---:|---:|---:|---:|---:|---|")
+    print(
+        "| model | batch | weights GiB | KV cache GiB | temporaries GiB | temp / cache | peak GiB | fits "
+        "| kernels | while loops |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---|---:|---:|")
     for name, model in models(args.preset, args.chunk).items():
         best, rows = largest_batch(model, device, args.context, args.max_batch, log=lambda r, n=name: None)
         for row in sorted(rows, key=lambda r: r["batch"]):

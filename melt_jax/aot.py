@@ -5,7 +5,10 @@ devices of that mesh without running. With libtpu installed (the `tpu` extra), `
 gives the compile-only devices of any TPU topology ("v5p:2x2x2", "v6e:2x2", ...) on a machine with no
 TPU, and the TPU compiler then lays out the program for those chips: `memory_analysis()` gives the
 bytes each chip holds, and a program that does not fit a chip fails with RESOURCE_EXHAUSTED.
-`compile_and_measure` turns both outcomes into a `CompileReport`.
+`compile_and_measure` turns both outcomes into a `CompileReport`. With the CUDA build of jaxlib (the
+`cuda` extra), `topology_devices("gpu:h200")` gives a compile-only GPU from a target description
+(melt_jax/gpu_targets/): XLA's GPU compiler then lays out the program the GPU would run (its memory,
+its kernels, its while loops), whose size it does not check against the chip; the report does.
 
 Bytes are per device. XLA reports chip memory in binary units: the reports print GiB.
 """
@@ -18,6 +21,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -30,15 +34,54 @@ GIB = 1024**3
 # The TPU compiler's message for a program that does not fit, e.g. "... exceeds available HBM (95.74G)".
 _AVAILABLE_HBM = re.compile(r"available HBM \((\d+(?:\.\d+)?)([KMGT])\)")
 _UNIT = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+_DEVICE_MEMORY = re.compile(r"device_memory_size: (\d+)")
+
+
+# Target descriptions of GPUs for XLA's GPU compiler (`gpu:<name>` topologies).
+GPU_TARGETS = Path(__file__).parent / "gpu_targets"
+
+
+def gpu_target_config(name: str) -> str:
+    """The text of the GPU target description `name`: one shipped in melt_jax/gpu_targets ("h100",
+    "h200") or the path of a target_config .txtpb file. ConfigError when it is neither."""
+    shipped = GPU_TARGETS / f"{name.lower()}.txtpb"
+    path = shipped if shipped.is_file() else Path(name)
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in GPU_TARGETS.glob("*.txtpb")))
+        raise ConfigError(f"GPU target {name!r} is neither one of {known} nor a target_config .txtpb file")
+    return path.read_text()
+
+
+def gpu_devices(name: str) -> list[jax.Device]:
+    """One compile-only device of the GPU described by `name` (see `gpu_target_config`), for which XLA's
+    GPU compiler lays out programs without a GPU (the CUDA build of jaxlib must be installed: `pip
+    install -e ".[cuda]"`)."""
+    from jax.experimental import topologies
+
+    text = gpu_target_config(name)
+    # No CUDA driver on a machine without a GPU: the plugin's version checks would refuse to load.
+    os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+    try:
+        return list(topologies.get_topology_desc(platform="cuda", topology="1x1x1", target_config=text).devices)
+    except Exception as e:  # noqa: BLE001 - a missing plugin is a NotImplementedError, the rest runtime errors
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(
+            f"cannot make a compile-only device of GPU target {name!r}: {message} "
+            '(the CUDA build of jax comes with the cuda extra: pip install -e ".[cuda]"; on a machine '
+            "without a GPU, JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 must be set before jax starts its backends)"
+        ) from None
 
 
 def topology_devices(topology: str | None) -> list[jax.Device]:
     """The devices a program is compiled for: this process's view of all devices when `topology` is
-    None, else the compile-only devices of the TPU topology named like "v5p:2x2x2" or "v6e:1x1"
-    (libtpu must be installed: `pip install -e ".[tpu]"`). ConfigError naming the topology when it is
-    unknown or libtpu is missing."""
+    None; the compile-only devices of the TPU topology named like "v5p:2x2x2" or "v6e:1x1" (libtpu
+    must be installed: `pip install -e ".[tpu]"`); one compile-only GPU for "gpu:h200", "gpu:h100" or
+    "gpu:<path of a target_config .txtpb>" (`gpu_devices`). ConfigError naming the topology when it
+    is unknown or its compiler is missing."""
     if topology is None:
         return list(jax.devices())
+    if topology.startswith("gpu:"):
+        return gpu_devices(topology.removeprefix("gpu:"))
     from jax.experimental import topologies
 
     # libtpu lets one process at a time own the TPU chips of a machine (a lock file); compile-only
@@ -87,7 +130,15 @@ def _probe_capacity(device: jax.Device) -> int | None:
 
 @functools.cache
 def _capacity_of_kind(platform: str, device_kind: str, device: jax.Device) -> int | None:
-    return _probe_capacity(device) if platform == "tpu" else None
+    if platform == "tpu":
+        return _probe_capacity(device)
+    if platform == "gpu":  # a compile-only GPU: the memory its target description gives
+        for path in GPU_TARGETS.glob("*.txtpb"):
+            text = path.read_text()
+            found = _DEVICE_MEMORY.search(text)
+            if f'device_description_str: "{device_kind}"' in text and found:
+                return int(found.group(1))
+    return None
 
 
 def device_memory_bytes(device: jax.Device) -> int | None:
@@ -122,6 +173,9 @@ class CompileReport:
     temp: int | None = None
     code: int | None = None
     flops: float | None = None
+    kernels: int | None = None
+    while_loops: int | None = None
+    conditionals: int | None = None
     error: str | None = None
 
     @property
@@ -150,6 +204,7 @@ class CompileReport:
             + ("" if self.capacity is None else f"   {100 * self.peak / self.capacity:.1f}% of the device"),
             f"code           {gib(self.code)}",
             f"flops          {self.flops:.4g} per device" if self.flops is not None else "flops          unknown",
+            f"program        {self.kernels} kernels, {self.while_loops} while loops, {self.conditionals} conditionals",
             "fits           yes",
         ]
         return head + body
@@ -160,6 +215,22 @@ def format_bytes(num_bytes: int) -> str:
     if num_bytes >= GIB:
         return f"{num_bytes / GIB:10.3f} GiB"
     return f"{num_bytes / 1024**2:10.3f} MiB"
+
+
+_KERNEL = re.compile(r" (?:fusion|custom-call)\(")
+_WHILE = re.compile(r" while\(")
+_CONDITIONAL = re.compile(r" conditional\(")
+
+
+def program_counts(hlo_text: str) -> dict[str, int]:
+    """Counts in a compiled program's text (`compiled.as_text()`): kernels (fusions and custom calls:
+    what a GPU launches), while loops and conditionals (where a GPU's host waits on the device for a
+    predicate). Each is counted once where it is written, not once per iteration."""
+    return dict(
+        kernels=len(_KERNEL.findall(hlo_text)),
+        while_loops=len(_WHILE.findall(hlo_text)),
+        conditionals=len(_CONDITIONAL.findall(hlo_text)),
+    )
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -198,6 +269,7 @@ def compile_and_measure(lower: Callable[[], jax.stages.Lowered], devices: Sequen
         temp=int(memory.temp_size_in_bytes),
         code=int(memory.generated_code_size_in_bytes),
         flops=flops,
+        **program_counts(compiled.as_text()),
     )
     if capacity is not None and report.peak > capacity:  # CPU/GPU compilers do not refuse such programs
         return dataclasses.replace(

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from melt_jax.aot import CompileReport, topology_devices
+from melt_jax.aot import CompileReport, gpu_target_config, program_counts, topology_devices
 from melt_jax.errors import ConfigError
 from melt_jax.model import MeltConfig, OuroConfig
 from melt_jax.train.cli import main as train_main
@@ -158,3 +158,34 @@ def test_decode_step_never_copies_the_cache(kind):
     growth = temp[8192] - temp[1024]
     assert growth <= 1.1 * (slot_bytes[8192] - slot_bytes[1024]), (temp, slot_bytes)
     assert growth < 0.5 * (cache_bytes[8192] - cache_bytes[1024]), (temp, cache_bytes)
+
+
+def test_gpu_targets_name_a_shipped_description_or_a_file(tmp_path):
+    """`gpu:<name>`: the shipped H100 and H200 descriptions, or a target_config file; anything else
+    is a ConfigError naming it. Without the CUDA build of jax (the cuda extra, not in the test extra)
+    the device cannot be made: a ConfigError that says how to install it; with it, a compile-only
+    device of the named kind."""
+    assert 'device_description_str: "NVIDIA H200"' in gpu_target_config("h200")
+    assert "device_memory_size: 85520809984" in gpu_target_config("H100")
+    own = tmp_path / "mine.txtpb"
+    own.write_text(gpu_target_config("h200"))
+    assert gpu_target_config(str(own)) == gpu_target_config("h200")
+    with pytest.raises(ConfigError, match="'a100'.*h100, h200"):
+        topology_devices("gpu:a100")
+    try:
+        devices = topology_devices("gpu:h200")
+    except ConfigError as e:
+        assert "cuda extra" in str(e)
+    else:
+        assert [d.device_kind for d in devices] == ["NVIDIA H200"]
+
+
+def test_program_counts_kernels_loops_and_conditionals():
+    hlo = """
+  %fusion.1 = f32[4]{0} fusion(%p), kind=kLoop, calls=%fused
+  %mof = (f32[4]{0}, f32[4]{0}) fusion(%p), kind=kInput, calls=%fused2
+  %gemm = (bf16[4,4]{1,0}, s8[0]{0}) custom-call(%a, %b), custom_call_target="__cublas$gemm"
+  %while.3 = (s32[], f32[4]{0}) while(%tuple), condition=%cond, body=%body, metadata={op_name="x/while/body"}
+  %conditional = (f32[4]{0}) conditional(%pred, %t, %f), true_computation=%a, false_computation=%b
+"""
+    assert program_counts(hlo) == dict(kernels=3, while_loops=1, conditionals=1)

@@ -38,8 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="a JSON or YAML config file")
     parser.add_argument(
         "--topology",
-        help="compile: a TPU topology to compile for, e.g. v5p:2x2x2 or v6e:1x1 (needs the tpu extra); "
-        "default: this machine's devices",
+        help="compile: a TPU topology to compile for, e.g. v5p:2x2x2 or v6e:1x1 (needs the tpu extra), or one "
+        "GPU, gpu:h200 or gpu:h100 (needs the cuda extra); default: this machine's devices",
     )
     parser.add_argument("--coordinator", help="HOST:PORT of process 0, for a run over several processes")
     parser.add_argument("--num-processes", type=int, default=1)

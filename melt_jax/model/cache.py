@@ -78,13 +78,17 @@ def write_rows(slots: Array, slot_index: tuple, rows: Array, positions: Array) -
     return slots.at[index].set(rows.astype(slots.dtype), mode="drop")
 
 
-def write_all_rows(slots: Array, rows: Array, positions: Array) -> Array:
+def write_all_rows(slots: Array, rows: Array, positions: Array, *, branch: bool = True) -> Array:
     """`slots` [*P, B, K, S_max, D] with rows [*P, B, S, K, D] written into every slot array at the
     consecutive token positions positions[b, 0] .. positions[b, 0] + S - 1 of each row b; a row whose
     positions run past the cache is left as it was.
 
     One dynamic-update-slice per batch row (in a loop), not a scatter: updated in place, where a
-    scatter over all slot arrays at once can make XLA lay the whole cache out anew (a copy of it)."""
+    scatter over all slot arrays at once can make XLA lay the whole cache out anew (a copy of it).
+    `branch`: a row that does not fit is skipped by a conditional (the TPU and CPU keep the loop's
+    buffer in place), else by a select that writes back what is there, the rows written one after the
+    other without a loop (for GPU, where a conditional waits on the host and its branches would each
+    need their own copy of the slot arrays)."""
     num_slot_axes = slots.ndim - 4
     batch, num_tokens = positions.shape
     rows = jnp.moveaxis(rows, -2, -3).astype(slots.dtype)  # [*P, B, K, S, D]
@@ -97,6 +101,15 @@ def write_all_rows(slots: Array, rows: Array, positions: Array) -> Array:
         row = jax.lax.dynamic_slice_in_dim(rows, b, 1, axis=num_slot_axes)  # [*P, 1, K, S, D]
         at = (*([zero] * num_slot_axes), b, zero, start, zero)
         fits = (start >= 0) & (start + num_tokens <= max_length)
-        return jax.lax.cond(fits, lambda s: jax.lax.dynamic_update_slice(s, row, at), lambda s: s, slots)
+        if branch:
+            return jax.lax.cond(fits, lambda s: jax.lax.dynamic_update_slice(s, row, at), lambda s: s, slots)
+        # A row that does not fit writes back what is there (the slice start is clamped the same way
+        # for the read and the write).
+        kept = jax.lax.dynamic_slice(slots, at, row.shape)
+        return jax.lax.dynamic_update_slice(slots, jnp.where(fits, row, kept), at)
 
-    return jax.lax.fori_loop(0, batch, write_row, slots)
+    if branch:
+        return jax.lax.fori_loop(0, batch, write_row, slots)
+    for b in range(batch):  # written out: no loop between the kernels of a GPU's graph
+        slots = write_row(b, slots)
+    return slots

@@ -159,19 +159,26 @@ class AttentionProjections(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)); gate_proj and up_proj [H, I], down_proj [I, H]."""
+    """SwiGLU: down(silu(gate(x)) * up(x)); gate_proj and up_proj [H, I], down_proj [I, H].
+
+    `separate_dots`: the gate and up projections stay two dots (an optimization barrier between
+    their inputs). XLA's GPU compiler otherwise merges dots that share an input into one dot over
+    the weights concatenated at every call: in decoding, a copy of both weights per layer and loop.
+    """
 
     hidden_size: int
     intermediate_size: int
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     init_stddev: float = 0.02
+    separate_dots: bool = False
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         H, I = self.hidden_size, self.intermediate_size
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, init_stddev=self.init_stddev)
         gate = Einsum((H, I), name="gate_proj", **kw)("BSH,HI->BSI", x)
-        up = Einsum((H, I), name="up_proj", **kw)("BSH,HI->BSI", x)
+        up_input = jax.lax.optimization_barrier(x) if self.separate_dots else x
+        up = Einsum((H, I), name="up_proj", **kw)("BSH,HI->BSI", up_input)
         hidden = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))  # [B, S, I]
         return Einsum((I, H), name="down_proj", **kw)("BSI,IH->BSH", hidden)

@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from melt_jax.model.attention import KVSource, Rows, TokenContext
+from melt_jax.model.attention import KVSource, Rows, TokenContext, control_flow_on_device
 from melt_jax.model.chunking import padded_chunking
 from melt_jax.model.config import MeltConfig
 from melt_jax.model.layers import HIDDEN_AXES, apply_rope
@@ -48,7 +48,9 @@ class KVGate(nn.Module):
     @nn.compact
     def __call__(self, u: Array, s_prev: Array, loop_index: Array) -> Array:
         """The new latent s [B, S, H]; u itself at the first loop (s_1 = u_1), without computing the
-        gate (a lax.cond: the gate's matmuls run only at loops 2..T)."""
+        gate where the device branches (a lax.cond: the gate's matmuls run only at loops 2..T; on GPU,
+        where a branch waits on the host, the gate is computed at every loop and not selected at the
+        first)."""
         H = self.hidden_size
         # jnp.asarray, not .astype: see Einsum in melt_jax/model/layers.py (int8 weights).
         w_z = jnp.asarray(self.param("w_z", nn.initializers.zeros, (H, H), self.param_dtype), self.dtype)
@@ -60,7 +62,9 @@ class KVGate(nn.Module):
             z = jax.nn.sigmoid(gate_logits + b_z.astype(self.dtype))
             return z * s_prev + (1 - z) * u
 
-        return jax.lax.cond(loop_index == 0, lambda: u, gated)
+        if control_flow_on_device():
+            return jax.lax.cond(loop_index == 0, lambda: u, gated)
+        return jnp.where(loop_index == 0, u, gated())
 
 
 class ScalarGate(nn.Module):

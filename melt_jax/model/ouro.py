@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from melt_jax.errors import ConfigError
-from melt_jax.model.attention import KVSource, Rows, TokenContext, default_source
+from melt_jax.model.attention import KVSource, Rows, TokenContext, control_flow_on_device, default_source
 from melt_jax.model.cache import KVCache, init_cache
 from melt_jax.model.config import OuroConfig
 from melt_jax.model.exit import ExitPolicy, exit_distribution, select_hidden
@@ -76,6 +76,14 @@ class OuroOutput:
     loops_computed: Array
 
 
+def straight_line_inference(config: OuroConfig) -> bool:
+    """Whether the model is traced as straight code: the inference layout (layers unrolled) on GPU,
+    where the loops are written out one after the other too (a cache carried through a loop is laid
+    out anew for the attention inside it, a copy of the cache per call; straight code is launched as
+    one graph of kernels) and the MLP keeps its gate and up dots apart (see MLP)."""
+    return not config.scan_layers and not control_flow_on_device()
+
+
 def layer_kwargs(config: OuroConfig) -> dict[str, Any]:
     return dict(
         dtype=config.jnp_dtype,
@@ -102,7 +110,7 @@ class OuroDecoderLayer(nn.Module):
         kw = layer_kwargs(c)
         norm_kw = dict(eps=c.rms_norm_eps, param_dtype=c.jnp_param_dtype)
         self.attn = AttentionProjections(c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size, **kw)
-        self.mlp = MLP(c.hidden_size, c.intermediate_size, **kw)
+        self.mlp = MLP(c.hidden_size, c.intermediate_size, **kw, separate_dots=straight_line_inference(c))
         self.attn_in_norm = RMSNorm(**norm_kw)
         self.attn_out_norm = RMSNorm(**norm_kw)
         self.mlp_in_norm = RMSNorm(**norm_kw)
@@ -241,6 +249,11 @@ class OuroModel(nn.Module):
         layer_states = None if layer_states is None else stack(*new_states)
         return carry, (layer_states, jax.tree.map(stack, *found))
 
+    def unrolls_loops(self) -> bool:
+        """Whether the loops are written out one after the other rather than as a loop over the shared
+        layers (`straight_line_inference`)."""
+        return straight_line_inference(self.config)
+
     def run_loops(self, h: Array, ctx: TokenContext, cache, source: KVSource):
         """All T loops over the layer stack. Returns (loop_hidden [T, B, S, H], gate_logits
         [T, B, S], intermediates {name: [T, L, B, S, H]}, cache)."""
@@ -261,6 +274,7 @@ class OuroModel(nn.Module):
             split_rngs={"params": False},
             in_axes=(0, nn.broadcast, nn.broadcast),
             length=c.num_loops,
+            unroll=self.unrolls_loops(),
         )
         carry = (h, cache, self.initial_layer_state(h))
         (_, cache, _), (loop_hidden, gate_logits, intermediates) = loops(
@@ -280,7 +294,10 @@ class OuroModel(nn.Module):
         when every token exits at the same loop (decoding one token per row: rows never see each
         other). Outputs have every loop's slot: the loops a token did not compute hold copies of its
         exit loop's (hidden state, gate logit), so the policy selects the same loop from them. No
-        intermediates are collected. Returns run_loops' four outputs and the number of loops run []."""
+        intermediates are collected. Returns run_loops' four outputs and the number of loops run [].
+
+        Where the loops are written out (`unrolls_loops`: GPU inference) all T loops run, the exited
+        tokens frozen: the same values, T loops run, no time saved."""
         c = self.config
         num_loops = c.num_loops
         if self.collect:
@@ -323,7 +340,13 @@ class OuroModel(nn.Module):
                 exited=exited | policy.exited(gate_logits, loop),
             )
 
-        state = nn.while_loop(unfinished, one_loop, self, state)
+        if self.unrolls_loops():
+            # Every loop runs, the exited tokens frozen: the same values, without the branch whose
+            # operands (the cache among them) the GPU would copy, nor its wait on the host.
+            for _ in range(num_loops):
+                state = one_loop(self, state)
+        else:
+            state = nn.while_loop(unfinished, one_loop, self, state)
         loops_run = state["loop"]
         # The loops no token computed hold copies of the last one computed.
         not_run = (jnp.arange(num_loops) >= loops_run)[:, None, None]  # [T, 1, 1]

@@ -64,6 +64,7 @@ from melt_jax.model.attention.implementation import (
     KERNELS,
     Implementation,
     check_implementation,
+    control_flow_on_device,
     target_platform,
 )
 from melt_jax.model.attention.kv_sources import (
@@ -111,6 +112,7 @@ __all__ = [
     "blockwise_attention",
     "causal_mask",
     "check_implementation",
+    "control_flow_on_device",
     "cudnn_attention",
     "cudnn_takes",
     "default_source",

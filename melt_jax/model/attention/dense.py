@@ -94,3 +94,33 @@ def dense_history_and_own(q: Array, history_k: Array, history_v: Array, k: Array
     out = jnp.einsum("BKGSM,BKMD->BSKGD", history_probs.astype(history_v.dtype), history_v)
     out = out + jnp.einsum("BKGSE,BKED->BSKGD", own_probs.astype(v.dtype), own_v)
     return out.reshape(batch, seq, num_heads, head_dim).astype(q.dtype)
+
+
+def few_queries_history_and_own(
+    q: Array, history_k: Array, history_v: Array, k: Array, v: Array, mask: CausalMask
+) -> Array:
+    """`dense_history_and_own` for a few queries (decoding), as products and sums over the slot array
+    where it lies rather than as dots: a dot over a slot array sliced from the cache makes XLA's GPU
+    compiler lay the whole cache out anew for its matrix kernels (a copy of the cache per step),
+    where a sum reads it in place. The attention weights are materialised before they meet the values
+    (an optimization barrier), so that each product is computed inside its sum and never stored.
+    Returns [B, S, N, D] in q's dtype."""
+    batch, seq, num_heads, head_dim = q.shape
+    num_kv_heads, max_length = history_k.shape[1], history_k.shape[2]
+    dtype, compute = q.dtype, at_least_float32(q.dtype)
+    q = q.reshape(batch, seq, num_kv_heads, num_heads // num_kv_heads, head_dim).transpose(0, 2, 3, 1, 4)
+    q = q.astype(compute) * head_dim**-0.5  # [B, K, G, S, D]
+    own_k, own_v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, D]
+
+    def logits_over(keys):  # keys [B, K, M, D] -> [B, K, G, S, M]
+        return jnp.sum(q[:, :, :, :, None, :] * keys[:, :, None, None].astype(compute), axis=-1)
+
+    def weighted(probs, values):  # probs [B, K, G, S, M], values [B, K, M, D] -> [B, K, G, S, D]
+        return jnp.sum(probs[..., None] * values[:, :, None, None].astype(compute), axis=-2)
+
+    visible = mask.dense()[:, None, None]  # [B, 1, 1, S, S_max + S]
+    logits = jnp.concatenate([logits_over(history_k), logits_over(own_k)], axis=-1)
+    probs = jax.nn.softmax(jnp.where(visible, logits, MASKED_LOGIT), axis=-1)  # [B, K, G, S, S_max + S]
+    probs = jax.lax.optimization_barrier(probs)
+    out = weighted(probs[..., :max_length], history_v) + weighted(probs[..., max_length:], own_v)
+    return out.transpose(0, 3, 1, 2, 4).reshape(batch, seq, num_heads, head_dim).astype(dtype)

@@ -60,6 +60,14 @@ def target_platform() -> str:
     return jax.default_backend() if device is None else device.platform
 
 
+def control_flow_on_device() -> bool:
+    """Whether the program being traced decides data-dependent control flow (a while loop's next
+    iteration, a conditional's branch) on the device (CPU, TPU). On GPU each such decision sends its
+    predicate to the host: there inference reads a cache's slot arrays with static shapes instead of
+    stopping after the filled part, and computes both sides of a select instead of branching."""
+    return target_platform() != "gpu"
+
+
 @dataclasses.dataclass(frozen=True)
 class Implementation:
     """How attention is computed: `name` one of IMPLEMENTATIONS, and the block sizes of "blockwise"

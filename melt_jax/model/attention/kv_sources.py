@@ -50,9 +50,10 @@ import jax.numpy as jnp
 
 from melt_jax.errors import ConfigError
 from melt_jax.model.attention.context import TokenContext
+from melt_jax.model.attention.dense import few_queries_history_and_own
 from melt_jax.model.attention.dispatch import attend, attend_earlier_and_own, attend_history_and_own
 from melt_jax.model.attention.filled_history import attend_filled_history_and_own
-from melt_jax.model.attention.implementation import DENSE, Implementation
+from melt_jax.model.attention.implementation import DENSE, Implementation, control_flow_on_device
 from melt_jax.model.attention.masks import cache_mask, history_and_own_mask, own_tokens_mask
 from melt_jax.model.cache import KVCache, init_cache, write_all_rows, write_rows
 
@@ -60,6 +61,10 @@ if TYPE_CHECKING:  # config.py imports this package (implementation.py): a type 
     from melt_jax.model.config import MeltConfig
 
 Array = jax.Array
+
+# Queries per kv head (S * G) up to which inference on GPU reads a slot array with products and sums
+# (`few_queries_history_and_own`: decoding, speculative drafts) rather than with dots.
+FEW_QUERIES = 8
 
 
 @flax.struct.dataclass
@@ -217,8 +222,10 @@ class SlotCache(KVSource):
 
     def end(self, carried: PendingRows, positions: Array) -> KVCache:
         history = carried.history
+        branch = control_flow_on_device()
         return history.replace(
-            k=write_all_rows(history.k, carried.k, positions), v=write_all_rows(history.v, carried.v, positions)
+            k=write_all_rows(history.k, carried.k, positions, branch=branch),
+            v=write_all_rows(history.v, carried.v, positions, branch=branch),
         )
 
     def freeze(self, carried: PendingRows, exited: Array) -> PendingRows:
@@ -247,12 +254,15 @@ class SlotCache(KVSource):
             k=cache.k.at[slot].set(rows.k.astype(cache.k.dtype)), v=cache.v.at[slot].set(rows.v.astype(cache.v.dtype))
         )
         mask = history_and_own_mask(ctx, history.max_length, self.slot_segment_ids)
-        if self.filled_only:
+        if self.filled_only and control_flow_on_device():
             filled = jnp.max(jnp.min(ctx.positions, axis=1))  # slots any query may see: before its row's first
             attended = attend_filled_history_and_own(
                 q, history.k, history.v, slot, rows.k, rows.v, mask, filled,
                 history_block=implementation.key_block,
             )  # fmt: skip
+            return attended, pending
+        if self.filled_only and q.shape[1] * q.shape[2] <= FEW_QUERIES * history.k.shape[-3]:
+            attended = few_queries_history_and_own(q, history.k[slot], history.v[slot], rows.k, rows.v, mask)
             return attended, pending
         attended = attend_history_and_own(
             q, history.k[slot], history.v[slot], rows.k, rows.v, mask, implementation=implementation
