@@ -62,7 +62,7 @@ def task_rows(tokenizer) -> dict[str, np.ndarray]:
 
 
 def measure(model, params, rows, prompt, policy: ExitPolicy, repeats: int) -> dict:
-    chunk = model.config.default_chunk_size or 1
+    chunk = getattr(model.config, "chunk_size", 1)  # MELT's own chunk; Ouro token by token
     tokens = jnp.asarray(rows["tokens"])
     predicted, exits, loops = jax.device_get(teacher_forced(model, params, tokens, policy, chunk))
     mask = rows["answer_mask"][:, 1:] > 0

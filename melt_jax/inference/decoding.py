@@ -104,7 +104,7 @@ def prefill(
     """Runs the prompt tokens [B, S] through the model, writing them into the cache after its current
     end, in chunks of `chunk_size` tokens (the last chunk may be shorter), each chunk reading what the
     earlier ones stored. chunk_size defaults to the config's `default_chunk_size`: MELT's chunk_size;
-    for Ouro, whose values do not depend on the chunking, the whole prompt at once. Returns (logits
+    for Ouro, whose values do not depend on the chunking, 256 tokens (OURO_PREFILL_CHUNK). Returns (logits
     [B, S, V] chosen by `exit_policy`, updated cache)."""
     check_tokens_fit(tokens, cache)
     chunk_size = model.config.default_chunk_size if chunk_size is None else check_chunk_size(chunk_size)

@@ -226,8 +226,8 @@ def generation_run(
 
     exit_policy         which loop's logits choose the tokens (Ouro and MELT run all loops)
     chunk_size          chunk of the prompt prefill (default config.default_chunk_size: MELT's
-                        chunk_size, 1 = exactly token-by-token decoding; Ouro: the whole prompt, its
-                        values do not depend on it)
+                        chunk_size, 1 = exactly token-by-token decoding; Ouro: 256 tokens, its
+                        values do not depend on it: chunks bound the prefill's memory)
     buckets             the longest prompt and max_new_tokens are each rounded up to one of these
                         (the prompt buffer and the new-token buffer), so that requests of other
                         lengths reuse the compiled programs (None: exact sizes)

@@ -53,6 +53,10 @@ RUNTIME_FIELDS = (
 )
 
 
+# Tokens of a long prompt that Ouro prefills at a time (its values do not depend on the chunking).
+OURO_PREFILL_CHUNK = 256
+
+
 @dataclasses.dataclass(frozen=True)
 class OuroConfig:
     """Shapes and hyper-parameters of an Ouro looped language model.
@@ -173,10 +177,12 @@ class OuroConfig:
         return self.kv_bytes_per_token(dtype) * batch_size * length
 
     @property
-    def default_chunk_size(self) -> int | None:
-        """The chunk a prefill or teacher-forced forward uses when the caller names none. None: the
-        whole sequence at once; Ouro's values do not depend on how a sequence is chunked."""
-        return None
+    def default_chunk_size(self) -> int:
+        """The chunk a prefill uses when the caller names none. Ouro's values do not depend on how a
+        sequence is chunked (up to rounding): chunks only bound what a long prompt holds while it is
+        prefilled (every loop's and layer's rows of one chunk, before they are written into the
+        cache), 1/16 of a cache of 4,096 positions at OURO_PREFILL_CHUNK."""
+        return OURO_PREFILL_CHUNK
 
     # ----------------------------------------------------------------------------------------------
     # Validation
