@@ -120,6 +120,14 @@ def test_a_program_too_large_for_the_chip_exits_1(tmp_path, capsys):
     assert "fits           NO" in out and "RESOURCE_EXHAUSTED" in out, out
 
 
+def test_the_step_is_traced_for_the_devices_it_is_compiled_for(capsys):
+    """The model makes the choices of the topology's platform from the first trace on (building the
+    task included): asked for cuDNN attention (GPU only) when compiling for a TPU, it names the TPU."""
+    args = ["compile", *TINY, "attention=cudnn", "dtype=bfloat16", "--topology", "v5p:2x2x1"]
+    assert train_main(args) == 2
+    assert "traced for backend 'tpu'" in capsys.readouterr().err
+
+
 def test_bad_topologies_exit_2(capsys):
     assert train_main(["compile", *TINY, "--topology", "v99:2x2"]) == 2
     assert "v99:2x2" in capsys.readouterr().err

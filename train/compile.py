@@ -28,13 +28,16 @@ def compile_stage(cfg: TrainConfig, topology: str | None = None) -> CompileRepor
     devices = topology_devices(topology)
     mesh = make_mesh(cfg.mesh, devices)
     check_batch_divisible(cfg.batch_size, mesh)
-    task = build_task(cfg, mesh, abstract=True)
-    optimizer = build_optimizer(cfg.optimizer, abstract_params(task.model), cfg.steps, task.trainable)
-    state = abstract_state(task, mesh, optimizer)
-    teacher = task.teacher_params
-    teacher_shardings = None if teacher is None else shardings_of(teacher)
-    step = jit_train_step(task, optimizer, shardings_of(state), teacher_shardings, mesh, cfg.steps, cfg.decay_steps)
-    batch = abstract_batch(task.batch_fields, cfg.batch_size, cfg.data.seq_len, mesh)
+    # Everything is traced under the mesh, so that the model makes the choices of the devices it is
+    # compiled for (melt_jax.model.attention.target_platform), not of this machine's.
+    with jax.set_mesh(mesh):
+        task = build_task(cfg, mesh, abstract=True)
+        optimizer = build_optimizer(cfg.optimizer, abstract_params(task.model), cfg.steps, task.trainable)
+        state = abstract_state(task, mesh, optimizer)
+        teacher = task.teacher_params
+        teacher_shardings = None if teacher is None else shardings_of(teacher)
+        step = jit_train_step(task, optimizer, shardings_of(state), teacher_shardings, mesh, cfg.steps, cfg.decay_steps)
+        batch = abstract_batch(task.batch_fields, cfg.batch_size, cfg.data.seq_len, mesh)
 
     def lower():
         with jax.set_mesh(mesh):
