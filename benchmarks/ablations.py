@@ -14,6 +14,8 @@ trained: what the pipeline reports), the same accuracy read token by token (chun
 decoding computes; the teacher's is the same either way), and phase 2's last KD (mean over loops of
 KL(teacher || student) on the last training batch), as mean and min..max over the seeds, beside what
 the MELT paper reports for the same ablation. --quick: one seed and half the distillation steps.
+On a quiet 2-core machine: 15.7 minutes from a trained --teacher; --quick, training its teacher,
+615-720 s (10-12 minutes).
 
 Writes OUT/ablations.json and a PNG of the accuracies (--png, default OUT/ablations.png); prints the
 Markdown table.

@@ -3,7 +3,12 @@
     melt-convert import HF_DIR OUT_DIR [--dtype float32|bfloat16|float16] [--overwrite]
         Hugging Face Ouro folder -> melt_jax checkpoint directory (orbax, see melt_jax/checkpoint.py).
     melt-convert export CKPT_DIR HF_DIR [--dtype ...] [--max-shard-size 5GB] [--overwrite]
-        melt_jax checkpoint directory -> Hugging Face folder (config.json + safetensors).
+        melt_jax checkpoint directory -> Hugging Face folder (config.json + safetensors), in the
+        checkpoint's dtype unless --dtype says otherwise.
+
+The tokenizer and generation files of the source (tokenizer.json, tokenizer_config.json,
+generation_config.json, ...: melt_jax.checkpoint.GENERATION_FILES) are copied with the weights by every
+command, so that a converted checkpoint generates without --tokenizer.
 
 Progress goes to stderr, a one-line summary to stdout. Bad input prints `error: ...` to stderr and
 exits with status 1, leaving no output behind.
@@ -16,13 +21,13 @@ import re
 import sys
 import time
 
-from melt_jax.checkpoint import check_destination, load_params, numpy_dtype, save_params
+from melt_jax.checkpoint import check_destination, generation_files, load_params, numpy_dtype, save_params
 from melt_jax.dtypes import STORABLE_NAMES
 from melt_jax.errors import CheckpointError, ConfigError
 from melt_jax.model.params import count_params
 
 from .errors import ConversionError
-from .hf_export import DEFAULT_MAX_SHARD_BYTES, save_hf_checkpoint
+from .hf_export import DEFAULT_MAX_SHARD_BYTES, save_hf_checkpoint, stored_dtype
 from .hf_import import load_hf_checkpoint
 from .mapping import hf_tensor_plan
 
@@ -91,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ckpt_dir", metavar="CKPT_DIR", help="melt_jax checkpoint directory")
     p.add_argument("hf_dir", metavar="HF_DIR", help="Hugging Face folder to create")
     p.add_argument(
-        "--dtype", choices=dtypes, default=None, help="dtype of the stored tensors (default: torch_dtype of the config)"
+        "--dtype", choices=dtypes, default=None, help="dtype of the stored tensors (default: the checkpoint's)"
     )
     p.add_argument(
         "--max-shard-size",
@@ -115,7 +120,8 @@ def run_import(args: argparse.Namespace) -> str:
     start = time.perf_counter()
     check_destination(args.out_dir, args.overwrite)  # fail before reading gigabytes
     config, params = load_hf_checkpoint(args.hf_dir, args.dtype, progress=True)
-    save_params(args.out_dir, config, params, overwrite=args.overwrite)
+    files = generation_files(args.hf_dir)
+    save_params(args.out_dir, config, params, overwrite=args.overwrite, files=files)
     return _summary("import", config, params, args.dtype, time.perf_counter() - start, args.out_dir)
 
 
@@ -123,8 +129,17 @@ def run_export(args: argparse.Namespace) -> str:
     start = time.perf_counter()
     check_destination(args.hf_dir, args.overwrite)
     config, params = load_params(args.ckpt_dir)
-    dtype = args.dtype or config.torch_dtype
-    save_hf_checkpoint(config, params, args.hf_dir, dtype, args.max_shard_size, overwrite=args.overwrite, progress=True)
+    dtype = args.dtype or stored_dtype(config, params)
+    save_hf_checkpoint(
+        config,
+        params,
+        args.hf_dir,
+        dtype,
+        args.max_shard_size,
+        overwrite=args.overwrite,
+        progress=True,
+        files=generation_files(args.ckpt_dir),
+    )
     return _summary("export", config, params, dtype, time.perf_counter() - start, args.hf_dir)
 
 
@@ -135,7 +150,7 @@ def run_to_melt(args: argparse.Namespace) -> str:
     check_destination(args.out_dir, args.overwrite)
     ouro_config, ouro_params = load_params(args.ckpt_dir)
     config, params = melt_from_ouro(ouro_config, ouro_params, gate_bias_init=args.gate_bias, chunk_size=args.chunk_size)
-    save_params(args.out_dir, config, params, overwrite=args.overwrite)
+    save_params(args.out_dir, config, params, overwrite=args.overwrite, files=generation_files(args.ckpt_dir))
     return _summary("to-melt", config, params, config.param_dtype, time.perf_counter() - start, args.out_dir)
 
 

@@ -12,14 +12,14 @@ import json
 import math
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
 from melt_jax import dtypes
-from melt_jax.checkpoint import atomic_directory, check_destination, numpy_dtype
+from melt_jax.checkpoint import atomic_directory, check_destination, copy_generation_files, numpy_dtype
 from melt_jax.inference.param_check import param_mismatches
 from melt_jax.model.config import OuroConfig
 from melt_jax.model.param_table import param_paths
@@ -84,6 +84,13 @@ def plan_shards(sizes: list[int], max_shard_bytes: int) -> list[list[int]]:
     return shards
 
 
+def stored_dtype(config: OuroConfig, params: dict) -> str:
+    """The dtype name the floating-point params are stored in, when they share one (else
+    `config.param_dtype`)."""
+    names = {np.dtype(leaf.dtype).name for leaf in param_paths(params).values()}
+    return names.pop() if len(names) == 1 and names <= set(dtypes.STORABLE_NAMES) else config.param_dtype
+
+
 def check_params(config: OuroConfig, params: dict) -> dict[str, Any]:
     """The flat '/'-path -> array dict of `params`; raises ConversionError naming a missing,
     unexpected or misshapen param."""
@@ -109,8 +116,10 @@ def save_hf_checkpoint(
     *,
     overwrite: bool = False,
     progress: bool = False,
+    files: Iterable[str | os.PathLike] = (),
 ) -> list[str]:
-    """Writes `params` (nested dict of numpy or jax arrays) as a HF Ouro checkpoint folder `path`.
+    """Writes `params` (nested dict of numpy or jax arrays) as a HF Ouro checkpoint folder `path`, with
+    copies of `files` (tokenizer and generation files, melt_jax.checkpoint.GENERATION_FILES).
 
     Tensors are stored in `dtype` (default: `config.torch_dtype`), and config.json gets that
     torch_dtype. Returns the names of the files written. The folder appears only when complete; an
@@ -161,4 +170,5 @@ def save_hf_checkpoint(
             index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
             (tmp / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
             file_names = file_names + [SAFETENSORS_INDEX]
+        file_names += copy_generation_files(files, tmp)
     return [CONFIG_FILE] + file_names

@@ -7,6 +7,9 @@ from melt_jax.model.exit import ExitPolicy, exit_distribution, threshold_exit_lo
 from melt_jax.model.melt import MeltModel
 from melt_jax.model.ouro import OuroModel, OuroOutput
 from melt_jax.model.registry import MODEL_TYPES, config_from_json_file, model_for
+from melt_jax.platforms import skip_absent_tpu
+
+skip_absent_tpu()  # before any device is used: no libtpu start-up (and its warnings) without a TPU chip
 
 __all__ = [
     "MODEL_TYPES",

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from melt_jax.errors import ConfigError
+from melt_jax.platforms import describe_chipless_host
 
 GIB = 1024**3
 
@@ -87,6 +88,7 @@ def topology_devices(topology: str | None) -> list[jax.Device]:
     # libtpu lets one process at a time own the TPU chips of a machine (a lock file); compile-only
     # devices own no chip, so several compiling processes may load it at once.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    describe_chipless_host()
 
     match = re.fullmatch(r"[a-z0-9]+:(\d+(?:x\d+)*)", topology)
     if match is None:

@@ -6,6 +6,9 @@ Layout of a checkpoint directory:
     melt_jax.json   the runtime policy (`dtype`, `param_dtype`, `attention` and its block sizes, ...: the
                     config's RUNTIME_FIELDS), which config.json does not hold
     params/         the params pytree (the content of flax's 'params' collection), an orbax checkpoint
+    tokenizer.json, tokenizer_config.json, generation_config.json, ...
+                    optional: what generation needs besides the weights (GENERATION_FILES), copied
+                    unchanged from the Hugging Face folder the checkpoint was converted from
 
 Directories are written atomically: everything goes into a temporary sibling directory that is renamed
 to the destination only when complete (`atomic_directory`), so a failed or interrupted save leaves
@@ -21,7 +24,7 @@ import math
 import os
 import secrets
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +43,22 @@ from melt_jax.sharding import param_sharding
 CONFIG_FILE = "config.json"
 RUNTIME_FILE = "melt_jax.json"
 PARAMS_DIR = "params"
+# Files of a Hugging Face folder that generation needs besides the weights: the tokenizer (fast
+# tokenizer.json, or the vocabulary files of a slow one), its special tokens and chat template, and the
+# generation defaults. Conversion carries them over unchanged in both directions.
+GENERATION_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
 _FORMAT = "melt_jax.model.params"
 _FORMAT_VERSION = 1
 
@@ -97,6 +116,26 @@ def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False) -> Ite
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def generation_files(folder: str | os.PathLike) -> list[Path]:
+    """The files of GENERATION_FILES that the folder `folder` holds, in that order."""
+    folder = Path(folder)
+    return [folder / name for name in GENERATION_FILES if (folder / name).is_file()]
+
+
+def copy_generation_files(files: Iterable[str | os.PathLike], dest: Path) -> list[str]:
+    """Copies `files` (each named in GENERATION_FILES) into the folder `dest`; returns their names."""
+    names = []
+    for file in map(Path, files):
+        if file.name not in GENERATION_FILES:
+            raise CheckpointError(f"{file} is not one of the files carried beside the weights: {GENERATION_FILES}")
+        try:
+            shutil.copyfile(file, dest / file.name)
+        except OSError as e:
+            raise CheckpointError(f"cannot copy {file}: {e}") from None
+        names.append(file.name)
+    return names
 
 
 # --------------------------------------------------------------------------------------------------
@@ -207,8 +246,16 @@ def load_tree(
 # Model checkpoints (config + params)
 
 
-def save_params(path: str | os.PathLike, config: OuroConfig, params: Any, *, overwrite: bool = False) -> None:
-    """Writes `config` and `params` (nested dict of numpy or jax arrays) as a checkpoint directory.
+def save_params(
+    path: str | os.PathLike,
+    config: OuroConfig,
+    params: Any,
+    *,
+    overwrite: bool = False,
+    files: Iterable[str | os.PathLike] = (),
+) -> None:
+    """Writes `config` and `params` (nested dict of numpy or jax arrays) as a checkpoint directory,
+    with copies of `files` (tokenizer and generation files, each named in GENERATION_FILES) beside them.
 
     The arrays are saved with their own dtypes, bit for bit, always in the scanned layer layout (params
     of the unrolled one, `config.scan_layers` false, are stacked first). The directory appears only
@@ -221,6 +268,7 @@ def save_params(path: str | os.PathLike, config: OuroConfig, params: Any, *, ove
         runtime = {"format": _FORMAT, "version": _FORMAT_VERSION}
         runtime.update({name: getattr(config, name) for name in RUNTIME_FIELDS})
         (tmp / RUNTIME_FILE).write_text(json.dumps(runtime, indent=2) + "\n")
+        copy_generation_files(files, tmp)
         save_tree(tmp / PARAMS_DIR, params)
 
 
@@ -267,10 +315,13 @@ def load_config(path: str | os.PathLike, dtype: str | None = None) -> OuroConfig
 
 
 __all__ = [
+    "GENERATION_FILES",
     "CheckpointError",
     "ConfigError",
     "atomic_directory",
     "check_destination",
+    "copy_generation_files",
+    "generation_files",
     "load_config",
     "load_params",
     "load_tree",

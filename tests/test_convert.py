@@ -432,6 +432,69 @@ def test_cli_overwrite(tmp_path, hf_dir):
     assert (dest / "params").is_dir()
 
 
+def _tokenizer_files(folder: Path) -> dict[str, bytes]:
+    """A word-level tokenizer.json over the words of "hi there" and Ouro's special tokens, with the
+    other files of a Hugging Face folder that generation reads; name -> bytes written."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "[UNK]", "hi", "there"]
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.add_special_tokens(words[:3])
+    tokenizer.save(str(folder / "tokenizer.json"))
+    chat = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "chat_template": chat}))
+    (folder / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
+    (folder / "chat_template.jinja").write_text(chat)
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 0], "do_sample": False}))
+    return {name: (folder / name).read_bytes() for name in checkpoint.GENERATION_FILES if (folder / name).is_file()}
+
+
+def test_conversions_carry_the_tokenizer_and_melt_generate_finds_it(tmp_path, hf_config, state_dict, capsys):
+    from melt_jax.inference import cli_generate
+
+    src = write_hf_checkpoint(tmp_path / "src", hf_config, state_dict)
+    files = _tokenizer_files(src)
+    assert len(files) == 5
+    assert main(["import", str(src), str(tmp_path / "ckpt")]) == 0
+    assert main(["to-melt", str(tmp_path / "ckpt"), str(tmp_path / "melt")]) == 0
+    assert main(["export", str(tmp_path / "melt"), str(tmp_path / "hf")]) == 0
+    capsys.readouterr()
+    for folder in ("ckpt", "melt", "hf"):
+        assert {name: (tmp_path / folder / name).read_bytes() for name in files} == files, folder
+    # melt-generate without --tokenizer reads the checkpoint's tokenizer.json.
+    argv = ["--checkpoint", str(tmp_path / "ckpt"), "--prompt", "hi there", "--max-new-tokens", "3"]
+    assert cli_generate.main(argv) == 0
+    assert "3 new tokens" in capsys.readouterr().err
+    (tmp_path / "ckpt" / "tokenizer.json").unlink()
+    assert cli_generate.main(argv) == 2
+    assert f"the checkpoint {tmp_path / 'ckpt'} has no tokenizer.json: pass --tokenizer" in capsys.readouterr().err
+
+
+def test_cli_export_keeps_the_stored_dtype(tmp_path, hf_dir, capsys):
+    assert json.loads((hf_dir / "config.json").read_text())["torch_dtype"] == "float32"
+    assert main(["import", str(hf_dir), str(tmp_path / "ckpt"), "--dtype", "bfloat16"]) == 0
+    assert main(["export", str(tmp_path / "ckpt"), str(tmp_path / "hf")]) == 0
+    assert "(bfloat16)" in capsys.readouterr().out.splitlines()[-1]
+    assert {v.dtype for v in read_hf_tensors(tmp_path / "hf").values()} == {BF16}
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert main(["export", str(tmp_path / "ckpt"), str(tmp_path / "hf32"), "--dtype", "float32"]) == 0
+    assert {v.dtype for v in read_hf_tensors(tmp_path / "hf32").values()} == {np.dtype(np.float32)}
+
+
+def test_a_tokenizer_file_that_cannot_be_copied_leaves_nothing(tmp_path, hf_config, state_dict, monkeypatch, capsys):
+    src = write_hf_checkpoint(tmp_path / "src", hf_config, state_dict)
+    _tokenizer_files(src)
+
+    def fail(source, dest):
+        raise OSError(f"disk full while writing {dest}")
+
+    monkeypatch.setattr(checkpoint.shutil, "copyfile", fail)
+    assert main(["import", str(src), str(tmp_path / "ckpt")]) == 1
+    assert f"cannot copy {src / 'tokenizer.json'}: disk full" in capsys.readouterr().err
+    assert not (tmp_path / "ckpt").exists() and not leftovers(tmp_path / "ckpt")
+
+
 def test_module_help_runs_as_a_program():
     result = subprocess.run(
         [sys.executable, "-m", "melt_jax.convert", "--help"], capture_output=True, text=True, timeout=120

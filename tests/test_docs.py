@@ -115,5 +115,18 @@ def test_readme_is_a_front_page():
     readme = (ROOT / "README.md").read_text()
     assert len(readme.splitlines()) < README_MAX_LINES
     assert ".venv/bin/python -m pytest -q" in readme  # .ci/run runs the README's test command
+
+
+def test_readme_installs_the_main_job_first_and_the_test_extra_for_the_tests():
+    readme = (ROOT / "README.md").read_text()
+    commands = [line for line in readme.split("```bash\n", 1)[1].split("```", 1)[0].splitlines() if line[:1] not in "#"]
+    main_job, tests = [line for line in commands if line.strip()]
+    # The main job needs no extra (the test extra is 2.8 GB, the main job 1.1 GB).
+    assert "pip install -e . &&" in main_job and "[" not in main_job and "melt-train pipeline" in main_job
+    assert tests == '.venv/bin/python -m pip install -e ".[test]" && .venv/bin/python -m pytest -q'
+    # .ci/run does the set-up of a fresh clone, then both halves of the README's test command.
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "python3 -m venv .venv" in ci and '.venv/bin/python -m pip install -q -e ".[test]"' in ci
+    assert ci.rstrip().endswith(".venv/bin/python -m pytest -q")
     # Modules inside the packages are named in docs/, where they are described, not on the front page.
     assert not re.findall(r"melt_jax[/.](?:model|inference|data)[/.]\w+", readme)

@@ -29,10 +29,9 @@ import numpy as np
 
 from melt_jax.data.pipeline import load_text_dataset, pack_documents, tokenize_dataset
 from melt_jax.data.synthetic import answer_batch
-from melt_jax.data.tokenizer import load_tokenizer
 from melt_jax.errors import DataError, MeltJaxError
 from melt_jax.inference.evaluation import evaluate_dataset
-from melt_jax.inference.model_loading import load_model
+from melt_jax.inference.model_loading import checkpoint_tokenizer, load_model
 from melt_jax.model.exit import ExitPolicy
 
 PROG = "melt-eval"
@@ -57,7 +56,11 @@ def fixed_size_batches(arrays: Mapping[str, np.ndarray], batch_size: int, max_ba
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="melt_jax checkpoint directory (Ouro or MELT)")
-    p.add_argument("--tokenizer", required=True, help="'byte', or a tokenizer.json file or its folder")
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="'byte', or a tokenizer.json file or its folder (default: the tokenizer.json in --checkpoint)",
+    )
     p.add_argument("--data", required=True, help="'synthetic[:N]' or a local .txt/.json/.jsonl/.parquet file or folder")
     p.add_argument("--split", default="validation", help="split name (selects the synthetic task's seed)")
     p.add_argument(
@@ -120,7 +123,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     """The results dict: 'loss' (evaluation.evaluate_dataset on packed text) and, for datasets with
     prompt/answer columns, 'answers' (the same on answer rows, loss over the answer tokens)."""
     _check_sizes(args)
-    tokenizer = load_tokenizer(args.tokenizer)
+    tokenizer = checkpoint_tokenizer(args.checkpoint, args.tokenizer)
     model, params = load_model(args.checkpoint, args.dtype)
     policy = ExitPolicy.parse(args.exit, model.config)
     dataset = load_text_dataset(args.data, split=args.split, text_field=args.text_field, synthetic_task=_task(args))

@@ -9,6 +9,9 @@
 that draft k tokens with the first d loops and verify them with all loops; it takes no --temperature,
 --exit or --exit-skip.
 
+Without --tokenizer, the checkpoint's own tokenizer.json is used (melt-convert import copies it from
+the Hugging Face folder).
+
 One prompt is streamed to stdout as it is generated; several (--prompt repeated, or --prompt-file with
 one prompt per line) are generated as one padded batch and printed in order. Generation stops at the
 tokenizer's eos token, at any --stop string, and with --chat at `<|im_end|>` (the prompt is wrapped in
@@ -39,7 +42,11 @@ STREAM_STEPS = 4  # decode steps between two prints when streaming
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="melt_jax checkpoint directory (Ouro or MELT)")
-    p.add_argument("--tokenizer", required=True, help="'byte', or a tokenizer.json file or its folder")
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="'byte', or a tokenizer.json file or its folder (default: the tokenizer.json in --checkpoint)",
+    )
     p.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for a batch)")
     p.add_argument("--prompt-file", type=Path, help="file with one prompt per line (blank lines skipped)")
     p.add_argument("--chat", action="store_true", help="wrap prompts in the ChatML template, stop at <|im_end|>")

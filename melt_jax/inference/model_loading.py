@@ -1,10 +1,14 @@
-"""Loading a model for inference from a checkpoint directory."""
+"""Loading a model for inference from a checkpoint directory, and the tokenizer it carries."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import jax
 
-from melt_jax.checkpoint import load_params
+from melt_jax.checkpoint import load_config, load_params
+from melt_jax.data.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
 from melt_jax.errors import GenerationError
 from melt_jax.model.ouro import OuroModel
 from melt_jax.model.params import with_layer_layout
@@ -29,3 +33,19 @@ def load_model(path, dtype: str | None = None, int8: bool = False) -> tuple[Ouro
 
         model, params = quantize_int8(model, params)
     return model, params
+
+
+def checkpoint_tokenizer(path, tokenizer: str | None = None) -> Tokenizer:
+    """The tokenizer `tokenizer` ('byte', or a tokenizer.json file or its folder); None: the
+    tokenizer.json that the checkpoint directory `path` carries (melt-convert copies it from the
+    Hugging Face folder). GenerationError when there is none; CheckpointError for a bad `path`."""
+    if tokenizer is not None:
+        return load_tokenizer(tokenizer)
+    load_config(path)  # a missing or malformed checkpoint is named as such
+    if not (Path(path) / TOKENIZER_FILE).is_file():
+        raise GenerationError(
+            f"no tokenizer given and the checkpoint {path} has no {TOKENIZER_FILE}: pass --tokenizer "
+            "('byte', or a tokenizer.json file or its folder), or convert the checkpoint from a Hugging Face "
+            "folder that holds one"
+        )
+    return load_tokenizer(os.fspath(path))

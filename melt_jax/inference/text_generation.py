@@ -26,11 +26,11 @@ from typing import Any
 
 import flax.linen as nn
 
-from melt_jax.data.tokenizer import Tokenizer, load_tokenizer
+from melt_jax.data.tokenizer import Tokenizer
 from melt_jax.errors import DataError, GenerationError
 from melt_jax.inference.batching import DEFAULT_BATCH_BUCKETS
 from melt_jax.inference.generation import GenerationResult, GenerationRun, generation_run
-from melt_jax.inference.model_loading import load_model
+from melt_jax.inference.model_loading import checkpoint_tokenizer, load_model
 from melt_jax.inference.sampling import SamplingConfig
 from melt_jax.inference.speculative import speculative_run
 from melt_jax.model.exit import ExitPolicy
@@ -112,10 +112,11 @@ class TextGenerator:
     segment_steps: int = 16
 
     @classmethod
-    def load(cls, checkpoint, tokenizer: str, dtype: str | None = None, int8: bool = False, **settings):
+    def load(cls, checkpoint, tokenizer: str | None = None, dtype: str | None = None, int8: bool = False, **settings):
         """A generator over a melt_jax checkpoint directory (melt_jax.inference.model_loading.load_model)
-        and a tokenizer ('byte', or a tokenizer.json or its folder); `settings` are the other fields."""
-        tokenizer = load_tokenizer(tokenizer)
+        and a tokenizer ('byte', or a tokenizer.json or its folder; None: the one the checkpoint
+        carries); `settings` are the other fields."""
+        tokenizer = checkpoint_tokenizer(checkpoint, tokenizer)
         model, params = load_model(checkpoint, dtype, int8=int8)
         return cls(model, params, tokenizer, **settings)
 
