@@ -29,19 +29,31 @@ def _tpu_chips() -> int | None:
         return None
 
 
-def _platforms_without_tpu() -> list[str] | None:
-    """The backends jax would try, best first, without 'tpu' (None: unknown)."""
+def _platforms_without_tpu() -> str | None:
+    """The backends for a machine without a TPU chip, from the accelerators it has: "cuda,cpu" with
+    an NVIDIA GPU, "rocm,cpu" with an AMD GPU, else "cpu" (None: unknown). Read from the hardware,
+    not from jax's plugins: starting a plugin here would run its checks before a caller could set
+    them up (melt_jax.aot compiles for a GPU on a machine without one; its CUDA plugin then stays
+    registered under "cpu" alone)."""
+    try:
+        from jax._src import hardware_utils
+
+        if hardware_utils.has_visible_nvidia_gpu():
+            return "cuda,cpu"
+        if hardware_utils.num_available_amd_gpus(stop_at=1):
+            return "rocm,cpu"
+    except Exception:  # a jax whose helpers differ: leave the choice to jax
+        return None
+    return "cpu"
+
+
+def _backends_running() -> bool:
     try:
         from jax._src import xla_bridge
 
-        if xla_bridge.backends_are_initialized():
-            return None
-        xla_bridge._discover_and_register_pjrt_plugins()
-        factories = xla_bridge._backend_factories
-        ordered = sorted(factories, key=lambda name: -factories[name].priority)
-    except Exception:  # a jax whose internals differ: leave the choice to jax
-        return None
-    return [name for name in ordered if name != "tpu"]
+        return xla_bridge.backends_are_initialized()
+    except Exception:  # a jax without the helper: assume they are, and change nothing
+        return True
 
 
 def skip_absent_tpu() -> bool:
@@ -50,12 +62,12 @@ def skip_absent_tpu() -> bool:
     chosen = os.environ.get("JAX_PLATFORMS") or getattr(jax.config, "jax_platforms", None)
     if chosen or "JAX_FORCE_TPU_INIT" in os.environ:
         return False
-    if _tpu_chips() != 0:
+    if _tpu_chips() != 0 or _backends_running():
         return False
     platforms = _platforms_without_tpu()
     if not platforms:
         return False
-    jax.config.update("jax_platforms", ",".join(platforms))
+    jax.config.update("jax_platforms", platforms)
     return True
 
 
