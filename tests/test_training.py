@@ -511,7 +511,7 @@ def test_killed_run_resumes_from_its_last_complete_checkpoint(tmp_path, teacher_
     assert latest is not None and latest >= 5
     total = [f"steps={latest + 3}"]
     messages = []
-    resumed = run_stage(load_train_config(None, overrides + total), log=messages.append)
+    resumed = run_stage(load_train_config(None, overrides + total), accept_changes=True, log=messages.append)
     assert any(f"resumed from step {latest}" in m for m in messages)
     whole = run_stage(
         load_train_config(None, stage_overrides("looplm", tmp_path / "whole", teacher_dir, model_json) + base + total),
@@ -623,10 +623,10 @@ def test_decay_at_accuracy_decays_then_ends_the_stage(tmp_path, teacher_dir, mod
     rerun = run_stage(cfg, log=lambda _: None)
     assert rerun.steps == 7
     assert_params_close(final_params(rerun), final_params(result), atol=0)
-    # The run directory holds another model's state: a clear error, not orbax's tree dump.
+    # The run directory holds another model: a clear error naming the field, not orbax's tree dump.
     other_model = load_train_config(None, [*fields, "decay_at_accuracy=0.9", "decay_steps=3", "intermediate_size=8"])
-    with pytest.raises(TrainingError, match="does not hold this run's training state .*use a new output_dir"):
-        run_stage(other_model, log=lambda _: None)
+    with pytest.raises(RunConfigError, match="intermediate_size 0 -> 8.*cannot change within a run"):
+        run_stage(other_model, accept_changes=True, log=lambda _: None)
 
     seen.clear()
     untriggered = load_train_config(None, [*fields, f"output_dir={tmp_path / 'late'}", "steps=6", "decay_steps=4"])
@@ -636,7 +636,7 @@ def test_decay_at_accuracy_decays_then_ends_the_stage(tmp_path, teacher_dir, mod
     # Resumed with more steps, an untriggered decay follows the new end: it starts again decay_steps
     # before step 8, at 4, so updates 7 and 8 take 1/2 and 1/4 of the rate.
     longer = load_train_config(None, [*fields, f"output_dir={tmp_path / 'late'}", "steps=8", "decay_steps=4"])
-    assert run_stage(longer, log=lambda _: None).steps == 8
+    assert run_stage(longer, accept_changes=True, log=lambda _: None).steps == 8
     records = [json.loads(line) for line in (tmp_path / "late" / "metrics.jsonl").read_text().splitlines()]
     factors = [(r["step"], r["lr_factor"]) for r in records if "lr_factor" in r]
     assert [s for s, _ in factors] == list(range(1, 9))

@@ -4,18 +4,31 @@ A run directory holds `checkpoints/<step>/` with two items: `state` (the TrainSt
 optimizer state, RNG; saved from the sharded arrays, restored onto the shardings of the current mesh,
 which may differ from the saving run's) and `meta` (JSON: data-iterator position, stage, alpha, tokens
 seen). Saves are asynchronous and committed atomically by orbax, so a run killed at any moment leaves
-only complete checkpoints behind; the last `keep` are kept.
+only complete checkpoints behind; the last `keep` are kept. A checkpoint whose files were damaged
+afterwards (a truncated or missing file) is moved aside by `restore_latest`, which resumes from the
+newest intact one.
 """
 
 from __future__ import annotations
 
+import gc
+import shutil
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from melt_jax.errors import TrainingError
+
+DAMAGED = "damaged_checkpoints"  # beside checkpoints/: where damaged checkpoints are moved
+
+
+class DamagedCheckpoint(TrainingError):
+    """A checkpoint whose files cannot be read back (truncated, missing or corrupt)."""
 
 
 def abstract_like(tree: Any) -> Any:
@@ -52,9 +65,49 @@ class RunCheckpoints:
         except ValueError as e:  # orbax: the saved tree differs from the target's
             raise TrainingError(
                 f"the checkpoint at step {step} in {self.directory} does not hold this run's training state "
-                f"(another model, optimizer or state layout; use a new output_dir): {str(e).splitlines()[0]}"
+                f"(another model, optimizer or state layout; use a new output_dir): {_first_line(e)}"
             ) from None
+        except Exception as e:  # noqa: BLE001 - tensorstore and orbax raise bare Exceptions for unreadable files
+            _drop_pending_reads()
+            raise DamagedCheckpoint(_first_line(e).split(". See full")[0][:160]) from None
         return restored["state"], dict(restored["meta"])
+
+    def restore_latest(self, target_state: Any, warn: Callable[[str], None]) -> tuple[int, Any, dict] | None:
+        """(step, state, meta) of the newest checkpoint that reads back; None when there is none. Damaged
+        checkpoints newer than it are moved to `damaged_checkpoints/` beside this directory (so that
+        the run can save those steps again), each with a one-line warning; TrainingError when no
+        checkpoint is intact (nothing is moved then)."""
+        damaged: list[tuple[int, str]] = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                state, meta = self.restore(step, target_state)
+            except DamagedCheckpoint as e:
+                damaged.append((step, str(e)))
+                continue
+            for bad, why in damaged:
+                warn(f"warning: checkpoint at step {bad} is damaged ({why}); moved to {self._move_aside(bad)}")
+            if damaged:
+                multihost_utils.sync_global_devices("damaged checkpoints moved")
+                self.manager.reload()
+            return step, state, meta
+        if damaged:
+            listed = "; ".join(f"step {s}: {why}" for s, why in damaged)
+            raise TrainingError(
+                f"no intact checkpoint in {self.directory} ({listed}): move the damaged steps away to "
+                "train this stage from scratch, or use a new output_dir"
+            )
+        return None
+
+    def _move_aside(self, step: int) -> Path:
+        """Moves the checkpoint of `step` to damaged_checkpoints/<step> (a numbered name if taken)."""
+        target = self.directory.parent / DAMAGED / str(step)
+        suffix = 1
+        while target.exists():
+            target, suffix = target.with_name(f"{step}.{suffix}"), suffix + 1
+        if jax.process_index() == 0:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(self.directory / str(step), target)
+        return target
 
     def wait(self) -> None:
         """Blocks until the asynchronous saves in flight are committed."""
@@ -62,3 +115,18 @@ class RunCheckpoints:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _drop_pending_reads() -> None:
+    """Collects the reads a failed restore left behind; their "Exception ignored" reports would
+    repeat the error, at whatever moment they are collected."""
+    hook, sys.unraisablehook = sys.unraisablehook, lambda unraisable: None
+    try:
+        gc.collect()
+    finally:
+        sys.unraisablehook = hook

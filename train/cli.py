@@ -7,7 +7,10 @@
                         device holds; exit status 0 when it fits, 1 when it does not
 
 Several processes (one per host) join with --coordinator HOST:PORT --num-processes N --process-id I
-(jax.distributed; on CPU with gloo collectives). Bad input exits with status 2 and a message naming it.
+(jax.distributed; on CPU with gloo collectives). Bad input exits with status 2 and a message naming it,
+among it a rerun into an output_dir trained with other settings (--accept-changes continues it with
+the new ones where they may change: step counts, schedules, learning rates). SIGINT and SIGTERM save a
+checkpoint at the step reached and exit with status 128 + the signal's number (130, 143).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from melt_jax.errors import MeltJaxError
 from .compile import compile_stage
 from .config import RunConfigError, load_train_config
 from .pipeline import load_pipeline_config, run_pipeline
+from .signals import StageInterrupted
 from .trainer import run_stage
 
 
@@ -40,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--topology",
         help="compile: a TPU topology to compile for, e.g. v5p:2x2x2 or v6e:1x1 (needs the tpu extra), or one "
         "GPU, gpu:h200 or gpu:h100 (needs the cuda extra); default: this machine's devices",
+    )
+    parser.add_argument(
+        "--accept-changes",
+        action="store_true",
+        help="stage, pipeline: continue a run in output_dir with changed step counts, schedules or "
+        "learning rates (without it, a rerun with other settings than the run's stops)",
     )
     parser.add_argument("--coordinator", help="HOST:PORT of process 0, for a run over several processes")
     parser.add_argument("--num-processes", type=int, default=1)
@@ -68,15 +78,19 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(report.lines()))
             return 0 if report.fits else 1
         if args.command == "pipeline":
-            summary = run_pipeline(load_pipeline_config(args.config, args.overrides))
+            config = load_pipeline_config(args.config, args.overrides)
+            summary = run_pipeline(config, accept_changes=args.accept_changes)
             return 0 if summary["within_margin"] else 1
-        result = run_stage(load_train_config(args.config, args.overrides))
+        result = run_stage(load_train_config(args.config, args.overrides), accept_changes=args.accept_changes)
         print(f"[{args.command}] {result.steps} steps in {result.seconds:.0f} s; model saved to {result.model_dir}")
         print(f"evaluation: {result.evaluation}")
         return 0
     except (MeltJaxError, FileNotFoundError) as e:
         print(f"melt-train: error: {e}", file=sys.stderr)
         return 2
+    except StageInterrupted as e:
+        print(f"melt-train: {e}", file=sys.stderr)
+        return e.exit_status
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """The whole pipeline on one config: train a LoopLM teacher from scratch, (optionally) train its exit
 gate, distill it into MELT (phase 1, then phase 2), and compare teacher and student.
 
-Stages run in `output_dir`/{teacher, exit_gate, melt_phase1, melt_phase2}; each resumes from its own
-checkpoints, so an interrupted pipeline picks up where it stopped.
+Stages run in `output_dir`/{looplm, exit_gate, melt_phase1, melt_phase2}; each resumes from its own
+checkpoints, so an interrupted pipeline picks up where it stopped. The settings are recorded in
+`output_dir`/pipeline_config.json; a rerun with other settings stops before any stage runs, naming
+them (train/run_record.py).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from melt_jax.train.config import (
     to_dict,
 )
 from melt_jax.train.optimizer import OptimizerConfig
+from melt_jax.train.run_record import check_rerun, describe_accepted, holds_training, write_record
 from melt_jax.train.trainer import StageResult, run_stage
 
 # The embedded default: a one-layer version of the tiny preset (H=64, 4 loops) with a narrow MLP (32)
@@ -176,13 +179,29 @@ def format_summary(summary: dict, seconds: float) -> str:
     return "\n".join(lines)
 
 
-def run_pipeline(config: PipelineConfig, log: Callable[[str], None] = print) -> dict:
-    """Runs every stage and returns (and writes to output_dir/summary.json) the comparison."""
-    config.validate()
+def _record_settings(config: PipelineConfig, accept_changes: bool, log: Callable[[str], None]) -> None:
+    """Checks a rerun's settings against output_dir/pipeline_config.json (when a stage has trained)
+    and records them there."""
+    root = Path(config.output_dir)
+    record = root / "pipeline_config.json"
+    trained = root.is_dir() and any(holds_training(d) for d in root.iterdir() if d.is_dir())
+    changes = check_rerun(record, to_dict(config), trained, accept_changes)
+    if changes:
+        log(f"== {describe_accepted(changes)}")
+    root.mkdir(parents=True, exist_ok=True)
+    write_record(record, to_dict(config), changes)
+
+
+def run_pipeline(config: PipelineConfig, log: Callable[[str], None] = print, accept_changes: bool = False) -> dict:
+    """Runs every stage and returns (and writes to output_dir/summary.json) the comparison. A rerun
+    into an output_dir trained with other settings raises RunConfigError naming them, unless they
+    may change within a run and `accept_changes` is set (then every stage continues with them)."""
+    stage_configs = config.validate().stage_configs()
+    _record_settings(config, accept_changes, log)
     results = []
-    for stage_config in config.stage_configs():
+    for stage_config in stage_configs:
         log(f"== stage {stage_config.stage}: {stage_config.steps} steps -> {stage_config.output_dir}")
-        result = run_stage(stage_config, log=log)
+        result = run_stage(stage_config, accept_changes=accept_changes, log=log)
         ev = result.evaluation
         acc = f", accuracy {ev['accuracy']:.3f}" if "accuracy" in ev else ""
         log(f"   done in {result.seconds:.0f} s: per-loop loss {[round(x, 3) for x in ev['loss_per_loop']]}{acc}")

@@ -3,8 +3,11 @@
 `run_stage(config)` trains one stage (see train/config.py): a loop that draws a batch, runs the step
 and calls the hooks due after it (train/hooks.py: metrics, progress, held-out evaluation and the
 decay or stop its accuracy triggers, checkpoints, profiling). It leaves in config.output_dir:
-  checkpoints/<step>/   orbax CheckpointManager checkpoints (resumed from automatically)
-  metrics.jsonl         one JSON record per logged step and per evaluation (train/held_out.py's keys)
+  run_config.json       the settings the run was trained with (a rerun must match them: train/run_record.py)
+  checkpoints/<step>/   orbax CheckpointManager checkpoints (resumed from automatically; damaged ones
+                        are moved to damaged_checkpoints/)
+  metrics.jsonl         one JSON record per logged step and per evaluation (train/held_out.py's keys);
+                        on a resume, the records after the resumed step are dropped
   tensorboard/          the same as TensorBoard scalars, when tensorboardX is installed
   model/                the final model (config.json + params, melt_jax.checkpoint layout)
 """
@@ -12,7 +15,6 @@ decay or stop its accuracy triggers, checkpoints, profiling). It leaves in confi
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -48,6 +50,8 @@ from melt_jax.train.hooks import (
 )
 from melt_jax.train.metrics import MetricsLog
 from melt_jax.train.optimizer import build_optimizer
+from melt_jax.train.run_record import check_rerun, describe_accepted, holds_training, write_record
+from melt_jax.train.signals import StageInterrupted, StopSignals
 from melt_jax.train.stage_data import StageData, batch_digest, build_data
 from melt_jax.train.steps import init_state, make_train_step, scheduled_decay_start, shardings_of
 from melt_jax.train.tasks import Task, build_task
@@ -142,9 +146,10 @@ def _start_run(cfg: TrainConfig, stage: _Stage, checkpoints: RunCheckpoints, log
     decay_at_accuracy), at the latest at cfg.steps."""
     state = stage.state
     meta = {"stage": cfg.stage, "tokens_seen": 0, "batch_digest": "", "data": stage.iterator.state()}
-    latest = checkpoints.latest_step()
-    if latest is not None:
-        state, meta = checkpoints.restore(latest, state)
+    latest = None
+    restored = checkpoints.restore_latest(state, warn=lambda m: log(f"[{cfg.stage}] {m}"))
+    if restored is not None:
+        latest, state, meta = restored
         if meta.get("stage") != cfg.stage:
             raise TrainingError(
                 f"{Path(cfg.output_dir)} holds checkpoints of stage {meta.get('stage')!r}, not {cfg.stage!r}"
@@ -166,7 +171,7 @@ def _start_run(cfg: TrainConfig, stage: _Stage, checkpoints: RunCheckpoints, log
 
 
 def _stage_hooks(
-    cfg: TrainConfig, stage: _Stage, run: StageRun, checkpoints: RunCheckpoints, metrics_log: MetricsLog
+    cfg: TrainConfig, stage: _Stage, run: StageRun, save: SaveCheckpoint, metrics_log: MetricsLog
 ) -> Hooks:
     """The hooks of a stage, in the order they run after a step: profiling, metrics and progress,
     held-out evaluation and what its accuracy triggers, checkpoints."""
@@ -188,7 +193,7 @@ def _stage_hooks(
         hooks.add(StopAtAccuracy(cfg.stop_at_accuracy), every=eval_every)
     if cfg.decay_at_accuracy:
         hooks.add(DecayAtAccuracy(cfg.decay_at_accuracy), every=eval_every)
-    hooks.add(SaveCheckpoint(checkpoints, stage.iterator.state), every=cfg.checkpoint_every, at_end=True)
+    hooks.add(save, every=cfg.checkpoint_every, at_end=True)
     return hooks
 
 
@@ -202,15 +207,17 @@ def _take_step(run: StageRun, stage: _Stage) -> None:
     run.meta["tokens_seen"] += stage.tokens_per_step
 
 
-def _train(run: StageRun, stage: _Stage, hooks: Hooks, stop_after: int | None) -> None:
+def _train(run: StageRun, stage: _Stage, hooks: Hooks, stop_after: int | None, signals: StopSignals) -> None:
     """Steps until the stage ends (or stops early), calling the hooks due after each step; with
-    `stop_after`, at most that many steps."""
+    `stop_after`, at most that many steps; after a SIGINT or SIGTERM, none more."""
     steps_this_call = 0
     while run.step < run.end and not run.stopped_early:
         hooks.before_step(run)
         _take_step(run, stage)
         steps_this_call += 1
         hooks.after_step(run)
+        if signals.stop_requested(run.step, stage.cfg.log_every):
+            break
         if stop_after is not None and steps_this_call >= stop_after and run.step < run.end:
             break
 
@@ -223,7 +230,8 @@ def _final_evaluation(run: StageRun, stage: _Stage, metrics_log: MetricsLog) -> 
     if not stage.cfg.eval_batches:
         return {}
     result = stage.evaluate(run.state.params)
-    metrics_log.write({"step": run.step, "eval": result})
+    if run.step not in metrics_log.evaluated_steps:  # a finished stage run again is evaluated again
+        metrics_log.write({"step": run.step, "eval": result})
     return result
 
 
@@ -235,31 +243,62 @@ def _save_model(model_dir: Path, stage: _Stage, params) -> None:
     multihost_utils.sync_global_devices("model saved")
 
 
-def run_stage(cfg: TrainConfig, *, stop_after: int | None = None, log: Callable[[str], None] = print) -> StageResult:
-    """Trains one stage to cfg.steps, resuming from the run's latest checkpoint if there is one.
-    `stop_after` ends this call after that many steps of this call (an interruption, for tests)."""
+def _check_rerun(cfg: TrainConfig, accept_changes: bool, log: Callable[[str], None]) -> dict:
+    """The accepted setting changes of a rerun into a directory that holds training ({} otherwise);
+    RunConfigError when its settings differ from the recorded ones (train/run_record.py)."""
+    out = Path(cfg.output_dir)
+    changes = check_rerun(out / "run_config.json", to_dict(cfg), holds_training(out), accept_changes)
+    if changes:
+        log(f"[{cfg.stage}] {describe_accepted(changes)}")
+    return changes
+
+
+def _save_if_interrupted(run: StageRun, save: SaveCheckpoint, signals: StopSignals) -> None:
+    """After a SIGINT or SIGTERM: saves the step reached, unless it is saved already."""
+    if signals.received is not None and run.last_saved != run.step:
+        save(run)
+
+
+def run_stage(
+    cfg: TrainConfig,
+    *,
+    stop_after: int | None = None,
+    accept_changes: bool = False,
+    log: Callable[[str], None] = print,
+) -> StageResult:
+    """Trains one stage to cfg.steps, resuming from the run's latest intact checkpoint if there is one.
+    A rerun into a directory trained with other settings raises RunConfigError naming them, unless
+    they may change within a run and `accept_changes` is set. On SIGINT or SIGTERM it saves a
+    checkpoint at the step reached and raises StageInterrupted. `stop_after` ends this call after
+    that many steps of this call (an interruption, for tests)."""
     cfg.validate()
+    changes = _check_rerun(cfg, accept_changes, log)
     started = time.perf_counter()
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stage = _build_stage(cfg)
-    checkpoints = RunCheckpoints(out / "checkpoints", cfg.keep_checkpoints, cfg.async_checkpoints)
-    run = _start_run(cfg, stage, checkpoints, log)
-    if _is_main():
-        (out / "run_config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
-    metrics_log = MetricsLog(out, enabled=_is_main(), tensorboard=cfg.tensorboard, log=log)
-    hooks = _stage_hooks(cfg, stage, run, checkpoints, metrics_log)
-    evaluation: dict = {}
-    try:
-        _train(run, stage, hooks, stop_after)
-        checkpoints.wait()
-        if run.finished:
-            evaluation = _final_evaluation(run, stage, metrics_log)
-            _save_model(out / "model", stage, run.state.params)
-    finally:
-        hooks.close()
-        checkpoints.close()
-        metrics_log.close()
+    with StopSignals() as signals:
+        out.mkdir(parents=True, exist_ok=True)
+        stage = _build_stage(cfg)
+        checkpoints = RunCheckpoints(out / "checkpoints", cfg.keep_checkpoints, cfg.async_checkpoints)
+        run = _start_run(cfg, stage, checkpoints, log)
+        if _is_main():
+            write_record(out / "run_config.json", to_dict(cfg), changes, step=run.step)
+        metrics_log = MetricsLog(out, enabled=_is_main(), tensorboard=cfg.tensorboard, log=log, start_step=run.step)
+        save = SaveCheckpoint(checkpoints, stage.iterator.state)
+        hooks = _stage_hooks(cfg, stage, run, save, metrics_log)
+        evaluation: dict = {}
+        try:
+            _train(run, stage, hooks, stop_after, signals)
+            _save_if_interrupted(run, save, signals)
+            checkpoints.wait()
+            if run.finished:
+                evaluation = _final_evaluation(run, stage, metrics_log)
+                _save_model(out / "model", stage, run.state.params)
+            if signals.received is not None:
+                raise StageInterrupted(signals.received, run.stage, run.step, run.checkpoint_dir)
+        finally:
+            hooks.close()
+            checkpoints.close()
+            metrics_log.close()
     return StageResult(
         output_dir=out,
         model_dir=out / "model",
