@@ -5,23 +5,22 @@
     melt-convert export CKPT_DIR HF_DIR [--dtype ...] [--max-shard-size 5GB] [--overwrite]
         melt_jax checkpoint directory -> Hugging Face folder (config.json + safetensors).
 
-Progress goes to stderr, a one-line summary to stdout. Bad input prints `error: ...` to stderr and
-exits with status 1, leaving no output behind.
+Progress goes to stderr, a one-line summary to stdout. Bad input prints `melt-convert: error: ...` to
+stderr and exits with status 2, a failure while writing (a full disk) with status 1, leaving no output
+behind (melt_jax.errors.exit_status, the convention of every melt_jax command line).
 """
 
 from __future__ import annotations
 
 import argparse
 import re
-import sys
 import time
 
 from melt_jax.checkpoint import check_destination, load_params, numpy_dtype, save_params
 from melt_jax.dtypes import STORABLE_NAMES
-from melt_jax.errors import CheckpointError, ConfigError
+from melt_jax.errors import MeltJaxError, exit_status
 from melt_jax.model.params import count_params
 
-from .errors import ConversionError
 from .hf_export import DEFAULT_MAX_SHARD_BYTES, save_hf_checkpoint
 from .hf_import import load_hf_checkpoint
 from .mapping import hf_tensor_plan
@@ -147,8 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         summary = COMMANDS[args.command](args)
-    except (ConversionError, CheckpointError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except (MeltJaxError, OSError) as e:
+        return exit_status("melt-convert", e)
     print(summary)
     return 0

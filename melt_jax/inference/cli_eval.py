@@ -30,7 +30,7 @@ import numpy as np
 from melt_jax.data.pipeline import load_text_dataset, pack_documents, tokenize_dataset
 from melt_jax.data.synthetic import answer_batch
 from melt_jax.data.tokenizer import load_tokenizer
-from melt_jax.errors import DataError, MeltJaxError
+from melt_jax.errors import DataError, MeltJaxError, exit_status
 from melt_jax.inference.evaluation import evaluate_dataset
 from melt_jax.inference.model_loading import load_model
 from melt_jax.model.exit import ExitPolicy
@@ -159,9 +159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         results = evaluate(args)
-    except MeltJaxError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
+    except (MeltJaxError, OSError) as e:
+        return exit_status(PROG, e)
     print(json.dumps(results, indent=2) if args.json else report(results))
     return 0
 
