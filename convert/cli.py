@@ -10,23 +10,22 @@ The tokenizer and generation files of the source (tokenizer.json, tokenizer_conf
 generation_config.json, ...: melt_jax.checkpoint.GENERATION_FILES) are copied with the weights by every
 command, so that a converted checkpoint generates without --tokenizer.
 
-Progress goes to stderr, a one-line summary to stdout. Bad input prints `error: ...` to stderr and
-exits with status 1, leaving no output behind.
+Progress goes to stderr, a one-line summary to stdout. Bad input prints `melt-convert: error: ...` to
+stderr and exits with status 2, a failure while writing (a full disk) with status 1, leaving no output
+behind (melt_jax.errors.exit_status, the convention of every melt_jax command line).
 """
 
 from __future__ import annotations
 
 import argparse
 import re
-import sys
 import time
 
 from melt_jax.checkpoint import check_destination, generation_files, load_params, numpy_dtype, save_params
 from melt_jax.dtypes import STORABLE_NAMES
-from melt_jax.errors import CheckpointError, ConfigError
+from melt_jax.errors import MeltJaxError, exit_status
 from melt_jax.model.params import count_params
 
-from .errors import ConversionError
 from .hf_export import DEFAULT_MAX_SHARD_BYTES, save_hf_checkpoint, stored_dtype
 from .hf_import import load_hf_checkpoint
 from .mapping import hf_tensor_plan
@@ -162,8 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         summary = COMMANDS[args.command](args)
-    except (ConversionError, CheckpointError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except (MeltJaxError, OSError) as e:
+        return exit_status("melt-convert", e)
     print(summary)
     return 0

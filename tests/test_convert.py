@@ -767,8 +767,8 @@ def test_bad_input_fails_cleanly(tmp_path, hf_config, state_dict, hf_dir, import
     assert snapshot(attempt.dest) == before and not leftovers(attempt.dest)
 
     if attempt.argv is not None:
-        assert main(attempt.argv) == 1
+        assert main(attempt.argv) == 2
         err = capsys.readouterr().err
-        assert err.strip().splitlines()[-1].startswith("error: ") and re.search(match, err)
+        assert err.strip().splitlines()[-1].startswith("melt-convert: error: ") and re.search(match, err)
         assert "Traceback" not in err
         assert snapshot(attempt.dest) == before and not leftovers(attempt.dest)

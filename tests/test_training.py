@@ -1,6 +1,7 @@
 """The training program: objectives, sharded steps against one device, two processes against one,
 kill and resume, NaN stop, bad configurations, and the pipeline end to end (tiny sizes throughout)."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -274,8 +275,8 @@ def test_metrics_log_flattens_records_and_works_without_tensorboard(tmp_path, mo
     record = {"step": 7, "loss": 0.5, "eval": {"loss_per_loop": [2.0, 1.0], "accuracy": 0.25}}
     assert metrics.scalars(record) == {
         "loss": 0.5,
-        "eval/loss_per_loop/loop_1": 2.0,
-        "eval/loss_per_loop/loop_2": 1.0,
+        "eval/loss_per_loop/loop_0": 2.0,
+        "eval/loss_per_loop/loop_1": 1.0,
         "eval/accuracy": 0.25,
     }
     monkeypatch.setattr(metrics, "tensorboard_available", lambda: False)
@@ -289,8 +290,9 @@ def test_metrics_log_flattens_records_and_works_without_tensorboard(tmp_path, mo
 
 
 def test_held_out_evaluation_reports_what_melt_eval_does(tmp_path, teacher_dir, model_json):
-    """The held-out evaluation has evaluate_dataset's keys (melt-eval's) and its values on the same
-    rows, the last loop as the exit; its per-loop accuracy ends with that accuracy."""
+    """The held-out evaluation of the synthetic task is evaluate_dataset's (melt-eval's) on the same
+    prompt + answer rows: the loss over the answer tokens (no perplexity), the last loop as the exit,
+    per-loop accuracy ending with that accuracy; on text, the loss over all tokens with perplexity."""
     from melt_jax.inference import evaluate_dataset
     from melt_jax.model import ExitPolicy
     from melt_jax.train.held_out import evaluate, make_eval_steps
@@ -301,25 +303,31 @@ def test_held_out_evaluation_reports_what_melt_eval_does(tmp_path, teacher_dir, 
     mesh = make_mesh(cfg.mesh)
     task, data = build_task(cfg, mesh), build_data(cfg)
     params = load_params(teacher_dir)[1]
-    got = evaluate(make_eval_steps(task, mesh), params, data, cfg, mesh)
+    steps = make_eval_steps(task, mesh)
+    got = evaluate(steps, params, data, cfg, mesh)
 
-    held = data.held_out.as_dict()
-    rows = [{k: held[k][i * BATCH : (i + 1) * BATCH] for k in ("tokens", "loss_mask")} for i in range(2)]
-    want = evaluate_dataset(task.model, params, rows, ExitPolicy.last())
     answers = data.answers
     whole = answers["tokens"].shape[0] // BATCH * BATCH
     answer_rows = [
-        {"tokens": answers["tokens"][i : i + BATCH], "answer_mask": answers["answer_mask"][i : i + BATCH]}
+        {k: answers[k][i : i + BATCH] for k in ("tokens", "answer_mask")}
+        | {"loss_mask": answers["answer_mask"][i : i + BATCH]}
         for i in range(0, whole, BATCH)
     ]
-    want_answers = evaluate_dataset(task.model, params, answer_rows, ExitPolicy.last())
-
-    assert set(got) == set(want) | set(want_answers) | {"accuracy_per_loop"}
-    for key in ("loss_per_loop", "perplexity_per_loop", "loss", "perplexity", "num_tokens"):
+    want = evaluate_dataset(task.model, params, answer_rows, ExitPolicy.last(), tokens_scored="answer")
+    assert set(got) == set(want) and "perplexity" not in got and got["tokens_scored"] == "answer"
+    for key in ("loss_per_loop", "loss", "num_tokens", "accuracy_per_loop"):
         np.testing.assert_allclose(got[key], want[key], rtol=1e-5, err_msg=key)
-    assert got["num_batches"] == want["num_batches"] == 2
-    assert got["num_examples"] == want_answers["num_examples"] == whole
-    assert got["accuracy"] == want_answers["accuracy"] == got["accuracy_per_loop"][-1]
+    assert got["num_batches"] == want["num_batches"] == whole // BATCH
+    assert got["num_examples"] == want["num_examples"] == whole
+    assert got["accuracy"] == want["accuracy"] == got["accuracy_per_loop"][-1]
+
+    text = evaluate(steps, params, dataclasses.replace(data, answers=None), cfg, mesh)
+    held = data.held_out.as_dict()
+    rows = [{k: held[k][i * BATCH : (i + 1) * BATCH] for k in ("tokens", "loss_mask")} for i in range(2)]
+    want_text = evaluate_dataset(task.model, params, rows, ExitPolicy.last())
+    assert set(text) == set(want_text) and text["tokens_scored"] == "all"
+    for key in ("loss_per_loop", "perplexity_per_loop", "loss", "perplexity", "num_tokens"):
+        np.testing.assert_allclose(text[key], want_text[key], rtol=1e-5, err_msg=key)
     assert len(got["accuracy_per_loop"]) == MODEL.total_ut_steps
 
 

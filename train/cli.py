@@ -5,39 +5,59 @@
     melt-train compile  [--config FILE] [--topology v5p:2x2x2] [field=value ...]
                         compiles one stage's training step without running it and prints what each
                         device holds; exit status 0 when it fits, 1 when it does not
+    melt-train show-config [stage|pipeline]
+                        every field of the stage's (default) or the pipeline's config, with its
+                        default and meaning
 
 Several processes (one per host) join with --coordinator HOST:PORT --num-processes N --process-id I
-(jax.distributed; on CPU with gloo collectives). Bad input exits with status 2 and a message naming it,
-among it a rerun into an output_dir trained with other settings (--accept-changes continues it with
-the new ones where they may change: step counts, schedules, learning rates). SIGINT and SIGTERM save a
-checkpoint at the step reached and exit with status 128 + the signal's number (130, 143).
+(jax.distributed; on CPU with gloo collectives). Errors print `melt-train: error: ...` on stderr and
+exit with status 2 for bad input, 1 for a run that failed once started (melt_jax.errors.exit_status);
+a run that fails leaves no output directory it created and left empty. A rerun into an output_dir
+trained with other settings is bad input (--accept-changes continues it with the new ones where they
+may change: step counts, schedules, learning rates). SIGINT and SIGTERM save a checkpoint at the step
+reached and exit with status 128 + the signal's number (130, 143).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
+from pathlib import Path
 
 import jax
 
-from melt_jax.errors import MeltJaxError
+from melt_jax.errors import MeltJaxError, exit_status
 
 from .compile import compile_stage
 from .config import RunConfigError, load_train_config
+from .config_docs import show_config
 from .pipeline import load_pipeline_config, run_pipeline
 from .signals import StageInterrupted
-from .trainer import run_stage
+from .trainer import StageResult, run_stage
+
+COMMANDS = ("stage", "pipeline", "compile", "show-config")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="melt-train", description="Train LoopLM teachers and distill them into MELT.")
-    parser.add_argument(
-        "command",
-        choices=("stage", "pipeline", "compile"),
-        help="one stage, the whole pipeline, or one stage's step compiled to read its memory",
+    parser = argparse.ArgumentParser(
+        prog="melt-train",
+        description="Train LoopLM teachers and distill them into MELT.",
+        epilog="`melt-train show-config stage` and `melt-train show-config pipeline` list every config field "
+        "with its default and meaning.",
     )
     parser.add_argument(
-        "overrides", nargs="*", help="config overrides field=value (e.g. steps=200 optimizer.learning_rate=3e-4)"
+        "command",
+        choices=COMMANDS,
+        help="one stage, the whole pipeline, one stage's step compiled to read its memory, or the config "
+        "fields (show-config [stage|pipeline])",
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        help="config overrides field=value (e.g. steps=200 optimizer.learning_rate=3e-4; on the pipeline "
+        "train.batch_size=32)",
     )
     parser.add_argument("--config", help="a JSON or YAML config file")
     parser.add_argument(
@@ -67,27 +87,72 @@ def initialize_distributed(args: argparse.Namespace) -> None:
     jax.distributed.initialize(args.coordinator, num_processes=args.num_processes, process_id=args.process_id)
 
 
+def format_stage_result(stage: str, result: StageResult) -> str:
+    """The table `melt-train stage` ends with: steps, time, the final held-out evaluation (per-loop
+    loss and accuracy, loops numbered from 0) and where the model is."""
+    lines = [f"[{stage}] {result.steps} steps in {result.seconds:.0f} s; model saved to {result.model_dir}"]
+    ev = result.evaluation
+    if not ev:
+        return "\n".join([*lines, "no held-out evaluation (eval_batches=0)"])
+    accuracy = ev.get("accuracy_per_loop")
+    lines += ["", "| loop | held-out loss | held-out accuracy |", "|---:|---:|---:|"]
+    for t, loss in enumerate(ev["loss_per_loop"]):
+        lines.append(f"| {t} | {loss:.4f} | {'-' if accuracy is None else f'{accuracy[t]:.3f}'} |")
+    tokens = f"{ev['num_tokens']:.0f} {ev.get('tokens_scored', 'scored')} tokens"
+    examples = f", accuracy on {ev['num_examples']} examples" if "num_examples" in ev else ""
+    return "\n".join([*lines, f"({tokens}{examples}; loops numbered from 0)"])
+
+
+@contextlib.contextmanager
+def removed_if_left_empty(directory: str):
+    """Removes `directory` (and the empty folders it holds, and the parents made for it) when the
+    block fails and `directory` did not exist before it and holds no file: a failed start leaves
+    nothing behind."""
+    path = Path(directory).absolute()
+    existed = path.exists()
+    while not path.parent.exists():
+        path = path.parent
+    try:
+        yield
+    except BaseException:
+        if not existed and path.is_dir() and not any(p.is_file() for p in path.rglob("*")):
+            for folder, _, _ in sorted(os.walk(path), key=lambda w: -len(w[0])):
+                os.rmdir(folder)
+        raise
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "show-config":
+        kinds = args.overrides or ["stage"]
+        if len(kinds) != 1 or kinds[0] not in ("stage", "pipeline"):
+            raise RunConfigError(f"show-config takes 'stage' or 'pipeline', got {' '.join(kinds)}")
+        print(show_config(kinds[0]))
+        return 0
+    initialize_distributed(args)
+    if args.topology is not None and args.command != "compile":
+        raise RunConfigError("--topology is an option of melt-train compile")
+    if args.command == "compile":
+        report = compile_stage(load_train_config(args.config, args.overrides), args.topology)
+        print("\n".join(report.lines()))
+        return 0 if report.fits else 1
+    if args.command == "pipeline":
+        config = load_pipeline_config(args.config, args.overrides)
+        with removed_if_left_empty(config.output_dir):
+            summary = run_pipeline(config, accept_changes=args.accept_changes)
+        return 0 if summary["within_margin"] else 1
+    config = load_train_config(args.config, args.overrides)
+    with removed_if_left_empty(config.output_dir):
+        result = run_stage(config, accept_changes=args.accept_changes)
+    print(format_stage_result(config.stage, result))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
     try:
-        initialize_distributed(args)
-        if args.topology is not None and args.command != "compile":
-            raise RunConfigError("--topology is an option of melt-train compile")
-        if args.command == "compile":
-            report = compile_stage(load_train_config(args.config, args.overrides), args.topology)
-            print("\n".join(report.lines()))
-            return 0 if report.fits else 1
-        if args.command == "pipeline":
-            config = load_pipeline_config(args.config, args.overrides)
-            summary = run_pipeline(config, accept_changes=args.accept_changes)
-            return 0 if summary["within_margin"] else 1
-        result = run_stage(load_train_config(args.config, args.overrides), accept_changes=args.accept_changes)
-        print(f"[{args.command}] {result.steps} steps in {result.seconds:.0f} s; model saved to {result.model_dir}")
-        print(f"evaluation: {result.evaluation}")
-        return 0
-    except (MeltJaxError, FileNotFoundError) as e:
-        print(f"melt-train: error: {e}", file=sys.stderr)
-        return 2
+        return _run(args)
+    except (MeltJaxError, OSError) as e:
+        return exit_status("melt-train", e)
     except StageInterrupted as e:
         print(f"melt-train: {e}", file=sys.stderr)
         return e.exit_status

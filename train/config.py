@@ -11,6 +11,7 @@ A stage is one of:
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import typing
 from pathlib import Path
@@ -250,13 +251,32 @@ def _convert(value: Any, annotation: Any, name: str) -> Any:
         raise RunConfigError(f"{name} must be {getattr(target, '__name__', target)}, got {value!r}") from None
 
 
+def _near_misses(key: str, types: dict[str, Any], prefix: str) -> list[str]:
+    """The fields of a config meant by the unknown `key`: those of a section holding a field `key`
+    (e.g. train.data for data on the pipeline), and those spelled like it (difflib)."""
+    sections = [name for name, t in types.items() if dataclasses.is_dataclass(t) and key in _field_types(t)]
+    close = difflib.get_close_matches(key, list(types), n=3, cutoff=0.6)
+    return [f"{prefix}{name}.{key}" for name in sections] + [prefix + name for name in close]
+
+
 def from_dict(cls, values: dict[str, Any], prefix: str = ""):
-    """An instance of the dataclass `cls` from a (nested) dict; unknown keys are errors."""
+    """An instance of the dataclass `cls` from a (nested) dict; unknown keys are errors naming the
+    fields they may have meant."""
     types = _field_types(cls)
     unknown = sorted(set(values) - set(types))
     if unknown:
-        raise RunConfigError(f"unknown config field(s) {', '.join(prefix + k for k in unknown)}")
-    return cls(**{k: _convert(v, types[k], prefix + k) for k, v in values.items()})
+        named = []
+        for key in unknown:
+            hints = _near_misses(key, types, prefix)
+            named.append(prefix + key + (f" (did you mean {' or '.join(hints)}?)" if hints else ""))
+        raise RunConfigError(f"unknown config field(s) {', '.join(named)}; `melt-train show-config` lists the fields")
+    converted = {k: _convert(v, types[k], prefix + k) for k, v in values.items()}
+    try:
+        return cls(**converted)
+    except (TypeError, ValueError) as e:
+        if isinstance(e, MeltJaxError):
+            raise
+        raise RunConfigError(str(e)) from None
 
 
 def to_dict(config) -> dict[str, Any]:

@@ -1,9 +1,12 @@
-"""Evaluation during training: per-loop loss and perplexity on held-out rows, and per-loop
-exact-match accuracy on the synthetic task's held-out examples, jitted under the run's mesh.
+"""Evaluation during training, jitted under the run's mesh: on the synthetic task, per-loop loss over the
+answer tokens and per-loop exact-match accuracy of its held-out examples (one prompt + answer a row, as
+melt-eval scores a synthetic dataset's answers); on other data, per-loop loss and perplexity over all
+tokens of held-out packed rows (as melt-eval scores text).
 
-The result has the keys of `evaluation.evaluate_dataset` (what melt-eval reports), computed with
-evaluation's functions; the loop over batches is this module's own because its rows are global
-arrays on the run's mesh, fed by every process, and its accuracy is reported for every loop."""
+The result has the keys of `evaluation.evaluate_dataset` (what melt-eval reports, one definition of
+each: see melt_jax/inference/evaluation.py), computed with evaluation's functions; the loop over
+batches is this module's own because its rows are global arrays on the run's mesh, fed by every
+process."""
 
 from __future__ import annotations
 
@@ -34,11 +37,12 @@ class EvalSteps:
 
     loss(params, tokens, loss_mask, segment_ids) -> evaluation.LossSums (per-loop weighted CE sums [T],
         weight); segment_ids None unless the task's batches carry them
-    correct(params, tokens, answer_mask) -> per-loop exact-match counts over the rows [T]
+    answers(params, tokens, answer_mask) -> (evaluation.LossSums over the answer tokens, per-loop
+        exact-match counts over the rows [T])
     """
 
     loss: Callable
-    correct: Callable
+    answers: Callable
 
 
 def make_eval_steps(task: Task, mesh) -> EvalSteps:
@@ -47,10 +51,11 @@ def make_eval_steps(task: Task, mesh) -> EvalSteps:
     def loss(params, tokens, loss_mask, segment_ids):
         return evaluation.loss_sums(model, params, tokens, loss_mask, ExitPolicy.last(), segment_ids=segment_ids)
 
-    def correct(params, tokens, answer_mask):
-        return jnp.sum(evaluation.loop_answer_matches(model, params, tokens, answer_mask), axis=1)  # [T]
+    def answers(params, tokens, answer_mask):
+        sums, matches = evaluation.answer_sums(model, params, tokens, answer_mask)
+        return sums, jnp.sum(matches, axis=1)  # [T]
 
-    return EvalSteps(loss=under_mesh(jax.jit(loss), mesh), correct=under_mesh(jax.jit(correct), mesh))
+    return EvalSteps(loss=under_mesh(jax.jit(loss), mesh), answers=under_mesh(jax.jit(answers), mesh))
 
 
 def _global_rows(rows: np.ndarray, mesh) -> Array:
@@ -77,33 +82,35 @@ def held_out_loss(steps: EvalSteps, params, data: StageData, cfg: TrainConfig, m
     return total, num_batches
 
 
-def held_out_matches(
+def held_out_answers(
     steps: EvalSteps, params, answers: dict[str, np.ndarray], batch: int, mesh
-) -> tuple[np.ndarray, int]:
-    """Per-loop exact-match counts [T] over the whole batches of the held-out examples, and the
-    number of examples counted."""
+) -> tuple[evaluation.LossSums, np.ndarray, int, int]:
+    """Over the whole batches of the held-out examples: the loss sums over their answer tokens, the
+    per-loop exact-match counts [T], the number of examples counted and of batches."""
     tokens, answer_mask = answers["tokens"], answers["answer_mask"]
-    correct, total_rows = 0, 0
+    total, correct, total_rows, num_batches = None, 0, 0, 0
     for start in range(0, tokens.shape[0] - batch + 1, batch):
         t = _global_rows(tokens[start : start + batch], mesh)
         a = _global_rows(answer_mask[start : start + batch], mesh)
-        correct = correct + np.asarray(steps.correct(params, t, a))
+        sums, matches = steps.answers(params, t, a)
+        total = sums if total is None else total + sums
+        correct = correct + np.asarray(matches)
         total_rows += batch
-    return np.atleast_1d(correct), total_rows
+        num_batches += 1
+    return total, np.atleast_1d(correct), total_rows, num_batches
 
 
 def evaluate(steps: EvalSteps, params, data: StageData, cfg: TrainConfig, mesh) -> dict:
-    """Per-loop loss and perplexity on held-out rows; per-loop exact-match accuracy on the synthetic
-    task's held-out examples (teacher-forced answer tokens all argmax = greedy exact match).
-
-    The keys are those of `evaluation.evaluate_dataset` (what melt-eval reports) with the last loop as
-    the exit: "loss_per_loop", "perplexity_per_loop", "loss", "perplexity", "num_tokens",
-    "num_batches" and, for the synthetic task, "accuracy_per_loop", "accuracy", "num_examples"."""
-    total, num_batches = held_out_loss(steps, params, data, cfg, mesh)
-    result = total.report(num_batches)
-    if data.answers is not None:
-        correct, num_examples = held_out_matches(steps, params, data.answers, cfg.batch_size, mesh)
-        result["accuracy_per_loop"] = [float(c) / max(num_examples, 1) for c in correct]
-        result["accuracy"] = result["accuracy_per_loop"][-1]
-        result["num_examples"] = num_examples
+    """The held-out evaluation (see the module docstring), the last loop as the exit: the keys of
+    `evaluation.evaluate_dataset` (what melt-eval reports): "loss_per_loop" (loop 0 first), "loss",
+    "tokens_scored", "num_tokens", "num_batches" and, on the synthetic task, "accuracy_per_loop",
+    "accuracy", "num_examples", else "perplexity_per_loop", "perplexity"."""
+    if data.answers is None:
+        total, num_batches = held_out_loss(steps, params, data, cfg, mesh)
+        return total.report(num_batches, "all")
+    total, correct, num_examples, num_batches = held_out_answers(steps, params, data.answers, cfg.batch_size, mesh)
+    result = total.report(num_batches, "answer")
+    result["accuracy_per_loop"] = [float(c) / max(num_examples, 1) for c in correct]
+    result["accuracy"] = result["accuracy_per_loop"][-1]
+    result["num_examples"] = num_examples
     return result

@@ -136,19 +136,51 @@ class Hooks:
 # Progress and metrics
 
 
-class ProgressBar:
-    """A tqdm bar of the stage's steps, with the latest logged loss and tokens/s beside it."""
+def stop_rule(steps: int, stop_at_accuracy: float = 0.0, decay_at_accuracy: float = 0.0, decay_steps: int = 0) -> str:
+    """What ends a stage, in words: "stops at step 100", "stops at acc >= 0.95 or step 4000", or
+    "decays at acc >= 0.95, stops 500 steps later, by step 4000"."""
+    if stop_at_accuracy:
+        return f"stops at acc >= {stop_at_accuracy:g} or step {steps}"
+    if decay_at_accuracy:
+        return f"decays at acc >= {decay_at_accuracy:g}, stops {decay_steps} steps later, by step {steps}"
+    return f"stops at step {steps}"
 
-    def __init__(self, stage: str, total: int, initial: int):
+
+class ProgressBar:
+    """A tqdm bar of the stage's steps up to where the stage now ends (run.end: the bar shrinks when an
+    accuracy starts the decay early), with the latest logged loss (and the LoopLM loss's CE and
+    entropy terms), tokens/s, the latest held-out accuracy and what will stop the stage (`stops`,
+    `stop_rule`)."""
+
+    def __init__(self, stage: str, total: int, initial: int, stops: str = ""):
         from tqdm import tqdm
 
         self.bar = tqdm(total=total, initial=initial, desc=stage, unit="step", dynamic_ncols=True)
+        self.stops = stops
+        self.postfix: dict[str, str] = {}
 
-    def show(self, loss: float, tokens_per_s: float) -> None:
-        self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+    def show(self, loss: float, tokens_per_s: float, metrics: dict | None = None) -> None:
+        metrics = metrics or {}
+        self.postfix.update(loss=f"{loss:.4f}")
+        if "expected_ce" in metrics and "exit_entropy" in metrics:
+            self.postfix.update(ce=f"{float(metrics['expected_ce']):.4f}", H=f"{float(metrics['exit_entropy']):.3f}")
+        self.postfix.update(tok_s=f"{tokens_per_s:,.0f}")
+        self._refresh()
+
+    def _refresh(self) -> None:
+        postfix = ", ".join(f"{k}={v}" for k, v in self.postfix.items())
+        self.bar.set_postfix_str(f"{postfix}; {self.stops}" if self.stops else postfix)
 
     def advance(self, run: StageRun) -> None:
+        if run.end != self.bar.total:
+            self.bar.total = run.end
         self.bar.update(1)
+        if run.evaluated_now() and "accuracy" in run.evaluation:
+            self.postfix["acc"] = f"{run.evaluation['accuracy']:.3f}"
+            self._refresh()
+        if run.stopped_early:
+            self.bar.total = run.step
+            self.bar.refresh()
 
     def close(self) -> None:
         self.bar.close()
@@ -179,7 +211,7 @@ class LogMetrics:
         tokens_per_s = (run.step - self.window_first_step) * self.tokens_per_step / max(elapsed, 1e-9)
         self.metrics_log.write({"step": run.step, "tokens_per_s": tokens_per_s, **format_metrics(run.metrics)})
         if self.progress is not None:
-            self.progress.show(loss, tokens_per_s)
+            self.progress.show(loss, tokens_per_s, run.metrics)
         self.window_start, self.window_first_step = time.perf_counter(), run.step
 
 

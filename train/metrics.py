@@ -35,7 +35,7 @@ def scalars(record: dict[str, Any], prefix: str = "") -> dict[str, float]:
         if isinstance(value, dict):
             out.update(scalars(value, prefix=f"{tag}/"))
         elif isinstance(value, (list, tuple)):
-            out.update({f"{tag}/loop_{i + 1}": float(v) for i, v in enumerate(value)})
+            out.update({f"{tag}/loop_{i}": float(v) for i, v in enumerate(value)})  # loop 0 first
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             out[tag] = float(value)
     return out

@@ -126,7 +126,7 @@ def looplm_loss(model: OuroModel, params, batch: Batch, beta: float) -> tuple[Ar
     entropy = exit_entropy(exit_pdf)  # [B, S-1]
     weights = token_weights(batch)
     loss = weighted_mean(expected_ce - beta * entropy, weights)
-    metrics = {
+    metrics = {  # loss = expected_ce - beta * exit_entropy (negative once beta * H exceeds the CE)
         "loss": loss,
         "expected_ce": weighted_mean(expected_ce, weights),
         "exit_entropy": weighted_mean(entropy, weights),

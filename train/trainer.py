@@ -47,6 +47,7 @@ from melt_jax.train.hooks import (
     StageRun,
     StopAtAccuracy,
     format_metrics,
+    stop_rule,
 )
 from melt_jax.train.metrics import MetricsLog
 from melt_jax.train.optimizer import build_optimizer
@@ -182,7 +183,8 @@ def _stage_hooks(
         hooks.add_before_step(profiler.start)
         hooks.add(profiler.stop)
         hooks.add_closer(profiler.close)
-    progress = ProgressBar(cfg.stage, cfg.steps, run.step) if _is_main() and cfg.progress else None
+    stops = stop_rule(cfg.steps, cfg.stop_at_accuracy, cfg.decay_at_accuracy, cfg.decay_steps)
+    progress = ProgressBar(cfg.stage, run.end, run.step, stops) if _is_main() and cfg.progress else None
     hooks.add(LogMetrics(metrics_log, stage.tokens_per_step, run.step, progress), every=cfg.log_every, at_end=True)
     if progress is not None:
         hooks.add(progress.advance)

@@ -1,5 +1,7 @@
-"""melt-eval: per-loop loss and perplexity of a melt_jax checkpoint on a dataset, and teacher-forced
-answer accuracy where the dataset has prompt/answer columns (the synthetic task does).
+"""melt-eval: per-loop loss of a melt_jax checkpoint on a dataset, with perplexity on text, and per-loop
+answer loss and teacher-forced answer accuracy where the dataset has prompt/answer columns (the synthetic
+task does): the metrics of the training program's held-out evaluation, defined once in
+melt_jax.inference.evaluation. Loops are numbered from 0 (the first pass) to T-1, as --exit loop:N.
 
     melt-eval --checkpoint CKPT --tokenizer byte --data synthetic:512 --split validation
     melt-eval --checkpoint runs/pipeline/melt_phase2/model --tokenizer byte --data synthetic:512 --isolate-documents
@@ -15,7 +17,11 @@ only within its document (as the pipeline's models were trained), else to every 
 Accuracy: each prompt + answer is one row, and an example counts as correct when every answer token is
 the argmax at the position before it, i.e. when greedy decoding after the prompt reproduces the answer
 (melt_jax.inference.evaluation.answer_accuracy). MELT is evaluated in chunks of --chunk-size (default its
-config's chunk size). Bad input: a message on stderr, exit 2.
+config's chunk size). On a dataset with prompt/answer columns the loss over all tokens ("loss") is
+shown without perplexity: its prompts are random digits that no model predicts, and a model trained on
+the answers (data.loss=answer) is not trained on them; the answer loss ("answers", tokens_scored
+"answer") is what melt-train's held-out evaluation reports for the synthetic task. Errors:
+`melt-eval: error: ...` on stderr, exit 2 for bad input, 1 for a failure at run time.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import numpy as np
 
 from melt_jax.data.pipeline import load_text_dataset, pack_documents, tokenize_dataset
 from melt_jax.data.synthetic import answer_batch
-from melt_jax.errors import DataError, MeltJaxError
+from melt_jax.errors import DataError, MeltJaxError, exit_status
 from melt_jax.inference.evaluation import evaluate_dataset
 from melt_jax.inference.model_loading import checkpoint_tokenizer, load_model
 from melt_jax.model.exit import ExitPolicy
@@ -134,27 +140,36 @@ def evaluate(args: argparse.Namespace) -> dict:
     if args.isolate_documents:
         arrays["segment_ids"] = packed.segment_ids
     batches = fixed_size_batches(arrays, args.batch_size, args.max_batches)
-    results = {"loss": evaluate_dataset(model, params, batches, policy, args.chunk_size)}
+    results = {"loss": evaluate_dataset(model, params, batches, policy, args.chunk_size, "all")}
     if {"prompt", "answer"} <= set(dataset.column_names):
+        for key in ("perplexity", "perplexity_per_loop"):
+            results["loss"].pop(key)
         rows = answer_batch(tokenizer, dataset["prompt"], dataset["answer"], args.seq_len)
         arrays = {"tokens": rows["tokens"], "loss_mask": rows["answer_mask"], "answer_mask": rows["answer_mask"]}
         batches = fixed_size_batches(arrays, args.batch_size, args.max_batches)
-        results["answers"] = evaluate_dataset(model, params, batches, policy, args.chunk_size)
+        results["answers"] = evaluate_dataset(model, params, batches, policy, args.chunk_size, "answer")
     return results
 
 
 def report(results: dict) -> str:
-    """A plain-text table of the results."""
-    lines = ["loop  loss     perplexity"]
+    """A plain-text table of the results, loops numbered from 0."""
     loss = results["loss"]
-    for t, (value, ppl) in enumerate(zip(loss["loss_per_loop"], loss["perplexity_per_loop"])):
-        lines.append(f"{t:<5} {value:<8.4f} {ppl:.3f}")
-    lines.append(f"exit  {loss['loss']:<8.4f} {loss['perplexity']:.3f}   ({loss['num_tokens']:.0f} tokens)")
-    if "answers" in results:
-        answers = results["answers"]
-        per_loop = ", ".join(f"{x:.4f}" for x in answers["loss_per_loop"])
-        lines.append(f"answer loss per loop: {per_loop}")
-        lines.append(f"answer accuracy: {answers['accuracy']:.4f} ({answers['num_examples']} examples)")
+    if "answers" not in results:
+        lines = ["loop  loss     perplexity   (all tokens)"]
+        for t, (value, ppl) in enumerate(zip(loss["loss_per_loop"], loss["perplexity_per_loop"])):
+            lines.append(f"{t:<5} {value:<8.4f} {ppl:.3f}")
+        lines.append(f"exit  {loss['loss']:<8.4f} {loss['perplexity']:.3f}   ({loss['num_tokens']:.0f} tokens)")
+        return "\n".join(lines)
+    answers = results["answers"]
+    lines = ["loop  answer loss  answer accuracy"]
+    for t, (value, acc) in enumerate(zip(answers["loss_per_loop"], answers["accuracy_per_loop"])):
+        lines.append(f"{t:<5} {value:<12.4f} {acc:.4f}")
+    lines.append(
+        f"exit  {answers['loss']:<12.4f} {answers['accuracy']:.4f}   ({answers['num_tokens']:.0f} answer tokens, "
+        f"{answers['num_examples']} examples)"
+    )
+    per_loop = " ".join(f"{x:.4f}" for x in loss["loss_per_loop"])
+    lines.append(f"loss over all tokens, prompts included, per loop: {per_loop} ({loss['num_tokens']:.0f} tokens)")
     return "\n".join(lines)
 
 
@@ -162,9 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         results = evaluate(args)
-    except MeltJaxError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
+    except (MeltJaxError, OSError) as e:
+        return exit_status(PROG, e)
     print(json.dumps(results, indent=2) if args.json else report(results))
     return 0
 

@@ -27,7 +27,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from melt_jax.errors import GenerationError, MeltJaxError
+from melt_jax.errors import GenerationError, MeltJaxError, exit_status
 from melt_jax.inference.generation import GenerationResult
 from melt_jax.inference.sampling import SamplingConfig
 from melt_jax.inference.speculative import SpeculativeResult
@@ -183,9 +183,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         run(args)
-    except MeltJaxError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
+    except (MeltJaxError, OSError) as e:
+        return exit_status(PROG, e)
     return 0
 
 

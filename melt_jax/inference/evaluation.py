@@ -11,6 +11,14 @@ decoding computes.
 
 Masks: `loss_mask[b, s]` (and `answer_mask`) weigh the *prediction of* tokens[b, s], which is made from
 the logits at position s - 1; position 0 has no prediction and its mask entry is ignored.
+
+One definition of each metric for melt-eval and the training program's held-out evaluation
+(`LossSums.report`): "loss_per_loop" [T] lists loops from 0 (the first pass) to T-1 (the last; `--exit
+loop:N` counts the same way); "tokens_scored" names the tokens a loss is over: "answer" (the answer
+tokens of prompt + answer rows, one example per row: the synthetic task) or "all" (every token of packed
+text but the first of each document). Perplexity, exp(loss), is reported over "all" tokens of text only:
+over a synthetic task's answers (one or two tokens an example) it says nothing the loss does not, and
+over its prompts (random digits) nothing at all.
 """
 
 from __future__ import annotations
@@ -31,6 +39,9 @@ from melt_jax.model.losses import target_log_probs
 
 Array = jax.Array
 
+# The token sets a loss is reported over (LossSums.report's tokens_scored).
+TOKEN_SETS = ("answer", "all")
+
 
 @flax.struct.dataclass
 class LossSums:
@@ -47,20 +58,20 @@ class LossSums:
     def __add__(self, other: LossSums) -> LossSums:
         return jax.tree.map(jnp.add, self, other)
 
-    def report(self, num_batches: int) -> dict:
-        """The weighted means as melt-eval reports them: {"loss_per_loop", "perplexity_per_loop",
-        "loss" (the exit policy's), "perplexity", "num_tokens" (total weight), "num_batches"}."""
+    def report(self, num_batches: int, tokens_scored: str = "all") -> dict:
+        """The weighted means as melt-eval and the held-out evaluation report them: {"loss_per_loop"
+        (loop 0 first), "loss" (the exit policy's), "tokens_scored" ("answer" or "all", see the module
+        docstring), "num_tokens" (total weight), "num_batches"} and, over "all" tokens,
+        "perplexity_per_loop" and "perplexity"."""
+        if tokens_scored not in TOKEN_SETS:
+            raise ValueError(f"tokens_scored must be one of {', '.join(TOKEN_SETS)}, got {tokens_scored!r}")
         weight = float(self.weight)
         per_loop = [float(x) / weight for x in np.asarray(self.per_loop)]
         loss = float(self.policy) / weight
-        return {
-            "loss_per_loop": per_loop,
-            "perplexity_per_loop": [perplexity(x) for x in per_loop],
-            "loss": loss,
-            "perplexity": perplexity(loss),
-            "num_tokens": weight,
-            "num_batches": num_batches,
-        }
+        result = {"loss_per_loop": per_loop, "loss": loss, "tokens_scored": tokens_scored}
+        if tokens_scored == "all":
+            result.update(perplexity_per_loop=[perplexity(x) for x in per_loop], perplexity=perplexity(loss))
+        return dict(result, num_tokens=weight, num_batches=num_batches)
 
 
 def hidden_states(
@@ -179,7 +190,22 @@ def loop_answer_matches(
 ) -> Array:
     """`answer_accuracy` of every loop's logits: bool [T, B] (loops projected one at a time)."""
     hidden, _ = hidden_states(model, params, tokens, chunk_size)  # [T, B, S, H]
+    return _loop_matches(model, params, hidden, tokens, answer_mask)
+
+
+def _loop_matches(model, params, hidden: Array, tokens: Array, answer_mask: Array) -> Array:
+    """`loop_answer_matches` from the forward's hidden states [T, B, S, H]: bool [T, B]."""
     return jax.lax.map(lambda h: answer_matches(model.project_logits(params, h[:, :-1]), tokens, answer_mask), hidden)
+
+
+def answer_sums(
+    model: nn.Module, params, tokens: Array, answer_mask: Array, chunk_size: int | None = None
+) -> tuple[LossSums, Array]:
+    """From one forward on prompt + answer rows tokens [B, S]: the LossSums over the answer tokens
+    (answer_mask [B, S]; the last loop as the exit) and every loop's exact match, bool [T, B]."""
+    hidden, exit_pdf = hidden_states(model, params, tokens, chunk_size)
+    sums = _loss_sums_of(model, params, hidden, exit_pdf, tokens, answer_mask, ExitPolicy.last())
+    return sums, _loop_matches(model, params, hidden, tokens, answer_mask)
 
 
 def token_log_probs(
@@ -212,7 +238,8 @@ def _batch_metrics(model, params, tokens, loss_mask, answer_mask, row_mask, exit
     if answer_mask is None:
         return sums, None
     correct = _policy_matches(model, params, hidden, exit_pdf, tokens, answer_mask, exit_policy)  # [B]
-    return sums, (jnp.sum(correct & row_mask), jnp.sum(row_mask))
+    per_loop = _loop_matches(model, params, hidden, tokens, answer_mask)  # [T, B]
+    return sums, (jnp.sum(correct & row_mask), jnp.sum(row_mask), jnp.sum(per_loop & row_mask, axis=1))
 
 
 def perplexity(loss: float) -> float:
@@ -238,9 +265,10 @@ def evaluate_dataset(
     batches: Iterable[Mapping[str, np.ndarray]],
     exit_policy: ExitPolicy = ExitPolicy(),
     chunk_size: int | None = None,
+    tokens_scored: str = "all",
 ) -> dict:
-    """Per-loop loss, perplexity and (where batches carry an answer mask) teacher-forced accuracy
-    over `batches`, each a mapping with
+    """Per-loop loss, perplexity (over "all" tokens, see `LossSums.report`) and (where batches carry an
+    answer mask) teacher-forced accuracy over `batches`, each a mapping with
 
         tokens       int [B, S]
         loss_mask    [B, S] weight of each token's prediction (default: every token after the first)
@@ -249,12 +277,13 @@ def evaluate_dataset(
         segment_ids  int [B, S] optional, packed documents: each token attends only within its
                      segment (as a model trained with isolated documents saw them)
 
-    Returns {"loss_per_loop": [T floats], "perplexity_per_loop": [...], "loss": the exit policy's
-    loss, "perplexity", "num_tokens" (total weight), "num_batches", and, with answer masks,
-    "accuracy", "num_examples"}. Losses are weighted means over all tokens of all batches.
+    `tokens_scored` names the tokens the loss masks select ("answer" or "all"). Returns
+    `LossSums.report`'s keys and, with answer masks, "accuracy" (the exit policy's), "accuracy_per_loop"
+    (loop 0 first) and "num_examples". Losses are weighted means over the scored tokens of all batches.
     """
     total: LossSums | None = None
     correct = examples = 0
+    correct_per_loop = 0
     num_batches = 0
     for batch in batches:
         _check_batch(batch, model.config.vocab_size)
@@ -279,13 +308,15 @@ def evaluate_dataset(
         total = sums if total is None else total + sums
         if counts is not None:
             correct, examples = correct + int(counts[0]), examples + int(counts[1])
+            correct_per_loop = correct_per_loop + np.asarray(counts[2])
         num_batches += 1
     if total is None:
         raise ValueError("evaluate_dataset got no batches")
     if float(total.weight) <= 0:
         raise ValueError("evaluate_dataset: the loss masks of all batches are empty; nothing to score")
-    result = total.report(num_batches)
+    result = total.report(num_batches, tokens_scored)
     if examples:
         result["accuracy"] = correct / examples
+        result["accuracy_per_loop"] = [float(c) / examples for c in correct_per_loop]
         result["num_examples"] = examples
     return result

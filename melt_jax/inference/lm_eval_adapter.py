@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from melt_jax.data.tokenizer import Tokenizer
-from melt_jax.errors import GenerationError
+from melt_jax.errors import GenerationError, MeltJaxError, exit_status
 from melt_jax.inference.batching import DEFAULT_BUCKETS, bucket_length
 from melt_jax.inference.evaluation import token_log_probs
 from melt_jax.inference.param_check import check_params
@@ -310,8 +310,14 @@ class MeltJaxLM(LM):
         return outputs
 
 
-def main() -> None:
-    """`melt-lm-eval`: lm-eval's command line with the `melt_jax` model registered."""
+def main() -> int:
+    """`melt-lm-eval`: lm-eval's command line with the `melt_jax` model registered; melt_jax's errors
+    (a bad checkpoint, tokenizer or setting) end it as every melt_jax command line does
+    (`melt-lm-eval: error: ...`, exit status 2 for bad input, 1 for a failure at run time)."""
     from lm_eval.__main__ import cli_evaluate
 
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except (MeltJaxError, OSError) as e:
+        return exit_status("melt-lm-eval", e)
+    return 0
