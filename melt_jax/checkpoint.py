@@ -132,8 +132,8 @@ def copy_generation_files(files: Iterable[str | os.PathLike], dest: Path) -> lis
             raise CheckpointError(f"{file} is not one of the files carried beside the weights: {GENERATION_FILES}")
         try:
             shutil.copyfile(file, dest / file.name)
-        except OSError as e:
-            raise CheckpointError(f"cannot copy {file}: {e}") from None
+        except OSError as e:  # kept an OSError: a full disk is a failure at run time, not bad input
+            raise type(e)(f"cannot copy {file}: {e}") from None
         names.append(file.name)
     return names
 

@@ -57,7 +57,7 @@ def test_failures_at_run_time_exit_with_status_1(capsys, monkeypatch):
     assert exit_status("melt-x", FileNotFoundError(2, "No such file")) == 2
     assert "melt-x: error: loss is nan" in capsys.readouterr().err
 
-    def nan_loss(config):
+    def nan_loss(config, accept_changes=False):
         raise TrainingError("[looplm] loss is nan at step 3: stopping")
 
     monkeypatch.setattr(train_cli, "run_stage", nan_loss)
@@ -138,7 +138,7 @@ def test_melt_train_stage_ends_with_a_table(tmp_path, capsys, monkeypatch):
         "num_examples": 64,
     }
     result = StageResult(tmp_path, tmp_path / "model", 10, {"loss": 0.2}, evaluation, 1000, "", 3.0)
-    monkeypatch.setattr(train_cli, "run_stage", lambda config: result)
+    monkeypatch.setattr(train_cli, "run_stage", lambda config, accept_changes=False: result)
     assert train_cli.main(["stage", f"output_dir={tmp_path}"]) == 0
     out = capsys.readouterr().out
     assert "{" not in out
