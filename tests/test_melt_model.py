@@ -151,9 +151,8 @@ def test_ouro_to_melt_export_and_import_round_trip(tmp_path):
     tensors = load_file(tmp_path / "melt-hf" / "model.safetensors")
     del tensors["model.layers.1.kv_gate.u_z.weight"]
     save_file(tensors, tmp_path / "melt-hf" / "model.safetensors")
-    assert (
-        main(["import", str(tmp_path / "melt-hf"), str(tmp_path / "broken")]) == 2
-    )  # a checkpoint missing a tensor is bad input
+    # A checkpoint missing a tensor is bad input.
+    assert main(["import", str(tmp_path / "melt-hf"), str(tmp_path / "broken")]) == 2
     assert not (tmp_path / "broken").exists()
     from melt_jax.convert import ConversionError
 
