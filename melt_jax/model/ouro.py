@@ -249,11 +249,6 @@ class OuroModel(nn.Module):
         layer_states = None if layer_states is None else stack(*new_states)
         return carry, (layer_states, jax.tree.map(stack, *found))
 
-    def unrolls_loops(self) -> bool:
-        """Whether the loops are written out one after the other rather than as a loop over the shared
-        layers (`straight_line_inference`)."""
-        return straight_line_inference(self.config)
-
     def run_loops(self, h: Array, ctx: TokenContext, cache, source: KVSource):
         """All T loops over the layer stack. Returns (loop_hidden [T, B, S, H], gate_logits
         [T, B, S], intermediates {name: [T, L, B, S, H]}, cache)."""
@@ -274,7 +269,7 @@ class OuroModel(nn.Module):
             split_rngs={"params": False},
             in_axes=(0, nn.broadcast, nn.broadcast),
             length=c.num_loops,
-            unroll=self.unrolls_loops(),
+            unroll=straight_line_inference(c),
         )
         carry = (h, cache, self.initial_layer_state(h))
         (_, cache, _), (loop_hidden, gate_logits, intermediates) = loops(
@@ -296,7 +291,7 @@ class OuroModel(nn.Module):
         exit loop's (hidden state, gate logit), so the policy selects the same loop from them. No
         intermediates are collected. Returns run_loops' four outputs and the number of loops run [].
 
-        Where the loops are written out (`unrolls_loops`: GPU inference) all T loops run, the exited
+        Where the loops are written out (`straight_line_inference`: GPU inference) all T loops run, the exited
         tokens frozen: the same values, T loops run, no time saved."""
         c = self.config
         num_loops = c.num_loops
@@ -340,7 +335,7 @@ class OuroModel(nn.Module):
                 exited=exited | policy.exited(gate_logits, loop),
             )
 
-        if self.unrolls_loops():
+        if straight_line_inference(c):
             # Every loop runs, the exited tokens frozen: the same values, without the branch whose
             # operands (the cache among them) the GPU would copy, nor its wait on the host.
             for _ in range(num_loops):
