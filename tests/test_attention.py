@@ -6,6 +6,8 @@ jax.nn.dot_product_attention's "xla" implementation) equal dense on the paths th
 falling back; the choice is validated and kept as runtime policy; and the models give the same
 logits and gradients with every implementation, with segment ids keeping packed documents apart."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,8 +44,13 @@ from melt_jax.model.attention import (
     causal_mask,
     cudnn_attention,
     cudnn_takes,
+    describe_auto,
+    pallas_gpu_attention,
     slot_mask,
 )
+from melt_jax.model.attention import implementation as attention_implementation
+from melt_jax.model.attention import pallas_gpu as pallas_gpu_module
+from melt_jax.model.attention.pallas_gpu import pallas_gpu_takes, pallas_gpu_takes_earlier_and_own
 from melt_jax.sharding import MeshConfig, make_mesh
 
 B, N, D = 2, 4, 8
@@ -367,7 +374,7 @@ def test_splash_falls_back_where_the_mask_is_not_static():
     k, v = _normal(44, (B, seq, 2, D)), _normal(45, (B, seq, 2, D))
     np.testing.assert_allclose(attend(q, k, v, own, implementation=_splash()), attend(q, k, v, own), atol=TOL)
     splash = _splash()
-    assert splash.resolve(seq, seq) == "xla" and splash.resolve(seq, seq, kernel_takes=True) == "splash"
+    assert splash.resolve(seq, seq) == "xla" and splash.resolve(seq, seq, lambda name: True) == "splash"
     assert splash.resolve(1, 32_768) == "xla" and splash.resolve(2048, 2048) == "blockwise"  # as "auto"
 
 
@@ -412,12 +419,121 @@ def test_cudnn_off_a_gpu_is_a_config_error_naming_the_field_and_backend():
         attend_earlier_and_own(q, k, v, k, v, 4, implementation=Implementation("cudnn"))
 
 
+def _pallas_gpu():
+    return Implementation("pallas_gpu")
+
+
+# 13 tokens: one block of 16 after padding; 150 tokens: 3 query blocks of 64 (padded to 192), blocks
+# above the diagonal skipped, segment ids across block edges.
+@pytest.mark.parametrize(
+    "kv_heads, seq, segments, kv_heads_first",
+    [(1, 13, False, False), (2, 13, True, True), (N, 150, True, False)],
+    ids=["kv1-causal", "kv2-segments-cache-layout", "kv4-segments-150-tokens"],
+)
+def test_pallas_gpu_equals_dense_on_causal_self_attention(kv_heads, seq, segments, kv_heads_first):
+    """The Pallas GPU kernel through Pallas's interpreter: values and the kernels' gradients."""
+    kv_shape = (B, kv_heads, seq, D) if kv_heads_first else (B, seq, kv_heads, D)
+    q, k, v = _normal(60, (B, seq, N, D)), _normal(61, kv_shape), _normal(62, kv_shape)
+    ids = None
+    if segments:  # row 0: three documents, the second across a block edge, and padding; row 1: one
+        ids = jnp.stack([jnp.where(jnp.arange(seq) < seq // 4, 1, jnp.where(jnp.arange(seq) < seq - 2, 2, 0))] * B)
+        ids = ids.at[0, seq // 2 :].set(jnp.where(jnp.arange(seq - seq // 2) < seq - seq // 2 - 2, 3, 0))
+        ids = ids.at[1].set(jnp.where(jnp.arange(seq) < seq - 3, 1, 0))
+    mask = causal_mask(_tokens(seq), _tokens(seq), ids, ids, in_order=True)
+    _assert_same(
+        lambda q, k, v: attend(q, k, v, mask, kv_heads_first=kv_heads_first),
+        lambda q, k, v: attend(q, k, v, mask, implementation=_pallas_gpu(), kv_heads_first=kv_heads_first),
+        q,
+        k,
+        v,
+    )
+
+
+# Chunks of 16 (blocks of 16), of 32 over 96 tokens (blocks of 32),
+# of 128 over 256 tokens (two query blocks of 64 per chunk).
+@pytest.mark.parametrize(
+    "seq, chunk, segments", [(48, 16, True), (96, 32, False), (256, 128, True)], ids=["c16-seg", "c32", "c128-seg"]
+)
+def test_pallas_gpu_equals_dense_on_the_two_pass_pattern(seq, chunk, segments):
+    kv_heads = 2
+    q, k, v = _normal(63, (B, seq, N, D)), _normal(64, (B, seq, kv_heads, D)), _normal(65, (B, seq, kv_heads, D))
+    earlier_k, earlier_v = _normal(66, (B, kv_heads, seq, D)), _normal(67, (B, kv_heads, seq, D))
+    ids = None
+    if segments:
+        ids = jnp.stack([jnp.where(jnp.arange(seq) < seq // 3, 1, 2), jnp.where(jnp.arange(seq) < seq - 2, 1, 0)])
+
+    def run(implementation):
+        def fn(q, k, v):
+            return attend_earlier_and_own(
+                q, earlier_k, earlier_v, k, v, chunk, segment_ids=ids, implementation=implementation
+            )
+
+        return fn
+
+    _assert_same(run(DENSE), run(_pallas_gpu()), q, k, v)
+    # The earlier rows' gradients, which the kernel computes in the same key-gradient kernel.
+    weights = _normal(68, q.shape)
+
+    def earlier_grads(implementation):
+        loss = lambda ek, ev: jnp.sum(  # noqa: E731
+            attend_earlier_and_own(q, ek, ev, k, v, chunk, segment_ids=ids, implementation=implementation) * weights
+        )
+        return jax.jit(jax.grad(loss, argnums=(0, 1)))(earlier_k, earlier_v)
+
+    for got, want in zip(earlier_grads(_pallas_gpu()), earlier_grads(DENSE)):
+        np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
+
+
+def test_pallas_gpu_under_a_mesh_equals_dense():
+    """Under `jax.set_mesh` the kernel runs on each device's share (shard_map): batch over fsdp,
+    heads over tensor."""
+    seq, kv_heads = 13, 2
+    q, k, v = _normal(69, (B, seq, N, D)), _normal(70, (B, seq, kv_heads, D)), _normal(71, (B, seq, kv_heads, D))
+    mask = causal_mask(_tokens(seq), _tokens(seq), SEGMENTS_13, SEGMENTS_13, in_order=True)
+    mesh = make_mesh(MeshConfig(data=1, fsdp=2, tensor=2, num_devices=4))
+    dense, dense_grads = _values_and_grads(lambda *x: attend(*x, mask), q, k, v)
+    with jax.set_mesh(mesh):
+        out, grads = _values_and_grads(lambda *x: attend(*x, mask, implementation=_pallas_gpu()), q, k, v)
+    np.testing.assert_allclose(out, dense, atol=TOL, rtol=0)
+    for name, got, want in zip("qkv", grads, dense_grads):
+        np.testing.assert_allclose(got, want, atol=TOL, rtol=0, err_msg=f"gradient w.r.t. {name}")
+
+
+def test_pallas_gpu_in_bfloat16_is_as_close_to_float32_as_dense():
+    """In bf16 the kernel (float32 sums and softmax in the kernel) is no further from the float32
+    result than dense bf16 attention is (twice dense's largest error)."""
+    seq = 70
+    q, k, v = (_normal(72 + i, (B, seq, N, D)) for i in range(3))
+    mask = causal_mask(_tokens(seq), _tokens(seq), in_order=True)
+    exact = attend(q, k, v, mask)
+    half = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+    dense_error = jnp.max(jnp.abs(attend(*half, mask).astype(jnp.float32) - exact))
+    kernel_error = jnp.max(jnp.abs(pallas_gpu_attention(*half).astype(jnp.float32) - exact))
+    assert kernel_error <= 2 * dense_error, (kernel_error, dense_error)
+
+
+def test_pallas_gpu_takes_static_masks_and_whole_tiles():
+    positions = _tokens(8)
+    q = _normal(75, (B, 8, N, 128), jnp.bfloat16)
+    ids = jnp.ones((B, 8), jnp.int32)
+    assert pallas_gpu_takes(q, causal_mask(positions, positions, ids, ids, in_order=True))  # segments too
+    assert pallas_gpu_takes(q.astype(jnp.float32), causal_mask(positions, positions, in_order=True))
+    assert not pallas_gpu_takes(q, causal_mask(positions, positions))  # positions not known to be in order
+    assert pallas_gpu_takes_earlier_and_own(q, 512) and pallas_gpu_takes_earlier_and_own(q, 12)  # interpreted
+
+
+def test_pallas_gpu_takes_chunks_of_whole_tiles_on_a_gpu(monkeypatch):
+    monkeypatch.setattr(pallas_gpu_module, "target_platform", lambda: "gpu")
+    q = _normal(75, (B, 8, N, 128), jnp.bfloat16)
+    assert pallas_gpu_takes_earlier_and_own(q, 512) and not pallas_gpu_takes_earlier_and_own(q, 12)
+
+
 # --------------------------------------------------------------------------------------------------
 # The choice: validation, "auto", runtime policy
 
 
 def test_unknown_implementations_and_block_sizes_are_named():
-    names = "auto, xla, blockwise, splash, cudnn"
+    names = "auto, xla, blockwise, splash, cudnn, pallas_gpu"
     for name in ("flash", "dense", ""):
         with pytest.raises(ConfigError, match=f"attention must be one of {names}, got"):
             Implementation(name)
@@ -451,6 +567,44 @@ def test_auto_is_dense_for_few_logits_and_blockwise_for_many():
     assert auto.resolve(AUTO_DENSE_MAX_LOGITS, 1) == "xla" and auto.resolve(AUTO_DENSE_MAX_LOGITS + 1, 1) == "blockwise"
     assert Implementation("xla").resolve(8192, 8192) == "xla"
     assert OuroConfig.preset("tiny").attention_implementation == DENSE  # the default computes as before
+
+
+@pytest.mark.parametrize(
+    "platform, takes, picked",
+    [
+        ("cpu", {"splash", "cudnn", "pallas_gpu"}, "blockwise"),  # kernels only interpreted there
+        ("tpu", {"splash", "pallas_gpu"}, "splash"),
+        ("tpu", set(), "blockwise"),
+        ("gpu", {"splash", "cudnn", "pallas_gpu"}, "cudnn"),
+        ("gpu", {"splash", "pallas_gpu"}, "pallas_gpu"),  # segment ids, the two-pass pattern, float32
+    ],
+)
+def test_auto_picks_the_platforms_kernel_that_takes_the_call(platform, takes, picked, monkeypatch):
+    """Above the dense threshold "auto" computes a call with the first kernel of the platform the
+    program is traced for that takes it; below, dense on every platform."""
+    monkeypatch.setattr(attention_implementation, "target_platform", lambda: platform)
+    auto = Implementation("auto")
+    assert auto.resolve(4096, 4096, lambda name: name in takes) == picked
+    assert auto.resolve(1, 4096, lambda name: True) == "xla"
+    assert platform in describe_auto(platform) and (picked in describe_auto(platform) or picked == "blockwise")
+
+
+def test_auto_traced_for_a_gpu_computes_packed_documents_with_the_pallas_kernel(monkeypatch):
+    """A model-sized call with segment ids, traced for a GPU: the Pallas kernel (here interpreted),
+    with the values of dense."""
+    monkeypatch.setattr(attention_implementation, "target_platform", lambda: "gpu")
+    seq = 384  # 147,456 logits per head: above the dense threshold
+    q, k, v = (_normal(76 + i, (1, seq, 2, D)) for i in range(3))
+    ids = jnp.where(jnp.arange(seq) < 200, 1, 2)[None]
+    mask = causal_mask(_tokens(seq)[:1], _tokens(seq)[:1], ids, ids, in_order=True)
+    calls = KERNEL_CALLS["pallas_gpu"]
+    picked = []
+    spy = lambda *args: picked.append("pallas_gpu") or calls.attend(*args)  # noqa: E731
+    monkeypatch.setitem(KERNEL_CALLS, "pallas_gpu", dataclasses.replace(calls, attend=spy))
+    np.testing.assert_allclose(
+        attend(q, k, v, mask, implementation=Implementation("auto")), attend(q, k, v, mask), atol=TOL, rtol=0
+    )
+    assert picked == ["pallas_gpu"]
 
 
 def test_attention_is_runtime_policy_kept_by_checkpoints_not_config_json(tmp_path):
@@ -506,7 +660,12 @@ def tiny(melt_of):
 
 def _each(config):
     """name -> the config computing attention that way; "xla" first, the reference."""
-    return {"xla": config, "blockwise": config.replace(**BLOCKWISE), "splash": config.replace(**SPLASH)}
+    return {
+        "xla": config,
+        "blockwise": config.replace(**BLOCKWISE),
+        "splash": config.replace(**SPLASH),
+        "pallas_gpu": config.replace(attention="pallas_gpu"),
+    }
 
 
 def _assert_trees_close(got, want, rtol=1e-4):
@@ -517,7 +676,7 @@ def _assert_trees_close(got, want, rtol=1e-4):
 
 
 def _runs_splash(fn, *args) -> bool:
-    """Whether fn(*args) runs a Pallas kernel (in the models, only the splash kernel is one)."""
+    """Whether fn(*args) runs a Pallas kernel (splash or the Pallas GPU kernel, whichever the config names)."""
     return "pallas_call" in str(jax.make_jaxpr(fn)(*args))
 
 
@@ -540,12 +699,13 @@ def test_model_forward_logits_and_gradients_match(tiny):
         for name, c in _each(ouro_config).items()
     }
     (_, want_logits), want_grads = results["xla"]
-    for name in ("blockwise", "splash"):
+    for name in ("blockwise", "splash", "pallas_gpu"):
         (_, logits), grads = results[name]
         np.testing.assert_allclose(logits, want_logits, atol=1e-4, rtol=0, err_msg=name)
         _assert_trees_close(grads, want_grads)
     splash = _each(ouro_config)["splash"]
     assert _runs_splash(lambda p: loss(p, splash), _ouro_params(params))
+    assert _runs_splash(lambda p: loss(p, _each(ouro_config)["pallas_gpu"]), _ouro_params(params))
     # Positions given by the caller are not known to be in order: the "auto" rule's dense instead.
     given = lambda p: OuroModel(splash).apply({"params": p}, tokens, positions=_tokens(SEQ))  # noqa: E731
     assert not _runs_splash(given, _ouro_params(params))
@@ -567,7 +727,7 @@ def test_models_cached_prefill_and_decode_match(tiny, kind):
             steps.append(step[:, None])
         logits[name] = jnp.concatenate(steps, axis=1)
         assert not _runs_splash(lambda p, c, m=model: decode_step(m, p, tokens[:, 0], c), params, cache)
-    for name in ("blockwise", "splash"):
+    for name in ("blockwise", "splash", "pallas_gpu"):
         np.testing.assert_allclose(logits[name], logits["xla"], atol=1e-4, rtol=0, err_msg=name)
 
 
@@ -585,10 +745,11 @@ def test_two_pass_training_forward_values_and_gradients_match(tiny):
 
     run = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
     results = {name: run(params, c) for name, c in _each(melt_config).items()}
-    for name in ("blockwise", "splash"):  # splash: pass 1 falls back (the cache), pass 2 is the kernel
+    for name in ("blockwise", "splash", "pallas_gpu"):  # kernels: pass 1 falls back (the cache), pass 2 runs them
         np.testing.assert_allclose(results[name][0][1], results["xla"][0][1], atol=1e-4, rtol=0, err_msg=name)
         _assert_trees_close(results[name][1], results["xla"][1])
     assert _runs_splash(lambda p: loss(p, _each(melt_config)["splash"]), params)
+    assert _runs_splash(lambda p: loss(p, _each(melt_config)["pallas_gpu"]), params)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -632,7 +793,7 @@ def test_segment_ids_stop_attention_across_documents(tiny, name):
         np.testing.assert_array_equal(after[:, 1], before[:, 1])  # the other row
         assert np.isfinite(np.asarray(before)).all()
         hidden[implementation] = before
-    for implementation in ("blockwise", "splash"):
+    for implementation in ("blockwise", "splash", "pallas_gpu"):
         _assert_trees_close(hidden[implementation], hidden["xla"])
     # With one segment per row the change reaches document 2: the check can fail.
     one = jnp.ones_like(PACKED)

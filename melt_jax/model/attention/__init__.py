@@ -15,13 +15,16 @@ dispatch.py, which picks the implementation that computes it.
 | `blockwise.py`      | "blockwise": online softmax in blocks, recomputing custom_vjp gradient     |
 | `splash.py`         | "splash": jax's TPU Pallas splash kernel                                   |
 | `cudnn.py`          | "cudnn": cuDNN flash attention through jax.nn.dot_product_attention        |
+| `pallas_gpu.py`     | "pallas_gpu": flash attention in Pallas (Triton) with segments, two-pass   |
+| `kernel_mesh.py`    | a kernel call on each device's share of the mesh (shard_map)               |
 | `dispatch.py`       | `attend`, `attend_earlier_and_own`, `attend_history_and_own`: the choice   |
 | `filled_history.py` | `attend_filled_history_and_own`: inference's read of the filled slots      |
 | `kv_sources.py`     | `KVSource` and its subclasses, their caches' carried types                 |
 
 Implementations (`Implementation.name`, the model config's `attention` field): "xla", "blockwise",
-"auto" ("xla" while S * M <= AUTO_DENSE_MAX_LOGITS logits per head, "blockwise" above), and the
-kernels "splash" and "cudnn" for the calls they take, "auto"'s choice elsewhere. Their speed is
+"auto" ("xla" while S * M <= AUTO_DENSE_MAX_LOGITS logits per head; above, the first kernel of
+AUTO_KERNELS for the traced-for platform that takes the call, else "blockwise"), and the kernels
+"splash", "cudnn" and "pallas_gpu" for the calls they take, "auto"'s choice elsewhere. Their speed is
 measured by benchmarks/attention_speed.py (figures in docs/measured.md); each module says what it computes.
 
 Letters in shape comments and einsum strings: B batch, S query tokens, M key/value tokens, N query
@@ -58,6 +61,7 @@ from melt_jax.model.attention.dispatch import (
 from melt_jax.model.attention.filled_history import attend_filled_history_and_own
 from melt_jax.model.attention.implementation import (
     AUTO_DENSE_MAX_LOGITS,
+    AUTO_KERNELS,
     DEFAULT_BLOCK,
     DENSE,
     IMPLEMENTATIONS,
@@ -65,6 +69,7 @@ from melt_jax.model.attention.implementation import (
     Implementation,
     check_implementation,
     control_flow_on_device,
+    describe_auto,
     target_platform,
 )
 from melt_jax.model.attention.kv_sources import (
@@ -83,10 +88,12 @@ from melt_jax.model.attention.kv_sources import (
     slot_index,
 )
 from melt_jax.model.attention.masks import CausalMask, EarlierAndOwnMask, causal_mask, slot_mask
+from melt_jax.model.attention.pallas_gpu import pallas_gpu_attention
 from melt_jax.model.attention.splash import splash_attention
 
 __all__ = [
     "AUTO_DENSE_MAX_LOGITS",
+    "AUTO_KERNELS",
     "DEFAULT_BLOCK",
     "DENSE",
     "IMPLEMENTATIONS",
@@ -116,9 +123,11 @@ __all__ = [
     "cudnn_attention",
     "cudnn_takes",
     "default_source",
+    "describe_auto",
     "dense_attention",
     "init_training_cache",
     "interpolate",
+    "pallas_gpu_attention",
     "slot_index",
     "slot_mask",
     "splash_attention",

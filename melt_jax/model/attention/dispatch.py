@@ -8,10 +8,12 @@
 KERNEL_CALLS where the kernel takes the call. Where a kernel does not take it (the slot cache of
 decoding and prefill, whose positions in flight are known only when running; positions the caller
 gave; for cudnn also segment ids, float32 and the two-pass pattern) it falls back to "auto"'s choice:
-dense for few logits (decoding stays dense and fast), blockwise for many (long prefills keep linear
-memory). "auto" itself never picks a kernel: the kernels are checked against dense on the CPU (splash
-interpreted, the cuDNN wrapper through the "xla" implementation of the same API) and compiled for TPU
-topologies, not timed on the accelerators. All give the same values to float32 rounding.
+dense for few logits (decoding stays dense and fast), and for many the first kernel of the traced-for
+platform that takes the call (`implementation.AUTO_KERNELS`: splash on TPU; cuDNN, then the Pallas
+GPU kernel on GPU), else blockwise (linear memory on any backend, CPU included). The kernels are
+checked against dense on the CPU (splash and the Pallas GPU kernel interpreted, the cuDNN wrapper
+through the "xla" implementation of the same API) and compiled for TPU topologies and the H200. All
+give the same values to float32 rounding.
 """
 
 from __future__ import annotations
@@ -27,6 +29,12 @@ from melt_jax.model.attention.cudnn import cudnn_attend, cudnn_takes
 from melt_jax.model.attention.dense import dense_attention, dense_earlier_and_own, dense_history_and_own
 from melt_jax.model.attention.implementation import DENSE, Implementation
 from melt_jax.model.attention.masks import CausalMask, EarlierAndOwnMask
+from melt_jax.model.attention.pallas_gpu import (
+    pallas_gpu_attend,
+    pallas_gpu_earlier_and_own,
+    pallas_gpu_takes,
+    pallas_gpu_takes_earlier_and_own,
+)
 from melt_jax.model.attention.splash import splash_attend, splash_earlier_and_own, splash_takes
 
 Array = jax.Array
@@ -40,17 +48,26 @@ class KernelCalls:
     attend(q, k, v, mask, implementation, kv_heads_first) -> [B, S, N, D]: `attend` through the kernel.
     earlier_and_own(q, earlier_k, earlier_v, k, v, chunk_size, segment_ids, implementation): the
     two-pass pattern through the kernel, or None where the kernel does not take it.
+    takes_earlier_and_own(q, chunk_size) -> bool: whether it takes the two-pass pattern of these
+    queries in chunks of chunk_size (when it has `earlier_and_own`).
     """
 
     takes: Callable[[Array, CausalMask], bool]
     attend: Callable[..., Array]
     earlier_and_own: Callable[..., Array] | None = None
+    takes_earlier_and_own: Callable[[Array, int], bool] = lambda q, chunk_size: True
 
 
 # One line per kernel of implementation.KERNELS.
 KERNEL_CALLS = {
     "splash": KernelCalls(takes=splash_takes, attend=splash_attend, earlier_and_own=splash_earlier_and_own),
     "cudnn": KernelCalls(takes=cudnn_takes, attend=cudnn_attend),
+    "pallas_gpu": KernelCalls(
+        takes=pallas_gpu_takes,
+        attend=pallas_gpu_attend,
+        earlier_and_own=pallas_gpu_earlier_and_own,
+        takes_earlier_and_own=pallas_gpu_takes_earlier_and_own,
+    ),
 }
 
 
@@ -70,14 +87,13 @@ def attend(
     (`cudnn_takes`)."""
     mask.check()
     num_keys = k.shape[2] if kv_heads_first else k.shape[1]
-    kernel = KERNEL_CALLS.get(implementation.name)
-    chosen = implementation.choose(q.shape[1], num_keys, kernel is not None and kernel.takes(q, mask))
+    chosen = implementation.choose(q.shape[1], num_keys, lambda name: KERNEL_CALLS[name].takes(q, mask))
     if chosen == "xla":
         return dense_attention(q, k, v, mask.dense(), kv_heads_first=kv_heads_first)
     if chosen == "blockwise":
         blocks = dict(query_block=implementation.query_block, key_block=implementation.key_block)
         return blockwise_attention(q, k, v, mask, kv_heads_first=kv_heads_first, **blocks)
-    return kernel.attend(q, k, v, mask, implementation, kv_heads_first)
+    return KERNEL_CALLS[chosen].attend(q, k, v, mask, implementation, kv_heads_first)
 
 
 def attend_earlier_and_own(
@@ -101,15 +117,18 @@ def attend_earlier_and_own(
     mask is known when tracing); "cudnn" does not ("auto"'s choice instead).
     """
     batch, seq = q.shape[:2]
-    kernel = KERNEL_CALLS.get(implementation.name)
-    takes = kernel is not None and kernel.earlier_and_own is not None
-    chosen = implementation.choose(seq, seq, kernel_takes=takes)
+
+    def takes(name: str) -> bool:
+        kernel = KERNEL_CALLS[name]
+        return kernel.earlier_and_own is not None and kernel.takes_earlier_and_own(q, chunk_size)
+
+    chosen = implementation.choose(seq, seq, takes)
     if chosen == "xla":
         return dense_earlier_and_own(q, earlier_k, earlier_v, k, v, chunk_size, segment_ids)
     if chosen == "blockwise":
         mask = EarlierAndOwnMask.of(batch, seq, chunk_size, segment_ids)
         return _blockwise_over_stored_and_own(q, earlier_k, earlier_v, k, v, mask, implementation)
-    return kernel.earlier_and_own(q, earlier_k, earlier_v, k, v, chunk_size, segment_ids, implementation)
+    return KERNEL_CALLS[chosen].earlier_and_own(q, earlier_k, earlier_v, k, v, chunk_size, segment_ids, implementation)
 
 
 def _blockwise_over_stored_and_own(q, stored_k, stored_v, k, v, mask, implementation: Implementation) -> Array:

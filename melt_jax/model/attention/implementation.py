@@ -7,6 +7,7 @@ This module imports nothing of the model: the model config validates its `attent
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import jax
 
@@ -31,8 +32,14 @@ SPLASH_LANES = 128
 KERNELS = {
     "splash": KernelNeeds(block_multiple=SPLASH_LANES),
     "cudnn": KernelNeeds(platform="gpu", described="cuDNN flash attention, GPU only"),
+    "pallas_gpu": KernelNeeds(),
 }
 IMPLEMENTATIONS = ("auto", "xla", "blockwise", *KERNELS)
+# The kernels "auto" tries, in this order, on a call with more than AUTO_DENSE_MAX_LOGITS logits per
+# head, on the platform the program is traced for: the first that takes the call computes it. cuDNN
+# comes first on GPU (NVIDIA's own kernel, for the calls it takes); the Pallas GPU kernel takes
+# segment ids and the two-pass pattern. On CPU "auto" picks no kernel (they would run interpreted).
+AUTO_KERNELS = {"tpu": ("splash",), "gpu": ("cudnn", "pallas_gpu")}
 # "auto" stays dense up to this many logits per head (S * M): 512 KiB of float32 per head. Counting
 # logits rather than keys keeps decoding (a few queries over a long cache) dense.
 AUTO_DENSE_MAX_LOGITS = 128 * 1024
@@ -80,16 +87,23 @@ class Implementation:
     def __post_init__(self):
         check_implementation(self.name, self.query_block, self.key_block)
 
-    def resolve(self, num_queries: int, num_keys: int, kernel_takes: bool = False) -> str:
-        """The implementation of S = num_queries queries over M = num_keys keys: `name`, except that
-        "auto", and a kernel (KERNELS) where `kernel_takes` is False (the call site's mask or shapes
-        are not ones the kernel computes), give "xla" up to AUTO_DENSE_MAX_LOGITS logits per head and
-        "blockwise" above."""
-        if self.name in ("xla", "blockwise") or (self.name in KERNELS and kernel_takes):
+    def resolve(self, num_queries: int, num_keys: int, takes: Callable[[str], bool] = lambda name: False) -> str:
+        """The implementation of S = num_queries queries over M = num_keys keys, where takes(kernel)
+        says whether a kernel computes this call (its mask and shapes): `name` for "xla",
+        "blockwise", and a kernel that takes the call; otherwise, and for "auto", "xla" up to
+        AUTO_DENSE_MAX_LOGITS logits per head and above that "auto"'s first kernel of the platform
+        the program is traced for (AUTO_KERNELS) that takes the call, else "blockwise"."""
+        if self.name in ("xla", "blockwise") or (self.name in KERNELS and takes(self.name)):
             return self.name
-        return "xla" if num_queries * num_keys <= AUTO_DENSE_MAX_LOGITS else "blockwise"
+        if num_queries * num_keys <= AUTO_DENSE_MAX_LOGITS:
+            return "xla"
+        if self.name == "auto":
+            for kernel in AUTO_KERNELS.get(target_platform(), ()):
+                if takes(kernel):
+                    return kernel
+        return "blockwise"
 
-    def choose(self, num_queries: int, num_keys: int, kernel_takes: bool = False) -> str:
+    def choose(self, num_queries: int, num_keys: int, takes: Callable[[str], bool] = lambda name: False) -> str:
         """`resolve`, once the kernel is known to run where the program is being traced for: a kernel
         bound to a platform ("cudnn": GPU) asked for a program traced for another is a ConfigError
         (whatever the path)."""
@@ -100,7 +114,15 @@ class Implementation:
                 f"config field attention is {self.name!r} ({needs.described}), but this program is "
                 f"traced for backend {target_platform()!r}; use {', '.join(elsewhere[:-1])} or {elsewhere[-1]}"
             )
-        return self.resolve(num_queries, num_keys, kernel_takes)
+        return self.resolve(num_queries, num_keys, takes)
+
+
+def describe_auto(platform: str) -> str:
+    """One line saying what "auto" computes attention with on `platform` ("cpu", "gpu", "tpu"): for
+    a run's log."""
+    kernels = AUTO_KERNELS.get(platform, ())
+    many = f"the first of {', '.join(kernels)} that takes the call, else blockwise" if kernels else "blockwise"
+    return f"attention auto on {platform}: xla up to {AUTO_DENSE_MAX_LOGITS:,} logits per head, above that {many}"
 
 
 DENSE = Implementation("xla")

@@ -22,13 +22,12 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import PartitionSpec
 
 from melt_jax.errors import ConfigError
 from melt_jax.model.attention.blockwise import pad_axis, round_up
 from melt_jax.model.attention.implementation import DEFAULT_BLOCK, SPLASH_LANES, Implementation, target_platform
+from melt_jax.model.attention.kernel_mesh import over_the_mesh
 from melt_jax.model.attention.masks import CausalMask, pad_tokens
-from melt_jax.sharding import partition_spec
 
 Array = jax.Array
 
@@ -123,24 +122,6 @@ def _splash_per_device(q, k, v, q_segments, k_segments, *, mask: _SplashMask, qu
     return jax.vmap(one_row)(q, k, v, q_segments, k_segments)
 
 
-def _over_the_mesh(per_device, q, k, v, q_segments, k_segments):
-    """per_device(q, k, v, q_segments, k_segments) on every device's share of the mesh set by
-    `jax.set_mesh` (a `shard_map`: XLA cannot split a kernel call itself), or directly without one.
-    q [B, N, S, D], k, v [B, K, M, D]: the batch split as the activations are, the heads over
-    "tensor" when it divides both N and K (each device then keeps whole groups of query heads)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1:
-        return per_device(q, k, v, q_segments, k_segments)
-    q_spec = partition_spec(q.shape, ("batch", "heads", None, None), mesh)
-    k_spec = partition_spec(k.shape, ("batch", "kv_heads", None, None), mesh)
-    batch, heads = q_spec[0], q_spec[1] if q_spec[1] == k_spec[1] else None
-    q_spec, k_spec = PartitionSpec(batch, heads, None, None), PartitionSpec(batch, heads, None, None)
-    segment_spec = None if q_segments is None else PartitionSpec(batch, None)
-    specs = (q_spec, k_spec, k_spec, segment_spec, segment_spec)
-    run = jax.shard_map(per_device, mesh=mesh, in_specs=specs, out_specs=q_spec, check_vma=False)
-    return run(q, k, v, q_segments, k_segments)
-
-
 def splash_attention(
     q: Array,
     k: Array,
@@ -186,7 +167,7 @@ def splash_attention(
     per_device = functools.partial(
         _splash_per_device, mask=mask, query_block=query_block, key_block=key_block, interpret=interpret
     )
-    out = _over_the_mesh(per_device, q, k, v, q_segments, k_segments)  # [B, N, S', D]
+    out = over_the_mesh(per_device, q, k, v, q_segments, k_segments, heads_axis=1)  # [B, N, S', D]
     return out[:, :, :seq].transpose(0, 2, 1, 3)
 
 
