@@ -179,6 +179,7 @@ class CompileReport:
     while_loops: int | None = None
     conditionals: int | None = None
     error: str | None = None
+    attention: str | None = None  # how the program computes attention, when the caller says
 
     @property
     def peak(self) -> int | None:
@@ -194,6 +195,8 @@ class CompileReport:
         where = f"{self.num_devices} x {self.device_kind}"
         capacity = "unknown" if self.capacity is None else f"{self.capacity / GIB:.2f} GiB"
         head = [f"devices        {where}, memory per device {capacity}", f"compile        {self.compile_seconds:.1f} s"]
+        if self.attention is not None:
+            head.append(f"attention      {self.attention}")
         if not self.fits:
             return [*head, "fits           NO", f"why            {self.error}"]
         gib = format_bytes

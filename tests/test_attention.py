@@ -44,7 +44,7 @@ from melt_jax.model.attention import (
     causal_mask,
     cudnn_attention,
     cudnn_takes,
-    describe_auto,
+    describe_attention,
     pallas_gpu_attention,
     slot_mask,
 )
@@ -586,7 +586,9 @@ def test_auto_picks_the_platforms_kernel_that_takes_the_call(platform, takes, pi
     auto = Implementation("auto")
     assert auto.resolve(4096, 4096, lambda name: name in takes) == picked
     assert auto.resolve(1, 4096, lambda name: True) == "xla"
-    assert platform in describe_auto(platform) and (picked in describe_auto(platform) or picked == "blockwise")
+    assert platform in describe_attention("auto", platform) and (
+        picked in describe_attention("auto", platform) or picked == "blockwise"
+    )
 
 
 def test_auto_traced_for_a_gpu_computes_packed_documents_with_the_pallas_kernel(monkeypatch):

@@ -27,7 +27,7 @@ def test_compile_on_this_machine_without_checkpoints(tmp_path, capsys):
     args += [f"init_from={tmp_path / 'student.json'}", "chunk_size=16", f"output_dir={tmp_path / 'run'}", *TINY]
     assert train_main(args) == 0
     out = capsys.readouterr().out
-    for line in ("arguments", "temporaries", "peak", "flops", "fits           yes"):
+    for line in ("arguments", "temporaries", "peak", "flops", "fits           yes", "attention      auto on cpu"):
         assert line in out, out
     assert not (tmp_path / "run").exists()
 

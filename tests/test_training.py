@@ -471,6 +471,7 @@ def test_interrupted_run_resumes_to_the_same_params_and_tokens(tmp_path, teacher
     )
     resumed = run_stage(second, log=messages.append)
     assert any("resumed from step 2" in m for m in messages)
+    assert any("attention auto on cpu: xla up to" in m for m in messages)  # what "auto" computes with, here
     assert resumed.steps == 6
     assert resumed.tokens_seen == whole.tokens_seen == 6 * BATCH * SEQ
     assert resumed.batch_digest == whole.batch_digest  # the same batches, in the same order, once each

@@ -10,9 +10,12 @@ TPU compiler lays the step out for those chips (melt_jax.aot); without one, for 
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 
 from melt_jax.aot import CompileReport, compile_and_measure, topology_devices
+from melt_jax.model.attention import describe_attention
 from melt_jax.model.params import abstract_params
 from melt_jax.sharding import check_batch_divisible, make_mesh
 from melt_jax.train.config import TrainConfig
@@ -43,4 +46,5 @@ def compile_stage(cfg: TrainConfig, topology: str | None = None) -> CompileRepor
         with jax.set_mesh(mesh):
             return step.lower(state, teacher, batch)
 
-    return compile_and_measure(lower, list(mesh.devices.flat))
+    report = compile_and_measure(lower, list(mesh.devices.flat))
+    return dataclasses.replace(report, attention=describe_attention(cfg.attention, devices[0].platform))

@@ -27,6 +27,7 @@ from jax.experimental import multihost_utils
 from melt_jax.checkpoint import save_params
 from melt_jax.data.pipeline import BatchIterator
 from melt_jax.errors import TrainingError
+from melt_jax.model.attention import describe_attention
 from melt_jax.model.params import abstract_params
 from melt_jax.sharding import (
     check_batch_divisible,
@@ -280,6 +281,7 @@ def run_stage(
     with StopSignals() as signals:
         out.mkdir(parents=True, exist_ok=True)
         stage = _build_stage(cfg)
+        log(f"[{cfg.stage}] attention {describe_attention(cfg.attention, stage.mesh.devices.flat[0].platform)}")
         checkpoints = RunCheckpoints(out / "checkpoints", cfg.keep_checkpoints, cfg.async_checkpoints)
         run = _start_run(cfg, stage, checkpoints, log)
         if _is_main():

@@ -69,7 +69,7 @@ from melt_jax.model.attention.implementation import (
     Implementation,
     check_implementation,
     control_flow_on_device,
-    describe_auto,
+    describe_attention,
     target_platform,
 )
 from melt_jax.model.attention.kv_sources import (
@@ -123,7 +123,7 @@ __all__ = [
     "cudnn_attention",
     "cudnn_takes",
     "default_source",
-    "describe_auto",
+    "describe_attention",
     "dense_attention",
     "init_training_cache",
     "interpolate",

@@ -117,12 +117,15 @@ class Implementation:
         return self.resolve(num_queries, num_keys, takes)
 
 
-def describe_auto(platform: str) -> str:
-    """One line saying what "auto" computes attention with on `platform` ("cpu", "gpu", "tpu"): for
-    a run's log."""
+def describe_attention(name: str, platform: str) -> str:
+    """One line saying what the implementation `name` computes attention with in a program for
+    `platform` ("cpu", "gpu", "tpu"): for a run's log and a compile report. Only "auto" depends on
+    the platform."""
+    if name != "auto":
+        return f"{name} on {platform}"
     kernels = AUTO_KERNELS.get(platform, ())
     many = f"the first of {', '.join(kernels)} that takes the call, else blockwise" if kernels else "blockwise"
-    return f"attention auto on {platform}: xla up to {AUTO_DENSE_MAX_LOGITS:,} logits per head, above that {many}"
+    return f"auto on {platform}: xla up to {AUTO_DENSE_MAX_LOGITS:,} logits per head, above that {many}"
 
 
 DENSE = Implementation("xla")
