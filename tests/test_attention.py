@@ -40,6 +40,7 @@ from melt_jax.model.attention import (
     TokenContext,
     attend,
     attend_earlier_and_own,
+    attend_history_and_own,
     blockwise_attention,
     causal_mask,
     cudnn_attention,
@@ -50,6 +51,7 @@ from melt_jax.model.attention import (
 )
 from melt_jax.model.attention import implementation as attention_implementation
 from melt_jax.model.attention import pallas_gpu as pallas_gpu_module
+from melt_jax.model.attention.masks import history_and_own_mask
 from melt_jax.model.attention.pallas_gpu import pallas_gpu_takes, pallas_gpu_takes_earlier_and_own
 from melt_jax.sharding import MeshConfig, make_mesh
 
@@ -482,6 +484,38 @@ def test_pallas_gpu_equals_dense_on_the_two_pass_pattern(seq, chunk, segments):
 
     for got, want in zip(earlier_grads(_pallas_gpu()), earlier_grads(DENSE)):
         np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("segments", [False, True], ids=["causal", "segments"])
+def test_pallas_gpu_equals_dense_over_a_slot_array_and_the_rows_in_flight(segments):
+    """A chunk in flight at positions base .. base + S - 1 over the slots before base of a slot array
+    read in the cache layout (pass 1 of the two-pass forward, the sequential forward, prefill)."""
+    seq, max_length, kv_heads = 16, 64, 2
+    base = jnp.array([5, 30], jnp.int32)
+    positions = base[:, None] + jnp.arange(seq, dtype=jnp.int32)  # [B, S]
+    history_k, history_v = _normal(80, (B, kv_heads, max_length, D)), _normal(81, (B, kv_heads, max_length, D))
+    slot_ids = None
+    if segments:  # row 0: the first document ends before base; row 1: a document starts inside the chunk
+        slot_ids = jnp.stack(
+            [jnp.where(jnp.arange(max_length) < 3, 1, 2), jnp.where(jnp.arange(max_length) < 40, 1, 2)]
+        )
+    ids = None if slot_ids is None else jnp.take_along_axis(slot_ids, positions, axis=1)
+    mask = history_and_own_mask(_context(positions, ids), max_length, slot_ids)
+    q = _normal(82, (B, seq, N, D))
+    k, v = _normal(83, (B, seq, kv_heads, D)), _normal(84, (B, seq, kv_heads, D))
+
+    def run(implementation, with_base):
+        def fn(q, k, v):
+            return attend_history_and_own(
+                q, history_k, history_v, k, v, mask, implementation=implementation, base=base if with_base else None
+            )
+
+        return fn
+
+    _assert_same(run(DENSE, False), run(_pallas_gpu(), True), q, k, v)
+    # Without the base (positions not known to be in order) the kernel does not take the call.
+    assert "pallas_call" not in str(jax.make_jaxpr(run(_pallas_gpu(), False))(q, k, v))
+    assert "pallas_call" in str(jax.make_jaxpr(run(_pallas_gpu(), True))(q, k, v))
 
 
 def test_pallas_gpu_under_a_mesh_equals_dense():

@@ -32,6 +32,7 @@ from melt_jax.model.attention.masks import CausalMask, EarlierAndOwnMask
 from melt_jax.model.attention.pallas_gpu import (
     pallas_gpu_attend,
     pallas_gpu_earlier_and_own,
+    pallas_gpu_history_and_own,
     pallas_gpu_takes,
     pallas_gpu_takes_earlier_and_own,
 )
@@ -50,12 +51,16 @@ class KernelCalls:
     two-pass pattern through the kernel, or None where the kernel does not take it.
     takes_earlier_and_own(q, chunk_size) -> bool: whether it takes the two-pass pattern of these
     queries in chunks of chunk_size (when it has `earlier_and_own`).
+    history_and_own(q, history_k, history_v, k, v, base, q_segments, slot_segments, implementation):
+    a slot array followed by the rows in flight, the tokens in flight in order from `base`, or None
+    where the kernel does not take it.
     """
 
     takes: Callable[[Array, CausalMask], bool]
     attend: Callable[..., Array]
     earlier_and_own: Callable[..., Array] | None = None
     takes_earlier_and_own: Callable[[Array, int], bool] = lambda q, chunk_size: True
+    history_and_own: Callable[..., Array] | None = None
 
 
 # One line per kernel of implementation.KERNELS.
@@ -67,6 +72,7 @@ KERNEL_CALLS = {
         attend=pallas_gpu_attend,
         earlier_and_own=pallas_gpu_earlier_and_own,
         takes_earlier_and_own=pallas_gpu_takes_earlier_and_own,
+        history_and_own=pallas_gpu_history_and_own,
     ),
 }
 
@@ -149,14 +155,28 @@ def attend_history_and_own(
     mask: CausalMask,
     *,
     implementation: Implementation = DENSE,
+    base: Array | None = None,
 ) -> Array:
     """Attention of q [B, S, N, D] over two key sets in one softmax: a cache slot array history_k,
     history_v [B, K, S_max, D] and the rows of the tokens in flight k, v [B, S, K, D]; `mask`
     describes the S_max + S keys in that order. Dense reads the slot array where it lies (no copy of
-    it joined to the new rows); blockwise joins them. The kernels do not take this mask (the
-    positions in flight are known only when running): "auto"'s choice instead. Returns [B, S, N, D]."""
+    it joined to the new rows); blockwise joins them. `base` [B]: the tokens in flight are at
+    positions base .. base + S - 1 of their row (in order, the model made them), so that the mask is
+    the slots before base and the rows in flight causally, known when tracing up to base: a kernel
+    with `history_and_own` takes the call ("pallas_gpu"); without it "auto"'s choice. Returns
+    [B, S, N, D]."""
     mask.check()
     max_length = history_k.shape[2]
-    if implementation.choose(q.shape[1], max_length + k.shape[1]) != "xla":
+
+    def takes(name: str) -> bool:
+        kernel = KERNEL_CALLS[name]
+        return base is not None and kernel.history_and_own is not None and kernel.takes(q, mask.replace(in_order=True))
+
+    chosen = implementation.choose(q.shape[1], max_length + k.shape[1], takes)
+    if chosen == "xla":
+        return dense_history_and_own(q, history_k, history_v, k, v, mask)
+    if chosen == "blockwise":
         return _blockwise_over_stored_and_own(q, history_k, history_v, k, v, mask, implementation)
-    return dense_history_and_own(q, history_k, history_v, k, v, mask)
+    slot_segments = None if mask.k_segments is None else mask.k_segments[:, :max_length]
+    kernel = KERNEL_CALLS[chosen]
+    return kernel.history_and_own(q, history_k, history_v, k, v, base, mask.q_segments, slot_segments, implementation)

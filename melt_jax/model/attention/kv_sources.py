@@ -264,8 +264,9 @@ class SlotCache(KVSource):
         if self.filled_only and q.shape[1] * q.shape[2] <= FEW_QUERIES * history.k.shape[-3]:
             attended = few_queries_history_and_own(q, history.k[slot], history.v[slot], rows.k, rows.v, mask)
             return attended, pending
+        base = ctx.positions[:, 0] if ctx.in_order else None  # in order: the slots before it, then the rows
         attended = attend_history_and_own(
-            q, history.k[slot], history.v[slot], rows.k, rows.v, mask, implementation=implementation
+            q, history.k[slot], history.v[slot], rows.k, rows.v, mask, implementation=implementation, base=base
         )
         return attended, pending
 

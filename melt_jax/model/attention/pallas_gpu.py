@@ -26,11 +26,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from melt_jax.errors import ConfigError
 from melt_jax.model.attention.blockwise import pad_axis, round_up
 from melt_jax.model.attention.implementation import Implementation, target_platform
 from melt_jax.model.attention.kernel_mesh import over_the_mesh
@@ -52,64 +54,74 @@ NO_LOGIT = -1e30
 
 @dataclasses.dataclass(frozen=True)
 class KernelMask:
-    """The static mask of the kernel over S' queries and M' keys: causal (key j seen by query i when
-    j <= i) or, with `chunk_size` C, the two-pass pattern over the keys [earlier rows of tokens
-    0..S'-1, own rows of the same tokens]: query i sees the earlier row of token j when j // C <
-    i // C, and the own row of token j when j // C == i // C and j <= i. The block ranges below are
-    the only blocks with a visible key; `visible` is exact within them."""
+    """Which keys the kernel's S' queries see, a mask known when tracing up to one number per row.
+
+    The keys are the rows of the tokens in flight ("own" rows, S' of them, token layout) and, with
+    `earlier` set, a second set of rows ("earlier" rows, M_e of them: the pass-1 rows of the same
+    tokens in the two-pass pattern, or a cache's slot array), read from their own arrays (no copy
+    joining them). Query i sees:
+      - own row j when j <= i and, with `chunk_size` C, j // C == i // C;
+      - earlier row j when j < base + (i // C) * C (without C: j < base), where `base` is 0 (two-pass)
+        or, with `dynamic_base`, a per-row number given when running (a cache's slots before the
+        first position in flight);
+    and, with segment ids, only rows of its segment. `earlier_heads_first`: the earlier rows are
+    [B, K, M_e, D] (the cache layout), else [B, M_e, K, D]. The block ranges below are the only
+    blocks with a visible key; the mask is exact within them."""
 
     seq: int  # S'
     chunk_size: int | None = None
+    earlier: bool = False
+    dynamic_base: bool = False
+    earlier_heads_first: bool = False
 
-    @property
-    def num_keys(self) -> int:
-        return self.seq if self.chunk_size is None else 2 * self.seq
+    def own_seen(self, q_index: Array, k_index: Array) -> Array:
+        """bool [bq, bk] for query indices [bq, 1] and own-row indices [1, bk]."""
+        seen = k_index <= q_index
+        if self.chunk_size is not None:
+            seen &= k_index // self.chunk_size == q_index // self.chunk_size
+        return seen
 
-    def visible(self, q_index: Array, k_index: Array) -> Array:
-        """bool [bq, bk] for query indices [bq, 1] and key indices [1, bk]."""
-        if self.chunk_size is None:
-            return k_index <= q_index
-        chunk, own = self.chunk_size, k_index - self.seq
-        earlier_seen = (k_index < self.seq) & (k_index // chunk < q_index // chunk)
-        own_seen = (k_index >= self.seq) & (own // chunk == q_index // chunk) & (own <= q_index)
-        return earlier_seen | own_seen
+    def limit(self, q_index, base):
+        """One past the last earlier row query q_index sees."""
+        return base if self.chunk_size is None else base + (q_index // self.chunk_size) * self.chunk_size
 
-    def key_block_ranges(self, q_start, block_q: int, block_k: int) -> list[tuple[Array, Array]]:
-        """[lo, hi) ranges of key block indices seen by the queries q_start .. q_start + block_q - 1:
-        one range (causal) or two (earlier rows of the chunks before, own rows up to the last query),
-        which never share a block (the own rows start at S', a whole number of key blocks)."""
-        last = q_start + block_q  # one past the last query
-        if self.chunk_size is None:
-            return [(0, pl.cdiv(last, block_k))]
-        chunk_start = (q_start // self.chunk_size) * self.chunk_size
-        earlier = (0, pl.cdiv(chunk_start, block_k))
-        own = ((self.seq + chunk_start) // block_k, pl.cdiv(self.seq + last, block_k))
-        return [earlier, own]
+    def own_blocks(self, q_start, block_q: int, block_k: int) -> tuple[Array, Array]:
+        """[lo, hi) of the own-row key blocks the queries q_start .. q_start + block_q - 1 see (a
+        query block lies in one chunk: C is a multiple of block_q)."""
+        first = 0 if self.chunk_size is None else (q_start // self.chunk_size) * self.chunk_size
+        return first // block_k, pl.cdiv(q_start + block_q, block_k)
 
-    def query_block_range(self, k_start, block_k: int, block_q: int) -> tuple[Array, Array]:
-        """[lo, hi) of the query block indices that see a key of k_start .. k_start + block_k - 1."""
+    def earlier_blocks(self, q_start, block_k: int, base) -> tuple[Array, Array]:
+        """[lo, hi) of the earlier-row key blocks the query block starting at q_start sees."""
+        return 0, pl.cdiv(self.limit(q_start, base), block_k)
+
+    def own_queries(self, k_start, block_k: int, block_q: int) -> tuple[Array, Array]:
+        """[lo, hi) of the query blocks that see an own row of k_start .. k_start + block_k - 1."""
         num_query_blocks = self.seq // block_q
         if self.chunk_size is None:
             return k_start // block_q, num_query_blocks
-        chunk = self.chunk_size
-        # Earlier rows: seen from the chunk after the first key's on.
-        earlier_lo = jnp.minimum(((k_start // chunk + 1) * chunk) // block_q, num_query_blocks)
-        # Own rows of tokens j0..j1: seen by their own chunk's queries from j0 to the chunk's end.
-        own_first = k_start - self.seq
-        own_last = own_first + block_k - 1
-        own_hi = jnp.minimum(pl.cdiv((own_last // chunk + 1) * chunk, block_q), num_query_blocks)
-        is_earlier = k_start < self.seq
-        lo = jnp.where(is_earlier, earlier_lo, own_first // block_q)
-        hi = jnp.where(is_earlier, num_query_blocks, own_hi)
-        return lo, hi
+        chunk_end = ((k_start + block_k - 1) // self.chunk_size + 1) * self.chunk_size
+        return k_start // block_q, jnp.minimum(pl.cdiv(chunk_end, block_q), num_query_blocks)
+
+    def earlier_queries(self, k_start, block_q: int, base) -> tuple[Array, Array]:
+        """[lo, hi) of the query blocks that see an earlier row of the block starting at k_start."""
+        num_query_blocks = self.seq // block_q
+        if self.chunk_size is None:  # every query sees the rows before base, none the others
+            return 0, jnp.where(k_start < base, num_query_blocks, 0)
+        first_query = ((k_start - base) // self.chunk_size + 1) * self.chunk_size
+        return jnp.minimum(jnp.maximum(first_query, 0) // block_q, num_query_blocks), num_query_blocks
 
 
-def _seen(mask: KernelMask, q_start, k_start, block_q, block_k, q_segments, k_segments):
-    """bool [bq, bk]: which keys of the key block each query of the query block sees (the mask, and
-    equal segment ids when given: [bq] and [bk])."""
-    q_index = q_start + jax.lax.broadcasted_iota(jnp.int32, (block_q, 1), 0)
-    k_index = k_start + jax.lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
-    seen = mask.visible(q_index, k_index)
+def _block_indices(start, size: int, axis: int):
+    shape = (size, 1) if axis == 0 else (1, size)
+    return start + jax.lax.broadcasted_iota(jnp.int32, shape, axis)
+
+
+def _seen(mask: KernelMask, own: bool, q_start, k_start, block_q, block_k, base, q_segments, k_segments):
+    """bool [bq, bk]: which keys of a key block (own rows or earlier rows) each query of the query
+    block sees (and equal segment ids when given: [bq] and [bk])."""
+    q_index, k_index = _block_indices(q_start, block_q, 0), _block_indices(k_start, block_k, 1)
+    seen = mask.own_seen(q_index, k_index) if own else k_index < mask.limit(q_index, base)
     if q_segments is not None:
         seen &= q_segments[:, None] == k_segments[None, :]
     return seen
@@ -122,35 +134,66 @@ def _dot(a, b, *, trans_a=False, trans_b=False):
     return plgpu.dot(a, b, trans_a=trans_a, trans_b=trans_b, allow_tf32=False).astype(jnp.float32)
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, lse_ref, *, mask, block_q, block_k):
-    """One query block of one (batch, head): q_ref [bq, D], k_ref, v_ref [M', D], segment refs [bq]
-    and [M'] or None -> o_ref [bq, D], lse_ref [bq] (log-sum-exp of the query's visible logits)."""
+@dataclasses.dataclass(frozen=True)
+class _KeySet:
+    """One set of keys inside a kernel: its refs (k, v [M, D], segment ids [M] or None), whether they
+    are the own rows, and the key block range a query block sees (`blocks(q_start)`)."""
+
+    k_ref: Any
+    v_ref: Any
+    segments_ref: Any
+    own: bool
+
+
+def _key_sets(mask, k_ref, v_ref, ks_ref, e_ref, ev_ref, es_ref) -> list[_KeySet]:
+    own = _KeySet(k_ref, v_ref, ks_ref, own=True)
+    return [own] if not mask.earlier else [_KeySet(e_ref, ev_ref, es_ref, own=False), own]
+
+
+def _blocks_seen(mask, keys: _KeySet, q_start, block_q, block_k, base):
+    if keys.own:
+        return mask.own_blocks(q_start, block_q, block_k)
+    return mask.earlier_blocks(q_start, block_k, base)
+
+
+def _load_keys(keys: _KeySet, k_start, block_k):
+    rows = pl.ds(k_start, block_k)
+    segments = None if keys.segments_ref is None else keys.segments_ref[rows]
+    return keys.k_ref[rows, :], keys.v_ref[rows, :], segments
+
+
+def _forward_kernel(
+    q_ref, k_ref, v_ref, qs_ref, ks_ref, e_ref, ev_ref, es_ref, base_ref, o_ref, lse_ref, *, mask, block_q, block_k
+):
+    """One query block of one (batch, head): q_ref [bq, D]; own rows k_ref, v_ref [S', D] and earlier
+    rows e_ref, ev_ref [M_e, D] (or None); segment ids qs_ref [bq], ks_ref [S'], es_ref [M_e] or None;
+    base_ref [1] or None -> o_ref [bq, D], lse_ref [bq] (log-sum-exp of the query's visible logits)."""
     q_start = pl.program_id(0) * block_q
     q = q_ref[...]  # [bq, D]
     q_segments = None if qs_ref is None else qs_ref[...]
-
-    def visit(block, carry):
-        acc, running_max, running_sum = carry
-        k_start = block * block_k
-        k = k_ref[pl.ds(k_start, block_k), :]  # [bk, D]
-        v = v_ref[pl.ds(k_start, block_k), :]
-        k_segments = None if ks_ref is None else ks_ref[pl.ds(k_start, block_k)]
-        logits = _dot(q, k, trans_b=True)  # [bq, bk]
-        seen = _seen(mask, q_start, k_start, block_q, block_k, q_segments, k_segments)
-        logits = jnp.where(seen, logits, NO_LOGIT)
-        new_max = jnp.maximum(running_max, jnp.max(logits, axis=1))  # [bq]
-        probs = jnp.where(seen, jnp.exp(logits - new_max[:, None]), 0.0)  # [bq, bk]
-        rescale = jnp.exp(running_max - new_max)
-        running_sum = running_sum * rescale + jnp.sum(probs, axis=1)
-        acc = acc * rescale[:, None] + _dot(probs.astype(v.dtype), v)
-        return acc, new_max, running_sum
-
+    base = 0 if base_ref is None else base_ref[0]
     carry = (
         jnp.zeros(q.shape, jnp.float32),
         jnp.full((block_q,), NO_LOGIT, jnp.float32),
         jnp.zeros((block_q,), jnp.float32),
     )
-    for lo, hi in mask.key_block_ranges(q_start, block_q, block_k):
+    for keys in _key_sets(mask, k_ref, v_ref, ks_ref, e_ref, ev_ref, es_ref):
+
+        def visit(block, carry, keys=keys):
+            acc, running_max, running_sum = carry
+            k_start = block * block_k
+            k, v, k_segments = _load_keys(keys, k_start, block_k)
+            logits = _dot(q, k, trans_b=True)  # [bq, bk]
+            seen = _seen(mask, keys.own, q_start, k_start, block_q, block_k, base, q_segments, k_segments)
+            logits = jnp.where(seen, logits, NO_LOGIT)
+            new_max = jnp.maximum(running_max, jnp.max(logits, axis=1))  # [bq]
+            probs = jnp.where(seen, jnp.exp(logits - new_max[:, None]), 0.0)  # [bq, bk]
+            rescale = jnp.exp(running_max - new_max)
+            running_sum = running_sum * rescale + jnp.sum(probs, axis=1)
+            acc = acc * rescale[:, None] + _dot(probs.astype(v.dtype), v)
+            return acc, new_max, running_sum
+
+        lo, hi = _blocks_seen(mask, keys, q_start, block_q, block_k, base)
         carry = jax.lax.fori_loop(lo, hi, visit, carry)
     acc, running_max, running_sum = carry
     running_sum = jnp.maximum(running_sum, jnp.finfo(jnp.float32).tiny)
@@ -167,13 +210,30 @@ def _probs_and_logit_grads(q, k, v, do, lse, delta, seen):
 
 
 def _key_grads_kernel(
-    q_ref, k_ref, v_ref, qs_ref, ks_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, mask, block_q, block_k
+    q_ref,
+    k_ref,
+    v_ref,
+    qs_ref,
+    ks_ref,
+    base_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    dk_ref,
+    dv_ref,
+    *,
+    mask,
+    own,
+    block_q,
+    block_k,
 ):
-    """dk, dv of one key block of one (batch, query head): k_ref, v_ref [bk, D]; q_ref, do_ref [S', D],
-    lse_ref, delta_ref [S'] -> dk_ref, dv_ref [bk, D] (this query head's share)."""
+    """dk, dv of one key block (own rows, or earlier rows with own=False) of one (batch, query head):
+    k_ref, v_ref [bk, D], ks_ref [bk]; q_ref, do_ref [S', D], qs_ref, lse_ref, delta_ref [S'] ->
+    dk_ref, dv_ref [bk, D] (this query head's share)."""
     k_start = pl.program_id(0) * block_k
     k, v = k_ref[...], v_ref[...]
     k_segments = None if ks_ref is None else ks_ref[...]
+    base = 0 if base_ref is None else base_ref[0]
 
     def visit(block, carry):
         dk, dv = carry
@@ -181,13 +241,13 @@ def _key_grads_kernel(
         rows = pl.ds(q_start, block_q)
         q, do = q_ref[rows, :], do_ref[rows, :]
         q_segments = None if qs_ref is None else qs_ref[rows]
-        seen = _seen(mask, q_start, k_start, block_q, block_k, q_segments, k_segments)
+        seen = _seen(mask, own, q_start, k_start, block_q, block_k, base, q_segments, k_segments)
         probs, logit_grads = _probs_and_logit_grads(q, k, v, do, lse_ref[rows], delta_ref[rows], seen)
         dv = dv + _dot(probs.astype(do.dtype), do, trans_a=True)
         dk = dk + _dot(logit_grads.astype(q.dtype), q, trans_a=True)
         return dk, dv
 
-    lo, hi = mask.query_block_range(k_start, block_k, block_q)
+    lo, hi = mask.own_queries(k_start, block_k, block_q) if own else mask.earlier_queries(k_start, block_q, base)
     zeros = jnp.zeros(k.shape, jnp.float32)
     dk, dv = jax.lax.fori_loop(lo, hi, visit, (zeros, zeros))
     dk_ref[...] = dk.astype(dk_ref.dtype)
@@ -195,25 +255,41 @@ def _key_grads_kernel(
 
 
 def _query_grads_kernel(
-    q_ref, k_ref, v_ref, qs_ref, ks_ref, do_ref, lse_ref, delta_ref, dq_ref, *, mask, block_q, block_k
+    q_ref,
+    k_ref,
+    v_ref,
+    qs_ref,
+    ks_ref,
+    e_ref,
+    ev_ref,
+    es_ref,
+    base_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    dq_ref,
+    *,
+    mask,
+    block_q,
+    block_k,
 ):
-    """dq of one query block of one (batch, head): q_ref, do_ref [bq, D], lse_ref, delta_ref [bq];
-    k_ref, v_ref [M', D] -> dq_ref [bq, D]."""
+    """dq of one query block of one (batch, head): the forward kernel's inputs, do_ref [bq, D],
+    lse_ref, delta_ref [bq] -> dq_ref [bq, D]."""
     q_start = pl.program_id(0) * block_q
     q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
     q_segments = None if qs_ref is None else qs_ref[...]
-
-    def visit(block, dq):
-        k_start = block * block_k
-        k = k_ref[pl.ds(k_start, block_k), :]
-        v = v_ref[pl.ds(k_start, block_k), :]
-        k_segments = None if ks_ref is None else ks_ref[pl.ds(k_start, block_k)]
-        seen = _seen(mask, q_start, k_start, block_q, block_k, q_segments, k_segments)
-        _, logit_grads = _probs_and_logit_grads(q, k, v, do, lse, delta, seen)
-        return dq + _dot(logit_grads.astype(k.dtype), k)
-
+    base = 0 if base_ref is None else base_ref[0]
     dq = jnp.zeros(q.shape, jnp.float32)
-    for lo, hi in mask.key_block_ranges(q_start, block_q, block_k):
+    for keys in _key_sets(mask, k_ref, v_ref, ks_ref, e_ref, ev_ref, es_ref):
+
+        def visit(block, dq, keys=keys):
+            k_start = block * block_k
+            k, v, k_segments = _load_keys(keys, k_start, block_k)
+            seen = _seen(mask, keys.own, q_start, k_start, block_q, block_k, base, q_segments, k_segments)
+            _, logit_grads = _probs_and_logit_grads(q, k, v, do, lse, delta, seen)
+            return dq + _dot(logit_grads.astype(k.dtype), k)
+
+        lo, hi = _blocks_seen(mask, keys, q_start, block_q, block_k, base)
         dq = jax.lax.fori_loop(lo, hi, visit, dq)
     dq_ref[...] = dq.astype(dq_ref.dtype)
 
@@ -224,42 +300,79 @@ def _compiler_params(head_dim: int):
     return plgpu.CompilerParams(num_warps=4 if head_dim <= 64 else 8, num_stages=PALLAS_GPU_STAGES)
 
 
-def _specs(block_q: int, block_k: int, num_queries: int, num_keys: int, head_dim: int, groups: int):
-    """BlockSpecs of the grid (query or key block, batch b, query head n) over [B, L, heads, D] arrays
-    and [B, L] segment ids: a block of queries / keys, or the whole length, of head n (queries) or
-    kv head n // G (keys)."""
-    return dict(
-        q_block=pl.BlockSpec((None, block_q, None, head_dim), lambda i, b, n: (b, i, n, 0)),
-        q_all=pl.BlockSpec((None, num_queries, None, head_dim), lambda i, b, n: (b, 0, n, 0)),
-        k_block=pl.BlockSpec((None, block_k, None, head_dim), lambda i, b, n: (b, i, n // groups, 0)),
-        k_all=pl.BlockSpec((None, num_keys, None, head_dim), lambda i, b, n: (b, 0, n // groups, 0)),
-        dk_block=pl.BlockSpec((None, block_k, None, head_dim), lambda i, b, n: (b, i, n, 0)),
-        row_block=pl.BlockSpec((None, None, block_q), lambda i, b, n: (b, n, i)),
-        row_all=pl.BlockSpec((None, None, num_queries), lambda i, b, n: (b, n, 0)),
-        qs_block=pl.BlockSpec((None, block_q), lambda i, b, n: (b, i)),
-        qs_all=pl.BlockSpec((None, num_queries), lambda i, b, n: (b, 0)),
-        ks_block=pl.BlockSpec((None, block_k), lambda i, b, n: (b, i)),
-        ks_all=pl.BlockSpec((None, num_keys), lambda i, b, n: (b, 0)),
-    )
+class _Specs:
+    """BlockSpecs of a grid (block i of queries or keys, batch b, query head n) over the kernel's
+    arrays: q-like [B, S', N, D], own rows [B, S', K, D], earlier rows [B, M_e, K, D] or [B, K, M_e,
+    D], per-query rows [B, N, S'], segment ids [B, L], base [B, 1]. `..._block`: block i of it;
+    `..._all`: the whole length; keys of kv head n // G."""
+
+    def __init__(self, mask: KernelMask, block_q: int, block_k: int, head_dim: int, groups: int, earlier_length: int):
+        self.mask, self.block_q, self.block_k, self.head_dim, self.groups = mask, block_q, block_k, head_dim, groups
+        self.earlier_length = earlier_length
+
+    def tokens(self, length: int, heads: str):
+        """[B, L, heads, D] by blocks of `length` along L (i-th block), whole when length is None."""
+        groups = self.groups if heads == "kv" else 1
+        if length is None:
+            return lambda size: pl.BlockSpec((None, size, None, self.head_dim), lambda i, b, n: (b, 0, n // groups, 0))
+        return pl.BlockSpec((None, length, None, self.head_dim), lambda i, b, n: (b, i, n // groups, 0))
+
+    def q_block(self):
+        return self.tokens(self.block_q, "q")
+
+    def q_all(self):
+        return self.tokens(None, "q")(self.mask.seq)
+
+    def own_all(self):
+        return self.tokens(None, "kv")(self.mask.seq)
+
+    def earlier(self, length: int | None):
+        """The earlier rows: block i of `length` rows, or all of them (length None)."""
+        size = self.earlier_length if length is None else length
+        index = (lambda i, b, n: 0) if length is None else (lambda i, b, n: i)
+        groups, d = self.groups, self.head_dim
+        if self.mask.earlier_heads_first:
+            return pl.BlockSpec((None, None, size, d), lambda i, b, n: (b, n // groups, index(i, b, n), 0))
+        return pl.BlockSpec((None, size, None, d), lambda i, b, n: (b, index(i, b, n), n // groups, 0))
+
+    def rows(self, length: int | None):
+        size = self.mask.seq if length is None else length
+        index = (lambda i: 0) if length is None else (lambda i: i)
+        return pl.BlockSpec((None, None, size), lambda i, b, n: (b, n, index(i)))
+
+    def segments(self, length: int | None, total: int):
+        size = total if length is None else length
+        index = (lambda i: 0) if length is None else (lambda i: i)
+        return pl.BlockSpec((None, size), lambda i, b, n: (b, index(i)))
+
+    def base(self):
+        return pl.BlockSpec((None, 1), lambda i, b, n: (b, 0))
 
 
-def _forward(q, k, v, q_segments, k_segments, mask, block_q, block_k, interpret):
-    """(out [B, S', N, D], lse [B, N, S'] float32) of q [B, S', N, D] over k, v [B, M', K, D]."""
+def _forward(q, k, v, q_segments, earlier, base, mask, block_q, block_k, interpret):
+    """(out [B, S', N, D], lse [B, N, S'] float32) of q over the own rows k, v [B, S', K, D] and
+    `earlier` = (k, v, segment ids or None) or None; base [B, 1] or None."""
     batch, num_queries, num_heads, head_dim = q.shape
-    specs = _specs(block_q, block_k, num_queries, k.shape[1], head_dim, num_heads // k.shape[2])
-    segments = q_segments is not None
+    e_k, e_v, e_segments = earlier if earlier is not None else (None, None, None)
+    earlier_length = 0 if e_k is None else e_k.shape[2 if mask.earlier_heads_first else 1]
+    specs = _Specs(mask, block_q, block_k, head_dim, num_heads // k.shape[2], earlier_length)
+    has_segments, has_earlier = q_segments is not None, e_k is not None
     kernel = functools.partial(_forward_kernel, mask=mask, block_q=block_q, block_k=block_k)
     return pl.pallas_call(
         kernel,
         grid=(num_queries // block_q, batch, num_heads),
         in_specs=[
-            specs["q_block"],
-            specs["k_all"],
-            specs["k_all"],
-            specs["qs_block"] if segments else None,
-            specs["ks_all"] if segments else None,
+            specs.q_block(),
+            specs.own_all(),
+            specs.own_all(),
+            specs.segments(block_q, num_queries) if has_segments else None,
+            specs.segments(None, num_queries) if has_segments else None,
+            specs.earlier(None) if has_earlier else None,
+            specs.earlier(None) if has_earlier else None,
+            specs.segments(None, earlier_length) if has_earlier and has_segments else None,
+            specs.base() if base is not None else None,
         ],
-        out_specs=[specs["q_block"], specs["row_block"]],
+        out_specs=[specs.q_block(), specs.rows(block_q)],
         out_shape=[
             jax.ShapeDtypeStruct(q.shape, q.dtype),
             jax.ShapeDtypeStruct((batch, num_heads, num_queries), jnp.float32),
@@ -267,80 +380,122 @@ def _forward(q, k, v, q_segments, k_segments, mask, block_q, block_k, interpret)
         compiler_params=_compiler_params(head_dim),
         interpret=interpret,
         name="melt_flash_forward",
-    )(q, k, v, q_segments, k_segments)
+    )(q, k, v, q_segments, q_segments, e_k, e_v, e_segments, base)
 
 
-def _backward(q, k, v, q_segments, k_segments, out, lse, d_out, mask, block_q, block_k, interpret):
-    """(dq, dk, dv) of the forward's inputs, from the output cotangent d_out [B, S', N, D]."""
+def _key_grads(q, keys, q_segments, base, d_out, lse, delta, mask, own, block_q, block_k, interpret):
+    """(dk, dv) of one key set keys = (k, v, segment ids or None): own rows [B, S', K, D], or the
+    earlier rows in their layout."""
+    k, v, k_segments = keys
     batch, num_queries, num_heads, head_dim = q.shape
-    num_keys, kv_heads = k.shape[1], k.shape[2]
+    heads_first = not own and mask.earlier_heads_first
+    num_keys, kv_heads = (k.shape[2], k.shape[1]) if heads_first else (k.shape[1], k.shape[2])
     groups = num_heads // kv_heads
-    specs = _specs(block_q, block_k, num_queries, num_keys, head_dim, groups)
-    segments = q_segments is not None
-    # delta_i = sum_d dO_id O_id = sum_j p_ij dP_ij: the softmax gradient's per-query term.
-    delta = jnp.einsum("bsnd,bsnd->bns", d_out.astype(jnp.float32), out.astype(jnp.float32))  # [B, N, S']
-    common = dict(compiler_params=_compiler_params(head_dim), interpret=interpret)
-    key_kernel = functools.partial(_key_grads_kernel, mask=mask, block_q=block_q, block_k=block_k)
-    # Each query head's share of its kv head's gradient; float32 when G > 1 shares are summed.
+    specs = _Specs(mask, block_q, block_k, head_dim, groups, num_keys)
+    key_block = specs.tokens(block_k, "kv") if not heads_first else specs.earlier(block_k)
+    # Each query head's share of its kv head's gradient, in the keys' layout with N heads; float32
+    # when G > 1 shares are summed.
+    share_shape = (batch, num_heads, num_keys, head_dim) if heads_first else (batch, num_keys, num_heads, head_dim)
     share_dtype = k.dtype if groups == 1 else jnp.float32
-    per_head_shape = jax.ShapeDtypeStruct((batch, num_keys, num_heads, head_dim), share_dtype)
+    if heads_first:
+        share_spec = pl.BlockSpec((None, None, block_k, head_dim), lambda i, b, n: (b, n, i, 0))
+    else:
+        share_spec = pl.BlockSpec((None, block_k, None, head_dim), lambda i, b, n: (b, i, n, 0))
+    has_segments = q_segments is not None
+    kernel = functools.partial(_key_grads_kernel, mask=mask, own=own, block_q=block_q, block_k=block_k)
     dk, dv = pl.pallas_call(
-        key_kernel,
+        kernel,
         grid=(num_keys // block_k, batch, num_heads),
         in_specs=[
-            specs["q_all"],
-            specs["k_block"],
-            specs["k_block"],
-            specs["qs_all"] if segments else None,
-            specs["ks_block"] if segments else None,
-            specs["q_all"],
-            specs["row_all"],
-            specs["row_all"],
+            specs.q_all(),
+            key_block,
+            key_block,
+            specs.segments(None, num_queries) if has_segments else None,
+            specs.segments(block_k, num_keys) if has_segments else None,
+            specs.base() if base is not None else None,
+            specs.q_all(),
+            specs.rows(None),
+            specs.rows(None),
         ],
-        out_specs=[specs["dk_block"], specs["dk_block"]],
-        out_shape=[per_head_shape, per_head_shape],
+        out_specs=[share_spec, share_spec],
+        out_shape=[jax.ShapeDtypeStruct(share_shape, share_dtype)] * 2,
+        compiler_params=_compiler_params(head_dim),
+        interpret=interpret,
         name="melt_flash_key_grads",
-        **common,
-    )(q, k, v, q_segments, k_segments, d_out, lse, delta)
-    # The G query heads of a kv head each gave their share: [B, M', K, G, D] summed over G.
-    dk = dk.reshape(batch, num_keys, kv_heads, groups, head_dim).sum(axis=3).astype(k.dtype)
-    dv = dv.reshape(batch, num_keys, kv_heads, groups, head_dim).sum(axis=3).astype(v.dtype)
+    )(q, k, v, q_segments, k_segments, base, d_out, lse, delta)
+    # The G query heads of a kv head each gave their share: summed over G.
+    head_axis = 1 if heads_first else 2
+    grouped = (*share_shape[:head_axis], kv_heads, groups, *share_shape[head_axis + 1 :])
+    return (x.reshape(grouped).sum(axis=head_axis + 1).astype(k.dtype) for x in (dk, dv))
+
+
+def _backward(q, k, v, q_segments, earlier, base, out, lse, d_out, mask, block_q, block_k, interpret):
+    """(dq, dk, dv, d_earlier) of the forward's inputs, from the output cotangent d_out [B, S', N, D]."""
+    batch, num_queries, num_heads, head_dim = q.shape
+    # delta_i = sum_d dO_id O_id = sum_j p_ij dP_ij: the softmax gradient's per-query term.
+    delta = jnp.einsum("bsnd,bsnd->bns", d_out.astype(jnp.float32), out.astype(jnp.float32))  # [B, N, S']
+    grads = functools.partial(
+        _key_grads, q, q_segments=q_segments, base=base, d_out=d_out, lse=lse, delta=delta, mask=mask,
+        block_q=block_q, block_k=block_k, interpret=interpret,
+    )  # fmt: skip
+    dk, dv = grads((k, v, q_segments), own=True)
+    d_earlier = None
+    if earlier is not None:
+        d_earlier_k, d_earlier_v = grads(earlier, own=False)
+        d_earlier = (d_earlier_k, d_earlier_v, None)
+    e_k, e_v, e_segments = earlier if earlier is not None else (None, None, None)
+    specs = _Specs(
+        mask,
+        block_q,
+        block_k,
+        head_dim,
+        num_heads // k.shape[2],
+        0 if e_k is None else e_k.shape[2 if mask.earlier_heads_first else 1],
+    )
+    has_segments, has_earlier = q_segments is not None, e_k is not None
     query_kernel = functools.partial(_query_grads_kernel, mask=mask, block_q=block_q, block_k=block_k)
     dq = pl.pallas_call(
         query_kernel,
         grid=(num_queries // block_q, batch, num_heads),
         in_specs=[
-            specs["q_block"],
-            specs["k_all"],
-            specs["k_all"],
-            specs["qs_block"] if segments else None,
-            specs["ks_all"] if segments else None,
-            specs["q_block"],
-            specs["row_block"],
-            specs["row_block"],
+            specs.q_block(),
+            specs.own_all(),
+            specs.own_all(),
+            specs.segments(block_q, num_queries) if has_segments else None,
+            specs.segments(None, num_queries) if has_segments else None,
+            specs.earlier(None) if has_earlier else None,
+            specs.earlier(None) if has_earlier else None,
+            specs.segments(None, specs.earlier_length) if has_earlier and has_segments else None,
+            specs.base() if base is not None else None,
+            specs.q_block(),
+            specs.rows(block_q),
+            specs.rows(block_q),
         ],
-        out_specs=specs["q_block"],
+        out_specs=specs.q_block(),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        compiler_params=_compiler_params(head_dim),
+        interpret=interpret,
         name="melt_flash_query_grads",
-        **common,
-    )(q, k, v, q_segments, k_segments, d_out, lse, delta)
-    return dq, dk, dv
+    )(q, k, v, q_segments, q_segments, e_k, e_v, e_segments, base, d_out, lse, delta)
+    return dq, dk, dv, d_earlier
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
-def _flash(q, k, v, q_segments, k_segments, mask, block_q, block_k, interpret):
-    return _forward(q, k, v, q_segments, k_segments, mask, block_q, block_k, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _flash(q, k, v, q_segments, earlier, base, mask, block_q, block_k, interpret):
+    return _forward(q, k, v, q_segments, earlier, base, mask, block_q, block_k, interpret)[0]
 
 
-def _flash_forward(q, k, v, q_segments, k_segments, mask, block_q, block_k, interpret):
-    out, lse = _forward(q, k, v, q_segments, k_segments, mask, block_q, block_k, interpret)
-    return out, (q, k, v, q_segments, k_segments, out, lse)
+def _flash_forward(q, k, v, q_segments, earlier, base, mask, block_q, block_k, interpret):
+    out, lse = _forward(q, k, v, q_segments, earlier, base, mask, block_q, block_k, interpret)
+    return out, (q, k, v, q_segments, earlier, base, out, lse)
 
 
 def _flash_backward(mask, block_q, block_k, interpret, residuals, d_out):
-    q, k, v, q_segments, k_segments, out, lse = residuals
-    dq, dk, dv = _backward(q, k, v, q_segments, k_segments, out, lse, d_out, mask, block_q, block_k, interpret)
-    return dq, dk, dv, None, None
+    q, k, v, q_segments, earlier, base, out, lse = residuals
+    dq, dk, dv, d_earlier = _backward(
+        q, k, v, q_segments, earlier, base, out, lse, d_out, mask, block_q, block_k, interpret
+    )
+    return dq, dk, dv, None, d_earlier, None
 
 
 _flash.defvjp(_flash_forward, _flash_backward)
@@ -360,41 +515,64 @@ def pallas_gpu_attention(
     q: Array,
     k: Array,
     v: Array,
-    q_segments: Array | None = None,
-    k_segments: Array | None = None,
+    segment_ids: Array | None = None,
     *,
     earlier: tuple[Array, Array] | None = None,
+    earlier_segment_ids: Array | None = None,
     chunk_size: int | None = None,
+    base: Array | None = None,
+    earlier_heads_first: bool = False,
     block: int = PALLAS_GPU_BLOCK,
     interpret: bool | None = None,
 ) -> Array:
-    """Flash attention through the Pallas GPU kernel over a mask known when tracing.
+    """Flash attention through the Pallas GPU kernel over a mask known when tracing (up to `base`).
 
-    q [B, S, N, D] are the queries of the S tokens whose rows are k, v [B, S, K, D]. Without
-    `earlier`: causal in index order (key j visible to query i when j <= i). With earlier =
-    (earlier_k, earlier_v) [B, S, K, D] and chunk_size: the two-pass pattern over the keys [earlier
-    rows, own rows] (see EarlierAndOwnMask). Segment ids q_segments and k_segments [B, S] (of the
-    tokens; both or neither) further keep keys of other segments unseen. `interpret` None: the
-    compiled kernel where the program is for a GPU, Pallas's interpreter elsewhere. Returns
-    [B, S, N, D] in q's dtype.
+    q [B, S, N, D] are the queries of the S tokens in flight, whose rows are k, v [B, S, K, D]; they
+    see each other causally in index order (within their segment when segment_ids [B, S] is given).
+    With earlier = (earlier_k, earlier_v) ([B, M_e, K, D], or [B, K, M_e, D] with
+    earlier_heads_first) the queries also see those rows, in one softmax (KernelMask):
+      - with chunk_size C (the two-pass pattern, M_e = S): query i sees the earlier rows of tokens of
+        earlier chunks, and the own rows of its chunk only;
+      - with base [B] (a cache's slot array, M_e = S_max): query i sees the earlier rows before its
+        row's base, and all own rows up to itself.
+    earlier_segment_ids [B, M_e]: the segment ids of the earlier rows (default: segment_ids, the
+    two-pass pattern's rows being those of the same tokens). `interpret` None: the compiled kernel
+    where the program is for a GPU, Pallas's interpreter elsewhere. Returns [B, S, N, D] in q's dtype.
     """
     batch, seq, num_heads, head_dim = q.shape
-    chunk = chunk_size if earlier is not None else None
-    length, block = _blocks(seq, block, chunk)
+    length, block = _blocks(seq, block, chunk_size)
     if interpret is None:
         interpret = target_platform() != "gpu"
     q = pad_axis(q * jnp.asarray(head_dim**-0.5, q.dtype), 1, length)  # [B, S', N, D]
     k, v = pad_axis(k.astype(q.dtype), 1, length), pad_axis(v.astype(q.dtype), 1, length)  # [B, S', K, D]
-    if q_segments is not None:
-        q_segments, k_segments = pad_tokens(q_segments, length, 0), pad_tokens(k_segments, length, 0)  # [B, S']
+    if segment_ids is not None:
+        segment_ids = pad_tokens(segment_ids, length, 0)  # [B, S']
+    earlier_set = None
     if earlier is not None:
-        earlier_k, earlier_v = (pad_axis(x.astype(q.dtype), 1, length) for x in earlier)  # [B, S', K, D]
-        k, v = jnp.concatenate([earlier_k, k], axis=1), jnp.concatenate([earlier_v, v], axis=1)  # [B, 2S', K, D]
-        if k_segments is not None:
-            k_segments = jnp.concatenate([k_segments, k_segments], axis=1)  # [B, 2S']
-    mask = KernelMask(length, chunk)
-    per_device = lambda *arrays: _flash(*arrays, mask, block, block, interpret)  # noqa: E731
-    out = over_the_mesh(per_device, q, k, v, q_segments, k_segments, heads_axis=2)  # [B, S', N, D]
+        axis = 2 if earlier_heads_first else 1
+        earlier_length = round_up(earlier[0].shape[axis], block)
+        earlier_k, earlier_v = (pad_axis(x.astype(q.dtype), axis, earlier_length) for x in earlier)
+        if segment_ids is not None and earlier_segment_ids is not None:
+            earlier_segment_ids = pad_tokens(earlier_segment_ids, earlier_length, 0)
+        elif segment_ids is not None:
+            if earlier_length != length:
+                raise ConfigError("segment ids over a slot array need the segment ids of its slots")
+            earlier_segment_ids = segment_ids
+        earlier_set = (earlier_k, earlier_v, earlier_segment_ids)
+    if base is not None:
+        base = base.astype(jnp.int32).reshape(batch, 1)
+    mask = KernelMask(length, chunk_size, earlier is not None, base is not None, earlier_heads_first)
+
+    def per_device(q, k, v, segment_ids, earlier_k, earlier_v, earlier_segment_ids, base):
+        earlier = None if earlier_k is None else (earlier_k, earlier_v, earlier_segment_ids)
+        return _flash(q, k, v, segment_ids, earlier, base, mask, block, block, interpret)
+
+    earlier_k, earlier_v, earlier_segment_ids = earlier_set or (None, None, None)
+    earlier_axis = 1 if earlier_heads_first else 2
+    out = over_the_mesh(
+        per_device, q, k, v, segment_ids, earlier_k, earlier_v, earlier_segment_ids, base,
+        heads_axis=2, layouts=[2, None, earlier_axis, earlier_axis, None, None],
+    )  # [B, S', N, D]  # fmt: skip
     return out[:, :seq]
 
 
@@ -417,10 +595,24 @@ def pallas_gpu_attend(q, k, v, mask: CausalMask, implementation: Implementation,
     kv_heads_first), `mask` in order. Returns [B, S, N, D]."""
     if kv_heads_first:
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, S, K, D]
-    return pallas_gpu_attention(q, k, v, mask.q_segments, mask.k_segments)
+    return pallas_gpu_attention(q, k, v, mask.q_segments)
 
 
 def pallas_gpu_earlier_and_own(q, earlier_k, earlier_v, k, v, chunk_size, segment_ids, implementation: Implementation):
     """`attend_earlier_and_own` through the kernel (its arguments; see there). Returns [B, S, N, D]."""
-    earlier = (earlier_k.transpose(0, 2, 1, 3), earlier_v.transpose(0, 2, 1, 3))  # [B, S, K, D]
-    return pallas_gpu_attention(q, k, v, segment_ids, segment_ids, earlier=earlier, chunk_size=chunk_size)
+    return pallas_gpu_attention(
+        q, k, v, segment_ids, earlier=(earlier_k, earlier_v), chunk_size=chunk_size, earlier_heads_first=True
+    )
+
+
+def pallas_gpu_history_and_own(
+    q, history_k, history_v, k, v, base, q_segments, slot_segments, implementation: Implementation
+) -> Array:
+    """`attend_history_and_own` through the kernel: q [B, S, N, D] at positions base [B] + 0..S-1
+    over the slots before base of history_k, history_v [B, K, S_max, D] (read in the cache layout)
+    and causally over the rows in flight k, v [B, S, K, D]; segment ids [B, S] and [B, S_max] or
+    None. Returns [B, S, N, D]."""
+    return pallas_gpu_attention(
+        q, k, v, q_segments, earlier=(history_k, history_v), earlier_segment_ids=slot_segments, base=base,
+        earlier_heads_first=True,
+    )  # fmt: skip
