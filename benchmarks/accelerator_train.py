@@ -237,6 +237,7 @@ def time_case(case: Case, teacher: str, student: str, chunk: int, repeats: int) 
     with jax.set_mesh(mesh):  # the models' activation sharding and attention choices follow the mesh
         compiled = step.lower(state, teacher_params, batch).compile()
     compile_s = time.perf_counter() - start
+    print(f"  compiled in {compile_s:.1f} s", flush=True)
 
     state, metrics = jax.block_until_ready(compiled(state, teacher_params, batch))  # warm-up
     times = []
