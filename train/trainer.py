@@ -46,6 +46,7 @@ from melt_jax.train.hooks import (
     SaveCheckpoint,
     StageRun,
     StopAtAccuracy,
+    StopAtLoss,
     format_metrics,
     stop_rule,
 )
@@ -141,6 +142,20 @@ def _build_stage(cfg: TrainConfig) -> _Stage:
     return _Stage(cfg, mesh, task, data, iterator, state, train_step, evaluate_params)
 
 
+def evaluate_checkpoint(cfg: TrainConfig, path: str) -> dict:
+    """The held-out evaluation that a stage of `cfg` makes (its data, batches, mesh and metrics), of
+    the LoopLM checkpoint at `path`: how the pipeline scores a teacher it did not train. {} when cfg
+    has no evaluation batches."""
+    if not cfg.eval_batches:
+        return {}
+    cfg = dataclasses.replace(cfg, stage="looplm", init_from=str(path), teacher=None)
+    mesh = make_mesh(cfg.mesh)
+    task = build_task(cfg, mesh)
+    data = build_data(cfg)
+    _check_vocab(cfg, task, data)
+    return evaluate(make_eval_steps(task, mesh), task.init_params, data, cfg, mesh)
+
+
 def _start_run(cfg: TrainConfig, stage: _Stage, checkpoints: RunCheckpoints, log: Callable[[str], None]) -> StageRun:
     """The run at its start: resumed from the latest checkpoint if there is one, else at step 0.
     The stage ends when the learning-rate decay does (it starts earlier at a held-out accuracy of
@@ -183,7 +198,7 @@ def _stage_hooks(
         hooks.add_before_step(profiler.start)
         hooks.add(profiler.stop)
         hooks.add_closer(profiler.close)
-    stops = stop_rule(cfg.steps, cfg.stop_at_accuracy, cfg.decay_at_accuracy, cfg.decay_steps)
+    stops = stop_rule(cfg.steps, cfg.stop_at_accuracy, cfg.decay_at_accuracy, cfg.decay_steps, cfg.stop_at_loss)
     progress = ProgressBar(cfg.stage, run.end, run.step, stops) if _is_main() and cfg.progress else None
     hooks.add(LogMetrics(metrics_log, stage.tokens_per_step, run.step, progress), every=cfg.log_every, at_end=True)
     if progress is not None:
@@ -193,6 +208,8 @@ def _stage_hooks(
     hooks.add(HeldOutEvaluation(stage.evaluate, metrics_log), every=eval_every)
     if cfg.stop_at_accuracy:
         hooks.add(StopAtAccuracy(cfg.stop_at_accuracy), every=eval_every)
+    if cfg.stop_at_loss:
+        hooks.add(StopAtLoss(cfg.stop_at_loss), every=eval_every)
     if cfg.decay_at_accuracy:
         hooks.add(DecayAtAccuracy(cfg.decay_at_accuracy), every=eval_every)
     hooks.add(save, every=cfg.checkpoint_every, at_end=True)
