@@ -99,5 +99,5 @@ def initialize_distributed(start: DistributedStart | None) -> None:
 
 def start_from_environment(mode: str, coordinator: str | None, num_processes: int, process_id: int) -> None:
     """distributed_start on this machine's environment, then initialize_distributed."""
-    on_tpu_vm = mode == "auto" and num_processes <= 1 and tpu_chips_visible() and not runs_on_cpu()
+    on_tpu_vm = mode == "auto" and num_processes <= 1 and not runs_on_cpu() and tpu_chips_visible()
     initialize_distributed(distributed_start(mode, coordinator, num_processes, process_id, os.environ, on_tpu_vm))
