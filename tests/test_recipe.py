@@ -1,14 +1,17 @@
 """docs/recipes.md at toy scale, through the command lines' main functions: a Hugging Face Ouro folder
-(tiny, random weights) -> melt-convert import -> melt-train pipeline teacher=... on a jsonl corpus
-(phase 1 and phase 2, held-out loss and perplexity per loop, an early stop on the held-out loss) ->
-melt-eval -> melt-convert export, whose weights read back equal to the trained ones."""
+(tiny, random weights, a word-level tokenizer.json) -> melt-convert import -> melt-train pipeline
+teacher=... on a jsonl corpus with the teacher's tokenizer (phase 1 and phase 2, held-out loss and
+perplexity per loop, an early stop on the held-out loss) -> melt-eval with the tokenizer the student
+carries -> melt-convert export, whose weights read back equal to the trained ones."""
 
 import json
 import math
+import pathlib
 
 import jax
 import numpy as np
 import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers
 
 from melt_jax.checkpoint import load_params
 from melt_jax.convert import load_hf_checkpoint
@@ -34,9 +37,14 @@ def write_corpus(path, num_documents: int = 120) -> None:
 
 
 def write_hf_ouro(path) -> None:
-    """A tiny Ouro in Hugging Face layout whose vocabulary holds the byte tokenizer's 258 tokens."""
-    hf_config = tiny_hf_config(vocab_size=258, num_hidden_layers=1, total_ut_steps=LOOPS, max_position_embeddings=64)
+    """A tiny Ouro in Hugging Face layout with a word-level tokenizer.json of the corpus's words."""
+    vocabulary = ["<|endoftext|>", "[UNK]", ".", *WORDS]
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocabulary)}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.add_special_tokens(["<|endoftext|>"])
+    hf_config = tiny_hf_config(vocab_size=32, num_hidden_layers=1, total_ut_steps=LOOPS, max_position_embeddings=64)
     write_hf_checkpoint(path, hf_config, random_ouro_state_dict(hf_config, seed=3))
+    tokenizer.save(str(path / "tokenizer.json"))
 
 
 def pipeline_overrides(teacher, out, corpus) -> list[str]:
@@ -48,7 +56,7 @@ def pipeline_overrides(teacher, out, corpus) -> list[str]:
         "student_decay_steps=2",
         "loss_margin=100",  # random weights: the verdict is not what this test checks
         f"train.data.source={corpus}",
-        "train.data.tokenizer=byte",
+        f"train.data.tokenizer={teacher}/tokenizer.json",
         f"train.data.seq_len={SEQ_LEN}",
         "train.chunk_size=8",
         "train.batch_size=4",
@@ -102,9 +110,10 @@ def test_the_recipe_end_to_end(tmp_path, capsys):
         assert len(evaluation["eval"]["perplexity_per_loop"]) == LOOPS and "accuracy" not in evaluation["eval"]
     student = out / "melt_phase2" / "model"
     assert json.loads((student / "config.json").read_text())["chunk_size"] == 8
+    assert (student / "tokenizer.json").read_bytes() == (hf_teacher / "tokenizer.json").read_bytes()
 
     capsys.readouterr()
-    assert eval_main(["--checkpoint", str(student), "--tokenizer", "byte", "--data", str(corpus), "--json"]) == 0
+    assert eval_main(["--checkpoint", str(student), "--data", str(corpus), "--seq-len", str(SEQ_LEN), "--json"]) == 0
     scores = json.loads(capsys.readouterr().out)["loss"]
     assert len(scores["loss_per_loop"]) == LOOPS and math.isfinite(scores["perplexity"])
 
@@ -112,7 +121,7 @@ def test_the_recipe_end_to_end(tmp_path, capsys):
     assert convert_main(["export", str(student), str(exported)]) == 0
     config, params = load_params(student)
     back_config, back = load_hf_checkpoint(exported)
-    assert back_config.model_type == "melt" and back_config.chunk_size == 8
+    assert back_config.model_type == "melt" and back_config.chunk_size == 8 and (exported / "tokenizer.json").is_file()
     assert jax.tree.structure(back) == jax.tree.structure(params)
     jax.tree.map(np.testing.assert_array_equal, back, params)
 
@@ -134,3 +143,17 @@ def test_phase_schedules_of_a_given_teacher(tmp_path):
     assert stages[0].init_from == "ckpt/ouro"
     assert stages[1].teacher == stages[2].teacher == str(tmp_path / "exit_gate" / "model")
     assert [c.decay_steps for c in stages] == [0, 10, 6]  # a decay never longer than its phase
+
+
+def test_the_shipped_recipe_settings_make_valid_stages(tmp_path):
+    """examples/recipes/distill_ouro_1.4b.yaml with what the command line of docs/recipes.md adds."""
+    recipe = pathlib.Path(__file__).resolve().parent.parent / "examples" / "recipes" / "distill_ouro_1.4b.yaml"
+    overrides = ["teacher=ckpt/ouro-1.4b", f"output_dir={tmp_path}", "train.data.source=corpus.jsonl"]
+    config = load_pipeline_config(recipe, [*overrides, "train.data.tokenizer=ckpt/ouro-1.4b/tokenizer.json"])
+    phase1, phase2 = config.stage_configs()
+    assert (phase1.chunk_size, phase1.data.seq_len, phase1.dtype) == (512, 4096, "bfloat16")
+    assert (phase1.optimizer.learning_rate, phase1.optimizer.gate_learning_rate) == (8e-6, 5e-4)
+    assert phase1.decay_steps == phase2.decay_steps == 400 and phase2.init_from == str(
+        tmp_path / "melt_phase1" / "model"
+    )
+    assert phase1.teacher == phase2.teacher == "ckpt/ouro-1.4b"

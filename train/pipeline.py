@@ -210,7 +210,7 @@ def _verdict(summary: dict) -> str:
         )
     if "loss_rise" in summary:
         return (
-            f"student held-out loss (last loop) is {summary['loss_rise']:+.4f} above the teacher's ({verdict} the "
+            f"student held-out loss (last loop) minus the teacher's: {summary['loss_rise']:+.4f} ({verdict} the "
             f"margin {summary['loss_margin']})"
         )
     return "no held-out evaluation to compare"

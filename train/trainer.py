@@ -24,7 +24,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from melt_jax.checkpoint import save_params
+from melt_jax.checkpoint import generation_files, save_params
 from melt_jax.data.pipeline import BatchIterator
 from melt_jax.errors import TrainingError
 from melt_jax.model.params import abstract_params
@@ -254,11 +254,20 @@ def _final_evaluation(run: StageRun, stage: _Stage, metrics_log: MetricsLog) -> 
     return result
 
 
+def _carried_files(cfg: TrainConfig) -> list[Path]:
+    """The tokenizer and generation files of the checkpoint the stage starts from (init_from, else the
+    teacher), carried on to its model: a student of a converted Ouro generates, evaluates and exports
+    with the teacher's tokenizer."""
+    source = cfg.init_from or cfg.teacher
+    return generation_files(source) if source else []
+
+
 def _save_model(model_dir: Path, stage: _Stage, params) -> None:
-    """The final params as a melt_jax checkpoint (written by the main process)."""
+    """The final params as a melt_jax checkpoint (written by the main process), with the tokenizer
+    and generation files of the checkpoint the stage started from."""
     host = _host_params(params)
     if _is_main():
-        save_params(model_dir, stage.task.config, host, overwrite=True)
+        save_params(model_dir, stage.task.config, host, overwrite=True, files=_carried_files(stage.cfg))
     multihost_utils.sync_global_devices("model saved")
 
 
