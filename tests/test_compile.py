@@ -10,9 +10,7 @@ import pytest
 
 from melt_jax.aot import CompileReport, gpu_target_config, program_counts, topology_devices
 from melt_jax.errors import ConfigError
-from melt_jax.model import MeltConfig, OuroConfig
-from melt_jax.model.params import abstract_params, count_params
-from melt_jax.model.registry import model_for
+from melt_jax.model import MeltConfig, OuroConfig, abstract_params, count_params, model_for
 from melt_jax.sharding import make_mesh
 from melt_jax.train.cli import build_parser
 from melt_jax.train.cli import main as train_main

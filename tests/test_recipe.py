@@ -7,6 +7,7 @@ carries -> melt-convert export, whose weights read back equal to the trained one
 import json
 import math
 import pathlib
+import shutil
 
 import jax
 import numpy as np
@@ -102,6 +103,12 @@ def test_the_recipe_end_to_end(tmp_path, capsys):
     )
     record = json.loads((out / "pipeline_config.json").read_text())
     assert record["teacher"] == str(teacher) and len(record["teacher_checkpoint"]["config_sha256"]) == 64
+    # A rerun into the same output_dir with another teacher stops before training, naming it.
+    other = tmp_path / "other-ouro"
+    shutil.copytree(teacher, other)
+    capsys.readouterr()
+    assert train_main(["pipeline", *pipeline_overrides(other, out, corpus)]) == 2
+    assert f"teacher {json.dumps(str(teacher))} -> {json.dumps(str(other))}" in capsys.readouterr().err
 
     # Held-out evaluation on text: per-loop loss and perplexity; the early stop at the first one.
     for phase in ("melt_phase1", "melt_phase2"):
