@@ -2,6 +2,7 @@
 
     melt-train stage    [--config FILE] [field=value ...]   one stage (see melt_jax.train.config)
     melt-train pipeline [--config FILE] [field=value ...]   teacher -> MELT phase 1 -> phase 2 -> report
+                        (teacher=CKPT: distill that trained LoopLM instead of training one)
     melt-train compile  [--config FILE] [--topology v5p:2x2x2] [field=value ...]
                         compiles one stage's training step without running it and prints what each
                         device holds; exit status 0 when it fits, 1 when it does not

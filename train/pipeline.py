@@ -85,9 +85,10 @@ class PipelineConfig:
     teacher_learning_rate: float = 1e-2
     student_learning_rate: float = 5e-4
     gate_learning_rate: float = 3e-3
+    # Each MELT phase's last N steps (at most the phase's) scale its learning rate linearly to 0.
     student_decay_steps: int = 0
-    accuracy_margin: float = 0.05
-    loss_margin: float = 0.1
+    accuracy_margin: float = 0.05  # synthetic task: the largest accuracy drop, teacher to student
+    loss_margin: float = 0.1  # other data: the largest rise of the last loop's held-out loss (nats per token)
     train: TrainConfig = DEFAULT_TRAIN
 
     def validate(self) -> PipelineConfig:
