@@ -20,6 +20,7 @@ from melt_jax.convert.cli import main as convert_main
 from melt_jax.inference.cli_eval import main as eval_main
 from melt_jax.testing.hf_checkpoints import random_ouro_state_dict, tiny_hf_config, write_hf_checkpoint
 from melt_jax.train.cli import main as train_main
+from melt_jax.train.config import RunConfigError, load_train_config
 from melt_jax.train.pipeline import load_pipeline_config
 
 LOOPS = 3
@@ -164,3 +165,12 @@ def test_the_shipped_recipe_settings_make_valid_stages(tmp_path):
         tmp_path / "melt_phase1" / "model"
     )
     assert phase1.teacher == phase2.teacher == "ckpt/ouro-1.4b"
+
+
+def test_stop_at_loss_needs_a_held_out_evaluation():
+    with pytest.raises(RunConfigError, match="stop_at_loss needs eval_every > 0 and eval_batches > 0"):
+        load_pipeline_config(None, ["teacher=ckpt/ouro", "train.stop_at_loss=2.5"]).stage_configs()
+    with pytest.raises(RunConfigError, match="stop_at_loss must be >= 0"):
+        load_train_config(None, ["stop_at_loss=-1", "eval_every=5"])
+    with pytest.raises(RunConfigError, match="student_decay_steps must be >= 0"):
+        load_pipeline_config(None, ["student_decay_steps=-1"])
