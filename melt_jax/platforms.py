@@ -79,3 +79,16 @@ def describe_chipless_host() -> None:
     if _tpu_chips() == 0:
         os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
         os.environ.setdefault("TPU_HOST_BOUNDS", "1,1,1")
+
+
+def tpu_chips_visible() -> bool:
+    """Whether this machine has TPU chips (a TPU VM); False where that is unknown."""
+    return (_tpu_chips() or 0) > 0
+
+
+def runs_on_cpu() -> bool:
+    """Whether jax's default backend will be its CPU: the first platform chosen (JAX_PLATFORMS,
+    `jax_platforms`, or skip_absent_tpu's choice on a machine without accelerators) is "cpu". Read
+    from the settings, without starting a backend (jax.distributed.initialize must come first)."""
+    chosen = os.environ.get("JAX_PLATFORMS") or getattr(jax.config, "jax_platforms", None) or ""
+    return chosen.split(",")[0].strip() == "cpu"

@@ -3,15 +3,20 @@ TPU topology (libtpu's compiler, no TPU needed), its per-device memory, and the 
 whether it fits."""
 
 import json
+import pathlib
+import shlex
 
 import pytest
 
 from melt_jax.aot import CompileReport, gpu_target_config, program_counts, topology_devices
 from melt_jax.errors import ConfigError
-from melt_jax.model import MeltConfig, OuroConfig
+from melt_jax.model import MeltConfig, OuroConfig, abstract_params, count_params, model_for
+from melt_jax.sharding import make_mesh
+from melt_jax.train.cli import build_parser
 from melt_jax.train.cli import main as train_main
 from melt_jax.train.compile import compile_stage
 from melt_jax.train.config import load_train_config
+from melt_jax.train.tasks import build_task
 
 TINY = ["model=tiny", "vocab_size=258", "data.seq_len=64", "batch_size=8", "progress=false"]
 FSDP = ["mesh.data=1", "mesh.fsdp=-1"]
@@ -197,3 +202,20 @@ def test_program_counts_kernels_loops_and_conditionals():
   %conditional = (f32[4]{0}) conditional(%pred, %t, %f), true_computation=%a, false_computation=%b
 """
     assert program_counts(hlo) == dict(kernels=3, while_loops=1, conditionals=1)
+
+
+def test_the_compile_example_of_the_docs_resolves_its_models_by_name():
+    """docs/memory.md's `melt-train compile` command as written: its teacher (ouro-1.4b) and phase-1
+    student (melt-1.6b) are presets, and the stage's task builds from them on this machine's 8 devices
+    (abstract: nothing read; the compile itself for v5p is measured in docs/measured.md)."""
+    docs = (pathlib.Path(__file__).resolve().parent.parent / "docs" / "memory.md").read_text()
+    command = docs.split("```bash\nmelt-train compile ", 1)[1].split("```", 1)[0].replace("\\\n", " ")
+    args = build_parser().parse_intermixed_args(["compile", *shlex.split(command)])
+    assert args.topology == "v5p:2x2x2"
+    cfg = load_train_config(args.config, args.overrides)
+    task = build_task(cfg, make_mesh(cfg.mesh), abstract=True)
+    assert task.config.model_type == "melt" and task.config.chunk_size == 500 and task.config.num_layers == 24
+    assert 1.5e9 < count_params(task.init_params) < 1.7e9  # MELT-1.6B
+    assert count_params(task.teacher_params) == count_params(abstract_params(model_for(OuroConfig.preset("ouro-1.4b"))))
+    with pytest.raises(ConfigError, match="unknown preset 'melt-9b'; known presets: .*melt-1.6b"):
+        OuroConfig.preset("melt-9b")

@@ -3,6 +3,9 @@ forward, generate_until against the sampler, and tasks defined in local YAML fil
 through `lm_eval.simple_evaluate`, offline."""
 
 import json
+import pathlib
+import shlex
+import sys
 import textwrap
 
 import jax
@@ -15,7 +18,7 @@ from lm_eval.api.instance import Instance
 from melt_jax.checkpoint import save_params
 from melt_jax.data import ByteTokenizer
 from melt_jax.errors import GenerationError
-from melt_jax.inference import SamplingConfig, forward, generate, prefill
+from melt_jax.inference import SamplingConfig, forward, generate, lm_eval_adapter, prefill
 from melt_jax.inference.lm_eval_adapter import MeltJaxLM
 from melt_jax.model import init_cache
 
@@ -238,3 +241,19 @@ def test_generation_arguments_follow_lm_eval():
     assert until == ["\n\n", "<|endoftext|>"] and sampling.stop_token_ids == (TOKENIZER.eos_id,)
     greedy, _ = lm._sampling({"until": ["\n"], "temperature": 0.7, "do_sample": False, "max_gen_toks": 3})
     assert (greedy.temperature, greedy.max_new_tokens, greedy.stop_token_ids) == (0.0, 3, (10, TOKENIZER.eos_id))
+
+
+def test_the_docs_local_task_command_runs_as_written(tmp_path, monkeypatch, capsys):
+    """docs/inference.md's `melt-lm-eval` command with the local task the repository ships
+    (examples/lm_eval_tasks), CKPT a tiny checkpoint, run from the checkout's root."""
+    root = pathlib.Path(__file__).resolve().parent.parent
+    docs = (root / "docs" / "inference.md").read_text()
+    (command,) = [line for line in docs.splitlines() if "--include_path examples/lm_eval_tasks" in line]
+    checkpoint = tmp_path / "ckpt"
+    model, params = tiny_model("ouro")
+    save_params(checkpoint, model.config, jax.tree.map(np.asarray, params))
+    monkeypatch.chdir(root)
+    monkeypatch.setattr(sys, "argv", shlex.split(command.replace("CKPT", str(checkpoint))))
+    assert lm_eval_adapter.main() == 0
+    table = capsys.readouterr().out
+    assert "|melt_example|" in table and "acc" in table

@@ -2,6 +2,7 @@
 
     melt-train stage    [--config FILE] [field=value ...]   one stage (see melt_jax.train.config)
     melt-train pipeline [--config FILE] [field=value ...]   teacher -> MELT phase 1 -> phase 2 -> report
+                        (teacher=CKPT: distill that trained LoopLM instead of training one)
     melt-train compile  [--config FILE] [--topology v5p:2x2x2] [field=value ...]
                         compiles one stage's training step without running it and prints what each
                         device holds; exit status 0 when it fits, 1 when it does not
@@ -9,13 +10,17 @@
                         every field of the stage's (default) or the pipeline's config, with its
                         default and meaning
 
-Several processes (one per host) join with --coordinator HOST:PORT --num-processes N --process-id I
-(jax.distributed; on CPU with gloo collectives). Errors print `melt-train: error: ...` on stderr and
-exit with status 2 for bad input, 1 for a run that failed once started (melt_jax.errors.exit_status);
-a run that fails leaves no output directory it created and left empty. A rerun into an output_dir
-trained with other settings is bad input (--accept-changes continues it with the new ones where they
-may change: step counts, schedules, learning rates). SIGINT and SIGTERM save a checkpoint at the step
-reached and exit with status 128 + the signal's number (130, 143).
+Several processes (one per host) join through jax.distributed (train/distributed.py): on a TPU VM,
+in a SLURM step of several tasks or under Open MPI with several ranks by themselves (--distributed
+auto, the default), elsewhere with --coordinator HOST:PORT --num-processes N --process-id I; on CPU
+devices with gloo collectives. --distributed off runs one process whatever the environment says.
+
+Errors print `melt-train: error: ...` on stderr and exit with status 2 for bad input, 1 for a run
+that failed once started (melt_jax.errors.exit_status); a run that fails leaves no output directory
+it created and left empty. A rerun into an output_dir trained with other settings is bad input
+(--accept-changes continues it with the new ones where they may change: step counts, schedules,
+learning rates). SIGINT and SIGTERM save a checkpoint at the step reached and exit with status 128 +
+the signal's number (130, 143).
 """
 
 from __future__ import annotations
@@ -26,13 +31,12 @@ import os
 import sys
 from pathlib import Path
 
-import jax
-
 from melt_jax.errors import MeltJaxError, exit_status
 
 from .compile import compile_stage
 from .config import RunConfigError, load_train_config
 from .config_docs import show_config
+from .distributed import MODES, start_from_environment
 from .pipeline import load_pipeline_config, run_pipeline
 from .signals import StageInterrupted
 from .trainer import StageResult, run_stage
@@ -71,20 +75,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="stage, pipeline: continue a run in output_dir with changed step counts, schedules or "
         "learning rates (without it, a rerun with other settings than the run's stops)",
     )
+    parser.add_argument(
+        "--distributed",
+        choices=MODES,
+        default="auto",
+        help="join the processes of a multi-host run through jax.distributed: auto (default) on a TPU VM, "
+        "in a SLURM step of several tasks, under Open MPI with several ranks, or with --num-processes > 1; "
+        "on: always; off: never (one process)",
+    )
     parser.add_argument("--coordinator", help="HOST:PORT of process 0, for a run over several processes")
     parser.add_argument("--num-processes", type=int, default=1)
     parser.add_argument("--process-id", type=int, default=0)
     return parser
-
-
-def initialize_distributed(args: argparse.Namespace) -> None:
-    """Joins the processes of a multi-process run (nothing to do for one process)."""
-    if args.num_processes <= 1:
-        return
-    if not args.coordinator:
-        raise RunConfigError("--num-processes > 1 needs --coordinator HOST:PORT")
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU devices across processes
-    jax.distributed.initialize(args.coordinator, num_processes=args.num_processes, process_id=args.process_id)
 
 
 def format_stage_result(stage: str, result: StageResult) -> str:
@@ -128,7 +130,7 @@ def _run(args: argparse.Namespace) -> int:
             raise RunConfigError(f"show-config takes 'stage' or 'pipeline', got {' '.join(kinds)}")
         print(show_config(kinds[0]))
         return 0
-    initialize_distributed(args)
+    start_from_environment(args.distributed, args.coordinator, args.num_processes, args.process_id)
     if args.topology is not None and args.command != "compile":
         raise RunConfigError("--topology is an option of melt-train compile")
     if args.command == "compile":

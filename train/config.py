@@ -102,6 +102,9 @@ class TrainConfig:
     # > 0: the stage ends at the first evaluation whose held-out accuracy (last loop) reaches this, before
     # `steps` (which still sets the learning-rate schedule); needs eval_every and the synthetic task.
     stop_at_accuracy: float = 0.0
+    # > 0: the stage ends at the first evaluation whose held-out loss (last loop) is at most this, before
+    # `steps`; needs eval_every, on any data (text: the loss over all tokens; synthetic task: over the answers).
+    stop_at_loss: float = 0.0
     # > 0: warmup-stable-decay. The learning rate (the optimizer's schedule, "constant" for WSD) is
     # scaled by a factor falling linearly from 1 to 0 over the last decay_steps steps, and the stage
     # ends with them; with decay_at_accuracy > 0 the decay starts earlier, at the first evaluation
@@ -165,6 +168,8 @@ class TrainConfig:
         accuracy starts it."""
         if not 0 <= self.stop_at_accuracy <= 1:
             raise RunConfigError(f"stop_at_accuracy must be in [0, 1] (0: off), got {self.stop_at_accuracy}")
+        if self.stop_at_loss < 0:
+            raise RunConfigError(f"stop_at_loss must be >= 0 (0: off), got {self.stop_at_loss}")
         if not 0 <= self.decay_steps <= self.steps:
             raise RunConfigError(
                 f"decay_steps must be in [0, steps={self.steps}] (0: no decay), got {self.decay_steps}"
@@ -175,11 +180,14 @@ class TrainConfig:
             raise RunConfigError("decay_at_accuracy needs decay_steps > 0 (the length of the decay it starts)")
 
     def _check_accuracy_triggers(self) -> None:
-        """At most one of stop_at_accuracy and decay_at_accuracy, and a held-out accuracy to trigger it."""
+        """At most one of stop_at_accuracy and decay_at_accuracy, and a held-out accuracy to trigger it;
+        a held-out evaluation for stop_at_loss."""
         if self.decay_at_accuracy and self.stop_at_accuracy:
             raise RunConfigError(
                 "set stop_at_accuracy (stop at once) or decay_at_accuracy (decay, then stop), not both"
             )
+        if self.stop_at_loss and not (self.eval_every and self.eval_batches):
+            raise RunConfigError("stop_at_loss needs eval_every > 0 and eval_batches > 0 (the held-out loss it reads)")
         measured = self.eval_every and self.eval_batches and self.data.source == "synthetic"
         for name in ("stop_at_accuracy", "decay_at_accuracy"):
             if getattr(self, name) and not measured:

@@ -70,7 +70,7 @@ def describe(config, prefix: str = "", width: int = 100) -> list[str]:
 
 def show_config(kind: str) -> str:
     """The text of `melt-train show-config KIND`: 'stage' (TrainConfig) or 'pipeline' (PipelineConfig)."""
-    from melt_jax.model.config import PRESETS
+    from melt_jax.model.config import preset_names
 
     from .config import STAGES, TrainConfig
     from .pipeline import PipelineConfig
@@ -79,7 +79,8 @@ def show_config(kind: str) -> str:
     head = [
         f"Fields of `melt-train {kind}` with their defaults; set them with field=value "
         "(a section's field as section.field) or in a --config JSON/YAML file.",
-        f"Stages: {', '.join(STAGES)}. Model presets (model=): {', '.join(sorted(PRESETS))}.",
+        f"Stages: {', '.join(STAGES)}. Model presets (model=): {', '.join(preset_names())} "
+        "(the MELT ones for init_from= on `melt-train compile`).",
         "",
     ]
     return "\n".join(head + describe(config))

@@ -136,14 +136,24 @@ class Hooks:
 # Progress and metrics
 
 
-def stop_rule(steps: int, stop_at_accuracy: float = 0.0, decay_at_accuracy: float = 0.0, decay_steps: int = 0) -> str:
-    """What ends a stage, in words: "stops at step 100", "stops at acc >= 0.95 or step 4000", or
-    "decays at acc >= 0.95, stops 500 steps later, by step 4000"."""
+def stop_rule(
+    steps: int,
+    stop_at_accuracy: float = 0.0,
+    decay_at_accuracy: float = 0.0,
+    decay_steps: int = 0,
+    stop_at_loss: float = 0.0,
+) -> str:
+    """What ends a stage, in words: "stops at step 100", "stops at acc >= 0.95 or step 4000", "stops at
+    loss <= 2.1 or step 4000", or "decays at acc >= 0.95, stops 500 steps later, by step 4000"."""
+    early = []
     if stop_at_accuracy:
-        return f"stops at acc >= {stop_at_accuracy:g} or step {steps}"
+        early.append(f"acc >= {stop_at_accuracy:g}")
+    if stop_at_loss:
+        early.append(f"loss <= {stop_at_loss:g}")
     if decay_at_accuracy:
-        return f"decays at acc >= {decay_at_accuracy:g}, stops {decay_steps} steps later, by step {steps}"
-    return f"stops at step {steps}"
+        also = "".join(f" (or at {e})" for e in early)
+        return f"decays at acc >= {decay_at_accuracy:g}, stops {decay_steps} steps later{also}, by step {steps}"
+    return f"stops at {' or '.join([*early, f'step {steps}'])}"
 
 
 class ProgressBar:
@@ -177,6 +187,9 @@ class ProgressBar:
         self.bar.update(1)
         if run.evaluated_now() and "accuracy" in run.evaluation:
             self.postfix["acc"] = f"{run.evaluation['accuracy']:.3f}"
+            self._refresh()
+        elif run.evaluated_now() and "loss" in run.evaluation:  # text: the held-out loss is what to watch
+            self.postfix["val"] = f"{run.evaluation['loss']:.4f}"
             self._refresh()
         if run.stopped_early:
             self.bar.total = run.step
@@ -240,9 +253,15 @@ def _accuracy_now(run: StageRun) -> float | None:
     return run.evaluation.get("accuracy", 0.0) if run.evaluated_now() else None
 
 
+def _stop_early(run: StageRun, reached: str) -> None:
+    """Ends the stage at the step just taken (marked in the checkpoint meta, so that a rerun resumes
+    as finished)."""
+    run.meta["stopped_early"] = True
+    run.log(f"[{run.stage}] {reached} at step {run.step}: stopping")
+
+
 class StopAtAccuracy:
-    """Ends the stage at the first evaluation whose held-out accuracy reaches `threshold` (marked in
-    the checkpoint meta, so that a rerun resumes as finished)."""
+    """Ends the stage at the first evaluation whose held-out accuracy reaches `threshold`."""
 
     def __init__(self, threshold: float):
         self.threshold = threshold
@@ -251,8 +270,20 @@ class StopAtAccuracy:
         accuracy = _accuracy_now(run)
         if accuracy is None or accuracy < self.threshold:
             return
-        run.meta["stopped_early"] = True
-        run.log(f"[{run.stage}] held-out accuracy {accuracy:.3f} at step {run.step}: stopping")
+        _stop_early(run, f"held-out accuracy {accuracy:.3f}")
+
+
+class StopAtLoss:
+    """Ends the stage at the first evaluation whose held-out loss (last loop) is at most `threshold`:
+    on text, the loss over all tokens of the held-out rows; on the synthetic task, over its answers."""
+
+    def __init__(self, threshold: float):
+        self.threshold = threshold
+
+    def __call__(self, run: StageRun) -> None:
+        if not run.evaluated_now() or run.evaluation["loss"] > self.threshold:
+            return
+        _stop_early(run, f"held-out loss {run.evaluation['loss']:.4f}")
 
 
 class DecayAtAccuracy:

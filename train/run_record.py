@@ -34,12 +34,14 @@ FREE = (
     "attention",
     "mesh",
     "accuracy_margin",
+    "loss_margin",
 )
 CHANGEABLE = (
     "steps",
     "decay_steps",
     "decay_at_accuracy",
     "stop_at_accuracy",
+    "stop_at_loss",
     "eval_every",
     "eval_batches",
     "beta",
@@ -59,6 +61,7 @@ CHANGEABLE = (
     "teacher_learning_rate",
     "student_learning_rate",
     "gate_learning_rate",
+    "student_decay_steps",
 )
 PATHS = ("init_from", "teacher")  # compared as the directories they name
 CHANGES = "settings_changes.jsonl"

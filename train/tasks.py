@@ -14,7 +14,7 @@ from melt_jax.aot import abstract_arrays
 from melt_jax.checkpoint import load_config, load_params
 from melt_jax.errors import ConfigError, TrainingError
 from melt_jax.inference.param_check import param_mismatches
-from melt_jax.model.config import MeltConfig, OuroConfig
+from melt_jax.model.config import MeltConfig, OuroConfig, preset_config
 from melt_jax.model.ouro import OuroModel
 from melt_jax.model.ouro_to_melt import melt_from_ouro
 from melt_jax.model.param_table import param_paths
@@ -49,17 +49,18 @@ class Task:
 
 
 def _named_config(name: str, dtype: str) -> OuroConfig:
-    """The config a preset name or a config.json path names, in `dtype`."""
+    """The config a preset name (Ouro or MELT) or a config.json path names, in `dtype`."""
     if Path(name).is_file() or name.endswith(".json"):
         config = config_from_json_file(name)
     else:
-        config = OuroConfig.preset(name)
+        config = preset_config(name)
     return config.replace(dtype=dtype, param_dtype=dtype)
 
 
 def _model_config(cfg: TrainConfig) -> OuroConfig:
     """The config of a LoopLM trained from scratch: a preset or config.json, with cfg's overrides."""
     config = _named_config(cfg.model, cfg.dtype)
+    require_model_type(config, "ouro", f"model={cfg.model}")  # a LoopLM trains from scratch, not MELT
     if cfg.vocab_size > 0:
         config = config.replace(vocab_size=cfg.vocab_size)
     if cfg.num_layers > 0:

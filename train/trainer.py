@@ -24,7 +24,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from melt_jax.checkpoint import save_params
+from melt_jax.checkpoint import generation_files, save_params
 from melt_jax.data.pipeline import BatchIterator
 from melt_jax.errors import TrainingError
 from melt_jax.model.attention import describe_attention
@@ -47,6 +47,7 @@ from melt_jax.train.hooks import (
     SaveCheckpoint,
     StageRun,
     StopAtAccuracy,
+    StopAtLoss,
     format_metrics,
     stop_rule,
 )
@@ -142,6 +143,20 @@ def _build_stage(cfg: TrainConfig) -> _Stage:
     return _Stage(cfg, mesh, task, data, iterator, state, train_step, evaluate_params)
 
 
+def evaluate_checkpoint(cfg: TrainConfig, path: str) -> dict:
+    """The held-out evaluation that a stage of `cfg` makes (its data, batches, mesh and metrics), of
+    the LoopLM checkpoint at `path`: how the pipeline scores a teacher it did not train. {} when cfg
+    has no evaluation batches."""
+    if not cfg.eval_batches:
+        return {}
+    cfg = dataclasses.replace(cfg, stage="looplm", init_from=str(path), teacher=None)
+    mesh = make_mesh(cfg.mesh)
+    task = build_task(cfg, mesh)
+    data = build_data(cfg)
+    _check_vocab(cfg, task, data)
+    return evaluate(make_eval_steps(task, mesh), task.init_params, data, cfg, mesh)
+
+
 def _start_run(cfg: TrainConfig, stage: _Stage, checkpoints: RunCheckpoints, log: Callable[[str], None]) -> StageRun:
     """The run at its start: resumed from the latest checkpoint if there is one, else at step 0.
     The stage ends when the learning-rate decay does (it starts earlier at a held-out accuracy of
@@ -184,7 +199,7 @@ def _stage_hooks(
         hooks.add_before_step(profiler.start)
         hooks.add(profiler.stop)
         hooks.add_closer(profiler.close)
-    stops = stop_rule(cfg.steps, cfg.stop_at_accuracy, cfg.decay_at_accuracy, cfg.decay_steps)
+    stops = stop_rule(cfg.steps, cfg.stop_at_accuracy, cfg.decay_at_accuracy, cfg.decay_steps, cfg.stop_at_loss)
     progress = ProgressBar(cfg.stage, run.end, run.step, stops) if _is_main() and cfg.progress else None
     hooks.add(LogMetrics(metrics_log, stage.tokens_per_step, run.step, progress), every=cfg.log_every, at_end=True)
     if progress is not None:
@@ -194,6 +209,8 @@ def _stage_hooks(
     hooks.add(HeldOutEvaluation(stage.evaluate, metrics_log), every=eval_every)
     if cfg.stop_at_accuracy:
         hooks.add(StopAtAccuracy(cfg.stop_at_accuracy), every=eval_every)
+    if cfg.stop_at_loss:
+        hooks.add(StopAtLoss(cfg.stop_at_loss), every=eval_every)
     if cfg.decay_at_accuracy:
         hooks.add(DecayAtAccuracy(cfg.decay_at_accuracy), every=eval_every)
     hooks.add(save, every=cfg.checkpoint_every, at_end=True)
@@ -238,11 +255,20 @@ def _final_evaluation(run: StageRun, stage: _Stage, metrics_log: MetricsLog) -> 
     return result
 
 
+def _carried_files(cfg: TrainConfig) -> list[Path]:
+    """The tokenizer and generation files of the checkpoint the stage starts from (init_from, else the
+    teacher), carried on to its model: a student of a converted Ouro generates, evaluates and exports
+    with the teacher's tokenizer."""
+    source = cfg.init_from or cfg.teacher
+    return generation_files(source) if source else []
+
+
 def _save_model(model_dir: Path, stage: _Stage, params) -> None:
-    """The final params as a melt_jax checkpoint (written by the main process)."""
+    """The final params as a melt_jax checkpoint (written by the main process), with the tokenizer
+    and generation files of the checkpoint the stage started from."""
     host = _host_params(params)
     if _is_main():
-        save_params(model_dir, stage.task.config, host, overwrite=True)
+        save_params(model_dir, stage.task.config, host, overwrite=True, files=_carried_files(stage.cfg))
     multihost_utils.sync_global_devices("model saved")
 
 

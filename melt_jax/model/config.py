@@ -331,9 +331,10 @@ class OuroConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides) -> OuroConfig:
-        """Named configurations: 'tiny', 'ouro-1.4b', 'ouro-2.6b'."""
+        """Named configurations: 'tiny', 'ouro-1.4b', 'ouro-2.6b' (`preset_config` also knows the
+        MELT presets)."""
         if name not in PRESETS:
-            raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
+            raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(preset_names())}")
         return cls(**{**PRESETS[name], **overrides})
 
 
@@ -420,3 +421,21 @@ PRESETS: dict[str, dict[str, Any]] = {
     "ouro-1.4b": dict(_OURO_COMMON, num_hidden_layers=24),
     "ouro-2.6b": dict(_OURO_COMMON, num_hidden_layers=48),
 }
+
+# MELT presets: the MELT model distilled from an Ouro preset (MeltConfig.from_ouro: the teacher's shapes
+# plus the KV gates; Ouro-1.4B's student has 1.6B parameters). For configs alone, e.g. `melt-train
+# compile ... init_from=melt-1.6b`; a trained student's config is its checkpoint's.
+MELT_PRESETS: dict[str, str] = {"melt-1.6b": "ouro-1.4b"}
+
+
+def preset_names() -> list[str]:
+    """Every preset name, Ouro and MELT."""
+    return sorted([*PRESETS, *MELT_PRESETS])
+
+
+def preset_config(name: str, **overrides) -> OuroConfig:
+    """The config of a preset name: an Ouro preset (PRESETS) or a MELT one (MELT_PRESETS), with
+    `overrides` replacing fields."""
+    if name in MELT_PRESETS:
+        return MeltConfig.from_ouro(OuroConfig.preset(MELT_PRESETS[name]), **overrides)
+    return OuroConfig.preset(name, **overrides)
