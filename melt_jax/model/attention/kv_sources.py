@@ -307,8 +307,20 @@ class InterpolatedSlotCache(KVSource):
         keys = interpolate(self.alpha, melt_k[melt_slot], ouro_k[ouro_slot])  # [B, K, S_max, D]
         values = interpolate(self.alpha, melt_v[melt_slot], ouro_v[ouro_slot])
         cache = InterpolatedCache(melt=melt.replace(k=melt_k, v=melt_v), ouro=ouro.replace(k=ouro_k, v=ouro_v))
-        mask = cache_mask(ctx, melt.max_length, self.slot_segment_ids)
-        return attend(q, keys, values, mask, implementation=implementation, kv_heads_first=True), cache
+        if not ctx.in_order:
+            mask = cache_mask(ctx, melt.max_length, self.slot_segment_ids)
+            return attend(q, keys, values, mask, implementation=implementation, kv_heads_first=True), cache
+        # In order, the tokens in flight fill the slots from their row's first position on: the slots
+        # before it and the mixed rows in flight (as stored) are the same keys, in the form the
+        # kernels take (a slot array read up to a per-row base, then the rows in flight causally).
+        stored = Rows(k=rows.k.astype(melt.k.dtype), v=rows.v.astype(melt.v.dtype))
+        ouro_stored = Rows(k=ouro_rows.k.astype(ouro.k.dtype), v=ouro_rows.v.astype(ouro.v.dtype))
+        own = _mixed(self.alpha, stored, ouro_stored)
+        mask = history_and_own_mask(ctx, melt.max_length, self.slot_segment_ids)
+        attended = attend_history_and_own(
+            q, keys, values, own.k, own.v, mask, implementation=implementation, base=ctx.positions[:, 0]
+        )
+        return attended, cache
 
 
 class EarlierRows(KVSource):
