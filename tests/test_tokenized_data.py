@@ -1,6 +1,6 @@
 """A corpus tokenized once into ArrayRecord shards and read by index with grain: the shards hold the
 documents, rows pack as pack_documents packs them, batches split over processes, training on it resumes
-exactly after an interruption or a SIGKILL, two processes train as one, and bad input leaves nothing
+exactly after a SIGKILL, two processes train as one, and bad input leaves nothing
 behind (tiny sizes throughout)."""
 
 import json
@@ -163,36 +163,17 @@ def test_batches_split_over_processes_cover_epochs_and_restore_from_a_checkpoint
 # Training on a tokenized corpus
 
 
-def test_stage_on_a_tokenized_corpus_resumes_exactly(corpus, tmp_path, model_json):
-    """A stage cut after 3 steps (checkpoint at 2) and resumed equals an uninterrupted one: same
-    batches (digest), same params; the grain position is an item of the checkpoint."""
-    _, tokens, _ = corpus
-    base = ["steps=5", "checkpoint_every=2", "async_checkpoints=false"]
-    whole = run_stage(load_train_config(None, stage_fields(tmp_path / "whole", tokens, model_json, *base)), log=print)
-    assert whole.steps == 5 and np.isfinite(whole.final_metrics["loss"])
-    assert whole.evaluation["num_tokens"] > 0  # held-out rows: the corpus's last rows
-    out = tmp_path / "cut"
-    cfg = load_train_config(None, stage_fields(out, tokens, model_json, *base))
-    assert run_stage(cfg, stop_after=3, log=lambda _: None).steps == 3
-    saved = out / "checkpoints" / "2"
-    assert json.loads((saved / "data" / "process_0-of-1.json").read_text())["next_index"] == 2
-    messages = []
-    resumed = run_stage(cfg, log=messages.append)
-    assert any("resumed from step 2" in m for m in messages)
-    assert resumed.batch_digest == whole.batch_digest
-    assert_same_params(load_params(resumed.model_dir)[1], load_params(whole.model_dir)[1])
-
-
 def _finished_steps(directory) -> list[int]:
     return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.exists() else []
 
 
 def test_killed_run_on_a_tokenized_corpus_resumes_exactly(corpus, tmp_path, model_json):
     """SIGKILL a process saving asynchronously after every step; the resumed run equals an
-    uninterrupted one (the constant schedule makes params after N steps independent of the total)."""
+    uninterrupted one: same batches (digest), same params (the constant schedule makes params after N
+    steps independent of the total). The grain position is an item of the checkpoint."""
     _, tokens, _ = corpus
     out = tmp_path / "killed"
-    base = ["optimizer.schedule=constant", "checkpoint_every=1", "keep_checkpoints=3", "eval_batches=0"]
+    base = ["optimizer.schedule=constant", "checkpoint_every=1", "keep_checkpoints=3"]
     fields = stage_fields(out, tokens, model_json, *base)
     proc = subprocess.Popen(
         [sys.executable, "-m", "melt_jax.train", "stage", *fields, "steps=100000"],
@@ -211,6 +192,8 @@ def test_killed_run_on_a_tokenized_corpus_resumes_exactly(corpus, tmp_path, mode
         proc.send_signal(signal.SIGKILL)
         proc.communicate()
     latest = RunCheckpoints(out / "checkpoints").latest_step()
+    position = json.loads((out / "checkpoints" / str(latest) / "data" / "process_0-of-1.json").read_text())
+    assert position["next_index"] == latest
     total = f"steps={latest + 2}"
     resumed = run_stage(load_train_config(None, [*fields, total]), accept_changes=True, log=lambda _: None)
     whole = run_stage(
@@ -219,6 +202,7 @@ def test_killed_run_on_a_tokenized_corpus_resumes_exactly(corpus, tmp_path, mode
     assert resumed.steps == whole.steps == latest + 2
     assert resumed.batch_digest == whole.batch_digest
     assert_same_params(load_params(resumed.model_dir)[1], load_params(whole.model_dir)[1])
+    assert whole.evaluation["num_tokens"] > 0  # on held-out rows: the corpus's last ones
 
 
 def test_two_processes_on_a_tokenized_corpus_equal_one(corpus, tmp_path, model_json):
@@ -226,8 +210,11 @@ def test_two_processes_on_a_tokenized_corpus_equal_one(corpus, tmp_path, model_j
     from test_training import _free_port
 
     port = _free_port()
-    fields = ["steps=3", "eval_batches=0"]
-    two = stage_fields(tmp_path / "two", tokens, model_json, *fields, mesh=["mesh.data=2"])  # one device each
+    # Gradients reduced across processes round differently from one process's reduction; Adam turns
+    # such noise at near-zero gradient entries into lr-sized steps unless eps is large enough.
+    fields = ["steps=3", "eval_batches=0", "optimizer.eps=1e-3"]
+    mesh = ["mesh.data=2", "mesh.num_devices=2"]  # two processes of one device each, or one of two
+    two = stage_fields(tmp_path / "two", tokens, model_json, *fields, mesh=mesh)
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
     procs = [
         subprocess.Popen(
@@ -242,8 +229,7 @@ def test_two_processes_on_a_tokenized_corpus_equal_one(corpus, tmp_path, model_j
     ]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outputs)
-    one = run_stage(load_train_config(None, stage_fields(tmp_path / "one", tokens, model_json, *fields)))
-    # Gradients summed over two devices round differently from one device's sums.
+    one = run_stage(load_train_config(None, stage_fields(tmp_path / "one", tokens, model_json, *fields, mesh=mesh)))
     assert_same_params(load_params(tmp_path / "two" / "model")[1], load_params(one.model_dir)[1], atol=1e-5)
 
 
