@@ -2,8 +2,10 @@
 
 A run directory holds `checkpoints/<step>/` with two items: `state` (the TrainState: step, params,
 optimizer state, RNG; saved from the sharded arrays, restored onto the shardings of the current mesh,
-which may differ from the saving run's) and `meta` (JSON: data-iterator position, stage, alpha, tokens
-seen). Saves are asynchronous and committed atomically by orbax, so a run killed at any moment leaves
+which may differ from the saving run's) and `meta` (JSON: data-iterator position or settings, stage,
+alpha, tokens seen). A run reading a tokenized corpus with grain has a third item, `data`: the grain
+iterator's position, one small JSON file per process written by grain's checkpoint handler. Saves
+are asynchronous and committed atomically by orbax, so a run killed at any moment leaves
 only complete checkpoints behind; the last `keep` are kept. A checkpoint whose files were damaged
 afterwards (a truncated or missing file) is moved aside by `restore_latest`, which resumes from the
 newest intact one.
@@ -12,12 +14,14 @@ newest intact one.
 from __future__ import annotations
 
 import gc
+import json
 import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import grain
 import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
@@ -39,29 +43,34 @@ def abstract_like(tree: Any) -> Any:
 class RunCheckpoints:
     """The checkpoints of one run: save(step, state, meta), latest_step(), restore(step, target)."""
 
-    def __init__(self, directory: str | Path, keep: int = 2, async_save: bool = True):
+    def __init__(self, directory: str | Path, keep: int = 2, async_save: bool = True, data_iterator: Any = None):
+        """`data_iterator`: a grain iterator whose position is saved in (and restored from) the
+        checkpoints' `data` item; None when the position is part of the meta."""
         self.directory = Path(directory).absolute()
+        self.data_iterator = data_iterator
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+        items = ("state", "meta") if data_iterator is None else ("state", "meta", "data")
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=items)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def save(self, step: int, state: Any, meta: dict) -> None:
-        self.manager.save(
-            step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-        )
+        items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
+        if self.data_iterator is not None:
+            # The position now, not when a background thread gets to it: training moves the iterator on.
+            items["data"] = grain.checkpoint.CheckpointSave(_Position(self.data_iterator.get_state()))
+        self.manager.save(step, args=ocp.args.Composite(**items))
 
     def restore(self, step: int, target_state: Any) -> tuple[Any, dict]:
         """The state saved at `step`, laid out like `target_state` (arrays or ShapeDtypeStructs with
-        shardings), and its meta dict."""
+        shardings), and its meta dict; the data iterator, if any, is moved to its saved position."""
+        items = {"state": ocp.args.StandardRestore(abstract_like(target_state)), "meta": ocp.args.JsonRestore()}
+        if self.data_iterator is not None:
+            self._check_data_item(step)
+            items["data"] = grain.checkpoint.CheckpointRestore(self.data_iterator)
         try:
-            restored = self.manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_like(target_state)), meta=ocp.args.JsonRestore()
-                ),
-            )
+            restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         except ValueError as e:  # orbax: the saved tree differs from the target's
             raise TrainingError(
                 f"the checkpoint at step {step} in {self.directory} does not hold this run's training state "
@@ -98,6 +107,18 @@ class RunCheckpoints:
             )
         return None
 
+    def _check_data_item(self, step: int) -> None:
+        """TrainingError unless the checkpoint of `step` holds this process's data position (grain
+        names its file by process index and count)."""
+        name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        folder = self.directory / str(step) / "data"
+        if folder.is_dir() and not (folder / name).is_file():
+            saved = sorted(p.name for p in folder.glob("process_*.json"))
+            raise TrainingError(
+                f"the checkpoint at step {step} in {self.directory} holds the data positions {saved}, not {name}: "
+                "resume a run on a tokenized corpus with the number of processes it was saved with"
+            )
+
     def _move_aside(self, step: int) -> Path:
         """Moves the checkpoint of `step` to damaged_checkpoints/<step> (a numbered name if taken)."""
         target = self.directory.parent / DAMAGED / str(step)
@@ -115,6 +136,16 @@ class RunCheckpoints:
 
     def close(self) -> None:
         self.manager.close()
+
+
+class _Position:
+    """A grain iterator's state taken at one moment, in the form grain's checkpoint handler saves."""
+
+    def __init__(self, state: dict):
+        self.state = state
+
+    def get_state(self) -> bytes:
+        return json.dumps(self.state, indent=4).encode()
 
 
 def _first_line(error: Exception) -> str:

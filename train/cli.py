@@ -9,6 +9,10 @@
     melt-train show-config [stage|pipeline]
                         every field of the stage's (default) or the pipeline's config, with its
                         default and meaning
+    melt-train tokenize SOURCE OUTPUT [--tokenizer byte|PATH] [--text-field text] [--workers N]
+                        tokenizes a .txt/.json/.jsonl/.parquet file or folder (or a hub dataset, streamed)
+                        once into the tokenized folder OUTPUT (ArrayRecord shards + manifest.json), which
+                        a stage reads with data.source=OUTPUT (melt_jax.data.tokenized)
 
 Several processes (one per host) join through jax.distributed (train/distributed.py): on a TPU VM,
 in a SLURM step of several tasks or under Open MPI with several ranks by themselves (--distributed
@@ -31,7 +35,8 @@ import os
 import sys
 from pathlib import Path
 
-from melt_jax.errors import MeltJaxError, exit_status
+from melt_jax.data.tokenized import tokenize_to_shards
+from melt_jax.errors import DataError, MeltJaxError, exit_status
 
 from .compile import compile_stage
 from .config import RunConfigError, load_train_config
@@ -41,7 +46,7 @@ from .pipeline import load_pipeline_config, run_pipeline
 from .signals import StageInterrupted
 from .trainer import StageResult, run_stage
 
-COMMANDS = ("stage", "pipeline", "compile", "show-config")
+COMMANDS = ("stage", "pipeline", "compile", "show-config", "tokenize")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,14 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "command",
         choices=COMMANDS,
-        help="one stage, the whole pipeline, one stage's step compiled to read its memory, or the config "
-        "fields (show-config [stage|pipeline])",
+        help="one stage, the whole pipeline, one stage's step compiled to read its memory, the config "
+        "fields (show-config [stage|pipeline]), or a corpus tokenized into shards (tokenize SOURCE OUTPUT)",
     )
     parser.add_argument(
         "overrides",
         nargs="*",
         help="config overrides field=value (e.g. steps=200 optimizer.learning_rate=3e-4; on the pipeline "
-        "train.batch_size=32)",
+        "train.batch_size=32); tokenize: SOURCE OUTPUT",
     )
     parser.add_argument("--config", help="a JSON or YAML config file")
     parser.add_argument(
@@ -83,6 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
         "in a SLURM step of several tasks, under Open MPI with several ranks, or with --num-processes > 1; "
         "on: always; off: never (one process)",
     )
+    tokenize = parser.add_argument_group("tokenize")
+    tokenize.add_argument("--tokenizer", default="byte", help='"byte" (default) or a tokenizer.json file or folder')
+    tokenize.add_argument("--text-field", default="text", help="the records' text field (default: text)")
+    tokenize.add_argument("--split", default="train", help="a hub dataset's split (default: train)")
+    tokenize.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: all cores)")
+    tokenize.add_argument(
+        "--piece-mb", type=int, default=64, help=".txt/.jsonl files are split into pieces of this size, one shard each"
+    )
+    tokenize.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
     parser.add_argument("--coordinator", help="HOST:PORT of process 0, for a run over several processes")
     parser.add_argument("--num-processes", type=int, default=1)
     parser.add_argument("--process-id", type=int, default=0)
@@ -123,7 +137,31 @@ def removed_if_left_empty(directory: str):
         raise
 
 
+def run_tokenize(args: argparse.Namespace) -> int:
+    """`melt-train tokenize SOURCE OUTPUT`: prints what was written and the tokens per second."""
+    if len(args.overrides) != 2:
+        raise DataError(f"tokenize takes SOURCE OUTPUT, got {' '.join(args.overrides) or 'nothing'}")
+    source, output = args.overrides
+    report = tokenize_to_shards(
+        source,
+        output,
+        tokenizer=args.tokenizer,
+        text_field=args.text_field,
+        split=args.split,
+        workers=args.workers,
+        piece_bytes=args.piece_mb << 20,
+        overwrite=args.overwrite,
+    )
+    print(
+        f"{report.num_documents} documents, {report.num_tokens} tokens in {report.num_shards} shards written to "
+        f"{report.output} in {report.seconds:.1f} s ({report.tokens_per_second:,.0f} tokens/s)"
+    )
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
+    if args.command == "tokenize":
+        return run_tokenize(args)
     if args.command == "show-config":
         kinds = args.overrides or ["stage"]
         if len(kinds) != 1 or kinds[0] not in ("stage", "pipeline"):

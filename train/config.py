@@ -34,9 +34,10 @@ class RunConfigError(MeltJaxError, ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """Training data: `source` is "synthetic", a local file or folder (.txt/.json/.jsonl/.parquet)
-    or a hub dataset name; `tokenizer` is "byte" or a tokenizer.json path. Sequences of seq_len
-    tokens are packed from the documents."""
+    """Training data: `source` is "synthetic", a local file or folder (.txt/.json/.jsonl/.parquet),
+    a tokenized folder (made by `melt-train tokenize`, read from disk with grain), or a hub dataset
+    name; `tokenizer` is "byte" or a tokenizer.json path (for a tokenized folder, the one it was made
+    with). Sequences of seq_len tokens are packed from the documents."""
 
     source: str = "synthetic"
     tokenizer: str = "byte"

@@ -1,5 +1,6 @@
 """The data of a stage: packed training rows, held-out rows and, for the synthetic task, held-out
-examples for exact-match accuracy."""
+examples for exact-match accuracy. A tokenized corpus (a folder with a manifest, made by `melt-train
+tokenize`) stays on disk: its training rows are a grain source read by index (melt_jax.data.tokenized)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import numpy as np
 from melt_jax.data.packing import PackedData, pack_documents
 from melt_jax.data.pipeline import build_train_data, tokenize_dataset
 from melt_jax.data.synthetic import answer_batch, pack_answer_examples, synthetic_reasoning_dataset
+from melt_jax.data.tokenized import PackedRows, TokenizedCorpus, is_tokenized
 from melt_jax.data.tokenizer import Tokenizer, load_tokenizer
 from melt_jax.train.config import TrainConfig
 
@@ -18,7 +20,7 @@ from melt_jax.train.config import TrainConfig
 @dataclasses.dataclass
 class StageData:
     tokenizer: Tokenizer
-    train: PackedData
+    train: PackedData | PackedRows  # PackedRows: a tokenized corpus, rows built on demand
     held_out: PackedData
     answers: dict[str, np.ndarray] | None  # synthetic task: tokens / answer_mask of eval examples
 
@@ -51,6 +53,8 @@ def build_data(cfg: TrainConfig) -> StageData:
             packed = pack_documents(tokenize_dataset(train, tokenizer, "text"), d.seq_len, tokenizer.pad_id)
             held_out = pack_documents(tokenize_dataset(held, tokenizer, "text"), d.seq_len, tokenizer.pad_id)
         return StageData(tokenizer, packed, held_out, held_out_answers(cfg, tokenizer, held))
+    if is_tokenized(d.source):
+        return _tokenized_data(cfg, tokenizer)
     packed = build_train_data(d.source, tokenizer, d.seq_len, text_field=d.text_field)
     n_held = min(cfg.eval_batches * cfg.batch_size, packed.num_rows // 10)
     if n_held == 0:  # too little data to hold some out: evaluate on training rows
@@ -59,6 +63,21 @@ def build_data(cfg: TrainConfig) -> StageData:
     train = {k: v[:-n_held] for k, v in rows.items()}
     held = {k: v[-n_held:] for k, v in rows.items()}
     return StageData(tokenizer, PackedData(**train), PackedData(**held), None)
+
+
+def _tokenized_data(cfg: TrainConfig, tokenizer: Tokenizer) -> StageData:
+    """The rows of the tokenized corpus cfg.data.source, its last rows held out as for a text source
+    (the same rows that packing the text would give)."""
+    corpus = TokenizedCorpus(cfg.data.source)
+    corpus.check_tokenizer(cfg.data.tokenizer, tokenizer)
+    rows = PackedRows(corpus, cfg.data.seq_len, tokenizer.pad_id)
+    n_held = min(cfg.eval_batches * cfg.batch_size, len(rows) // 10)
+    if n_held == 0:  # too little data to hold some out: evaluate on training rows
+        held = rows.rows(0, min(len(rows), max(cfg.eval_batches, 1) * cfg.batch_size))
+        return StageData(tokenizer, rows, PackedData(**held), None)
+    train = PackedRows(corpus, cfg.data.seq_len, tokenizer.pad_id, stop=len(rows) - n_held)
+    held = rows.rows(len(rows) - n_held, len(rows))
+    return StageData(tokenizer, train, PackedData(**held), None)
 
 
 def batch_digest(batch: dict[str, np.ndarray], previous: str) -> str:

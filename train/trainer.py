@@ -25,7 +25,9 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from melt_jax.checkpoint import generation_files, save_params
+from melt_jax.data.loader import GrainBatches
 from melt_jax.data.pipeline import BatchIterator
+from melt_jax.data.tokenized import PackedRows
 from melt_jax.errors import TrainingError
 from melt_jax.model.attention import describe_attention
 from melt_jax.model.params import abstract_params
@@ -96,7 +98,7 @@ class _Stage:
     mesh: Any
     task: Task
     data: StageData
-    iterator: BatchIterator
+    iterator: BatchIterator | GrainBatches
     state: Any
     train_step: Callable
     evaluate: Callable[[Any], dict]
@@ -121,7 +123,9 @@ def _build_stage(cfg: TrainConfig) -> _Stage:
     task = build_task(cfg, mesh)
     data = build_data(cfg)
     _check_vocab(cfg, task, data)
-    iterator = BatchIterator(
+    # A tokenized corpus is read by index with grain; rows packed in memory by the in-memory iterator.
+    loader = GrainBatches if isinstance(data.train, PackedRows) else BatchIterator
+    iterator = loader(
         data.train,
         cfg.batch_size,
         seed=cfg.seed,
@@ -308,7 +312,8 @@ def run_stage(
         out.mkdir(parents=True, exist_ok=True)
         stage = _build_stage(cfg)
         log(f"[{cfg.stage}] attention {describe_attention(cfg.attention, stage.mesh.devices.flat[0].platform)}")
-        checkpoints = RunCheckpoints(out / "checkpoints", cfg.keep_checkpoints, cfg.async_checkpoints)
+        grain_iterator = getattr(stage.iterator, "checkpoint_item", None)
+        checkpoints = RunCheckpoints(out / "checkpoints", cfg.keep_checkpoints, cfg.async_checkpoints, grain_iterator)
         run = _start_run(cfg, stage, checkpoints, log)
         if _is_main():
             write_record(out / "run_config.json", to_dict(cfg), changes, step=run.step)

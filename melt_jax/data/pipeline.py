@@ -76,7 +76,7 @@ def load_text_dataset(
         dataset = _load_synthetic(source, split, synthetic_task or {})
     elif os.path.exists(os.path.expanduser(source)):
         dataset = _load_local(os.path.expanduser(source), split, data_files, cache_dir)
-    elif _looks_like_path(source):
+    elif looks_like_path(source):
         raise DataError(f"data file or folder not found: {source}")
     else:
         dataset = _load_hub(source, split, data_files, cache_dir)
@@ -112,7 +112,7 @@ def _load_synthetic(source: str, split: str, fields: Mapping[str, Any]) -> datas
     return synthetic.synthetic_reasoning_dataset(config)
 
 
-def _looks_like_path(source: str) -> bool:
+def looks_like_path(source: str) -> bool:
     """Whether a source that does not exist was meant as a local path rather than a hub name."""
     return (
         source.startswith(("/", "./", "../", "~"))
@@ -121,7 +121,7 @@ def _looks_like_path(source: str) -> bool:
     )
 
 
-def _local_files(path: str) -> list[str]:
+def local_data_files(path: str) -> list[str]:
     """The data files of a local file or folder (sorted; hidden files skipped)."""
     if os.path.isfile(path):
         return [path]
@@ -138,7 +138,7 @@ def _local_files(path: str) -> list[str]:
 def _load_local(path: str, split: str, data_files: Any, cache_dir: str | None) -> datasets.Dataset:
     if data_files is not None:
         raise DataError(f"data_files={data_files!r} cannot be combined with the local path {path}")
-    files = _local_files(path)
+    files = local_data_files(path)
     builders = {}
     for f in files:
         extension = os.path.splitext(f)[1].lower()
