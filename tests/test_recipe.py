@@ -1,8 +1,9 @@
 """docs/recipes.md at toy scale, through the command lines' main functions: a Hugging Face Ouro folder
-(tiny, random weights, a word-level tokenizer.json) -> melt-convert import -> melt-train pipeline
-teacher=... on a jsonl corpus with the teacher's tokenizer (phase 1 and phase 2, held-out loss and
-perplexity per loop, an early stop on the held-out loss) -> melt-eval with the tokenizer the student
-carries -> melt-convert export, whose weights read back equal to the trained ones."""
+(tiny, random weights, a word-level tokenizer.json) -> melt-convert import -> melt-train tokenize (a
+jsonl corpus, the teacher's tokenizer) -> melt-train pipeline teacher=... on the shards (phase 1 and
+phase 2, held-out loss and perplexity per loop, an early stop on the held-out loss) -> melt-eval with
+the tokenizer the student carries -> melt-convert export, whose weights read back equal to the
+trained ones."""
 
 import json
 import math
@@ -88,8 +89,13 @@ def test_the_recipe_end_to_end(tmp_path, capsys):
     assert "melt-convert import" in capsys.readouterr().err and not out.exists()
 
     assert convert_main(["import", str(hf_teacher), str(teacher)]) == 0
+    # The corpus tokenized once with the teacher's tokenizer; the phases read the shards.
+    tokenized = tmp_path / "corpus-tokens"
+    tokenizer = str(teacher / "tokenizer.json")
+    assert train_main(["tokenize", str(corpus), str(tokenized), "--tokenizer", tokenizer, "--workers", "1"]) == 0
+    assert (tokenized / "manifest.json").is_file()
 
-    status = train_main(["pipeline", *pipeline_overrides(teacher, out, corpus)])
+    status = train_main(["pipeline", *pipeline_overrides(teacher, out, tokenized)])
     summary = json.loads((out / "summary.json").read_text())
     assert status == (0 if summary["within_margin"] else 1)
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["melt_phase1", "melt_phase2"]  # no teacher stage
@@ -108,7 +114,7 @@ def test_the_recipe_end_to_end(tmp_path, capsys):
     other = tmp_path / "other-ouro"
     shutil.copytree(teacher, other)
     capsys.readouterr()
-    assert train_main(["pipeline", *pipeline_overrides(other, out, corpus)]) == 2
+    assert train_main(["pipeline", *pipeline_overrides(other, out, tokenized)]) == 2
     assert f"teacher {json.dumps(str(teacher))} -> {json.dumps(str(other))}" in capsys.readouterr().err
 
     # Held-out evaluation on text: per-loop loss and perplexity; the early stop at the first one.
