@@ -68,10 +68,8 @@ import jax.numpy as jnp
 import numpy as np
 from accelerator import SMALL, peak_bytes, select
 
-from melt_jax.model import MeltConfig, OuroConfig, abstract_params, model_for
-from melt_jax.model.attention import describe_attention
-from melt_jax.model.attention.implementation import AUTO_KERNELS, KERNELS
-from melt_jax.model.registry import config_from_json_file
+from melt_jax.model import MeltConfig, OuroConfig, abstract_params, config_from_json_file, model_for
+from melt_jax.model.attention import AUTO_KERNELS, KERNELS, describe_attention
 from melt_jax.sharding import batch_sharding, check_batch_divisible, make_mesh
 from melt_jax.train.config import load_train_config
 from melt_jax.train.optimizer import build_optimizer

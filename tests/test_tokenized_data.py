@@ -19,7 +19,8 @@ import tokenizers
 from melt_jax.checkpoint import load_params
 from melt_jax.data import ByteTokenizer, load_text_dataset, load_tokenizer, pack_documents, tokenize_dataset
 from melt_jax.data.loader import GrainBatches
-from melt_jax.data.tokenized import MANIFEST, PackedRows, TokenizedCorpus, tokenize_to_shards
+from melt_jax.data.tokenized import tokenize_to_shards
+from melt_jax.data.tokenized_corpus import MANIFEST, PackedRows, TokenizedCorpus
 from melt_jax.errors import DataError
 from melt_jax.model import OuroConfig
 from melt_jax.train.checkpointing import RunCheckpoints

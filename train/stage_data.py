@@ -1,6 +1,6 @@
 """The data of a stage: packed training rows, held-out rows and, for the synthetic task, held-out
 examples for exact-match accuracy. A tokenized corpus (a folder with a manifest, made by `melt-train
-tokenize`) stays on disk: its training rows are a grain source read by index (melt_jax.data.tokenized)."""
+tokenize`) stays on disk: its training rows are a grain source read by index (melt_jax.data.tokenized_corpus)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 from melt_jax.data.packing import PackedData, pack_documents
 from melt_jax.data.pipeline import build_train_data, tokenize_dataset
 from melt_jax.data.synthetic import answer_batch, pack_answer_examples, synthetic_reasoning_dataset
-from melt_jax.data.tokenized import PackedRows, TokenizedCorpus, is_tokenized
+from melt_jax.data.tokenized_corpus import PackedRows, TokenizedCorpus, is_tokenized
 from melt_jax.data.tokenizer import Tokenizer, load_tokenizer
 from melt_jax.train.config import TrainConfig
 

@@ -27,7 +27,7 @@ from jax.experimental import multihost_utils
 from melt_jax.checkpoint import generation_files, save_params
 from melt_jax.data.loader import GrainBatches
 from melt_jax.data.pipeline import BatchIterator
-from melt_jax.data.tokenized import PackedRows
+from melt_jax.data.tokenized_corpus import PackedRows
 from melt_jax.errors import TrainingError
 from melt_jax.model.attention import describe_attention
 from melt_jax.model.params import abstract_params

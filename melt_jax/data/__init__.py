@@ -2,8 +2,9 @@
 iterator and the embedded synthetic task.
 
 Import from this package (`from melt_jax.data import load_tokenizer, BatchIterator`); the modules
-inside it import each other directly. A corpus tokenized once into shards and its grain loader are
-imported from their modules (`melt_jax.data.tokenized`, `melt_jax.data.loader`), which load grain.
+inside it import each other directly. A corpus tokenized once into shards, its reader and its grain
+loader are imported from their modules (`melt_jax.data.tokenized`, `melt_jax.data.tokenized_corpus`,
+`melt_jax.data.loader`), which load grain.
 """
 
 from melt_jax.data.packing import PackedData, pack_documents

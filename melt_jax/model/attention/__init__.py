@@ -16,6 +16,7 @@ dispatch.py, which picks the implementation that computes it.
 | `splash.py`         | "splash": jax's TPU Pallas splash kernel                                   |
 | `cudnn.py`          | "cudnn": cuDNN flash attention through jax.nn.dot_product_attention        |
 | `pallas_gpu.py`     | "pallas_gpu": flash attention in Pallas (Triton) with segments, two-pass   |
+| `pallas_gpu_kernels.py` | its programs (forward, key and query gradients) and their mask         |
 | `kernel_mesh.py`    | a kernel call on each device's share of the mesh (shard_map)               |
 | `dispatch.py`       | `attend`, `attend_earlier_and_own`, `attend_history_and_own`: the choice   |
 | `filled_history.py` | `attend_filled_history_and_own`: inference's read of the filled slots      |
