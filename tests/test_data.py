@@ -1,4 +1,4 @@
-"""Tests of the data pipeline: tokenizers, loading, packing, the batch iterator, the synthetic task."""
+"""Tests of the data pipeline: tokenizers, loading, packing, batches of rows in memory, the synthetic task."""
 
 import dataclasses
 import json
@@ -6,12 +6,12 @@ import re
 from collections import Counter
 
 import datasets
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import tokenizers
 
 from melt_jax.data import (
-    BatchIterator,
     ByteTokenizer,
     HFTokenizer,
     PackedData,
@@ -20,8 +20,11 @@ from melt_jax.data import (
     synthetic,
 )
 from melt_jax.data import pipeline as data_lib
+from melt_jax.data.loader import GrainBatches
 from melt_jax.data.pipeline import DataError
+from melt_jax.errors import TrainingError
 from melt_jax.inference import evaluation
+from melt_jax.train.checkpointing import RunCheckpoints
 
 # --------------------------------------------------------------------------------------------------
 # Tokenizers
@@ -165,61 +168,65 @@ def test_tokenize_dataset_appends_eos_and_skips_empty():
 
 
 # --------------------------------------------------------------------------------------------------
-# Batch iterator
+# Batches of rows in memory (the grain loader in the order of per-epoch permutations)
 
 
 def _rows(n=10):
     return {"x": np.arange(n, dtype=np.int32), "y": np.arange(n, dtype=np.int32)[:, None] * 10 + np.arange(3)}
 
 
-def test_iterator_follows_the_specified_order_and_is_deterministic():
+def _batches(data, global_batch_size, **kwargs):
+    return GrainBatches(data, global_batch_size, order="permutation", **kwargs)
+
+
+def test_batches_follow_the_specified_order_and_are_deterministic():
     data = _rows(10)
-    it = BatchIterator(data, global_batch_size=4, seed=3)
+    it = _batches(data, global_batch_size=4, seed=3)
     batches = [next(it)["x"] for _ in range(6)]
     # 2 full batches per epoch (2 rows left out each epoch); epoch e uses default_rng((seed, e)).
     for k, batch in enumerate(batches):
         epoch, j = divmod(k, 2)
         perm = np.random.default_rng((3, epoch)).permutation(10)
         np.testing.assert_array_equal(batch, perm[4 * j : 4 * j + 4])
-    again = BatchIterator(data, global_batch_size=4, seed=3)
+    again = _batches(data, global_batch_size=4, seed=3)
     for batch in batches:
         b = next(again)
         np.testing.assert_array_equal(b["x"], batch)
         np.testing.assert_array_equal(b["y"], batch[:, None] * 10 + np.arange(3))
-    other = [next(BatchIterator(data, global_batch_size=4, seed=4))["x"] for _ in range(1)]
+        assert b["x"].dtype == np.int32 and b["y"].dtype == data["y"].dtype
+    other = [next(_batches(data, global_batch_size=4, seed=4))["x"] for _ in range(1)]
     assert not np.array_equal(other[0], batches[0])
 
 
-def test_iterator_epoch_rollover():
+def test_batches_roll_over_epochs():
     data = _rows(10)
-    it = BatchIterator(data, global_batch_size=4, seed=0)  # drop_remainder: 2 batches per epoch
-    assert it.batches_per_epoch == 2
+    it = _batches(data, global_batch_size=4, seed=0)  # drop_remainder: 2 batches per epoch
     epochs = []
     for e in range(3):
-        assert it.epoch == e
+        assert it.step == 2 * e
         rows = np.concatenate([next(it)["x"], next(it)["x"]])
         assert len(set(rows.tolist())) == 8  # no row twice within an epoch
         epochs.append(rows)
     assert not np.array_equal(epochs[0], epochs[1])  # each epoch reshuffles
 
     # Without drop_remainder the epochs form one stream: batch 2 ends epoch 0 and begins epoch 1.
-    it = BatchIterator(data, global_batch_size=4, seed=0, drop_remainder=False)
+    it = _batches(data, global_batch_size=4, seed=0, drop_remainder=False)
     p0, p1 = (np.random.default_rng((0, e)).permutation(10) for e in range(2))
     batches = [next(it)["x"] for _ in range(5)]  # 20 rows = exactly two epochs
     np.testing.assert_array_equal(batches[2], np.concatenate([p0[8:], p1[:2]]))
     assert Counter(np.concatenate(batches).tolist()) == {i: 2 for i in range(10)}
 
     # Without shuffling, rows come in order.
-    it = BatchIterator(data, global_batch_size=5, shuffle=False)
+    it = _batches(data, global_batch_size=5, shuffle=False)
     assert [next(it)["x"].tolist() for _ in range(3)] == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9], [0, 1, 2, 3, 4]]
 
 
 @pytest.mark.parametrize("process_count", [2, 4])
 def test_process_slices_concatenate_to_the_global_batch(process_count):
     data = _rows(20)
-    single = BatchIterator(data, global_batch_size=8, seed=1)
+    single = _batches(data, global_batch_size=8, seed=1)
     procs = [
-        BatchIterator(data, global_batch_size=8, seed=1, process_index=p, process_count=process_count)
+        _batches(data, global_batch_size=8, seed=1, process_index=p, process_count=process_count)
         for p in range(process_count)
     ]
     for _ in range(7):  # crosses epoch boundaries (2 batches per epoch)
@@ -230,19 +237,25 @@ def test_process_slices_concatenate_to_the_global_batch(process_count):
             np.testing.assert_array_equal(np.concatenate([part[name] for part in parts]), expected[name])
 
 
-def test_resume_yields_the_remaining_batches_of_the_uninterrupted_run():
+def test_resume_yields_the_remaining_batches_of_the_uninterrupted_run(tmp_path):
     tokens = np.arange(13 * 5, dtype=np.int32).reshape(13, 5)
     packed = PackedData(tokens, np.ones_like(tokens, np.float32), np.ones_like(tokens))
-    full = BatchIterator(packed, global_batch_size=4, seed=7)
+    full = _batches(packed, global_batch_size=4, seed=7)
     uninterrupted = [next(full)["tokens"] for _ in range(12)]
 
-    first = BatchIterator(packed, global_batch_size=4, seed=7)
+    # The position is saved as the checkpoint's grain item, the settings in its meta.
+    first = _batches(packed, global_batch_size=4, seed=7)
     seen = [next(first)["tokens"] for _ in range(5)]
-    state = json.loads(json.dumps(first.state()))
-    assert state["step"] == 5 and state["seed"] == 7
-
-    resumed = BatchIterator(packed, global_batch_size=4, seed=7)
-    resumed.restore(state)
+    state = {"x": jnp.zeros(2)}
+    saver = RunCheckpoints(tmp_path / "ckpt", async_save=False, data_iterator=first.checkpoint_item)
+    saver.save(5, state, {"data": first.state()})
+    saver.close()
+    resumed = _batches(packed, global_batch_size=4, seed=7)
+    reader = RunCheckpoints(tmp_path / "ckpt", data_iterator=resumed.checkpoint_item)
+    _, meta = reader.restore(5, state)
+    reader.close()
+    resumed.restore(json.loads(json.dumps(meta["data"])))
+    assert resumed.step == 5 and meta["data"]["seed"] == 7
     rest = [next(resumed)["tokens"] for _ in range(7)]
     for got, want in zip(seen + rest, uninterrupted):
         np.testing.assert_array_equal(got, want)
@@ -250,33 +263,49 @@ def test_resume_yields_the_remaining_batches_of_the_uninterrupted_run():
         np.concatenate(uninterrupted).ravel().tolist()
     )
 
-    # The same position via start_step, and resumed on two processes instead of one.
-    by_arg = BatchIterator(packed, global_batch_size=4, seed=7, start_step=5)
-    np.testing.assert_array_equal(next(by_arg)["tokens"], uninterrupted[5])
-    halves = [BatchIterator(packed, global_batch_size=4, seed=7, process_index=p, process_count=2) for p in range(2)]
+    # The position counts global batches, the same on every process: a run saved by one process
+    # resumes on two, and one saved by two (its files renamed so) resumes on one.
+    halves = [_batches(packed, global_batch_size=4, seed=7, process_index=p, process_count=2) for p in range(2)]
     for it in halves:
-        it.restore(state)
+        it.checkpoint_item.set_state(first.checkpoint_item.get_state())
     np.testing.assert_array_equal(np.concatenate([next(it)["tokens"] for it in halves]), uninterrupted[5])
+    folder = tmp_path / "ckpt" / "5" / "data"
+    saved = (folder / "process_0-of-1.json").read_text()
+    (folder / "process_0-of-1.json").unlink()
+    for p in range(2):
+        (folder / f"process_{p}-of-2.json").write_text(saved)
+    one = _batches(packed, global_batch_size=4, seed=7)
+    reader = RunCheckpoints(tmp_path / "ckpt", data_iterator=one.checkpoint_item)
+    reader.restore(5, state)
+    np.testing.assert_array_equal(next(one)["tokens"], uninterrupted[5])
+    (folder / "process_1-of-2.json").write_text(saved.replace("5", "6"))
+    with pytest.raises(TrainingError, match=r"different data positions in \['process_0-of-2.json', 'process_1-of-2"):
+        reader.restore(5, state)
+    reader.close()
 
 
-def test_iterator_bad_settings():
+def test_batch_settings_errors():
     data = _rows(10)
     with pytest.raises(DataError, match="global_batch_size 6 is not divisible by process_count 4"):
-        BatchIterator(data, global_batch_size=6, process_count=4)
+        _batches(data, global_batch_size=6, process_count=4)
     with pytest.raises(DataError, match="process_index 2 must be < process_count 2"):
-        BatchIterator(data, global_batch_size=4, process_index=2, process_count=2)
+        _batches(data, global_batch_size=4, process_index=2, process_count=2)
     with pytest.raises(DataError, match="global_batch_size 12 exceeds the 10 rows"):
-        BatchIterator(data, global_batch_size=12)
+        _batches(data, global_batch_size=12)
     with pytest.raises(DataError, match="leading dimension"):
-        BatchIterator({"a": np.zeros(3), "b": np.zeros(4)}, global_batch_size=1)
+        _batches({"a": np.zeros(3), "b": np.zeros(4)}, global_batch_size=1)
     with pytest.raises(DataError, match="seed must be an integer >= 0"):
-        BatchIterator(data, global_batch_size=2, seed=-1)
-    it = BatchIterator(data, global_batch_size=2, seed=1)
-    with pytest.raises(DataError, match="field 'seed' is 2 but this iterator has 1"):
-        it.restore({"step": 3, "seed": 2})
-    with pytest.raises(DataError, match="has no 'step'"):
-        it.restore({"seed": 1})
-    assert BatchIterator(data, global_batch_size=12, drop_remainder=False).batch(0)["x"].shape == (12,)
+        _batches(data, global_batch_size=2, seed=-1)
+    with pytest.raises(DataError, match="unknown batch order 'random'"):
+        GrainBatches(data, 2, order="random")
+    with pytest.raises(DataError, match="drop_remainder needs order='permutation'"):
+        GrainBatches(data, 2, order="index_shuffle", drop_remainder=True)
+    it = _batches(data, global_batch_size=2, seed=1)
+    with pytest.raises(DataError, match="'seed' is 2 in the checkpoint but 1 in this run"):
+        it.restore(dict(it.state(), seed=2))
+    with pytest.raises(DataError, match="'order' is 'index_shuffle' in the checkpoint but 'permutation'"):
+        it.restore(dict(it.state(), order="index_shuffle"))
+    assert next(_batches(data, global_batch_size=12, drop_remainder=False))["x"].shape == (12,)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -583,7 +612,7 @@ def test_pack_answer_examples_and_zero_hops():
     np.testing.assert_array_equal(packed.loss_mask[1], [0] * 12 + [1, 1, 1, 0] + [0] * 2)
     np.testing.assert_array_equal(packed.segment_ids[1], [1] * 16 + [0] * 2)
     np.testing.assert_array_equal(packed.tokens[1, 16:], [tok.pad_id] * 2)
-    assert BatchIterator(packed, global_batch_size=2).batch(0)["loss_mask"].sum() == 7
+    assert next(GrainBatches(packed, 2, order="permutation"))["loss_mask"].sum() == 7
     with pytest.raises(DataError, match="example 2 has 16 tokens, more than seq_len 12"):
         synthetic.pack_answer_examples(tok, prompts, answers, seq_len=12)
 

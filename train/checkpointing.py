@@ -2,9 +2,9 @@
 
 A run directory holds `checkpoints/<step>/` with two items: `state` (the TrainState: step, params,
 optimizer state, RNG; saved from the sharded arrays, restored onto the shardings of the current mesh,
-which may differ from the saving run's) and `meta` (JSON: data-iterator position or settings, stage,
-alpha, tokens seen). A run reading a tokenized corpus with grain has a third item, `data`: the grain
-iterator's position, one small JSON file per process written by grain's checkpoint handler. Saves
+which may differ from the saving run's) and `meta` (JSON: the data loader's settings, stage,
+alpha, tokens seen) and, when a data iterator is given, `data`: the grain iterator's position, one small
+JSON file per process written by grain's checkpoint handler. Saves
 are asynchronous and committed atomically by orbax, so a run killed at any moment leaves
 only complete checkpoints behind; the last `keep` are kept. A checkpoint whose files were damaged
 afterwards (a truncated or missing file) is moved aside by `restore_latest`, which resumes from the
@@ -45,7 +45,7 @@ class RunCheckpoints:
 
     def __init__(self, directory: str | Path, keep: int = 2, async_save: bool = True, data_iterator: Any = None):
         """`data_iterator`: a grain iterator whose position is saved in (and restored from) the
-        checkpoints' `data` item; None when the position is part of the meta."""
+        checkpoints' `data` item; None to read only the state and meta (or only the steps saved)."""
         self.directory = Path(directory).absolute()
         self.data_iterator = data_iterator
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
@@ -66,9 +66,11 @@ class RunCheckpoints:
         """The state saved at `step`, laid out like `target_state` (arrays or ShapeDtypeStructs with
         shardings), and its meta dict; the data iterator, if any, is moved to its saved position."""
         items = {"state": ocp.args.StandardRestore(abstract_like(target_state)), "meta": ocp.args.JsonRestore()}
+        saved_position = None
         if self.data_iterator is not None:
-            self._check_data_item(step)
-            items["data"] = grain.checkpoint.CheckpointRestore(self.data_iterator)
+            saved_position = self._saved_by_other_processes(step)
+            if saved_position is None:
+                items["data"] = grain.checkpoint.CheckpointRestore(self.data_iterator)
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         except ValueError as e:  # orbax: the saved tree differs from the target's
@@ -79,6 +81,8 @@ class RunCheckpoints:
         except Exception as e:  # noqa: BLE001 - tensorstore and orbax raise bare Exceptions for unreadable files
             _drop_pending_reads()
             raise DamagedCheckpoint(_first_line(e).split(". See full")[0][:160]) from None
+        if saved_position is not None:
+            self.data_iterator.set_state(saved_position)
         return restored["state"], dict(restored["meta"])
 
     def restore_latest(self, target_state: Any, warn: Callable[[str], None]) -> tuple[int, Any, dict] | None:
@@ -107,17 +111,27 @@ class RunCheckpoints:
             )
         return None
 
-    def _check_data_item(self, step: int) -> None:
-        """TrainingError unless the checkpoint of `step` holds this process's data position (grain
-        names its file by process index and count)."""
+    def _saved_by_other_processes(self, step: int) -> dict | None:
+        """The data position of the checkpoint of `step` when another number of processes saved it (None
+        when it holds this process's file, which grain's handler reads). Each process's position counts
+        the global batches drawn, the same on all of them, so any of the saved files gives it."""
         name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
         folder = self.directory / str(step) / "data"
-        if folder.is_dir() and not (folder / name).is_file():
-            saved = sorted(p.name for p in folder.glob("process_*.json"))
+        saved = sorted(folder.glob("process_*.json")) if folder.is_dir() else []
+        if not saved:
+            raise DamagedCheckpoint(f"it holds no data loader position ({folder} is missing or empty)")
+        if (folder / name).is_file():
+            return None
+        try:
+            positions = [json.loads(p.read_text()) for p in saved]
+        except (OSError, ValueError) as e:
+            raise DamagedCheckpoint(f"unreadable data position in {folder}: {_first_line(e)}") from None
+        if any(p != positions[0] for p in positions):
             raise TrainingError(
-                f"the checkpoint at step {step} in {self.directory} holds the data positions {saved}, not {name}: "
-                "resume a run on a tokenized corpus with the number of processes it was saved with"
+                f"the checkpoint at step {step} in {self.directory} holds different data positions in "
+                f"{[p.name for p in saved]}: it cannot be resumed on {jax.process_count()} processes"
             )
+        return positions[0]
 
     def _move_aside(self, step: int) -> Path:
         """Moves the checkpoint of `step` to damaged_checkpoints/<step> (a numbered name if taken)."""

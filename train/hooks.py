@@ -312,16 +312,16 @@ class DecayAtAccuracy:
 
 
 class SaveCheckpoint:
-    """Saves the train state with the meta (the data iterator's position taken now), after checking
-    that the last step's loss is finite."""
+    """Saves the train state with the meta (the data loader's settings; RunCheckpoints saves its
+    position), after checking that the last step's loss is finite."""
 
-    def __init__(self, checkpoints: RunCheckpoints, data_position: Callable[[], Any]):
+    def __init__(self, checkpoints: RunCheckpoints, data_settings: Callable[[], Any]):
         self.checkpoints = checkpoints
-        self.data_position = data_position
+        self.data_settings = data_settings
 
     def __call__(self, run: StageRun) -> None:
         run.check_finite()
-        run.meta["data"] = self.data_position()
+        run.meta["data"] = self.data_settings()
         self.checkpoints.save(run.step, run.state, dict(run.meta))
         run.last_saved = run.step
 

@@ -26,7 +26,6 @@ from jax.experimental import multihost_utils
 
 from melt_jax.checkpoint import generation_files, save_params
 from melt_jax.data.loader import GrainBatches
-from melt_jax.data.pipeline import BatchIterator
 from melt_jax.data.tokenized_corpus import PackedRows
 from melt_jax.errors import TrainingError
 from melt_jax.model.attention import describe_attention
@@ -98,7 +97,7 @@ class _Stage:
     mesh: Any
     task: Task
     data: StageData
-    iterator: BatchIterator | GrainBatches
+    iterator: GrainBatches
     state: Any
     train_step: Callable
     evaluate: Callable[[Any], dict]
@@ -123,15 +122,17 @@ def _build_stage(cfg: TrainConfig) -> _Stage:
     task = build_task(cfg, mesh)
     data = build_data(cfg)
     _check_vocab(cfg, task, data)
-    # A tokenized corpus is read by index with grain; rows packed in memory by the in-memory iterator.
-    loader = GrainBatches if isinstance(data.train, PackedRows) else BatchIterator
-    iterator = loader(
+    # A tokenized corpus may have more rows than a host holds permutations of: grain's index shuffle
+    # orders it. Rows in memory keep the per-epoch permutations their measured figures were made with.
+    order = "index_shuffle" if isinstance(data.train, PackedRows) else "permutation"
+    iterator = GrainBatches(
         data.train,
         cfg.batch_size,
         seed=cfg.seed,
+        shuffle=cfg.data.shuffle,
+        order=order,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
-        shuffle=cfg.data.shuffle,
     )
     optimizer = build_optimizer(cfg.optimizer, abstract_params(task.model), cfg.steps, task.trainable)
     state = init_state(task, cfg, mesh, optimizer)
@@ -312,8 +313,9 @@ def run_stage(
         out.mkdir(parents=True, exist_ok=True)
         stage = _build_stage(cfg)
         log(f"[{cfg.stage}] attention {describe_attention(cfg.attention, stage.mesh.devices.flat[0].platform)}")
-        grain_iterator = getattr(stage.iterator, "checkpoint_item", None)
-        checkpoints = RunCheckpoints(out / "checkpoints", cfg.keep_checkpoints, cfg.async_checkpoints, grain_iterator)
+        checkpoints = RunCheckpoints(
+            out / "checkpoints", cfg.keep_checkpoints, cfg.async_checkpoints, stage.iterator.checkpoint_item
+        )
         run = _start_run(cfg, stage, checkpoints, log)
         if _is_main():
             write_record(out / "run_config.json", to_dict(cfg), changes, step=run.step)

@@ -1,16 +1,16 @@
-"""Data for training and evaluation: text sources, tokenizers, packing into rows, the resumable batch
-iterator and the embedded synthetic task.
+"""Data for training and evaluation: text sources, tokenizers, packing into rows and the embedded
+synthetic task.
 
-Import from this package (`from melt_jax.data import load_tokenizer, BatchIterator`); the modules
-inside it import each other directly. A corpus tokenized once into shards, its reader and its grain
-loader are imported from their modules (`melt_jax.data.tokenized`, `melt_jax.data.tokenized_corpus`,
-`melt_jax.data.loader`), which load grain.
+Import from this package (`from melt_jax.data import load_tokenizer, pack_documents`); the modules
+inside it import each other directly. The training batches of every source come from the grain loader
+(`melt_jax.data.loader`); it, a corpus tokenized once into shards and its reader are imported from
+their modules (`melt_jax.data.loader`, `melt_jax.data.tokenized`, `melt_jax.data.tokenized_corpus`),
+which load grain.
 """
 
 from melt_jax.data.packing import PackedData, pack_documents
 from melt_jax.data.pipeline import (
     SYNTHETIC_SOURCE,
-    BatchIterator,
     build_train_data,
     check_text_field,
     load_text_dataset,
@@ -34,7 +34,6 @@ __all__ = [
     "OPERATIONS",
     "PAD_TOKEN",
     "SYNTHETIC_SOURCE",
-    "BatchIterator",
     "ByteTokenizer",
     "HFTokenizer",
     "PackedData",

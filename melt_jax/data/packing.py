@@ -43,7 +43,7 @@ class PackedData:
         return self.tokens.shape[1]
 
     def as_dict(self) -> dict[str, np.ndarray]:
-        """The arrays by name, the form `BatchIterator` slices."""
+        """The arrays by name, the form the loader reads rows of (melt_jax/data/loader.py, `ArrayRows`)."""
         return {"tokens": self.tokens, "loss_mask": self.loss_mask, "segment_ids": self.segment_ids}
 
 

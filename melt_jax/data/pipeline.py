@@ -1,29 +1,25 @@
-"""Data pipeline of the training program: text sources, tokenization, packing, and the batch iterator.
+"""Data pipeline of the training program: text sources, tokenization and packing.
 
     load_text_dataset(source)      "synthetic[:N]", a local .txt/.json/.jsonl/.parquet file or folder,
                                    or a Hugging Face hub dataset name -> datasets.Dataset
     tokenize_dataset(...)          one int32 id array per document, each ending with eos
     pack_documents(...)            documents concatenated into rows of seq_len tokens -> PackedData
                                    (melt_jax/data/packing.py)
-    BatchIterator                  deterministic, resumable, process-sliced batches of packed rows
     build_train_data(...)          load + tokenize + pack in one call
 
 Packed rows carry a `loss_mask` in the convention "loss_mask[n, s] weighs the prediction of
 tokens[n, s] from tokens[n, :s]": it is 0 at column 0, at padding, and at the first token of a
 document that starts inside a row (it is not predictable from the previous document).
 
-The iterator's order is a pure function of (seed, global batch number): epoch e visits the rows in the
-order `np.random.default_rng((seed, e)).permutation(N)`, and process p of P takes its contiguous
-slice of every global batch. A run on P processes therefore sees the same global batches as a run on
-one, and a run resumed from `BatchIterator.state()` (a small JSON-serialisable dict) sees the same
-batches as an uninterrupted run, even when resumed on a different number of processes.
+Training batches of the packed rows, like those of every source, come from the grain loader
+(melt_jax/data/loader.py, `GrainBatches`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import datasets
@@ -197,157 +193,6 @@ def tokenize_dataset(
         for ids in tokenizer.encode_batch(chunk):
             docs.append(np.concatenate([np.asarray(ids, dtype=np.int32), eos]))
     return docs
-
-
-# --------------------------------------------------------------------------------------------------
-# Batch iterator
-
-
-class BatchIterator:
-    """Deterministic, resumable, process-sliced batches of the rows of `data`.
-
-    Global batch k (k = 0, 1, ... over the whole run) holds G = `global_batch_size` rows:
-      - drop_remainder=True: epoch e = k // (N // G) contributes its rows perm_e[j*G:(j+1)*G] with
-        j = k % (N // G); the last N % G rows of each epoch's order are left out;
-      - drop_remainder=False: the epochs' orders are concatenated into one stream and batch k is
-        stream[k*G:(k+1)*G], so a batch may end one epoch and begin the next.
-    perm_e is `np.random.default_rng((seed, e)).permutation(N)` when shuffling, else arange(N).
-    Process p of P receives rows [p*G/P, (p+1)*G/P) of each global batch. `__next__` returns a dict
-    of numpy arrays [G/P, ...] and never stops (epochs roll over).
-    """
-
-    def __init__(
-        self,
-        data: PackedData | Mapping[str, np.ndarray],
-        global_batch_size: int,
-        *,
-        seed: int = 0,
-        process_index: int = 0,
-        process_count: int = 1,
-        shuffle: bool = True,
-        drop_remainder: bool = True,
-        start_step: int = 0,
-    ):
-        arrays = data.as_dict() if isinstance(data, PackedData) else dict(data)
-        if not arrays:
-            raise DataError("BatchIterator needs at least one array")
-        lengths = {name: np.shape(a)[0] if np.ndim(a) else None for name, a in arrays.items()}
-        if len(set(lengths.values())) != 1 or None in lengths.values():
-            raise DataError(f"BatchIterator arrays must share their leading dimension, got {lengths}")
-        self.arrays = {name: np.asarray(a) for name, a in arrays.items()}
-        self.num_rows = next(iter(lengths.values()))
-        _check_int("global_batch_size", global_batch_size, minimum=1)
-        _check_int("seed", seed, minimum=0)
-        _check_int("process_count", process_count, minimum=1)
-        _check_int("process_index", process_index, minimum=0)
-        _check_int("start_step", start_step, minimum=0)
-        if process_index >= process_count:
-            raise DataError(f"process_index {process_index} must be < process_count {process_count}")
-        if global_batch_size % process_count:
-            raise DataError(f"global_batch_size {global_batch_size} is not divisible by process_count {process_count}")
-        if self.num_rows == 0:
-            raise DataError("BatchIterator got no rows of data")
-        if drop_remainder and global_batch_size > self.num_rows:
-            raise DataError(
-                f"global_batch_size {global_batch_size} exceeds the {self.num_rows} rows of data "
-                "(use more data, a smaller batch, or drop_remainder=False)"
-            )
-        self.global_batch_size = int(global_batch_size)
-        self.seed = int(seed)
-        self.process_index = int(process_index)
-        self.process_count = int(process_count)
-        self.shuffle = bool(shuffle)
-        self.drop_remainder = bool(drop_remainder)
-        self.step = int(start_step)
-        self._cached_epoch: int | None = None
-        self._cached_permutation: np.ndarray | None = None
-
-    @property
-    def local_batch_size(self) -> int:
-        return self.global_batch_size // self.process_count
-
-    @property
-    def batches_per_epoch(self) -> int:
-        """Full global batches in one pass over the data, N // G."""
-        return self.num_rows // self.global_batch_size
-
-    @property
-    def epoch(self) -> int:
-        """The epoch of the first row of the next batch."""
-        if self.drop_remainder:
-            return self.step // self.batches_per_epoch
-        return self.step * self.global_batch_size // self.num_rows
-
-    def permutation(self, epoch: int) -> np.ndarray:
-        """The order int64 [N] in which `epoch` visits the rows (only the latest one is kept)."""
-        if epoch != self._cached_epoch:
-            if self.shuffle:
-                order = np.random.default_rng((self.seed, epoch)).permutation(self.num_rows)
-            else:
-                order = np.arange(self.num_rows)
-            self._cached_epoch, self._cached_permutation = epoch, order
-        return self._cached_permutation
-
-    def global_rows(self, step: int) -> np.ndarray:
-        """The row indices int64 [G] of global batch `step`."""
-        g = self.global_batch_size
-        if self.drop_remainder:
-            epoch, j = divmod(step, self.batches_per_epoch)
-            return self.permutation(epoch)[j * g : (j + 1) * g]
-        pieces = []
-        position, end = step * g, (step + 1) * g  # positions in the stream of concatenated epochs
-        while position < end:
-            epoch, i = divmod(position, self.num_rows)
-            take = min(self.num_rows - i, end - position)
-            pieces.append(self.permutation(epoch)[i : i + take])
-            position += take
-        return np.concatenate(pieces)
-
-    def local_rows(self, step: int) -> np.ndarray:
-        """The row indices int64 [G/P] of this process's slice of global batch `step`."""
-        size = self.local_batch_size
-        return self.global_rows(step)[self.process_index * size : (self.process_index + 1) * size]
-
-    def batch(self, step: int) -> dict[str, np.ndarray]:
-        """This process's slice of global batch `step`, without moving the iterator."""
-        rows = self.local_rows(step)
-        return {name: array[rows] for name, array in self.arrays.items()}
-
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        batch = self.batch(self.step)
-        self.step += 1
-        return batch
-
-    def state(self) -> dict[str, Any]:
-        """The position of the iterator as a JSON-serialisable dict: `step` (batches yielded so far)
-        and the settings a resumed iterator must share. Process index and count are not part of it:
-        a run may resume on another number of processes."""
-        return {
-            "step": self.step,
-            "seed": self.seed,
-            "global_batch_size": self.global_batch_size,
-            "num_rows": self.num_rows,
-            "shuffle": self.shuffle,
-            "drop_remainder": self.drop_remainder,
-        }
-
-    def restore(self, state: Mapping[str, Any]) -> None:
-        """Moves the iterator to the position of `state()`, checking that the settings match."""
-        if "step" not in state:
-            raise DataError(f"iterator state has no 'step': {dict(state)}")
-        _check_int("state['step']", state["step"], minimum=0)
-        current = self.state()
-        for key, value in state.items():
-            if key == "step":
-                continue
-            if key not in current:
-                raise DataError(f"unknown field {key!r} in iterator state")
-            if value != current[key]:
-                raise DataError(f"iterator state field {key!r} is {value!r} but this iterator has {current[key]!r}")
-        self.step = int(state["step"])
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
