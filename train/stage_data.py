@@ -1,6 +1,7 @@
 """The data of a stage: packed training rows, held-out rows and, for the synthetic task, held-out
-examples for exact-match accuracy. A tokenized corpus (a folder with a manifest, made by `melt-train
-tokenize`) stays on disk: its training rows are a grain source read by index (melt_jax.data.tokenized_corpus)."""
+examples for exact-match accuracy. The training rows of every source are read by the grain loader
+(melt_jax.data.loader): rows packed in memory, or, for a tokenized corpus (a folder with a manifest,
+made by `melt-train tokenize`), rows kept on disk and built by index (melt_jax.data.tokenized_corpus)."""
 
 from __future__ import annotations
 
