@@ -67,6 +67,8 @@ class EpochPermutations(grain.MapDataset):
     parent[perm_e[i % L]], perm_e = `np.random.default_rng((seed, e)).permutation(len(parent))` (arange
     without shuffle). Its length is one epoch; `repeat()` after it reads the epochs that follow."""
 
+    _MUTATES_ELEMENT_SPEC = False  # its elements are the parent's
+
     def __init__(self, parent: grain.MapDataset, *, seed: int, shuffle: bool, epoch_length: int):
         super().__init__(parent)
         self._seed, self._shuffle, self._length = seed, shuffle, epoch_length
@@ -215,5 +217,5 @@ def _check_settings(
             f"global_batch_size {global_batch_size} exceeds the {num_rows} rows of data "
             "(use more data, a smaller batch, or drop_remainder=False)"
         )
-    if seed >= 2**32:
+    if order == "index_shuffle" and seed >= 2**32:
         raise DataError(f"seed must be below 2**32 for grain's shuffle, got {seed}")
