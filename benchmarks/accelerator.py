@@ -184,6 +184,16 @@ def measure(name_model: dict, case: Case, args, device) -> dict:
     return row
 
 
+def report(row: dict, out: str | None) -> dict:
+    """Prints a case's row as one JSON line and, with `out`, appends it to that file as soon as the case
+    ends (a run cut short keeps the cases it finished). Returns the row."""
+    print(json.dumps(row), flush=True)
+    if out:
+        with open(out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+    return row
+
+
 def table(rows: list[dict]) -> str:
     lines = [
         "| case | batch | prompt + new | ms / step | tok/s | TTFT ms | MB read / step | of bandwidth | peak GB |",
@@ -242,12 +252,7 @@ def main(argv=None) -> list[dict]:
         if case.model not in loaded:
             model = model_for(configs(args.small, chunk)[case.model])
             loaded[case.model] = (model, init_params(model, jax.random.key(0)))
-        row = measure(loaded, case, args, device)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(json.dumps(row) + "\n")
+        rows.append(report(measure(loaded, case, args, device), args.out))
     print()
     print(table(rows))
     return rows

@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import statistics
 import tempfile
@@ -66,7 +65,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from accelerator import SMALL, peak_bytes, select
+from accelerator import SMALL, peak_bytes, report, select
 
 from melt_jax.model import MeltConfig, OuroConfig, abstract_params, config_from_json_file, model_for
 from melt_jax.model.attention import AUTO_KERNELS, KERNELS, describe_attention
@@ -338,12 +337,7 @@ def main(argv=None) -> list[dict]:
         rows = []
         for case in cases:
             print(f"{case.name} ...", flush=True)
-            row = measure(case, args, device, models)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            if args.out:
-                with open(args.out, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+            rows.append(report(measure(case, args, device, models), args.out))
     print()
     print(table(rows))
     return rows

@@ -319,6 +319,30 @@ def test_splash_equals_dense_on_causal_self_attention(kv_heads, seq, blocks, seg
     )
 
 
+def _two_pass_inputs(seed: int, seq: int, segments: bool):
+    """q [B, S, N, D], the own rows k, v [B, S, 2, D], the earlier rows [B, 2, S, D] (cache layout) and,
+    with segments, ids [B, S] (row 0: two documents; row 1: one, then 2 padding tokens)."""
+    kv_heads = 2
+    q = _normal(seed, (B, seq, N, D))
+    k, v = _normal(seed + 1, (B, seq, kv_heads, D)), _normal(seed + 2, (B, seq, kv_heads, D))
+    earlier_k, earlier_v = _normal(seed + 3, (B, kv_heads, seq, D)), _normal(seed + 4, (B, kv_heads, seq, D))
+    ids = None
+    if segments:
+        ids = jnp.stack([jnp.where(jnp.arange(seq) < seq // 3, 1, 2), jnp.where(jnp.arange(seq) < seq - 2, 1, 0)])
+    return q, k, v, earlier_k, earlier_v, ids
+
+
+def _two_pass(earlier_k, earlier_v, chunk, ids, implementation):
+    """(q, k, v) -> the two-pass pattern over these earlier rows, through `implementation`."""
+
+    def fn(q, k, v):
+        return attend_earlier_and_own(
+            q, earlier_k, earlier_v, k, v, chunk, segment_ids=ids, implementation=implementation
+        )
+
+    return fn
+
+
 @pytest.mark.parametrize(
     "seq, chunk, segments",
     [(12, 1, False), (12, 4, True), (12, 12, False), (260, 65, True)],
@@ -327,35 +351,25 @@ def test_splash_equals_dense_on_causal_self_attention(kv_heads, seq, blocks, seg
 def test_splash_equals_dense_on_the_two_pass_pattern(seq, chunk, segments):
     """The [S, 2S] mask over the earlier and own rows; at 260 tokens in chunks of 65, chunk
     boundaries fall inside the kernel's blocks of 128."""
-    kv_heads = 2
-    q, k, v = _normal(33, (B, seq, N, D)), _normal(34, (B, seq, kv_heads, D)), _normal(35, (B, seq, kv_heads, D))
-    earlier_k, earlier_v = _normal(36, (B, kv_heads, seq, D)), _normal(37, (B, kv_heads, seq, D))
-    ids = None
-    if segments:
-        ids = jnp.stack([jnp.where(jnp.arange(seq) < seq // 3, 1, 2), jnp.where(jnp.arange(seq) < seq - 2, 1, 0)])
-
-    def run(implementation):
-        def fn(q, k, v):
-            return attend_earlier_and_own(
-                q, earlier_k, earlier_v, k, v, chunk, segment_ids=ids, implementation=implementation
-            )
-
-        return fn
-
+    q, k, v, earlier_k, earlier_v, ids = _two_pass_inputs(33, seq, segments)
+    run = lambda implementation: _two_pass(earlier_k, earlier_v, chunk, ids, implementation)  # noqa: E731
     _assert_same(run(DENSE), run(_splash()), q, k, v)
 
 
-@pytest.mark.parametrize("kv_heads", [1, 2], ids=["kv1", "kv2"])
-def test_splash_under_a_mesh_equals_dense(kv_heads):
-    """Under `jax.set_mesh` the kernel runs on each device's share (shard_map): the batch over fsdp,
-    the heads over tensor when it divides both N and K (kv2), else whole (kv1)."""
+@pytest.mark.parametrize(
+    "kernel, kv_heads", [("splash", 1), ("splash", 2), ("pallas_gpu", 2)], ids=["splash-kv1", "splash-kv2", "pallas"]
+)
+def test_kernels_under_a_mesh_equal_dense(kernel, kv_heads):
+    """Under `jax.set_mesh` a kernel runs on each device's share (shard_map, kernel_mesh.py): the batch
+    over fsdp, the heads over tensor when it divides both N and K (kv2), else whole (kv1)."""
     seq = 13
     q, k, v = _normal(38, (B, seq, N, D)), _normal(39, (B, seq, kv_heads, D)), _normal(40, (B, seq, kv_heads, D))
     mask = causal_mask(_tokens(seq), _tokens(seq), SEGMENTS_13, SEGMENTS_13, in_order=True)
     mesh = make_mesh(MeshConfig(data=1, fsdp=2, tensor=2, num_devices=4))
     dense, dense_grads = _values_and_grads(lambda *x: attend(*x, mask), q, k, v)
     with jax.set_mesh(mesh):
-        out, grads = _values_and_grads(lambda *x: attend(*x, mask, implementation=_splash()), q, k, v)
+        implementation = _splash() if kernel == "splash" else _pallas_gpu()
+        out, grads = _values_and_grads(lambda *x: attend(*x, mask, implementation=implementation), q, k, v)
     np.testing.assert_allclose(out, dense, atol=TOL, rtol=0)
     for name, got, want in zip("qkv", grads, dense_grads):
         np.testing.assert_allclose(got, want, atol=TOL, rtol=0, err_msg=f"gradient w.r.t. {name}")
@@ -457,21 +471,8 @@ def test_pallas_gpu_equals_dense_on_causal_self_attention(kv_heads, seq, segment
     "seq, chunk, segments", [(48, 16, True), (96, 32, False), (256, 128, True)], ids=["c16-seg", "c32", "c128-seg"]
 )
 def test_pallas_gpu_equals_dense_on_the_two_pass_pattern(seq, chunk, segments):
-    kv_heads = 2
-    q, k, v = _normal(63, (B, seq, N, D)), _normal(64, (B, seq, kv_heads, D)), _normal(65, (B, seq, kv_heads, D))
-    earlier_k, earlier_v = _normal(66, (B, kv_heads, seq, D)), _normal(67, (B, kv_heads, seq, D))
-    ids = None
-    if segments:
-        ids = jnp.stack([jnp.where(jnp.arange(seq) < seq // 3, 1, 2), jnp.where(jnp.arange(seq) < seq - 2, 1, 0)])
-
-    def run(implementation):
-        def fn(q, k, v):
-            return attend_earlier_and_own(
-                q, earlier_k, earlier_v, k, v, chunk, segment_ids=ids, implementation=implementation
-            )
-
-        return fn
-
+    q, k, v, earlier_k, earlier_v, ids = _two_pass_inputs(63, seq, segments)
+    run = lambda implementation: _two_pass(earlier_k, earlier_v, chunk, ids, implementation)  # noqa: E731
     _assert_same(run(DENSE), run(_pallas_gpu()), q, k, v)
     # The earlier rows' gradients, which the kernel computes in the same key-gradient kernel.
     weights = _normal(68, q.shape)
@@ -516,21 +517,6 @@ def test_pallas_gpu_equals_dense_over_a_slot_array_and_the_rows_in_flight(segmen
     # Without the base (positions not known to be in order) the kernel does not take the call.
     assert "pallas_call" not in str(jax.make_jaxpr(run(_pallas_gpu(), False))(q, k, v))
     assert "pallas_call" in str(jax.make_jaxpr(run(_pallas_gpu(), True))(q, k, v))
-
-
-def test_pallas_gpu_under_a_mesh_equals_dense():
-    """Under `jax.set_mesh` the kernel runs on each device's share (shard_map): batch over fsdp,
-    heads over tensor."""
-    seq, kv_heads = 13, 2
-    q, k, v = _normal(69, (B, seq, N, D)), _normal(70, (B, seq, kv_heads, D)), _normal(71, (B, seq, kv_heads, D))
-    mask = causal_mask(_tokens(seq), _tokens(seq), SEGMENTS_13, SEGMENTS_13, in_order=True)
-    mesh = make_mesh(MeshConfig(data=1, fsdp=2, tensor=2, num_devices=4))
-    dense, dense_grads = _values_and_grads(lambda *x: attend(*x, mask), q, k, v)
-    with jax.set_mesh(mesh):
-        out, grads = _values_and_grads(lambda *x: attend(*x, mask, implementation=_pallas_gpu()), q, k, v)
-    np.testing.assert_allclose(out, dense, atol=TOL, rtol=0)
-    for name, got, want in zip("qkv", grads, dense_grads):
-        np.testing.assert_allclose(got, want, atol=TOL, rtol=0, err_msg=f"gradient w.r.t. {name}")
 
 
 def test_pallas_gpu_in_bfloat16_is_as_close_to_float32_as_dense():

@@ -1,26 +1,15 @@
 """benchmarks/accelerator.py on CPU with --small: one case run in-process, its JSON row checked, and
 the bytes read per step computed here from the tiny config's shapes."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
+
+from benchmark_scripts import load_benchmark
 
 from melt_jax.model import abstract_params, model_for
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
 
 def load_script():
-    sys.path.insert(0, str(BENCHMARKS))  # the benchmarks import their siblings by name
-    try:
-        spec = importlib.util.spec_from_file_location("accelerator_benchmark", BENCHMARKS / "accelerator.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # its dataclass looks its module up while being made
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-    return module
+    return load_benchmark("accelerator.py")
 
 
 def expected_bytes(small: dict, slots: int, gates: bool, batch: int, prompt: int, new: int) -> int:

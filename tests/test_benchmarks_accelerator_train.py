@@ -1,29 +1,15 @@
 """benchmarks/accelerator_train.py on CPU with --small: a Stage I case and a MELT case run in-process,
 their JSON rows checked, and the model FLOPs per token computed here from the tiny configs' shapes."""
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from benchmark_scripts import load_benchmark
 
 
 def load_script():
-    sys.path.insert(0, str(BENCHMARKS))  # the benchmarks import their siblings by name
-    try:
-        spec = importlib.util.spec_from_file_location(
-            "accelerator_train_benchmark", BENCHMARKS / "accelerator_train.py"
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # its dataclass looks its module up while being made
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-    return module
+    return load_benchmark("accelerator_train.py")
 
 
 def forward_flops(small: dict, seq: int, gates: bool, head: bool = True) -> int:

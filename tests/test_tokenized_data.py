@@ -8,13 +8,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import tokenizers
+from processes import kill_after_checkpoint
 
 from melt_jax.checkpoint import load_params
 from melt_jax.data import ByteTokenizer, load_text_dataset, load_tokenizer, pack_documents, tokenize_dataset
@@ -164,10 +164,6 @@ def test_batches_split_over_processes_cover_epochs_and_restore_from_a_checkpoint
 # Training on a tokenized corpus
 
 
-def _finished_steps(directory) -> list[int]:
-    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.exists() else []
-
-
 def test_killed_run_on_a_tokenized_corpus_resumes_exactly(corpus, tmp_path, model_json):
     """SIGKILL a process saving asynchronously after every step; the resumed run equals an
     uninterrupted one: same batches (digest), same params (the constant schedule makes params after N
@@ -176,22 +172,8 @@ def test_killed_run_on_a_tokenized_corpus_resumes_exactly(corpus, tmp_path, mode
     out = tmp_path / "killed"
     base = ["optimizer.schedule=constant", "checkpoint_every=1", "keep_checkpoints=3"]
     fields = stage_fields(out, tokens, model_json, *base)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "melt_jax.train", "stage", *fields, "steps=100000"],
-        env=dict(os.environ, JAX_PLATFORMS="cpu"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    deadline = time.monotonic() + 300
-    try:
-        while not (steps := _finished_steps(out / "checkpoints")) or steps[-1] < 4:
-            assert proc.poll() is None, proc.communicate()[0][-3000:]
-            assert time.monotonic() < deadline, "no checkpoint at step 4 within 300 s"
-            time.sleep(0.02)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate()
+    proc = kill_after_checkpoint(fields, out / "checkpoints", step=4)
+    assert proc.returncode == -signal.SIGKILL
     latest = RunCheckpoints(out / "checkpoints").latest_step()
     position = json.loads((out / "checkpoints" / str(latest) / "data" / "process_0-of-1.json").read_text())
     assert position["next_index"] == latest

@@ -9,13 +9,13 @@ import socket
 import struct
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
+from processes import kill_after_checkpoint
 
 from melt_jax.checkpoint import load_config, load_params, save_params
 from melt_jax.errors import TrainingError
@@ -478,11 +478,6 @@ def test_interrupted_run_resumes_to_the_same_params_and_tokens(tmp_path, teacher
     assert_params_close(final_params(resumed), final_params(whole))
 
 
-def _finished_checkpoint_steps(directory) -> list[int]:
-    """Steps of the committed checkpoints (orbax writes into a temporary folder, then renames it)."""
-    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.exists() else []
-
-
 def test_killed_run_resumes_from_its_last_complete_checkpoint(tmp_path, teacher_dir, model_json):
     """SIGKILL a training process while it saves a checkpoint after every step (asynchronously), then
     resume: the result equals an uninterrupted run. The constant schedule makes the params after N
@@ -497,23 +492,7 @@ def test_killed_run_resumes_from_its_last_complete_checkpoint(tmp_path, teacher_
         *MESH_1,
     ]
     overrides = stage_overrides("looplm", out, teacher_dir, model_json) + base
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "melt_jax.train", "stage", *overrides, "steps=100000"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    deadline = time.monotonic() + 300
-    try:
-        while not (steps := _finished_checkpoint_steps(out / "checkpoints")) or steps[-1] < 5:
-            assert proc.poll() is None, proc.communicate()[0][-3000:]
-            assert time.monotonic() < deadline, "no checkpoint at step 5 within 300 s"
-            time.sleep(0.02)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate()
+    proc = kill_after_checkpoint(overrides, out / "checkpoints", step=5)
     assert proc.returncode == -signal.SIGKILL
 
     latest = RunCheckpoints(out / "checkpoints").latest_step()

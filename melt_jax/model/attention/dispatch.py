@@ -169,8 +169,11 @@ def attend_history_and_own(
     max_length = history_k.shape[2]
 
     def takes(name: str) -> bool:
+        # With a base the rows in flight attend to each other in order: asked as the in-order call
+        # of the same queries (dtype, head dim), the kernel says whether it takes them.
         kernel = KERNEL_CALLS[name]
-        return base is not None and kernel.history_and_own is not None and kernel.takes(q, mask.replace(in_order=True))
+        in_order = mask.replace(in_order=True)
+        return base is not None and kernel.history_and_own is not None and kernel.takes(q, in_order)
 
     chosen = implementation.choose(q.shape[1], max_length + k.shape[1], takes)
     if chosen == "xla":

@@ -44,11 +44,12 @@ PALLAS_GPU_BLOCK = 64
 MIN_BLOCK = 16
 PALLAS_GPU_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 PALLAS_GPU_MAX_HEAD_DIM = 256
-# Triton's launch parameters: 4 warps per program for head dims up to 64, 8 above.
+# Triton's software pipelining depth of the key loop (untuned: no GPU has timed the kernel yet).
 PALLAS_GPU_STAGES = 2
 
 
 def _compiler_params(head_dim: int):
+    """Triton's launch parameters: 4 warps per program for head dims up to 64, 8 above."""
     from jax.experimental.pallas import triton as plgpu
 
     return plgpu.CompilerParams(num_warps=4 if head_dim <= 64 else 8, num_stages=PALLAS_GPU_STAGES)
@@ -64,21 +65,20 @@ class _Specs:
         self.mask, self.block_q, self.block_k, self.head_dim, self.groups = mask, block_q, block_k, head_dim, groups
         self.earlier_length = earlier_length
 
-    def tokens(self, length: int, heads: str):
-        """[B, L, heads, D] by blocks of `length` along L (i-th block), whole when length is None."""
+    def tokens(self, length: int, heads: str, whole: bool = False):
+        """[B, L, heads, D] in blocks of `length` along L: the i-th, or the one block of a whole length."""
         groups = self.groups if heads == "kv" else 1
-        if length is None:
-            return lambda size: pl.BlockSpec((None, size, None, self.head_dim), lambda i, b, n: (b, 0, n // groups, 0))
-        return pl.BlockSpec((None, length, None, self.head_dim), lambda i, b, n: (b, i, n // groups, 0))
+        tile = (lambda i: 0) if whole else (lambda i: i)
+        return pl.BlockSpec((None, length, None, self.head_dim), lambda i, b, n: (b, tile(i), n // groups, 0))
 
     def q_block(self):
         return self.tokens(self.block_q, "q")
 
     def q_all(self):
-        return self.tokens(None, "q")(self.mask.seq)
+        return self.tokens(self.mask.seq, "q", whole=True)
 
     def own_all(self):
-        return self.tokens(None, "kv")(self.mask.seq)
+        return self.tokens(self.mask.seq, "kv", whole=True)
 
     def earlier(self, length: int | None):
         """The earlier rows: block i of `length` rows, or all of them (length None)."""
@@ -103,29 +103,43 @@ class _Specs:
         return pl.BlockSpec((None, 1), lambda i, b, n: (b, 0))
 
 
+def _specs_of(q, k, earlier, mask: KernelMask, block_q: int, block_k: int) -> _Specs:
+    """The BlockSpecs of a launch over q [B, S', N, D], the own rows k [B, S', K, D] and `earlier`."""
+    earlier_length = 0 if earlier is None else earlier[0].shape[2 if mask.earlier_heads_first else 1]
+    return _Specs(mask, block_q, block_k, q.shape[-1], q.shape[2] // k.shape[2], earlier_length)
+
+
+def _query_tile_inputs(specs: _Specs, q, k, v, q_segments, earlier, base) -> tuple[list, tuple]:
+    """The inputs the forward and the dq kernel share, programs over query tiles (a tile of q, every
+    key of both sets, the segment ids of both, the base), with their BlockSpecs (None where absent)."""
+    earlier_k, earlier_v, earlier_segments = earlier if earlier is not None else (None, None, None)
+    has_segments, has_earlier = q_segments is not None, earlier is not None
+    num_queries = q.shape[1]
+    in_specs = [
+        specs.q_block(),
+        specs.own_all(),
+        specs.own_all(),
+        specs.segments(specs.block_q, num_queries) if has_segments else None,
+        specs.segments(None, num_queries) if has_segments else None,
+        specs.earlier(None) if has_earlier else None,
+        specs.earlier(None) if has_earlier else None,
+        specs.segments(None, specs.earlier_length) if has_earlier and has_segments else None,
+        specs.base() if base is not None else None,
+    ]
+    return in_specs, (q, k, v, q_segments, q_segments, earlier_k, earlier_v, earlier_segments, base)
+
+
 def _forward(q, k, v, q_segments, earlier, base, mask, block_q, block_k, interpret):
     """(out [B, S', N, D], lse [B, N, S'] float32) of q over the own rows k, v [B, S', K, D] and
     `earlier` = (k, v, segment ids or None) or None; base [B, 1] or None."""
     batch, num_queries, num_heads, head_dim = q.shape
-    e_k, e_v, e_segments = earlier if earlier is not None else (None, None, None)
-    earlier_length = 0 if e_k is None else e_k.shape[2 if mask.earlier_heads_first else 1]
-    specs = _Specs(mask, block_q, block_k, head_dim, num_heads // k.shape[2], earlier_length)
-    has_segments, has_earlier = q_segments is not None, e_k is not None
+    specs = _specs_of(q, k, earlier, mask, block_q, block_k)
+    in_specs, inputs = _query_tile_inputs(specs, q, k, v, q_segments, earlier, base)
     kernel = functools.partial(forward_kernel, mask=mask, block_q=block_q, block_k=block_k)
     return pl.pallas_call(
         kernel,
         grid=(num_queries // block_q, batch, num_heads),
-        in_specs=[
-            specs.q_block(),
-            specs.own_all(),
-            specs.own_all(),
-            specs.segments(block_q, num_queries) if has_segments else None,
-            specs.segments(None, num_queries) if has_segments else None,
-            specs.earlier(None) if has_earlier else None,
-            specs.earlier(None) if has_earlier else None,
-            specs.segments(None, earlier_length) if has_earlier and has_segments else None,
-            specs.base() if base is not None else None,
-        ],
+        in_specs=in_specs,
         out_specs=[specs.q_block(), specs.rows(block_q)],
         out_shape=[
             jax.ShapeDtypeStruct(q.shape, q.dtype),
@@ -134,7 +148,7 @@ def _forward(q, k, v, q_segments, earlier, base, mask, block_q, block_k, interpr
         compiler_params=_compiler_params(head_dim),
         interpret=interpret,
         name="melt_flash_forward",
-    )(q, k, v, q_segments, q_segments, e_k, e_v, e_segments, base)
+    )(*inputs)
 
 
 def _key_grads(q, keys, q_segments, base, d_out, lse, delta, mask, own, block_q, block_k, interpret):
@@ -197,40 +211,19 @@ def _backward(q, k, v, q_segments, earlier, base, out, lse, d_out, mask, block_q
     if earlier is not None:
         d_earlier_k, d_earlier_v = grads(earlier, own=False)
         d_earlier = (d_earlier_k, d_earlier_v, None)
-    e_k, e_v, e_segments = earlier if earlier is not None else (None, None, None)
-    specs = _Specs(
-        mask,
-        block_q,
-        block_k,
-        head_dim,
-        num_heads // k.shape[2],
-        0 if e_k is None else e_k.shape[2 if mask.earlier_heads_first else 1],
-    )
-    has_segments, has_earlier = q_segments is not None, e_k is not None
+    specs = _specs_of(q, k, earlier, mask, block_q, block_k)
+    in_specs, inputs = _query_tile_inputs(specs, q, k, v, q_segments, earlier, base)
     query_kernel = functools.partial(query_grads_kernel, mask=mask, block_q=block_q, block_k=block_k)
     dq = pl.pallas_call(
         query_kernel,
         grid=(num_queries // block_q, batch, num_heads),
-        in_specs=[
-            specs.q_block(),
-            specs.own_all(),
-            specs.own_all(),
-            specs.segments(block_q, num_queries) if has_segments else None,
-            specs.segments(None, num_queries) if has_segments else None,
-            specs.earlier(None) if has_earlier else None,
-            specs.earlier(None) if has_earlier else None,
-            specs.segments(None, specs.earlier_length) if has_earlier and has_segments else None,
-            specs.base() if base is not None else None,
-            specs.q_block(),
-            specs.rows(block_q),
-            specs.rows(block_q),
-        ],
+        in_specs=[*in_specs, specs.q_block(), specs.rows(block_q), specs.rows(block_q)],
         out_specs=specs.q_block(),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=_compiler_params(head_dim),
         interpret=interpret,
         name="melt_flash_query_grads",
-    )(q, k, v, q_segments, q_segments, e_k, e_v, e_segments, base, d_out, lse, delta)
+    )(*inputs, d_out, lse, delta)
     return dq, dk, dv, d_earlier
 
 
