@@ -7,12 +7,12 @@ bf16 shapes for one chip of a TPU topology (libtpu's compiler: no TPU needed;
 `pip install -e ".[cuda]"`) at batch 1, 2, 4, ... until the compiler refuses it, then bisects to the
 largest batch that fits. Prints per batch the weights, the KV cache, the step's temporaries (and
 their share of the cache) and the peak against the chip's memory; then the sampler's first program
-(`melt_jax.inference.decoding.start_generation`: an empty cache, the chunked prefill of one
-prompt of the context length in chunks of --chunk tokens, keeping only the last position's hidden
-state, and the first new token) at batch 1.
+(`melt_jax.inference.decoding.start_generation`: an empty cache, the chunked prefill of
+--prefill-batch prompts of the context length in chunks of --chunk tokens, keeping only the last
+position's hidden state, and the first new token), with its temporaries against the cache it fills.
 
     python benchmarks/decode_capacity.py [--topology v6e:1x1] [--context 32768] [--chunk 512]
-        [--preset ouro-1.4b] [--max-batch 64] [--json FILE]
+        [--preset ouro-1.4b] [--max-batch 64] [--prefill-batch 1] [--json FILE]
 
 Without --topology ("local") it compiles for this machine's first device, whose memory is unknown on
 CPU: the search then stops at --max-batch.
@@ -56,19 +56,21 @@ def decode_report(model, device, batch: int, context: int) -> tuple[CompileRepor
     return report, nbytes(params), nbytes(cache)
 
 
-def prefill_report(model, device, context: int, chunk: int) -> CompileReport:
-    """The prefill of one `context`-token prompt, leaving room for one new token."""
+def prefill_report(model, device, context: int, chunk: int, batch: int = 1) -> tuple[CompileReport, int]:
+    """(report, cache bytes) of the prefill of `batch` prompts of `context` - 1 tokens into a cache of
+    `context` slots, leaving room for one new token."""
     params = on_device(abstract_params(model), device)
-    tokens = on_device(jax.ShapeDtypeStruct((1, context - 1), jnp.int32), device)
-    per_row = on_device(jax.ShapeDtypeStruct((1,), jnp.int32), device)  # lengths, limits, seeds
+    tokens = on_device(jax.ShapeDtypeStruct((batch, context - 1), jnp.int32), device)
+    per_row = on_device(jax.ShapeDtypeStruct((batch,), jnp.int32), device)  # lengths, limits, seeds
     stop_ids = on_device(jax.ShapeDtypeStruct((8,), jnp.int32), device)
     static = dict(exit_policy=ExitPolicy(), rule=SamplingConfig().token_rule, chunk_size=chunk, max_new=1)
-    return compile_and_measure(
+    report = compile_and_measure(
         lambda: traced_for(
             device, start_generation.lower, model, params, tokens, per_row, per_row, per_row, stop_ids, **static
         ),
         [device],
     )
+    return report, nbytes(jax.eval_shape(lambda: model.init_cache(batch, context)))
 
 
 def traced_for(device, lower, *args, **kwargs):
@@ -121,6 +123,7 @@ def main() -> int:
     parser.add_argument("--chunk", type=int, default=512, help="prefill chunk (and MELT's chunk_size)")
     parser.add_argument("--preset", default="ouro-1.4b")
     parser.add_argument("--max-batch", type=int, default=64)
+    parser.add_argument("--prefill-batch", type=int, default=1, help="prompts prefilled at once")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
 
@@ -136,15 +139,22 @@ def main() -> int:
         best, rows = largest_batch(model, device, args.context, args.max_batch, log=lambda r, n=name: None)
         for row in sorted(rows, key=lambda r: r["batch"]):
             print(format_row(name, row), flush=True)
-        prefill = prefill_report(model, device, args.context, args.chunk)
-        results[name] = dict(largest_batch=best, decode=rows, prefill=prefill.as_dict())
+        prefill, cache = prefill_report(model, device, args.context, args.chunk, args.prefill_batch)
+        results[name] = dict(largest_batch=best, decode=rows, prefill=dict(prefill.as_dict(), cache=cache))
     print()
     for name, result in results.items():
         prefill = result["prefill"]
-        where = f"peak {prefill['peak'] / GIB:.2f} GiB" if prefill["fits"] else f"does not fit ({prefill['error']})"
+        if prefill["fits"]:
+            share = f"{100 * prefill['temp'] / prefill['cache']:.1f}%"
+            where = (
+                f"peak {prefill['peak'] / GIB:.2f} GiB, temporaries {prefill['temp'] / GIB:.2f} GiB ({share} of "
+                f"its {prefill['cache'] / GIB:.2f} GiB cache)"
+            )
+        else:
+            where = f"does not fit ({prefill['error']})"
         print(
-            f"- {name}: largest decode batch {result['largest_batch']}; chunked prefill of one "
-            f"{args.context:,}-token prompt (chunks of {args.chunk}): {where}"
+            f"- {name}: largest decode batch {result['largest_batch']}; chunked prefill of {args.prefill_batch} "
+            f"prompt(s) of {args.context:,} tokens (chunks of {args.chunk}): {where}"
         )
     if args.json:
         with open(args.json, "w") as f:

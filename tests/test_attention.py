@@ -487,29 +487,37 @@ def test_pallas_gpu_equals_dense_on_the_two_pass_pattern(seq, chunk, segments):
         np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
 
 
-@pytest.mark.parametrize("segments", [False, True], ids=["causal", "segments"])
-def test_pallas_gpu_equals_dense_over_a_slot_array_and_the_rows_in_flight(segments):
+# The slot array alone (64 slots), or read in place in a cache [2, 3, B, K, 100, D] at slot (1, 2):
+# 100 slots are one whole key block of 64 and a part one, the rows of row 1 reaching into it.
+@pytest.mark.parametrize(
+    "segments, slot", [(False, ()), (True, ()), (True, (1, 2))], ids=["causal", "segments", "in-the-cache"]
+)
+def test_pallas_gpu_equals_dense_over_a_slot_array_and_the_rows_in_flight(segments, slot):
     """A chunk in flight at positions base .. base + S - 1 over the slots before base of a slot array
-    read in the cache layout (pass 1 of the two-pass forward, the sequential forward, prefill)."""
-    seq, max_length, kv_heads = 16, 64, 2
-    base = jnp.array([5, 30], jnp.int32)
+    read in the cache layout (pass 1 of the two-pass forward, the sequential forward, prefill):
+    values, and the gradients w.r.t. q, k, v and the cache."""
+    seq, kv_heads = 16, 2
+    max_length = 100 if slot else 64
+    base = jnp.array([5, 70 if slot else 30], jnp.int32)
     positions = base[:, None] + jnp.arange(seq, dtype=jnp.int32)  # [B, S]
-    history_k, history_v = _normal(80, (B, kv_heads, max_length, D)), _normal(81, (B, kv_heads, max_length, D))
+    cache_shape = (2, 3)[: len(slot)] + (B, kv_heads, max_length, D)  # [*P, B, K, S_max, D]
+    cache_k, cache_v = _normal(80, cache_shape), _normal(81, cache_shape)
     slot_ids = None
     if segments:  # row 0: the first document ends before base; row 1: a document starts inside the chunk
         slot_ids = jnp.stack(
-            [jnp.where(jnp.arange(max_length) < 3, 1, 2), jnp.where(jnp.arange(max_length) < 40, 1, 2)]
+            [jnp.where(jnp.arange(max_length) < 3, 1, 2), jnp.where(jnp.arange(max_length) < base[1] + 10, 1, 2)]
         )
     ids = None if slot_ids is None else jnp.take_along_axis(slot_ids, positions, axis=1)
     mask = history_and_own_mask(_context(positions, ids), max_length, slot_ids)
     q = _normal(82, (B, seq, N, D))
     k, v = _normal(83, (B, seq, kv_heads, D)), _normal(84, (B, seq, kv_heads, D))
 
-    def run(implementation, with_base):
+    def run(implementation, with_base, cache_k=cache_k, cache_v=cache_v):
         def fn(q, k, v):
             return attend_history_and_own(
-                q, history_k, history_v, k, v, mask, implementation=implementation, base=base if with_base else None
-            )
+                q, cache_k, cache_v, k, v, mask, slot=slot, implementation=implementation,
+                base=base if with_base else None,
+            )  # fmt: skip
 
         return fn
 
@@ -517,6 +525,19 @@ def test_pallas_gpu_equals_dense_over_a_slot_array_and_the_rows_in_flight(segmen
     # Without the base (positions not known to be in order) the kernel does not take the call.
     assert "pallas_call" not in str(jax.make_jaxpr(run(_pallas_gpu(), False))(q, k, v))
     assert "pallas_call" in str(jax.make_jaxpr(run(_pallas_gpu(), True))(q, k, v))
+    if slot:  # the kernel reads the cache where it lies: nothing slices the slot array out first
+        eqns = jax.make_jaxpr(run(_pallas_gpu(), True))(q, k, v).eqns
+        readers = {e.primitive.name for e in eqns if any(getattr(x, "aval", None) == cache_k.aval for x in e.invars)}
+        assert readers and all(name.startswith("custom_vjp") for name in readers), readers
+    # The cache's gradient: the slot array's, zero elsewhere in the cache.
+    weights = _normal(85, q.shape)
+
+    def cache_grads(implementation, with_base):
+        loss = lambda ck, cv: jnp.sum(run(implementation, with_base, ck, cv)(q, k, v) * weights)  # noqa: E731
+        return jax.jit(jax.grad(loss, argnums=(0, 1)))(cache_k, cache_v)
+
+    for got, want in zip(cache_grads(_pallas_gpu(), True), cache_grads(DENSE, False)):
+        np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
 
 
 def test_pallas_gpu_in_bfloat16_is_as_close_to_float32_as_dense():

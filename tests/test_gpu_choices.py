@@ -14,6 +14,7 @@ from test_kv_sources import Q, _context, _empty_cache, _rows
 from tiny_models import DEFAULT
 
 import melt_jax.model.attention.implementation as implementation
+from melt_jax.inference.decoding import run_prompt
 from melt_jax.model import ExitPolicy, model_for, with_layer_layout
 from melt_jax.model.attention import SlotCache, control_flow_on_device
 
@@ -86,3 +87,28 @@ def test_decoding_traced_for_a_gpu_gives_the_same_logits(kind, policy, ouro_of, 
     cache = model.init_cache(2, 12)
     text = step.lower(params, jnp.zeros((2,), jnp.int32), cache).as_text()
     assert "stablehlo.while" not in text and "stablehlo.case" not in text and "stablehlo.if" not in text
+
+
+@pytest.mark.parametrize("kind", ["ouro", "melt"])
+def test_chunked_prefill_through_the_pallas_kernel_traced_for_a_gpu_gives_the_same_logits(
+    kind, ouro_of, melt_of, monkeypatch
+):
+    """A 20-token prompt prefilled in chunks of 8 through the Pallas GPU kernel (interpreted here; the
+    last 4 tokens are few enough for dense), the layers and loops written out, so that each chunk's
+    kernel reads its slot array in place in the cache (whose 26 slots are no whole number of key
+    blocks): the CPU's dense logits and cache."""
+    tiny = ouro_of(DEFAULT) if kind == "ouro" else melt_of(DEFAULT)
+    tokens = jnp.asarray(np.random.default_rng(5).integers(0, tiny.config.vocab_size, size=(2, 20)))
+
+    def prefill(config):
+        model, params = with_layer_layout(model_for(config), tiny.params, scan_layers=False)
+        run = lambda p: run_prompt(model, p, tokens, model.init_cache(2, 26), ExitPolicy.last(), 8)  # noqa: E731
+        return jax.jit(run)(params), run, params
+
+    (want, want_cache), _, _ = prefill(tiny.config)
+    monkeypatch.setattr(implementation, "target_platform", lambda: "gpu")
+    (got, got_cache), run, params = prefill(tiny.config.replace(attention="pallas_gpu"))
+    assert "pallas_call" in str(jax.make_jaxpr(run)(params))
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(got_cache.k, want_cache.k, atol=1e-5)
+    np.testing.assert_allclose(got_cache.v, want_cache.v, atol=1e-5)

@@ -79,8 +79,8 @@ def write_rows(slots: Array, slot_index: tuple, rows: Array, positions: Array) -
 
 
 def write_all_rows(slots: Array, rows: Array, positions: Array, *, branch: bool = True) -> Array:
-    """`slots` [*P, B, K, S_max, D] with rows [*P, B, S, K, D] written into every slot array at the
-    consecutive token positions positions[b, 0] .. positions[b, 0] + S - 1 of each row b; a row whose
+    """`slots` [*P, B, K, S_max, D] with rows [*P, B, K, S, D] (the cache's layout) written into every
+    slot array at the consecutive token positions positions[b, 0] .. positions[b, 0] + S - 1 of each row b; a row whose
     positions run past the cache is left as it was.
 
     One dynamic-update-slice per batch row (in a loop), not a scatter: updated in place, where a
@@ -91,7 +91,7 @@ def write_all_rows(slots: Array, rows: Array, positions: Array, *, branch: bool 
     need their own copy of the slot arrays)."""
     num_slot_axes = slots.ndim - 4
     batch, num_tokens = positions.shape
-    rows = jnp.moveaxis(rows, -2, -3).astype(slots.dtype)  # [*P, B, K, S, D]
+    rows = rows.astype(slots.dtype)
     max_length = slots.shape[-2]
 
     def write_row(b, slots):

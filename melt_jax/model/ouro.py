@@ -242,7 +242,8 @@ class OuroModel(nn.Module):
         new_states, found = [], []
         for i, layer in enumerate(self.layers):
             state = None if layer_states is None else layer_states[i]
-            carry, (state, intermediates) = layer(carry, (jnp.int32(i), state), ctx, loop_index, source)
+            # The layer index is a Python int: the slot array it reads is known when tracing.
+            carry, (state, intermediates) = layer(carry, (i, state), ctx, loop_index, source)
             new_states.append(state)
             found.append(intermediates)
         stack = lambda *xs: jnp.stack(xs)  # noqa: E731
@@ -263,15 +264,23 @@ class OuroModel(nn.Module):
             gate_logit = model.exit_gate(h)[..., 0]  # [B, S]
             return (h, cache, layer_states), (h, gate_logit, intermediates)
 
+        carry = (h, cache, self.initial_layer_state(h))
+        if straight_line_inference(c):
+            # Written out, the loop index a Python int (with the layer's, the slot array is known
+            # when tracing: a kernel reads it in place).
+            outputs = []
+            for loop_index in range(c.num_loops):
+                carry, out = one_loop(self, carry, loop_index, ctx, source)
+                outputs.append(out)
+            loop_hidden, gate_logits, intermediates = jax.tree.map(lambda *xs: jnp.stack(xs), *outputs)
+            return loop_hidden, gate_logits, intermediates, carry[1]
         loops = nn.scan(
             one_loop,
             variable_broadcast="params",
             split_rngs={"params": False},
             in_axes=(0, nn.broadcast, nn.broadcast),
             length=c.num_loops,
-            unroll=straight_line_inference(c),
         )
-        carry = (h, cache, self.initial_layer_state(h))
         (_, cache, _), (loop_hidden, gate_logits, intermediates) = loops(
             self, carry, jnp.arange(c.num_loops), ctx, source
         )
@@ -337,9 +346,11 @@ class OuroModel(nn.Module):
 
         if straight_line_inference(c):
             # Every loop runs, the exited tokens frozen: the same values, without the branch whose
-            # operands (the cache among them) the GPU would copy, nor its wait on the host.
-            for _ in range(num_loops):
-                state = one_loop(self, state)
+            # operands (the cache among them) the GPU would copy, nor its wait on the host. The loop
+            # index is a Python int, as in `run_loops`.
+            for loop_index in range(num_loops):
+                state = one_loop(self, {**state, "loop": loop_index})
+            state["loop"] = jnp.int32(num_loops)
         else:
             state = nn.while_loop(unfinished, one_loop, self, state)
         loops_run = state["loop"]

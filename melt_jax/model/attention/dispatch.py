@@ -2,7 +2,7 @@
 
     attend(q, k, v, mask, implementation=..., kv_heads_first=...)           causal (+ segments)
     attend_earlier_and_own(q, earlier_k, earlier_v, k, v, chunk_size, ...)  MELT's two-pass pattern
-    attend_history_and_own(q, history_k, history_v, k, v, mask, ...)       a slot array + rows in flight
+    attend_history_and_own(q, cache_k, cache_v, k, v, mask, slot=...)     a slot array + rows in flight
 
 `Implementation.choose` gives the name: "xla" (dense.py), "blockwise" (blockwise.py), or a kernel of
 KERNEL_CALLS where the kernel takes the call. Where a kernel does not take it (the slot cache of
@@ -51,9 +51,9 @@ class KernelCalls:
     two-pass pattern through the kernel, or None where the kernel does not take it.
     takes_earlier_and_own(q, chunk_size) -> bool: whether it takes the two-pass pattern of these
     queries in chunks of chunk_size (when it has `earlier_and_own`).
-    history_and_own(q, history_k, history_v, k, v, base, q_segments, slot_segments, implementation):
-    a slot array followed by the rows in flight, the tokens in flight in order from `base`, or None
-    where the kernel does not take it.
+    history_and_own(q, cache_k, cache_v, slot, k, v, base, q_segments, slot_segments, implementation):
+    the slot array cache_k[slot], cache_v[slot] followed by the rows in flight, the tokens in flight
+    in order from `base`, or None where the kernel does not take it.
     """
 
     takes: Callable[[Array, CausalMask], bool]
@@ -148,25 +148,28 @@ def _blockwise_over_stored_and_own(q, stored_k, stored_v, k, v, mask, implementa
 
 def attend_history_and_own(
     q: Array,
-    history_k: Array,
-    history_v: Array,
+    cache_k: Array,
+    cache_v: Array,
     k: Array,
     v: Array,
     mask: CausalMask,
     *,
+    slot: tuple = (),
     implementation: Implementation = DENSE,
     base: Array | None = None,
 ) -> Array:
-    """Attention of q [B, S, N, D] over two key sets in one softmax: a cache slot array history_k,
-    history_v [B, K, S_max, D] and the rows of the tokens in flight k, v [B, S, K, D]; `mask`
-    describes the S_max + S keys in that order. Dense reads the slot array where it lies (no copy of
-    it joined to the new rows); blockwise joins them. `base` [B]: the tokens in flight are at
+    """Attention of q [B, S, N, D] over two key sets in one softmax: a cache slot array
+    cache_k[slot], cache_v[slot] ([B, K, S_max, D]; cache_k, cache_v [*P, B, K, S_max, D] with
+    len(slot) = len(P), or the slot array itself with slot ()) and the rows of the tokens in flight
+    k, v [B, S, K, D]; `mask` describes the S_max + S keys in that order. Dense reads the slot array
+    where it lies (no copy of it joined to the new rows); blockwise joins them; the Pallas GPU kernel
+    reads it in place in the cache when `slot` holds Python ints. `base` [B]: the tokens in flight are at
     positions base .. base + S - 1 of their row (in order, the model made them), so that the mask is
     the slots before base and the rows in flight causally, known when tracing up to base: a kernel
     with `history_and_own` takes the call ("pallas_gpu"); without it "auto"'s choice. Returns
     [B, S, N, D]."""
     mask.check()
-    max_length = history_k.shape[2]
+    max_length = cache_k.shape[-2]
 
     def takes(name: str) -> bool:
         # With a base the rows in flight attend to each other in order: asked as the in-order call
@@ -177,9 +180,9 @@ def attend_history_and_own(
 
     chosen = implementation.choose(q.shape[1], max_length + k.shape[1], takes)
     if chosen == "xla":
-        return dense_history_and_own(q, history_k, history_v, k, v, mask)
+        return dense_history_and_own(q, cache_k[slot], cache_v[slot], k, v, mask)
     if chosen == "blockwise":
-        return _blockwise_over_stored_and_own(q, history_k, history_v, k, v, mask, implementation)
+        return _blockwise_over_stored_and_own(q, cache_k[slot], cache_v[slot], k, v, mask, implementation)
     slot_segments = None if mask.k_segments is None else mask.k_segments[:, :max_length]
     kernel = KERNEL_CALLS[chosen]
-    return kernel.history_and_own(q, history_k, history_v, k, v, base, mask.q_segments, slot_segments, implementation)
+    return kernel.history_and_own(q, cache_k, cache_v, slot, k, v, base, mask.q_segments, slot_segments, implementation)

@@ -15,8 +15,9 @@ def over_the_mesh(per_device, q, k, *arrays, heads_axis: int, layouts=None):
     `heads_axis` (q's query heads N, k's kv heads K). The batch is split as the activations are, the
     heads over "tensor" when it divides both N and K (each device then keeps whole groups of query
     heads). `layouts` gives, for each of `arrays` (an array with the batch first, or None), the axis
-    of its heads or None (nothing else split); default: k's layout for the first (v), no heads for
-    the others (segment ids [B, L]). Returns per_device's output, laid out as q."""
+    of its heads or None (nothing else split), or (batch axis, heads axis) for an array with axes
+    before its batch (a whole cache [*P, B, K, S, D]); default: k's layout for the first (v), no heads
+    for the others (segment ids [B, L]). Returns per_device's output, laid out as q."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return per_device(q, k, *arrays)
@@ -30,9 +31,11 @@ def over_the_mesh(per_device, q, k, *arrays, heads_axis: int, layouts=None):
     def spec(x, axis):
         if x is None:
             return None
-        axes = [batch] + [None] * (x.ndim - 1)
-        if axis is not None:
-            axes[axis] = heads
+        batch_axis, heads_axis = axis if isinstance(axis, tuple) else (0, axis)
+        axes = [None] * x.ndim
+        axes[batch_axis] = batch
+        if heads_axis is not None:
+            axes[heads_axis] = heads
         return PartitionSpec(*axes)
 
     if layouts is None:

@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, ClassVar
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax.experimental.layout import Layout, with_layout_constraint
 
 from melt_jax.errors import ConfigError
 from melt_jax.model.attention.context import TokenContext
@@ -186,7 +187,7 @@ class OwnTokens(KVSource):
 @flax.struct.dataclass
 class PendingRows:
     """What a slot cache's loops carry: the cache as it was before the call (`history`, only read) and
-    the rows of the tokens in flight (`k`, `v` [*slots, B, S, K, D], the cache's slot axes), which
+    the rows of the tokens in flight (`k`, `v` [*slots, B, K, S, D], laid out as the cache), which
     `SlotCache.end` writes into the history at their positions once the loops are done. `frozen`
     [B, S] (while skipping loops): the tokens that have exited, whose rows stay those of their exit
     loop."""
@@ -217,7 +218,8 @@ class SlotCache(KVSource):
 
     def begin(self, cache: KVCache, rows_shape) -> PendingRows:
         slots = cache.k.shape[: cache.k.ndim - 4]
-        empty = jnp.zeros((*slots, *rows_shape), cache.k.dtype)  # [*slots, B, S, K, D]
+        batch, seq, kv_heads, head_dim = rows_shape
+        empty = jnp.zeros((*slots, batch, kv_heads, seq, head_dim), cache.k.dtype)  # [*slots, B, K, S, D]
         return PendingRows(history=cache, k=empty, v=empty)
 
     def end(self, carried: PendingRows, positions: Array) -> KVCache:
@@ -247,12 +249,15 @@ class SlotCache(KVSource):
             last = slot_index(history, layer_index, jnp.maximum(loop_index - 1, 0))
             frozen = cache.frozen[:, :, None, None]  # [B, S, 1, 1]
             rows = Rows(
-                k=jnp.where(frozen, cache.k[last].astype(rows.k.dtype), rows.k),
-                v=jnp.where(frozen, cache.v[last].astype(rows.v.dtype), rows.v),
+                k=jnp.where(frozen, cache.k[last].swapaxes(1, 2).astype(rows.k.dtype), rows.k),
+                v=jnp.where(frozen, cache.v[last].swapaxes(1, 2).astype(rows.v.dtype), rows.v),
             )
-        pending = cache.replace(
-            k=cache.k.at[slot].set(rows.k.astype(cache.k.dtype)), v=cache.v.at[slot].set(rows.v.astype(cache.v.dtype))
+        # [B, K, S, D]: the pending rows are laid out as the cache, so that `end` writes them as they are.
+        new_k, new_v = with_layout_constraint(
+            (rows.k.swapaxes(1, 2).astype(cache.k.dtype), rows.v.swapaxes(1, 2).astype(cache.v.dtype)),
+            Layout(major_to_minor=(0, 1, 2, 3)),
         )
+        pending = cache.replace(k=cache.k.at[slot].set(new_k), v=cache.v.at[slot].set(new_v))
         mask = history_and_own_mask(ctx, history.max_length, self.slot_segment_ids)
         if self.filled_only and control_flow_on_device():
             filled = jnp.max(jnp.min(ctx.positions, axis=1))  # slots any query may see: before its row's first
@@ -266,7 +271,7 @@ class SlotCache(KVSource):
             return attended, pending
         base = ctx.positions[:, 0] if ctx.in_order else None  # in order: the slots before it, then the rows
         attended = attend_history_and_own(
-            q, history.k[slot], history.v[slot], rows.k, rows.v, mask, implementation=implementation, base=base
+            q, history.k, history.v, rows.k, rows.v, mask, slot=slot, implementation=implementation, base=base
         )
         return attended, pending
 

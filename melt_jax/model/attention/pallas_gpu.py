@@ -23,6 +23,7 @@ Letters as in dense.py; S' a length padded to whole kernel blocks, M' = S' (caus
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -81,12 +82,15 @@ class _Specs:
         return self.tokens(self.mask.seq, "kv", whole=True)
 
     def earlier(self, length: int | None):
-        """The earlier rows: block i of `length` rows, or all of them (length None)."""
+        """The earlier rows: block i of `length` rows, or all of them (length None); in a whole cache,
+        those of the slot array at `earlier_slot`."""
         size = self.earlier_length if length is None else length
         index = (lambda i, b, n: 0) if length is None else (lambda i, b, n: i)
-        groups, d = self.groups, self.head_dim
+        groups, d, slot = self.groups, self.head_dim, self.mask.earlier_slot
         if self.mask.earlier_heads_first:
-            return pl.BlockSpec((None, None, size, d), lambda i, b, n: (b, n // groups, index(i, b, n), 0))
+            return pl.BlockSpec(
+                (*[None] * len(slot), None, None, size, d), lambda i, b, n: (*slot, b, n // groups, index(i, b, n), 0)
+            )
         return pl.BlockSpec((None, size, None, d), lambda i, b, n: (b, index(i, b, n), n // groups, 0))
 
     def rows(self, length: int | None):
@@ -105,7 +109,7 @@ class _Specs:
 
 def _specs_of(q, k, earlier, mask: KernelMask, block_q: int, block_k: int) -> _Specs:
     """The BlockSpecs of a launch over q [B, S', N, D], the own rows k [B, S', K, D] and `earlier`."""
-    earlier_length = 0 if earlier is None else earlier[0].shape[2 if mask.earlier_heads_first else 1]
+    earlier_length = 0 if earlier is None else earlier[0].shape[-2 if mask.earlier_heads_first else 1]
     return _Specs(mask, block_q, block_k, q.shape[-1], q.shape[2] // k.shape[2], earlier_length)
 
 
@@ -197,8 +201,30 @@ def _key_grads(q, keys, q_segments, base, d_out, lse, delta, mask, own, block_q,
     return (x.reshape(grouped).sum(axis=head_axis + 1).astype(k.dtype) for x in (dk, dv))
 
 
+def _slot_array_alone(earlier, mask: KernelMask, block: int):
+    """A slot array read in place (`mask.earlier_slot`) as the gradient kernels take earlier rows: an
+    array of its own [B, K, M_e', D] padded to whole blocks (segment ids too), the mask without the
+    slot, and the map of its gradients back onto the whole cache's shape."""
+    whole_k, whole_v, segments = earlier
+    slot, length = mask.earlier_slot, whole_k.shape[-2]
+    padded = round_up(length, block)
+    alone = [pad_axis(x[slot], 2, padded) for x in (whole_k, whole_v)]
+    segments = None if segments is None else pad_tokens(segments, padded, 0)
+
+    def onto_cache(d_slot, whole):  # [B, K, M_e', D] -> [*P, B, K, M_e, D]
+        return jnp.zeros_like(whole).at[slot].set(d_slot[:, :, :length].astype(whole.dtype))
+
+    def gradients(d_k, d_v):
+        return onto_cache(d_k, whole_k), onto_cache(d_v, whole_v), None
+
+    return (*alone, segments), dataclasses.replace(mask, earlier_slot=()), gradients
+
+
 def _backward(q, k, v, q_segments, earlier, base, out, lse, d_out, mask, block_q, block_k, interpret):
     """(dq, dk, dv, d_earlier) of the forward's inputs, from the output cotangent d_out [B, S', N, D]."""
+    earlier_gradients = lambda d_k, d_v: (d_k, d_v, None)  # noqa: E731
+    if mask.earlier_slot:
+        earlier, mask, earlier_gradients = _slot_array_alone(earlier, mask, block_k)
     batch, num_queries, num_heads, head_dim = q.shape
     # delta_i = sum_d dO_id O_id = sum_j p_ij dP_ij: the softmax gradient's per-query term.
     delta = jnp.einsum("bsnd,bsnd->bns", d_out.astype(jnp.float32), out.astype(jnp.float32))  # [B, N, S']
@@ -209,8 +235,7 @@ def _backward(q, k, v, q_segments, earlier, base, out, lse, d_out, mask, block_q
     dk, dv = grads((k, v, q_segments), own=True)
     d_earlier = None
     if earlier is not None:
-        d_earlier_k, d_earlier_v = grads(earlier, own=False)
-        d_earlier = (d_earlier_k, d_earlier_v, None)
+        d_earlier = earlier_gradients(*grads(earlier, own=False))
     specs = _specs_of(q, k, earlier, mask, block_q, block_k)
     in_specs, inputs = _query_tile_inputs(specs, q, k, v, q_segments, earlier, base)
     query_kernel = functools.partial(query_grads_kernel, mask=mask, block_q=block_q, block_k=block_k)
@@ -269,6 +294,7 @@ def pallas_gpu_attention(
     chunk_size: int | None = None,
     base: Array | None = None,
     earlier_heads_first: bool = False,
+    earlier_slot: tuple[int, ...] = (),
     block: int = PALLAS_GPU_BLOCK,
     interpret: bool | None = None,
 ) -> Array:
@@ -281,7 +307,9 @@ def pallas_gpu_attention(
       - with chunk_size C (the two-pass pattern, M_e = S): query i sees the earlier rows of tokens of
         earlier chunks, and the own rows of its chunk only;
       - with base [B] (a cache's slot array, M_e = S_max): query i sees the earlier rows before its
-        row's base, and all own rows up to itself.
+        row's base, and all own rows up to itself. With `earlier_slot` the earlier arrays are a
+        whole cache [*P, B, K, S_max, D] (heads first) and the slot array at those indices is read
+        where it lies, neither sliced out nor padded (a copy of it per call otherwise).
     earlier_segment_ids [B, M_e]: the segment ids of the earlier rows (default: segment_ids, the
     two-pass pattern's rows being those of the same tokens). `interpret` None: the compiled kernel
     where the program is for a GPU, Pallas's interpreter elsewhere. Returns [B, S, N, D] in q's dtype.
@@ -296,9 +324,12 @@ def pallas_gpu_attention(
         segment_ids = pad_tokens(segment_ids, length, 0)  # [B, S']
     earlier_set = None
     if earlier is not None:
-        axis = 2 if earlier_heads_first else 1
-        earlier_length = round_up(earlier[0].shape[axis], block)
-        earlier_k, earlier_v = (pad_axis(x.astype(q.dtype), axis, earlier_length) for x in earlier)
+        axis = earlier[0].ndim - 2 if earlier_heads_first else 1
+        earlier_k, earlier_v = (x.astype(q.dtype) for x in earlier)
+        earlier_length = earlier_k.shape[axis]
+        if not earlier_slot:  # an array of its own: padded to whole blocks
+            earlier_length = round_up(earlier_length, block)
+            earlier_k, earlier_v = (pad_axis(x, axis, earlier_length) for x in (earlier_k, earlier_v))
         if segment_ids is not None and earlier_segment_ids is not None:
             earlier_segment_ids = pad_tokens(earlier_segment_ids, earlier_length, 0)
         elif segment_ids is not None:
@@ -308,14 +339,15 @@ def pallas_gpu_attention(
         earlier_set = (earlier_k, earlier_v, earlier_segment_ids)
     if base is not None:
         base = base.astype(jnp.int32).reshape(batch, 1)
-    mask = KernelMask(length, chunk_size, earlier is not None, base is not None, earlier_heads_first)
+    mask = KernelMask(length, chunk_size, earlier is not None, base is not None, earlier_heads_first, earlier_slot)
 
     def per_device(q, k, v, segment_ids, earlier_k, earlier_v, earlier_segment_ids, base):
         earlier = None if earlier_k is None else (earlier_k, earlier_v, earlier_segment_ids)
         return _flash(q, k, v, segment_ids, earlier, base, mask, block, block, interpret)
 
     earlier_k, earlier_v, earlier_segment_ids = earlier_set or (None, None, None)
-    earlier_axis = 1 if earlier_heads_first else 2
+    slot_axes = len(earlier_slot)  # the earlier arrays' batch axis: after the slot axes of a whole cache
+    earlier_axis = (slot_axes, slot_axes + 1) if earlier_heads_first else 2
     out = over_the_mesh(
         per_device, q, k, v, segment_ids, earlier_k, earlier_v, earlier_segment_ids, base,
         heads_axis=2, layouts=[2, None, earlier_axis, earlier_axis, None, None],
@@ -353,13 +385,17 @@ def pallas_gpu_earlier_and_own(q, earlier_k, earlier_v, k, v, chunk_size, segmen
 
 
 def pallas_gpu_history_and_own(
-    q, history_k, history_v, k, v, base, q_segments, slot_segments, implementation: Implementation
+    q, history_k, history_v, slot, k, v, base, q_segments, slot_segments, implementation: Implementation
 ) -> Array:
     """`attend_history_and_own` through the kernel: q [B, S, N, D] at positions base [B] + 0..S-1
-    over the slots before base of history_k, history_v [B, K, S_max, D] (read in the cache layout)
-    and causally over the rows in flight k, v [B, S, K, D]; segment ids [B, S] and [B, S_max] or
-    None. Returns [B, S, N, D]."""
+    over the slots before base of the slot array history_k[slot], history_v[slot] ([B, K, S_max, D]
+    of a cache [*P, B, K, S_max, D]) and causally over the rows in flight k, v [B, S, K, D]; segment
+    ids [B, S] and [B, S_max] or None. The slot array is read where it lies in the cache when its
+    indices are known when tracing (the layers and loops written out) and the cache is in q's dtype;
+    otherwise it is sliced out first. Returns [B, S, N, D]."""
+    if not (all(isinstance(i, int) for i in slot) and history_k.dtype == q.dtype):
+        history_k, history_v, slot = history_k[slot], history_v[slot], ()
     return pallas_gpu_attention(
         q, k, v, q_segments, earlier=(history_k, history_v), earlier_segment_ids=slot_segments, base=base,
-        earlier_heads_first=True,
+        earlier_heads_first=True, earlier_slot=slot,
     )  # fmt: skip

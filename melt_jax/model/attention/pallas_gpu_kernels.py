@@ -38,14 +38,16 @@ class KernelMask:
         or, with `dynamic_base`, a per-row number given when running (a cache's slots before the
         first position in flight);
     and, with segment ids, only rows of its segment. `earlier_heads_first`: the earlier rows are
-    [B, K, M_e, D] (the cache layout), else [B, M_e, K, D]. The block ranges below are the only
-    blocks with a visible key; the mask is exact within them."""
+    [B, K, M_e, D] (the cache layout), else [B, M_e, K, D]; `earlier_slot`: they are the slot array
+    at these leading indices of a whole cache [*P, B, K, M_e, D], read where it lies. The block ranges
+    below are the only blocks with a visible key; the mask is exact within them."""
 
     seq: int  # S'
     chunk_size: int | None = None
     earlier: bool = False
     dynamic_base: bool = False
     earlier_heads_first: bool = False
+    earlier_slot: tuple[int, ...] = ()
 
     def own_seen(self, q_index: Array, k_index: Array) -> Array:
         """bool [bq, bk] for query indices [bq, 1] and own-row indices [1, bk]."""
@@ -130,9 +132,23 @@ def _blocks_seen(mask, keys: _KeySet, q_start, block_q, block_k, base):
 
 
 def _load_keys(keys: _KeySet, k_start, block_k):
+    """The key block k_start .. k_start + block_k - 1: keys, values [bk, D], segment ids [bk] or None.
+    Where the rows are not a whole number of blocks (a slot array read in place, not padded), the
+    rows past the end read as zeros (never seen: the mask stops at base, within the slot array)."""
+    from jax.experimental.pallas import triton as plgpu
+
     rows = pl.ds(k_start, block_k)
-    segments = None if keys.segments_ref is None else keys.segments_ref[rows]
-    return keys.k_ref[rows, :], keys.v_ref[rows, :], segments
+    length = keys.k_ref.shape[0]
+    if length % block_k == 0:
+        segments = None if keys.segments_ref is None else keys.segments_ref[rows]
+        return keys.k_ref[rows, :], keys.v_ref[rows, :], segments
+    inside = _block_indices(k_start, block_k, 0) < length  # [bk, 1]
+    k = plgpu.load(keys.k_ref.at[rows, :], mask=inside, other=0)
+    v = plgpu.load(keys.v_ref.at[rows, :], mask=inside, other=0)
+    segments = None
+    if keys.segments_ref is not None:
+        segments = plgpu.load(keys.segments_ref.at[rows], mask=inside[:, 0], other=0)
+    return k, v, segments
 
 
 def forward_kernel(
