@@ -5,6 +5,9 @@ peak device memory (the decode table of issue 24).
 Models: `OuroConfig.preset("ouro-1.4b", scan_layers=False)` (layers unrolled, as `load_model` gives
 them) and MELT-1.6B from it (`MeltConfig.from_ouro(ouro, chunk_size=--chunk)`), bf16, random weights
 made on the device by a jitted init (`melt_jax.model.init_params`: nothing is built on the host).
+Attention is `--attention` (config.attention), "auto" by default: the device's kernels for the
+prompt's chunks (the Pallas kernel on GPU, splash or blockwise on TPU), dense for decoding; with
+"xla" (the library's default) Ouro's batch-16 prefill at 4K does not fit an H200.
 `--small` (the default on CPU) shrinks them to H=128, L=2, T=4, 2 heads of 64, I=344, V=512 and the
 workloads below to prompt 32 + 16 new (short) and 240 + 16 new (the "4k" cases).
 
@@ -52,6 +55,7 @@ import numpy as np
 
 from melt_jax.inference import SamplingConfig, generate
 from melt_jax.model import MeltConfig, OuroConfig, init_params, model_for
+from melt_jax.model.attention import IMPLEMENTATIONS, describe_attention
 
 SMALL = dict(
     vocab_size=512,
@@ -102,8 +106,8 @@ def all_cases(small: bool) -> list[Case]:
     return sorted(cases, key=lambda c: (c.long, c.batch, c.model))
 
 
-def configs(small: bool, chunk: int) -> dict:
-    ouro = OuroConfig.preset("ouro-1.4b", scan_layers=False, **(SMALL if small else {}))
+def configs(small: bool, chunk: int, attention: str = "auto") -> dict:
+    ouro = OuroConfig.preset("ouro-1.4b", scan_layers=False, attention=attention, **(SMALL if small else {}))
     return {"ouro": ouro, "melt": MeltConfig.from_ouro(ouro, chunk_size=chunk)}
 
 
@@ -223,6 +227,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", help="append one JSON line per case to this file")
     parser.add_argument("--bandwidth", type=float, help="device memory bandwidth, bytes/s")
     parser.add_argument("--chunk", type=int, default=512, help="MELT's chunk_size (prefill chunk)")
+    parser.add_argument(
+        "--attention", choices=IMPLEMENTATIONS, default="auto", help="config.attention (auto: the device's kernels)"
+    )
     return parser.parse_args(argv)
 
 
@@ -245,12 +252,13 @@ def main(argv=None) -> list[dict]:
     cases = select(all_cases(args.small), args.cases)
     chunk = min(args.chunk, 32) if args.small else args.chunk
     print(f"device {device.device_kind} ({device.platform}), jax {jax.__version__}, bandwidth {args.bandwidth}")
-    print(f"{'small' if args.small else 'full'} shapes, MELT chunk {chunk}, repeats {args.repeats}", flush=True)
+    print(f"{'small' if args.small else 'full'} shapes, MELT chunk {chunk}, repeats {args.repeats}")
+    print(f"attention: {describe_attention(args.attention, device.platform)}", flush=True)
     loaded = {}
     rows = []
     for case in cases:
         if case.model not in loaded:
-            model = model_for(configs(args.small, chunk)[case.model])
+            model = model_for(configs(args.small, chunk, args.attention)[case.model])
             loaded[case.model] = (model, init_params(model, jax.random.key(0)))
         rows.append(report(measure(loaded, case, args, device), args.out))
     print()

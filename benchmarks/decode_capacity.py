@@ -10,9 +10,12 @@ their share of the cache) and the peak against the chip's memory; then the sampl
 (`melt_jax.inference.decoding.start_generation`: an empty cache, the chunked prefill of
 --prefill-batch prompts of the context length in chunks of --chunk tokens, keeping only the last
 position's hidden state, and the first new token), with its temporaries against the cache it fills.
+Attention is --attention (`config.attention`): "auto" by default, the chip's kernels for the
+prefill's chunks (splash or blockwise on TPU, the Pallas kernel on GPU) and dense decoding.
 
     python benchmarks/decode_capacity.py [--topology v6e:1x1] [--context 32768] [--chunk 512]
-        [--preset ouro-1.4b] [--max-batch 64] [--prefill-batch 1] [--json FILE]
+        [--preset ouro-1.4b] [--max-batch 64] [--prefill-batch 1] [--attention auto]
+        [--json FILE]
 
 Without --topology ("local") it compiles for this machine's first device, whose memory is unknown on
 CPU: the search then stops at --max-batch.
@@ -31,10 +34,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from melt_jax.aot import GIB, CompileReport, compile_and_measure, topology_devices
 from melt_jax.inference import SamplingConfig, decode_step, start_generation
 from melt_jax.model import ExitPolicy, MeltConfig, OuroConfig, abstract_params, model_for
+from melt_jax.model.attention import IMPLEMENTATIONS, describe_attention
 
 
-def models(preset: str, chunk: int) -> dict:
-    ouro = OuroConfig.preset(preset, scan_layers=False)
+def models(preset: str, chunk: int, attention: str = "auto") -> dict:
+    ouro = OuroConfig.preset(preset, scan_layers=False, attention=attention)
     return {"Ouro": model_for(ouro), "MELT": model_for(MeltConfig.from_ouro(ouro, chunk_size=chunk))}
 
 
@@ -124,18 +128,22 @@ def main() -> int:
     parser.add_argument("--preset", default="ouro-1.4b")
     parser.add_argument("--max-batch", type=int, default=64)
     parser.add_argument("--prefill-batch", type=int, default=1, help="prompts prefilled at once")
+    parser.add_argument(
+        "--attention", choices=IMPLEMENTATIONS, default="auto", help="config.attention (auto: the chip's kernels)"
+    )
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
 
     device = topology_devices(None if args.topology == "local" else args.topology)[0]
     results = {}
     print(f"## Decode at context {args.context:,} on one {device.device_kind} ({args.preset}, bf16)\n")
+    print(f"attention: {describe_attention(args.attention, device.platform)}\n")
     print(
         "| model | batch | weights GiB | KV cache GiB | temporaries GiB | temp / cache | peak GiB | fits "
         "| kernels | while loops |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|---|---:|---:|")
-    for name, model in models(args.preset, args.chunk).items():
+    for name, model in models(args.preset, args.chunk, args.attention).items():
         best, rows = largest_batch(model, device, args.context, args.max_batch, log=lambda r, n=name: None)
         for row in sorted(rows, key=lambda r: r["batch"]):
             print(format_row(name, row), flush=True)
