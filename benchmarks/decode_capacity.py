@@ -162,7 +162,7 @@ def main() -> int:
             where = f"does not fit ({prefill['error']})"
         print(
             f"- {name}: largest decode batch {result['largest_batch']}; chunked prefill of {args.prefill_batch} "
-            f"prompt(s) of {args.context:,} tokens (chunks of {args.chunk}): {where}"
+            f"prompt(s) of {args.context - 1:,} tokens (chunks of {args.chunk}): {where}"
         )
     if args.json:
         with open(args.json, "w") as f:
