@@ -93,10 +93,9 @@ def test_decoding_traced_for_a_gpu_gives_the_same_logits(kind, policy, ouro_of, 
 def test_chunked_prefill_through_the_pallas_kernel_traced_for_a_gpu_gives_the_same_logits(
     kind, ouro_of, melt_of, monkeypatch
 ):
-    """A 20-token prompt prefilled in chunks of 8 through the Pallas GPU kernel (interpreted here; the
-    last 4 tokens are few enough for dense), the layers and loops written out, so that each chunk's
-    kernel reads its slot array in place in the cache (whose 26 slots are no whole number of key
-    blocks): the CPU's dense logits and cache."""
+    """A 20-token prompt prefilled in chunks of 8, 8 and 4 through the Pallas GPU kernel (interpreted
+    here), the layers and loops written out, so that each chunk's kernel reads its slot array in place
+    in the cache (whose 26 slots are no whole number of key blocks): the CPU's dense logits and cache."""
     tiny = ouro_of(DEFAULT) if kind == "ouro" else melt_of(DEFAULT)
     tokens = jnp.asarray(np.random.default_rng(5).integers(0, tiny.config.vocab_size, size=(2, 20)))
 

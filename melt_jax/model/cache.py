@@ -80,8 +80,8 @@ def write_rows(slots: Array, slot_index: tuple, rows: Array, positions: Array) -
 
 def write_all_rows(slots: Array, rows: Array, positions: Array, *, branch: bool = True) -> Array:
     """`slots` [*P, B, K, S_max, D] with rows [*P, B, K, S, D] (the cache's layout) written into every
-    slot array at the consecutive token positions positions[b, 0] .. positions[b, 0] + S - 1 of each row b; a row whose
-    positions run past the cache is left as it was.
+    slot array at the consecutive token positions positions[b, 0] .. positions[b, 0] + S - 1 of each
+    row b; a row whose positions run past the cache is left as it was.
 
     One dynamic-update-slice per batch row (in a loop), not a scatter: updated in place, where a
     scatter over all slot arrays at once can make XLA lay the whole cache out anew (a copy of it).

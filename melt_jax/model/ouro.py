@@ -76,6 +76,12 @@ class OuroOutput:
     loops_computed: Array
 
 
+def stacked(trees: list) -> Any:
+    """The pytrees `trees` (alike) stacked leaf by leaf along a new leading axis, as a scan stacks its
+    outputs."""
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
 def straight_line_inference(config: OuroConfig) -> bool:
     """Whether the model is traced as straight code: the inference layout (layers unrolled) on GPU,
     where the loops are written out one after the other too (a cache carried through a loop is laid
@@ -246,9 +252,8 @@ class OuroModel(nn.Module):
             carry, (state, intermediates) = layer(carry, (i, state), ctx, loop_index, source)
             new_states.append(state)
             found.append(intermediates)
-        stack = lambda *xs: jnp.stack(xs)  # noqa: E731
-        layer_states = None if layer_states is None else stack(*new_states)
-        return carry, (layer_states, jax.tree.map(stack, *found))
+        layer_states = None if layer_states is None else stacked(new_states)
+        return carry, (layer_states, stacked(found))
 
     def run_loops(self, h: Array, ctx: TokenContext, cache, source: KVSource):
         """All T loops over the layer stack. Returns (loop_hidden [T, B, S, H], gate_logits
@@ -272,7 +277,7 @@ class OuroModel(nn.Module):
             for loop_index in range(c.num_loops):
                 carry, out = one_loop(self, carry, loop_index, ctx, source)
                 outputs.append(out)
-            loop_hidden, gate_logits, intermediates = jax.tree.map(lambda *xs: jnp.stack(xs), *outputs)
+            loop_hidden, gate_logits, intermediates = stacked(outputs)
             return loop_hidden, gate_logits, intermediates, carry[1]
         loops = nn.scan(
             one_loop,
