@@ -6,7 +6,9 @@ bf16 shapes for one chip of a TPU topology (libtpu's compiler: no TPU needed;
 `pip install -e ".[tpu]"`) or one GPU (`--topology gpu:h200`: XLA's GPU compiler, no GPU needed;
 `pip install -e ".[cuda]"`) at batch 1, 2, 4, ... until the compiler refuses it, then bisects to the
 largest batch that fits. Prints per batch the weights, the KV cache, the step's temporaries (and
-their share of the cache) and the peak against the chip's memory; then the sampler's first program
+their share of the cache), the peak against the chip's memory, the program's kernels and while loops,
+and the bytes its kernels write (`melt_jax.aot.kernel_writes`: intermediates written and read back,
+on top of the weights and cache a step reads); then the sampler's first program
 (`melt_jax.inference.decoding.start_generation`: an empty cache, the chunked prefill of
 --prefill-batch prompts of the context length in chunks of --chunk tokens, keeping only the last
 position's hidden state, and the first new token), with its temporaries against the cache it fills.
@@ -112,7 +114,8 @@ def format_row(name: str, row: dict) -> str:
     share = "-" if row["temp"] is None else f"{100 * row['temp'] / row['cache']:.1f}%"
     return (
         f"| {name} | {row['batch']} | {gib(row['weights'])} | {gib(row['cache'])} | {gib(row['temp'])} | {share} | "
-        f"{gib(row['peak'])} | {'yes' if row['fits'] else 'no'} | {row['kernels']} | {row['while_loops']} |"
+        f"{gib(row['peak'])} | {'yes' if row['fits'] else 'no'} | {row['kernels']} | {row['while_loops']} | "
+        f"{gib(row['kernel_writes'])} |"
     )
 
 
@@ -140,9 +143,9 @@ def main() -> int:
     print(f"attention: {describe_attention(args.attention, device.platform)}\n")
     print(
         "| model | batch | weights GiB | KV cache GiB | temporaries GiB | temp / cache | peak GiB | fits "
-        "| kernels | while loops |"
+        "| kernels | while loops | kernels write GiB |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|")
     for name, model in models(args.preset, args.chunk, args.attention).items():
         best, rows = largest_batch(model, device, args.context, args.max_batch, log=lambda r, n=name: None)
         for row in sorted(rows, key=lambda r: r["batch"]):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import re
 import time
@@ -178,6 +179,7 @@ class CompileReport:
     kernels: int | None = None
     while_loops: int | None = None
     conditionals: int | None = None
+    kernel_writes: int | None = None  # bytes the kernels write, updates in place aside (see kernel_writes)
     error: str | None = None
     attention: str | None = None  # how the program computes attention, when the caller says
 
@@ -210,6 +212,7 @@ class CompileReport:
             f"code           {gib(self.code)}",
             f"flops          {self.flops:.4g} per device" if self.flops is not None else "flops          unknown",
             f"program        {self.kernels} kernels, {self.while_loops} while loops, {self.conditionals} conditionals",
+            f"kernels write  {gib(self.kernel_writes)}   (updates in place aside)",
             "fits           yes",
         ]
         return head + body
@@ -225,16 +228,45 @@ def format_bytes(num_bytes: int) -> str:
 _KERNEL = re.compile(r" (?:fusion|custom-call)\(")
 _WHILE = re.compile(r" while\(")
 _CONDITIONAL = re.compile(r" conditional\(")
+# One instruction's line: "[ROOT ]%name = <shape> <op>(...": its name, result shape(s) and op.
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.*?) ([\w\-]+)\(")
+_ARRAY = re.compile(r"\b([a-z]+[0-9]*)\[([0-9,]*)\]")
+
+
+def _array_bytes(shape_text: str) -> list[int]:
+    """Bytes of each array in an HLO shape such as "(f32[2,3]{1,0}, bf16[4]{0})"."""
+    sizes = []
+    for dtype, dims in _ARRAY.findall(shape_text):
+        bits = 8 if dtype == "pred" else int(re.sub(r"\D", "", dtype) or 0)
+        if bits:  # token[] and the like hold no data
+            sizes.append(math.prod(int(d) for d in dims.split(",") if d) * max(bits // 8, 1))
+    return sizes
+
+
+def kernel_writes(hlo_text: str) -> int:
+    """Bytes the kernels of a compiled program (`compiled.as_text()`) write to device memory, each
+    counted once where it is written: the sum of their results, except the results of
+    dynamic-update-slice kernels (updates in place: a cache written a row at a time), counted as
+    nothing. A decoding step that writes much more than its logits and new rows materialises
+    intermediates that a kernel reads back: traffic on top of the weights and cache it must read."""
+    written = 0
+    for line in hlo_text.splitlines():
+        match = _INSTRUCTION.match(line)
+        if match and match.group(3) in ("fusion", "custom-call") and "dynamic_update_slice" not in match.group(1):
+            written += sum(_array_bytes(match.group(2)))
+    return written
 
 
 def program_counts(hlo_text: str) -> dict[str, int]:
     """Counts in a compiled program's text (`compiled.as_text()`): kernels (fusions and custom calls:
     what a GPU launches), while loops and conditionals (where a GPU's host waits on the device for a
-    predicate). Each is counted once where it is written, not once per iteration."""
+    predicate), each counted once where it is written, not once per iteration; and the bytes the
+    kernels write (`kernel_writes`)."""
     return dict(
         kernels=len(_KERNEL.findall(hlo_text)),
         while_loops=len(_WHILE.findall(hlo_text)),
         conditionals=len(_CONDITIONAL.findall(hlo_text)),
+        kernel_writes=kernel_writes(hlo_text),
     )
 
 

@@ -200,8 +200,10 @@ def test_program_counts_kernels_loops_and_conditionals():
   %gemm = (bf16[4,4]{1,0}, s8[0]{0}) custom-call(%a, %b), custom_call_target="__cublas$gemm"
   %while.3 = (s32[], f32[4]{0}) while(%tuple), condition=%cond, body=%body, metadata={op_name="x/while/body"}
   %conditional = (f32[4]{0}) conditional(%pred, %t, %f), true_computation=%a, false_computation=%b
+  %loop_dynamic_update_slice_fusion = bf16[4,1024]{1,0} fusion(%cache, %row), kind=kLoop, calls=%dus
 """
-    assert program_counts(hlo) == dict(kernels=3, while_loops=1, conditionals=1)
+    # Written: 16 + 2 x 16 + 32 bytes; the dynamic-update-slice kernel updates its cache in place.
+    assert program_counts(hlo) == dict(kernels=4, while_loops=1, conditionals=1, kernel_writes=80)
 
 
 def test_the_compile_example_of_the_docs_resolves_its_models_by_name():

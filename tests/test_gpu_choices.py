@@ -6,6 +6,8 @@ the inference layout the loops written out (all of them run, exited tokens froze
 skipped elsewhere). Traced here on the CPU with the platform answered "gpu": the same numbers as the
 CPU's choices, and a decode step with no control flow left in it."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +19,9 @@ import melt_jax.model.attention.implementation as implementation
 from melt_jax.inference.decoding import run_prompt
 from melt_jax.model import ExitPolicy, model_for, with_layer_layout
 from melt_jax.model.attention import SlotCache, control_flow_on_device
+from melt_jax.model.attention.dense import dense_history_and_own, few_queries_history_and_own, sum_parts
+from melt_jax.model.attention.masks import history_and_own_mask
+from melt_jax.model.layers import weight_einsum
 
 TOL = 1e-5
 
@@ -47,15 +52,16 @@ def test_static_reading_of_the_slot_array_changes_nothing(traced_for_gpu, num_qu
     np.testing.assert_array_equal(got_cache.k, want_cache.k)
 
 
-def _decode(model, params, exit_policy):
+def _decode(model, params, exit_policy, batch=2):
     """Logits of a 5-token prompt's prefill, then of three decode steps, from freshly traced programs,
-    and the cache after them. The second row goes on at position 10 of 12 (as if its prompt were
-    longer): its third new token does not fit in the cache and is dropped."""
-    cache = model.init_cache(2, 12)
-    tokens = jnp.array([[5, 9, 2, 7, 1], [3, 3, 8, 0, 4]], jnp.int32)
+    and the cache after them, for the first `batch` rows of two. The second row goes on at position
+    10 of 12 (as if its prompt were longer): its third new token does not fit in the cache and is
+    dropped."""
+    cache = model.init_cache(batch, 12)
+    tokens = jnp.array([[5, 9, 2, 7, 1], [3, 3, 8, 0, 4]], jnp.int32)[:batch]
     prefill = jax.jit(lambda p, t, c: model.apply({"params": p}, t, cache=c, exit_policy=exit_policy))
     out = prefill(params, tokens, cache)
-    logits, cache = [out.logits[:, -1]], out.cache.replace(end_index=jnp.array([5, 10], jnp.int32))
+    logits, cache = [out.logits[:, -1]], out.cache.replace(end_index=jnp.array([5, 10], jnp.int32)[:batch])
 
     def decode_one(params, token, cache):
         out = model.apply({"params": params}, token[:, None], cache=cache, exit_policy=exit_policy)
@@ -111,3 +117,47 @@ def test_chunked_prefill_through_the_pallas_kernel_traced_for_a_gpu_gives_the_sa
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
     np.testing.assert_allclose(got_cache.k, want_cache.k, atol=1e-5)
     np.testing.assert_allclose(got_cache.v, want_cache.v, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["ouro", "melt"])
+def test_decoding_one_row_traced_for_a_gpu_gives_the_same_logits(kind, ouro_of, melt_of, monkeypatch):
+    """Batch 1, where a GPU program multiplies the layers' weights by one row of activations as two
+    (`weight_einsum`) and splits the attention's weighted sum over the slot array in parts."""
+    tiny = ouro_of(DEFAULT) if kind == "ouro" else melt_of(DEFAULT)
+    model, params = with_layer_layout(model_for(tiny.config), tiny.params, scan_layers=False)
+    want, want_cache, _ = _decode(model, params, ExitPolicy.last(), batch=1)
+    monkeypatch.setattr(implementation, "target_platform", lambda: "gpu")
+    got, got_cache, step = _decode(model, params, ExitPolicy.last(), batch=1)
+    np.testing.assert_allclose(got, want, atol=TOL, rtol=TOL)
+    np.testing.assert_allclose(got_cache.v, want_cache.v, atol=TOL)
+    # The step's projections are dots of two rows: q/k/v, o, gate, up, down (and MELT's gate) per layer.
+    jaxpr = str(jax.make_jaxpr(step)(params, jnp.zeros((1,), jnp.int32), model.init_cache(1, 12)))
+    two_row_dots = re.findall(r":f32\[2,1,[0-9,]+\] = dot_general", jaxpr)
+    assert len(two_row_dots) >= 7 * model.config.num_layers * model.config.num_loops
+
+
+def test_one_row_multiplied_as_two_is_the_same_product():
+    rng = np.random.default_rng(0)
+    weight = jnp.asarray(rng.normal(size=(16, 3, 4)), jnp.float32)  # [H, N, D]
+    for shape in [(1, 1, 16), (2, 1, 16), (1, 3, 16)]:  # one row; two rows and three (no padding)
+        x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+        want = jnp.einsum("BSH,HND->BSND", x, weight)
+        got = weight_einsum("BSH,HND->BSND", x, weight, one_row_as_two=True)
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    program = str(jax.make_jaxpr(lambda x: weight_einsum("BSH,HND->BSND", x, weight, True))(x[:1, :1]))
+    assert "pad[" in program and "dot_general" in program
+
+
+def test_a_sum_with_few_outputs_is_split_in_parts_of_the_keys():
+    assert sum_parts(4096, 2048) == 8  # Ouro-1.4B at batch 1: 16 heads x 128
+    assert sum_parts(4096, 4 * 2048) == 2 and sum_parts(4096, 16 * 2048) == 1
+    assert sum_parts(4001, 2048) == 1  # no power of two divides the keys: one part
+    assert sum_parts(12, 64) == 4
+    # Split in parts or not, the same attention as dense (one query per row over 10 slots: 2 parts).
+    history, rows = _empty_cache((1,)), _rows(1)
+    mask = history_and_own_mask(_context(jnp.array([[7], [3]], jnp.int32)), history.k.shape[-2], None)
+    k, v = rows.k[:, :1], rows.v[:, :1]
+    got = few_queries_history_and_own(Q[:, :1], history.k[0], history.v[0], k, v, mask)
+    want = dense_history_and_own(Q[:, :1], history.k[0], history.v[0], k, v, mask)
+    np.testing.assert_allclose(got, want, atol=TOL)

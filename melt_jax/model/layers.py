@@ -95,13 +95,27 @@ class Embedder(nn.Module):
         return jnp.einsum("...H,VH->...V", hidden, self.embedding.astype(self.dtype))
 
 
+def weight_einsum(equation: str, x: Array, weight: Array, one_row_as_two: bool = False) -> Array:
+    """einsum(equation, x, weight) for activations x [B, ..., in] whose leading axis B is also the
+    output's. With `one_row_as_two`, one row of activations (x holding a single vector) is multiplied
+    as two, a row of zeros added and dropped: XLA's GPU compiler rewrites a product of one row with a
+    weight of under ~10M elements as elementwise products and a sum, and writes the products out
+    (three times the weight's bytes moved instead of once); two rows stay one matrix kernel."""
+    if one_row_as_two and x.ndim >= 2 and x.size == x.shape[-1]:
+        two_rows = jnp.pad(x, ((0, 1),) + ((0, 0),) * (x.ndim - 1))  # [2, ..., in]
+        return jnp.einsum(equation, two_rows, weight)[:1]
+    return jnp.einsum(equation, x, weight)
+
+
 class Einsum(nn.Module):
-    """A bias-free linear map given by an einsum equation; its weight is the parameter `kernel`."""
+    """A bias-free linear map given by an einsum equation; its weight is the parameter `kernel`.
+    `one_row_as_two`: see `weight_einsum` (GPU inference)."""
 
     shape: tuple[int, ...]
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     init_stddev: float = 0.02
+    one_row_as_two: bool = False
 
     @nn.compact
     def __call__(self, equation: str, x: Array, kernel_shape: tuple[int, ...] | None = None) -> Array:
@@ -112,7 +126,7 @@ class Einsum(nn.Module):
             kernel = kernel.reshape(kernel_shape)
         # jnp.asarray rather than .astype: qwix casts int8 weights (melt_jax.inference.quantization)
         # through its interception of jnp.asarray, and their own .astype fails (qwix 0.1.8).
-        return jnp.einsum(equation, x, jnp.asarray(kernel, self.dtype))
+        return weight_einsum(equation, x, jnp.asarray(kernel, self.dtype), self.one_row_as_two)
 
 
 class AttentionProjections(nn.Module):
@@ -120,7 +134,7 @@ class AttentionProjections(nn.Module):
 
     q_proj [H, N, D], k_proj and v_proj [H, K, D], o_proj [N, D, H]. Queries, keys/values and the
     output projection are separate methods so that MELT can compute keys and values from its gated
-    latent instead of the layer input.
+    latent instead of the layer input. `one_row_as_two`: see `weight_einsum` (GPU inference).
     """
 
     num_heads: int
@@ -130,10 +144,16 @@ class AttentionProjections(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     init_stddev: float = 0.02
+    one_row_as_two: bool = False
 
     def setup(self):
         H, N, K, D = self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, init_stddev=self.init_stddev)
+        kw = dict(
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            init_stddev=self.init_stddev,
+            one_row_as_two=self.one_row_as_two,
+        )
         self.q_proj = Einsum((H, N, D), **kw)
         self.k_proj = Einsum((H, K, D), **kw)
         self.v_proj = Einsum((H, K, D), **kw)
@@ -161,9 +181,7 @@ class AttentionProjections(nn.Module):
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)); gate_proj and up_proj [H, I], down_proj [I, H].
 
-    `separate_dots`: the gate and up projections stay two dots (an optimization barrier between
-    their inputs). XLA's GPU compiler otherwise merges dots that share an input into one dot over
-    the weights concatenated at every call: in decoding, a copy of both weights per layer and loop.
+    `one_row_as_two`: see `weight_einsum` (GPU inference).
     """
 
     hidden_size: int
@@ -171,14 +189,18 @@ class MLP(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     init_stddev: float = 0.02
-    separate_dots: bool = False
+    one_row_as_two: bool = False
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         H, I = self.hidden_size, self.intermediate_size
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, init_stddev=self.init_stddev)
+        kw = dict(
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            init_stddev=self.init_stddev,
+            one_row_as_two=self.one_row_as_two,
+        )
         gate = Einsum((H, I), name="gate_proj", **kw)("BSH,HI->BSI", x)
-        up_input = jax.lax.optimization_barrier(x) if self.separate_dots else x
-        up = Einsum((H, I), name="up_proj", **kw)("BSH,HI->BSI", up_input)
+        up = Einsum((H, I), name="up_proj", **kw)("BSH,HI->BSI", x)
         hidden = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))  # [B, S, I]
         return Einsum((I, H), name="down_proj", **kw)("BSI,IH->BSH", hidden)

@@ -24,9 +24,9 @@ import jax.numpy as jnp
 from melt_jax.model.attention import KVSource, Rows, TokenContext, control_flow_on_device
 from melt_jax.model.chunking import padded_chunking
 from melt_jax.model.config import MeltConfig
-from melt_jax.model.layers import HIDDEN_AXES, apply_rope
+from melt_jax.model.layers import HIDDEN_AXES, apply_rope, weight_einsum
 from melt_jax.model.melt_training import sequential_forward
-from melt_jax.model.ouro import OuroDecoderLayer, OuroModel, OuroOutput
+from melt_jax.model.ouro import OuroDecoderLayer, OuroModel, OuroOutput, straight_line_inference
 from melt_jax.sharding import constrain
 
 Array = jax.Array
@@ -44,6 +44,7 @@ class KVGate(nn.Module):
     bias_init: float
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    one_row_as_two: bool = False  # see melt_jax.model.layers.weight_einsum (GPU inference)
 
     @nn.compact
     def __call__(self, u: Array, s_prev: Array, loop_index: Array) -> Array:
@@ -58,7 +59,8 @@ class KVGate(nn.Module):
         b_z = self.param("b_z", nn.initializers.constant(self.bias_init), (H,), self.param_dtype)
 
         def gated():
-            gate_logits = jnp.einsum("BSH,HG->BSG", u, w_z) + jnp.einsum("BSH,HG->BSG", s_prev, u_z)
+            two = self.one_row_as_two
+            gate_logits = weight_einsum("BSH,HG->BSG", u, w_z, two) + weight_einsum("BSH,HG->BSG", s_prev, u_z, two)
             z = jax.nn.sigmoid(gate_logits + b_z.astype(self.dtype))
             return z * s_prev + (1 - z) * u
 
@@ -108,7 +110,8 @@ def make_gate(config: MeltConfig) -> nn.Module:
     """The KV gate module `config.gate` names (see MeltConfig.gate), named kv_gate in the layer."""
     dtypes = dict(dtype=config.jnp_dtype, param_dtype=config.jnp_param_dtype)
     if config.gate == "elementwise":
-        return KVGate(config.hidden_size, config.gate_bias_init, **dtypes, name="kv_gate")
+        two = straight_line_inference(config)
+        return KVGate(config.hidden_size, config.gate_bias_init, **dtypes, one_row_as_two=two, name="kv_gate")
     if config.gate == "scalar":
         return ScalarGate(config.gate_bias_init, **dtypes, name="kv_gate")
     return FixedGate(config.gate, config.gate_ema_decay, dtype=config.jnp_dtype, name="kv_gate")

@@ -86,7 +86,8 @@ def straight_line_inference(config: OuroConfig) -> bool:
     """Whether the model is traced as straight code: the inference layout (layers unrolled) on GPU,
     where the loops are written out one after the other too (a cache carried through a loop is laid
     out anew for the attention inside it, a copy of the cache per call; straight code is launched as
-    one graph of kernels) and the MLP keeps its gate and up dots apart (see MLP)."""
+    one graph of kernels) and the weights of a layer multiply a single row of activations as two
+    (see `weight_einsum`)."""
     return not config.scan_layers and not control_flow_on_device()
 
 
@@ -115,8 +116,11 @@ class OuroDecoderLayer(nn.Module):
         c = self.config
         kw = layer_kwargs(c)
         norm_kw = dict(eps=c.rms_norm_eps, param_dtype=c.jnp_param_dtype)
-        self.attn = AttentionProjections(c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size, **kw)
-        self.mlp = MLP(c.hidden_size, c.intermediate_size, **kw, separate_dots=straight_line_inference(c))
+        straight = straight_line_inference(c)
+        self.attn = AttentionProjections(
+            c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size, **kw, one_row_as_two=straight
+        )
+        self.mlp = MLP(c.hidden_size, c.intermediate_size, **kw, one_row_as_two=straight)
         self.attn_in_norm = RMSNorm(**norm_kw)
         self.attn_out_norm = RMSNorm(**norm_kw)
         self.mlp_in_norm = RMSNorm(**norm_kw)

@@ -9,6 +9,8 @@ D head dim; in the two-pass pattern n chunks of C query and E key tokens.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -96,6 +98,22 @@ def dense_history_and_own(q: Array, history_k: Array, history_v: Array, k: Array
     return out.reshape(batch, seq, num_heads, head_dim).astype(q.dtype)
 
 
+# Outputs of a sum over keys below which XLA's GPU compiler writes the products out before summing
+# them (rather than summing them as they are computed): a decoding step at batch 1 or 2 writes two
+# float32 copies of the slot array it reads. Such a sum is split into parts of the keys, each part's
+# sum an output of its own, then the parts summed (see `sum_parts`).
+SMALL_SUM_OUTPUTS = 16384
+
+
+def sum_parts(num_keys: int, outputs: int) -> int:
+    """Parts to split a sum over `num_keys` keys with `outputs` outputs into (a power of two dividing
+    num_keys): the fewest that give outputs * parts >= SMALL_SUM_OUTPUTS, else the most there are."""
+    parts = 1
+    while outputs * parts < SMALL_SUM_OUTPUTS and num_keys % (2 * parts) == 0:
+        parts *= 2
+    return parts
+
+
 def few_queries_history_and_own(
     q: Array, history_k: Array, history_v: Array, k: Array, v: Array, mask: CausalMask
 ) -> Array:
@@ -103,8 +121,9 @@ def few_queries_history_and_own(
     where it lies rather than as dots: a dot over a slot array sliced from the cache makes XLA's GPU
     compiler lay the whole cache out anew for its matrix kernels (a copy of the cache per step),
     where a sum reads it in place. The attention weights are materialised before they meet the values
-    (an optimization barrier), so that each product is computed inside its sum and never stored.
-    Returns [B, S, N, D] in q's dtype."""
+    (an optimization barrier), so that each product is computed inside its sum and never stored; a
+    sum with few outputs is split over parts of the keys (`sum_parts`). Returns [B, S, N, D] in q's
+    dtype."""
     batch, seq, num_heads, head_dim = q.shape
     num_kv_heads, max_length = history_k.shape[1], history_k.shape[2]
     dtype, compute = q.dtype, at_least_float32(q.dtype)
@@ -116,7 +135,12 @@ def few_queries_history_and_own(
         return jnp.sum(q[:, :, :, :, None, :] * keys[:, :, None, None].astype(compute), axis=-1)
 
     def weighted(probs, values):  # probs [B, K, G, S, M], values [B, K, M, D] -> [B, K, G, S, D]
-        return jnp.sum(probs[..., None] * values[:, :, None, None].astype(compute), axis=-2)
+        products = probs[..., None] * values[:, :, None, None].astype(compute)  # [B, K, G, S, M, D]
+        num_keys, parts = values.shape[2], sum_parts(values.shape[2], math.prod(products.shape) // values.shape[2])
+        if parts == 1:
+            return jnp.sum(products, axis=-2)
+        split = products.reshape(*products.shape[:-2], parts, num_keys // parts, head_dim)  # [.., P, M / P, D]
+        return jnp.sum(jax.lax.optimization_barrier(jnp.sum(split, axis=-2)), axis=-2)
 
     visible = mask.dense()[:, None, None]  # [B, 1, 1, S, S_max + S]
     logits = jnp.concatenate([logits_over(history_k), logits_over(own_k)], axis=-1)
