@@ -13,7 +13,9 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 from melt_jax.checkpoint import save_params
 from melt_jax.data import ByteTokenizer, load_tokenizer
+from melt_jax.errors import ConfigError
 from melt_jax.inference import SamplingConfig, cli_eval, cli_generate, generate, text_generation
+from melt_jax.inference.model_loading import load_model
 
 TOKENIZER = ByteTokenizer()
 PROMPTS = ["k=3,q=k+4;q?", "hello", "abc", "x=1;x?"]
@@ -54,6 +56,20 @@ def test_a_batch_of_prompts_with_a_stop_string(checkpoint, capsys):
     assert code == 0
     blocks = out.split("=== ")[1:]
     assert [b.split("\n", 1)[1][:-1] for b in blocks] == [t.split(stop, 1)[0] for t in expected]
+
+
+def test_attention_is_chosen_at_load(checkpoint, capsys):
+    """--attention sets how attention is computed (the checkpoint's config says dense "xla"):
+    blockwise gives the same greedy text here; a name that is no implementation is refused."""
+    code, out, _ = _generate(capsys, checkpoint, "--prompt", PROMPTS[0], "--attention", "blockwise")
+    assert code == 0 and out == _greedy_texts(PROMPTS[:1])[0] + "\n"
+    assert load_model(checkpoint, attention="auto")[0].config.attention == "auto"
+    assert load_model(checkpoint)[0].config.attention == "xla"
+    with pytest.raises(ConfigError, match="attention"):
+        load_model(checkpoint, attention="flash")
+    with pytest.raises(SystemExit):
+        _generate(capsys, checkpoint, "--prompt", "a", "--attention", "flash")
+    assert "invalid choice: 'flash'" in capsys.readouterr().err
 
 
 def test_text_stream_holds_back_what_may_still_change():
@@ -167,6 +183,10 @@ def test_melt_eval_on_the_synthetic_task(checkpoint, capsys):
     code = cli_eval.main([*args, "--seq-len", "48", "--batch-size", "4", "--max-batches", "1"])
     out = capsys.readouterr().out
     assert code == 0 and out.startswith("loop  answer loss  answer accuracy\n0 ") and "perplexity" not in out
+    # Blockwise attention chosen at load: the same losses, to float rounding.
+    code = cli_eval.main([*args, "--seq-len", "48", "--batch-size", "4", "--json", "--attention", "blockwise"])
+    blockwise = json.loads(capsys.readouterr().out)
+    assert code == 0 and blockwise["loss"]["loss_per_loop"] == pytest.approx(loss["loss_per_loop"], rel=1e-5)
     # Each document attending only to itself: the same tokens scored, other losses, the same answers.
     code = cli_eval.main([*args, "--seq-len", "48", "--batch-size", "4", "--json", "--isolate-documents"])
     isolated = json.loads(capsys.readouterr().out)

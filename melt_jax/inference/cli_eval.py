@@ -38,6 +38,7 @@ from melt_jax.data.synthetic import answer_batch
 from melt_jax.errors import DataError, MeltJaxError, exit_status
 from melt_jax.inference.evaluation import evaluate_dataset
 from melt_jax.inference.model_loading import checkpoint_tokenizer, load_model
+from melt_jax.model.attention import IMPLEMENTATIONS
 from melt_jax.model.exit import ExitPolicy
 
 PROG = "melt-eval"
@@ -93,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--chunk-size", type=int, default=None, help="MELT's evaluation chunk (default: config.chunk_size)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
+    p.add_argument(
+        "--attention",
+        choices=IMPLEMENTATIONS,
+        default=None,
+        help="how attention is computed (default: the checkpoint's config, dense xla); "
+        "auto on a GPU or TPU: the chip's kernel for long prompts",
+    )
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
     return p
 
@@ -130,7 +138,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     prompt/answer columns, 'answers' (the same on answer rows, loss over the answer tokens)."""
     _check_sizes(args)
     tokenizer = checkpoint_tokenizer(args.checkpoint, args.tokenizer)
-    model, params = load_model(args.checkpoint, args.dtype)
+    model, params = load_model(args.checkpoint, args.dtype, attention=args.attention)
     policy = ExitPolicy.parse(args.exit, model.config)
     dataset = load_text_dataset(args.data, split=args.split, text_field=args.text_field, synthetic_task=_task(args))
     packed = pack_documents(tokenize_dataset(dataset, tokenizer, args.text_field), args.seq_len, tokenizer.pad_id)

@@ -32,6 +32,7 @@ from melt_jax.inference.generation import GenerationResult
 from melt_jax.inference.sampling import SamplingConfig
 from melt_jax.inference.speculative import SpeculativeResult
 from melt_jax.inference.text_generation import TextGenerator
+from melt_jax.model.attention import IMPLEMENTATIONS
 from melt_jax.model.exit import ExitPolicy
 from melt_jax.model.params import param_bytes
 
@@ -77,6 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--prefill-chunk", type=int, default=None, help="prefill chunk (MELT default: config.chunk_size)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None, help="cast the weights")
+    p.add_argument(
+        "--attention",
+        choices=IMPLEMENTATIONS,
+        default=None,
+        help="how attention is computed (default: the checkpoint's config, dense xla); "
+        "auto on a GPU or TPU: the chip's kernel for long prompts",
+    )
     p.add_argument(
         "--int8",
         action="store_true",
@@ -142,7 +150,9 @@ def run(args: argparse.Namespace) -> None:
         check_speculative_args(args)
         speculative = parse_speculative(args.speculative)
     texts = read_prompts(args)
-    generator = TextGenerator.load(args.checkpoint, args.tokenizer, args.dtype, int8=args.int8)
+    generator = TextGenerator.load(
+        args.checkpoint, args.tokenizer, args.dtype, int8=args.int8, attention=args.attention
+    )
     if args.int8:
         print(f"int8 weights: params {param_bytes(generator.params) / 2**20:,.2f} MiB", file=sys.stderr)
     sampling = SamplingConfig(

@@ -17,15 +17,22 @@ from melt_jax.model.registry import model_for
 Array = jax.Array
 
 
-def load_model(path, dtype: str | None = None, int8: bool = False) -> tuple[OuroModel, dict]:
+def load_model(
+    path, dtype: str | None = None, int8: bool = False, attention: str | None = None
+) -> tuple[OuroModel, dict]:
     """(model, params on the default device) of a melt_jax checkpoint directory, Ouro or MELT, in the
     layer layout of inference: the layers unrolled (`config.scan_layers` false; see
     melt_jax/model/ouro.py), so that decoding reads every weight in place. With `int8`, the matmul
     weights are int8 with per-channel scales and the activations run in `dtype` (see
-    melt_jax.inference.quantization). CheckpointError / ConfigError name what is wrong with the directory."""
+    melt_jax.inference.quantization). `attention`: how attention is computed (`config.attention`,
+    one of melt_jax.model.attention.IMPLEMENTATIONS; None: the config's, dense "xla"; on a GPU or TPU
+    "auto" prefills long prompts through the chip's kernel). CheckpointError / ConfigError name what
+    is wrong with the directory or the choice."""
     if not isinstance(int8, bool):
         raise GenerationError(f"int8 must be true or false, got {int8!r}")
     config, params = load_params(path, dtype)
+    if attention is not None:
+        config = config.replace(attention=attention)
     model, params = with_layer_layout(model_for(config), params, scan_layers=False)
     params = jax.device_put(params)
     if int8:

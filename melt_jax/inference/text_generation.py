@@ -112,12 +112,20 @@ class TextGenerator:
     segment_steps: int = 16
 
     @classmethod
-    def load(cls, checkpoint, tokenizer: str | None = None, dtype: str | None = None, int8: bool = False, **settings):
-        """A generator over a melt_jax checkpoint directory (melt_jax.inference.model_loading.load_model)
-        and a tokenizer ('byte', or a tokenizer.json or its folder; None: the one the checkpoint
-        carries); `settings` are the other fields."""
+    def load(
+        cls,
+        checkpoint,
+        tokenizer: str | None = None,
+        dtype: str | None = None,
+        int8: bool = False,
+        attention: str | None = None,
+        **settings,
+    ):
+        """A generator over a melt_jax checkpoint directory (melt_jax.inference.model_loading.load_model,
+        which takes dtype, int8 and attention) and a tokenizer ('byte', or a tokenizer.json or its
+        folder; None: the one the checkpoint carries); `settings` are the other fields."""
         tokenizer = checkpoint_tokenizer(checkpoint, tokenizer)
-        model, params = load_model(checkpoint, dtype, int8=int8)
+        model, params = load_model(checkpoint, dtype, int8=int8, attention=attention)
         return cls(model, params, tokenizer, **settings)
 
     @property
