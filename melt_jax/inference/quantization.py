@@ -29,8 +29,9 @@ kept in float32 ([1, ..., out] per weight: a fraction 1 / (input size) of the in
 
 Compute: the matmul dequantizes the int8 weight to the activation dtype (config.dtype) and multiplies
 in that dtype, so int8 changes what is read (1 byte per weight instead of 2 or 4), not the precision
-of the arithmetic. XLA on GPU and TPU fuses the dequantization into the matmul's reads; XLA's CPU
-backend writes the dequantized matrix first (see benchmarks/int8_decode.py for what that costs).
+of the arithmetic. XLA on TPU fuses the dequantization into the matmul's reads; XLA's CPU backend,
+and its GPU backend for the weights the loops share, write the dequantized matrix first (see
+benchmarks/int8_decode.py and docs/measured.md, 'int8 weights', for what that costs).
 """
 
 from __future__ import annotations
