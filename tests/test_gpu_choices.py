@@ -142,10 +142,10 @@ def test_one_row_multiplied_as_two_is_the_same_product():
     for shape in [(1, 1, 16), (2, 1, 16), (1, 3, 16)]:  # one row; two rows and three (no padding)
         x = jnp.asarray(rng.normal(size=shape), jnp.float32)
         want = jnp.einsum("BSH,HND->BSND", x, weight)
-        got = weight_einsum("BSH,HND->BSND", x, weight, one_row_as_two=True)
+        got = weight_einsum("BSH,HND->BSND", x, weight, jnp.float32, gpu_matmuls=True)
         assert got.shape == want.shape
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
-    program = str(jax.make_jaxpr(lambda x: weight_einsum("BSH,HND->BSND", x, weight, True))(x[:1, :1]))
+    program = str(jax.make_jaxpr(lambda x: weight_einsum("BSH,HND->BSND", x, weight, jnp.float32, True))(x[:1, :1]))
     assert "pad[" in program and "dot_general" in program
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from generation_fixtures import tiny_model
 
+import melt_jax.model.attention.implementation as implementation
 from melt_jax.checkpoint import save_params
 from melt_jax.data import ByteTokenizer
 from melt_jax.errors import GenerationError
@@ -162,6 +163,26 @@ def test_int8_generation_is_float_generation_on_the_rounded_weights(pairs):
     got = generate(int8, int8_params, PROMPTS, sampling)
     want = generate(model, _dequantized(int8_params, params), PROMPTS, sampling)
     assert got.tokens == want.tokens and got.timing.decode_tokens > 0
+
+
+def test_int8_traced_for_a_gpu_scales_the_product_of_the_int8_values(pairs, monkeypatch):
+    """Traced for a GPU (melt_jax.model.layers.weight_einsum), each int8 matmul multiplies the int8
+    values, converted, and scales its float32 output: the logits of the dequantize-first product on
+    the CPU (to float32 rounding), at batch 1 and 4 (one row multiplied as two at batch 1), and no
+    int8 weight is multiplied by its scales before a product."""
+    (_, _), (int8, int8_params) = pairs
+    for batch in (1, 4):
+        tokens = _tokens(int8.config.vocab_size, shape=(batch, 1), seed=batch)
+        want = int8.apply({"params": int8_params}, tokens, return_loop_logits=True).loop_logits
+        with monkeypatch.context() as patch:
+            patch.setattr(implementation, "target_platform", lambda: "gpu")
+            run = lambda p, t: int8.apply({"params": p}, t, return_loop_logits=True).loop_logits  # noqa: E731
+            got = jax.jit(run)(int8_params, tokens)
+            jaxpr = str(jax.make_jaxpr(run)(int8_params, tokens))
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    scale_shapes = {f"f32[{','.join(map(str, q.shape))}]" for q, _ in _int8_weights(int8_params).values()}
+    for line in jaxpr.splitlines():
+        assert not (" = mul " in line and line.strip().split(":")[1].split(" ")[0] in scale_shapes), line
 
 
 def _decode_step_arguments(model, params) -> tuple[int, int]:

@@ -95,27 +95,66 @@ class Embedder(nn.Module):
         return jnp.einsum("...H,VH->...V", hidden, self.embedding.astype(self.dtype))
 
 
-def weight_einsum(equation: str, x: Array, weight: Array, one_row_as_two: bool = False) -> Array:
-    """einsum(equation, x, weight) for activations x [B, ..., in] whose leading axis B is also the
-    output's. With `one_row_as_two`, one row of activations (x holding a single vector) is multiplied
-    as two, a row of zeros added and dropped: XLA's GPU compiler rewrites a product of one row with a
-    weight of under ~10M elements as elementwise products and a sum, and writes the products out
-    (three times the weight's bytes moved instead of once); two rows stay one matrix kernel."""
-    if one_row_as_two and x.ndim >= 2 and x.size == x.shape[-1]:
-        two_rows = jnp.pad(x, ((0, 1),) + ((0, 0),) * (x.ndim - 1))  # [2, ..., in]
-        return jnp.einsum(equation, two_rows, weight)[:1]
-    return jnp.einsum(equation, x, weight)
+def weight_einsum(equation: str, x: Array, weight, dtype, gpu_matmuls: bool = False) -> Array:
+    """einsum(equation, x, weight) in `dtype`, for activations x [B, ..., in] whose leading axis B is
+    also the output's and a weight whose kept axes end the output in their order. `weight`: a float
+    array, or an int8 weight of melt_jax.inference.quantization (qwix's quantized array: int8 values
+    q, float32 scales s per output channel), which qwix dequantizes before the product.
+
+    `gpu_matmuls` (GPU inference) takes the forms in which XLA's GPU compiler reads a weight once:
+    - one row of activations (x holding a single vector) is multiplied as two, a row of zeros added
+      and dropped: the compiler rewrites a product of one row with a weight of under ~10M elements
+      as elementwise products and a sum and writes the products out (three times the weight's bytes
+      moved); two rows stay one matrix kernel;
+    - an int8 weight is multiplied as (x q) s, its values converted inside the matrix kernel and the
+      scales applied to the float32 product: dequantized first, the weight the loops share is
+      written out once per step as a float copy that every loop reads."""
+    one_row = gpu_matmuls and x.ndim >= 2 and x.size == x.shape[-1]
+    rows = jnp.pad(x, ((0, 1),) + ((0, 0),) * (x.ndim - 1)) if one_row else x  # [2, ..., in] for one row
+    int8 = _int8_values_and_scales(weight) if gpu_matmuls else None
+    if int8 is not None:
+        values, scales = int8
+        # The barrier keeps this product apart from others of the same activations: merged into one
+        # (XLA merges products that share an input), their int8 values are converted into a float
+        # copy outside the matrix kernel.
+        rows, values = jax.lax.optimization_barrier((rows, values))
+        product = jnp.einsum(equation, rows, values.astype(dtype), preferred_element_type=jnp.float32)
+        product = (product * _scales_of_output(equation, scales)).astype(dtype)
+    else:
+        # jnp.asarray rather than .astype: qwix casts int8 weights through its interception of
+        # jnp.asarray, and their own .astype fails (qwix 0.1.8).
+        product = jnp.einsum(equation, rows, jnp.asarray(weight, dtype))
+    return product[:1] if one_row else product
+
+
+def _int8_values_and_scales(weight) -> tuple[Array, Array] | None:
+    """(int8 values, float32 scales) of an int8 weight (qwix's WithAux holding a QArray), else None."""
+    quantized = getattr(weight, "array", None)
+    if quantized is None or not hasattr(quantized, "qvalue"):
+        return None
+    return quantized.qvalue, quantized.scale
+
+
+def _scales_of_output(equation: str, scales: Array) -> Array:
+    """Per-channel scales [weight shape, 1 on the contracted axes] as the trailing axes of the
+    einsum's output."""
+    inputs, output = equation.split("->")
+    weight_axes = inputs.split(",")[1]
+    kept = [i for i, axis in enumerate(weight_axes) if axis in output]
+    if not output.endswith("".join(weight_axes[i] for i in kept)):
+        raise ValueError(f"int8 einsum {equation!r}: the weight's kept axes must end the output")
+    return scales.reshape([scales.shape[i] for i in kept])
 
 
 class Einsum(nn.Module):
     """A bias-free linear map given by an einsum equation; its weight is the parameter `kernel`.
-    `one_row_as_two`: see `weight_einsum` (GPU inference)."""
+    `gpu_matmuls`: see `weight_einsum` (GPU inference)."""
 
     shape: tuple[int, ...]
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     init_stddev: float = 0.02
-    one_row_as_two: bool = False
+    gpu_matmuls: bool = False
 
     @nn.compact
     def __call__(self, equation: str, x: Array, kernel_shape: tuple[int, ...] | None = None) -> Array:
@@ -124,9 +163,7 @@ class Einsum(nn.Module):
         kernel = self.param("kernel", _normal_init(self.init_stddev), self.shape, self.param_dtype)
         if kernel_shape is not None:
             kernel = kernel.reshape(kernel_shape)
-        # jnp.asarray rather than .astype: qwix casts int8 weights (melt_jax.inference.quantization)
-        # through its interception of jnp.asarray, and their own .astype fails (qwix 0.1.8).
-        return weight_einsum(equation, x, jnp.asarray(kernel, self.dtype), self.one_row_as_two)
+        return weight_einsum(equation, x, kernel, self.dtype, self.gpu_matmuls)
 
 
 class AttentionProjections(nn.Module):
@@ -134,7 +171,7 @@ class AttentionProjections(nn.Module):
 
     q_proj [H, N, D], k_proj and v_proj [H, K, D], o_proj [N, D, H]. Queries, keys/values and the
     output projection are separate methods so that MELT can compute keys and values from its gated
-    latent instead of the layer input. `one_row_as_two`: see `weight_einsum` (GPU inference).
+    latent instead of the layer input. `gpu_matmuls`: see `weight_einsum` (GPU inference).
     """
 
     num_heads: int
@@ -144,7 +181,7 @@ class AttentionProjections(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     init_stddev: float = 0.02
-    one_row_as_two: bool = False
+    gpu_matmuls: bool = False
 
     def setup(self):
         H, N, K, D = self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim
@@ -152,7 +189,7 @@ class AttentionProjections(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             init_stddev=self.init_stddev,
-            one_row_as_two=self.one_row_as_two,
+            gpu_matmuls=self.gpu_matmuls,
         )
         self.q_proj = Einsum((H, N, D), **kw)
         self.k_proj = Einsum((H, K, D), **kw)
@@ -181,7 +218,7 @@ class AttentionProjections(nn.Module):
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)); gate_proj and up_proj [H, I], down_proj [I, H].
 
-    `one_row_as_two`: see `weight_einsum` (GPU inference).
+    `gpu_matmuls`: see `weight_einsum` (GPU inference).
     """
 
     hidden_size: int
@@ -189,7 +226,7 @@ class MLP(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     init_stddev: float = 0.02
-    one_row_as_two: bool = False
+    gpu_matmuls: bool = False
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -198,7 +235,7 @@ class MLP(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             init_stddev=self.init_stddev,
-            one_row_as_two=self.one_row_as_two,
+            gpu_matmuls=self.gpu_matmuls,
         )
         gate = Einsum((H, I), name="gate_proj", **kw)("BSH,HI->BSI", x)
         up = Einsum((H, I), name="up_proj", **kw)("BSH,HI->BSI", x)

@@ -44,7 +44,7 @@ class KVGate(nn.Module):
     bias_init: float
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
-    one_row_as_two: bool = False  # see melt_jax.model.layers.weight_einsum (GPU inference)
+    gpu_matmuls: bool = False  # see melt_jax.model.layers.weight_einsum (GPU inference)
 
     @nn.compact
     def __call__(self, u: Array, s_prev: Array, loop_index: Array) -> Array:
@@ -53,14 +53,15 @@ class KVGate(nn.Module):
         where a branch waits on the host, the gate is computed at every loop and not selected at the
         first)."""
         H = self.hidden_size
-        # jnp.asarray, not .astype: see Einsum in melt_jax/model/layers.py (int8 weights).
-        w_z = jnp.asarray(self.param("w_z", nn.initializers.zeros, (H, H), self.param_dtype), self.dtype)
-        u_z = jnp.asarray(self.param("u_z", nn.initializers.zeros, (H, H), self.param_dtype), self.dtype)
+        w_z = self.param("w_z", nn.initializers.zeros, (H, H), self.param_dtype)
+        u_z = self.param("u_z", nn.initializers.zeros, (H, H), self.param_dtype)
         b_z = self.param("b_z", nn.initializers.constant(self.bias_init), (H,), self.param_dtype)
 
         def gated():
-            two = self.one_row_as_two
-            gate_logits = weight_einsum("BSH,HG->BSG", u, w_z, two) + weight_einsum("BSH,HG->BSG", s_prev, u_z, two)
+            dtype, gpu = self.dtype, self.gpu_matmuls
+            gate_logits = weight_einsum("BSH,HG->BSG", u, w_z, dtype, gpu) + weight_einsum(
+                "BSH,HG->BSG", s_prev, u_z, dtype, gpu
+            )
             z = jax.nn.sigmoid(gate_logits + b_z.astype(self.dtype))
             return z * s_prev + (1 - z) * u
 
@@ -111,7 +112,7 @@ def make_gate(config: MeltConfig) -> nn.Module:
     dtypes = dict(dtype=config.jnp_dtype, param_dtype=config.jnp_param_dtype)
     if config.gate == "elementwise":
         two = straight_line_inference(config)
-        return KVGate(config.hidden_size, config.gate_bias_init, **dtypes, one_row_as_two=two, name="kv_gate")
+        return KVGate(config.hidden_size, config.gate_bias_init, **dtypes, gpu_matmuls=two, name="kv_gate")
     if config.gate == "scalar":
         return ScalarGate(config.gate_bias_init, **dtypes, name="kv_gate")
     return FixedGate(config.gate, config.gate_ema_decay, dtype=config.jnp_dtype, name="kv_gate")

@@ -86,8 +86,8 @@ def straight_line_inference(config: OuroConfig) -> bool:
     """Whether the model is traced as straight code: the inference layout (layers unrolled) on GPU,
     where the loops are written out one after the other too (a cache carried through a loop is laid
     out anew for the attention inside it, a copy of the cache per call; straight code is launched as
-    one graph of kernels) and the weights of a layer multiply a single row of activations as two
-    (see `weight_einsum`)."""
+    one graph of kernels) and the layers' weights are multiplied in the forms XLA's GPU compiler
+    reads them once with (see `weight_einsum`)."""
     return not config.scan_layers and not control_flow_on_device()
 
 
@@ -118,9 +118,9 @@ class OuroDecoderLayer(nn.Module):
         norm_kw = dict(eps=c.rms_norm_eps, param_dtype=c.jnp_param_dtype)
         straight = straight_line_inference(c)
         self.attn = AttentionProjections(
-            c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size, **kw, one_row_as_two=straight
+            c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size, **kw, gpu_matmuls=straight
         )
-        self.mlp = MLP(c.hidden_size, c.intermediate_size, **kw, one_row_as_two=straight)
+        self.mlp = MLP(c.hidden_size, c.intermediate_size, **kw, gpu_matmuls=straight)
         self.attn_in_norm = RMSNorm(**norm_kw)
         self.attn_out_norm = RMSNorm(**norm_kw)
         self.mlp_in_norm = RMSNorm(**norm_kw)
@@ -192,7 +192,9 @@ class OuroModel(nn.Module):
             kernel_init=nn.initializers.normal(c.initializer_range),
         )
         if not c.tie_word_embeddings:
-            self.lm_head = Einsum((c.hidden_size, c.vocab_size), **layer_kwargs(c))
+            self.lm_head = Einsum(
+                (c.hidden_size, c.vocab_size), **layer_kwargs(c), gpu_matmuls=straight_line_inference(c)
+            )
 
     def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
         """An empty KV cache for `batch_size` sequences of up to `max_length` tokens, laid out as the
