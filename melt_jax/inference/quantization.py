@@ -29,9 +29,10 @@ kept in float32 ([1, ..., out] per weight: a fraction 1 / (input size) of the in
 
 Compute: the matmul dequantizes the int8 weight to the activation dtype (config.dtype) and multiplies
 in that dtype, so int8 changes what is read (1 byte per weight instead of 2 or 4), not the precision
-of the arithmetic. XLA on TPU fuses the dequantization into the matmul's reads; XLA's CPU backend,
-and its GPU backend for the weights the loops share, write the dequantized matrix first (see
-benchmarks/int8_decode.py and docs/measured.md, 'int8 weights', for what that costs).
+of the arithmetic. XLA on TPU fuses the dequantization into the matmul's reads; XLA's CPU backend
+writes the dequantized matrix first (see benchmarks/int8_decode.py for what that costs). A program
+traced for a GPU's inference multiplies the int8 values and scales the product instead
+(melt_jax.model.layers.weight_einsum), which XLA's GPU compiler reads as int8 inside the matrix kernel.
 """
 
 from __future__ import annotations
