@@ -136,7 +136,8 @@ def few_queries_history_and_own(
 
     def weighted(probs, values):  # probs [B, K, G, S, M], values [B, K, M, D] -> [B, K, G, S, D]
         products = probs[..., None] * values[:, :, None, None].astype(compute)  # [B, K, G, S, M, D]
-        num_keys, parts = values.shape[2], sum_parts(values.shape[2], math.prod(products.shape) // values.shape[2])
+        num_keys = values.shape[2]
+        parts = sum_parts(num_keys, math.prod(products.shape) // num_keys)  # outputs: B * K * G * S * D
         if parts == 1:
             return jnp.sum(products, axis=-2)
         split = products.reshape(*products.shape[:-2], parts, num_keys // parts, head_dim)  # [.., P, M / P, D]
