@@ -14,8 +14,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from melt_jax.checkpoint import save_params
 from melt_jax.data import ByteTokenizer, load_tokenizer
 from melt_jax.errors import ConfigError
-from melt_jax.inference import SamplingConfig, cli_eval, cli_generate, generate, text_generation
-from melt_jax.inference.model_loading import load_model
+from melt_jax.inference import SamplingConfig, cli_eval, cli_generate, generate, load_model, text_generation
 
 TOKENIZER = ByteTokenizer()
 PROMPTS = ["k=3,q=k+4;q?", "hello", "abc", "x=1;x?"]
