@@ -166,7 +166,7 @@ def test_console_script_reports_without_a_traceback(tmp_path):
     assert "melt-generate: error: not a melt_jax checkpoint" in done.stderr and "Traceback" not in done.stderr
 
 
-def test_melt_eval_on_the_synthetic_task(checkpoint, capsys):
+def test_melt_eval_on_the_synthetic_task(checkpoint, capsys, monkeypatch):
     args = ["--checkpoint", str(checkpoint), "--tokenizer", "byte", "--data", "synthetic:10"]
     code = cli_eval.main([*args, "--seq-len", "48", "--batch-size", "4", "--json"])
     results = json.loads(capsys.readouterr().out)
@@ -182,10 +182,15 @@ def test_melt_eval_on_the_synthetic_task(checkpoint, capsys):
     code = cli_eval.main([*args, "--seq-len", "48", "--batch-size", "4", "--max-batches", "1"])
     out = capsys.readouterr().out
     assert code == 0 and out.startswith("loop  answer loss  answer accuracy\n0 ") and "perplexity" not in out
-    # Blockwise attention chosen at load: the same losses, to float rounding.
+    # Blockwise attention chosen at load: the model evaluated computes blockwise, the same losses to
+    # float rounding.
+    loaded = []
+    monkeypatch.setattr(cli_eval, "load_model", lambda *a, **k: loaded.append(load_model(*a, **k)) or loaded[-1])
     code = cli_eval.main([*args, "--seq-len", "48", "--batch-size", "4", "--json", "--attention", "blockwise"])
     blockwise = json.loads(capsys.readouterr().out)
     assert code == 0 and blockwise["loss"]["loss_per_loop"] == pytest.approx(loss["loss_per_loop"], rel=1e-5)
+    assert [model.config.attention for model, _ in loaded] == ["blockwise"]
+    monkeypatch.undo()
     # Each document attending only to itself: the same tokens scored, other losses, the same answers.
     code = cli_eval.main([*args, "--seq-len", "48", "--batch-size", "4", "--json", "--isolate-documents"])
     isolated = json.loads(capsys.readouterr().out)

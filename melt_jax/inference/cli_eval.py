@@ -37,8 +37,7 @@ from melt_jax.data.pipeline import load_text_dataset, pack_documents, tokenize_d
 from melt_jax.data.synthetic import answer_batch
 from melt_jax.errors import DataError, MeltJaxError, exit_status
 from melt_jax.inference.evaluation import evaluate_dataset
-from melt_jax.inference.model_loading import checkpoint_tokenizer, load_model
-from melt_jax.model.attention import IMPLEMENTATIONS
+from melt_jax.inference.model_loading import add_loading_arguments, checkpoint_tokenizer, load_model
 from melt_jax.model.exit import ExitPolicy
 
 PROG = "melt-eval"
@@ -62,12 +61,7 @@ def fixed_size_batches(arrays: Mapping[str, np.ndarray], batch_size: int, max_ba
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, help="melt_jax checkpoint directory (Ouro or MELT)")
-    p.add_argument(
-        "--tokenizer",
-        default=None,
-        help="'byte', or a tokenizer.json file or its folder (default: the tokenizer.json in --checkpoint)",
-    )
+    add_loading_arguments(p)
     p.add_argument("--data", required=True, help="'synthetic[:N]' or a local .txt/.json/.jsonl/.parquet file or folder")
     p.add_argument("--split", default="validation", help="split name (selects the synthetic task's seed)")
     p.add_argument(
@@ -93,14 +87,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--exit", default="last", help="last | loop:N (0-based; step:N also read) | threshold:X | weighted | default"
     )
     p.add_argument("--chunk-size", type=int, default=None, help="MELT's evaluation chunk (default: config.chunk_size)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
-    p.add_argument(
-        "--attention",
-        choices=IMPLEMENTATIONS,
-        default=None,
-        help="how attention is computed (default: the checkpoint's config, dense xla); "
-        "auto on a GPU or TPU: the chip's kernel for long prompts",
-    )
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
     return p
 

@@ -29,10 +29,10 @@ from pathlib import Path
 
 from melt_jax.errors import GenerationError, MeltJaxError, exit_status
 from melt_jax.inference.generation import GenerationResult
+from melt_jax.inference.model_loading import add_loading_arguments
 from melt_jax.inference.sampling import SamplingConfig
 from melt_jax.inference.speculative import SpeculativeResult
 from melt_jax.inference.text_generation import TextGenerator
-from melt_jax.model.attention import IMPLEMENTATIONS
 from melt_jax.model.exit import ExitPolicy
 from melt_jax.model.params import param_bytes
 
@@ -42,12 +42,7 @@ STREAM_STEPS = 4  # decode steps between two prints when streaming
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, help="melt_jax checkpoint directory (Ouro or MELT)")
-    p.add_argument(
-        "--tokenizer",
-        default=None,
-        help="'byte', or a tokenizer.json file or its folder (default: the tokenizer.json in --checkpoint)",
-    )
+    add_loading_arguments(p)
     p.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for a batch)")
     p.add_argument("--prompt-file", type=Path, help="file with one prompt per line (blank lines skipped)")
     p.add_argument("--chat", action="store_true", help="wrap prompts in the ChatML template, stop at <|im_end|>")
@@ -77,14 +72,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="greedy self-speculative decoding: draft K tokens per round with the first D loops, verify with all",
     )
     p.add_argument("--prefill-chunk", type=int, default=None, help="prefill chunk (MELT default: config.chunk_size)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None, help="cast the weights")
-    p.add_argument(
-        "--attention",
-        choices=IMPLEMENTATIONS,
-        default=None,
-        help="how attention is computed (default: the checkpoint's config, dense xla); "
-        "auto on a GPU or TPU: the chip's kernel for long prompts",
-    )
     p.add_argument(
         "--int8",
         action="store_true",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import jax
 from melt_jax.checkpoint import load_config, load_params
 from melt_jax.data.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
 from melt_jax.errors import GenerationError
+from melt_jax.model.attention import IMPLEMENTATIONS
 from melt_jax.model.ouro import OuroModel
 from melt_jax.model.params import with_layer_layout
 from melt_jax.model.registry import model_for
@@ -56,3 +58,22 @@ def checkpoint_tokenizer(path, tokenizer: str | None = None) -> Tokenizer:
             "folder that holds one"
         )
     return load_tokenizer(os.fspath(path))
+
+
+def add_loading_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of a command that loads a model with `load_model` and `checkpoint_tokenizer`:
+    --checkpoint, --tokenizer, --dtype and --attention."""
+    parser.add_argument("--checkpoint", required=True, help="melt_jax checkpoint directory (Ouro or MELT)")
+    parser.add_argument(
+        "--tokenizer",
+        default=None,
+        help="'byte', or a tokenizer.json file or its folder (default: the tokenizer.json in --checkpoint)",
+    )
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None, help="cast the weights")
+    parser.add_argument(
+        "--attention",
+        choices=IMPLEMENTATIONS,
+        default=None,
+        help="how attention is computed (default: the checkpoint's config, dense xla); "
+        "auto on a GPU or TPU: the chip's kernel for long prompts",
+    )
